@@ -1,0 +1,47 @@
+"""The contract between the core and a capability (policyd, milters, quarantine, phishhook).
+
+A capability is found through the ``mailwarden.capabilities`` entry point group. It names its config
+section, gives the settings model for it, adds its subcommands to the CLI and may offer a service that
+``mailwarden run`` starts. The core never imports a capability by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Protocol
+
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    import click
+
+    from mailwarden.config import Config
+    from mailwarden.logs import DecisionLog
+
+
+class Service(Protocol):
+    """A long-running part of a capability; ``start`` returns once it serves, ``stop`` is bounded."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Capability:
+    name: str
+    """Its section in the config file, e.g. ``policyd`` for ``[policyd]``."""
+    settings_model: type[BaseModel]
+    register_cli: Callable[[click.Group], None]
+    make_service: Callable[[Config, DecisionLog], Service] | None = None
+    """Builds the capability's daemon; ``mailwarden run`` starts every one of them."""
+
+
+@cache
+def installed_capabilities() -> tuple[Capability, ...]:
+    """Every capability installed with the package, in a stable order."""
+    found = [ep.load() for ep in entry_points(group="mailwarden.capabilities")]
+    return tuple(sorted(found, key=lambda cap: cap.name))

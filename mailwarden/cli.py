@@ -1,0 +1,121 @@
+"""The ``mailwarden`` command. Each capability adds its own subcommands (``policyd``, ``block`` ...).
+
+Output is for people by default and for scripts with ``--json``. Exit codes: 0 ok, 1 a failed action,
+2 bad usage (click), 69 (EX_UNAVAILABLE) a backend could not be reached, 78 (EX_CONFIG) bad config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import click
+
+from mailwarden.capability import installed_capabilities
+from mailwarden.config import Config, ConfigError, load_config
+from mailwarden.logs import DecisionLog, setup_logging
+from mailwarden.metrics import start_metrics_server
+from mailwarden.service import run_event_loop, run_until_signalled
+
+EX_UNAVAILABLE = os.EX_UNAVAILABLE
+EX_CONFIG = os.EX_CONFIG
+
+
+@dataclass
+class CliContext:
+    config_path: str | None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def load(self) -> Config:
+        try:
+            return load_config(self.config_path, self.overrides)
+        except ConfigError as exc:
+            fail(str(exc), EX_CONFIG)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"mailwarden: {message}", err=True)
+    sys.exit(code)
+
+
+def emit(data: Any, as_json: bool, human: str) -> None:
+    """Print ``human`` for people, or ``data`` as JSON for scripts."""
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str) if as_json else human)
+
+
+def start_logging(config: Config) -> DecisionLog:
+    return setup_logging(config.section("logging"))
+
+
+def serve(config: Config, names: list[str] | None = None) -> None:
+    """Run the services of the named capabilities (all of them when None) in the foreground."""
+    decisions = start_logging(config)
+    caps = [cap for cap in installed_capabilities() if cap.make_service and (names is None or cap.name in names)]
+    if not caps:
+        fail("no service to run")
+    start_metrics_server(config.section("metrics"))
+
+    async def main() -> None:
+        services = {cap.name: cap.make_service(config, decisions) for cap in caps}  # type: ignore[misc]
+        await run_until_signalled(services)
+
+    run_event_loop(main())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", "-c", "config_path", metavar="FILE", default=None,
+              help="Config file (default: $MAILWARDEN_CONFIG, else /etc/mailwarden/mailwarden.toml if present).")
+@click.version_option(package_name="mailwarden")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None) -> None:
+    """mailwarden: policy service, milters, quarantine and phish detection for Postfix."""
+    ctx.obj = CliContext(config_path)
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Inspect and validate the configuration."""
+
+
+@config_group.command("check")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_obj
+def config_check(ctx: CliContext, as_json: bool) -> None:
+    """Validate the config file (and its drop-ins) without starting anything."""
+    try:
+        config = load_config(ctx.config_path, ctx.overrides)
+    except ConfigError as exc:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "error": str(exc)}, indent=2))
+            sys.exit(EX_CONFIG)
+        fail(str(exc), EX_CONFIG)
+    source = str(config.source) if config.source else "built-in defaults"
+    emit({"ok": True, "source": source}, as_json, f"{source}: configuration is valid")
+
+
+@config_group.command("show")
+@click.pass_obj
+def config_show(ctx: CliContext) -> None:
+    """Print the effective configuration (file, drop-ins and defaults) as JSON."""
+    config = ctx.load()
+    click.echo(json.dumps(config.settings.model_dump(mode="json"), indent=2))
+
+
+@cli.command("run")
+@click.pass_obj
+def run(ctx: CliContext) -> None:
+    """Start every service of the suite in the foreground (the quick start)."""
+    serve(ctx.load())
+
+
+def main() -> None:
+    for cap in installed_capabilities():
+        cap.register_cli(cli)
+    cli(prog_name="mailwarden")
+
+
+if __name__ == "__main__":
+    main()

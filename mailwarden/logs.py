@@ -1,0 +1,124 @@
+"""Logging: logfmt lines to stderr (journald picks them up) or to syslog.
+
+Daemon messages go through the standard ``logging`` module with a logfmt formatter. Decision lines,
+one per policy request, take a leaner path (``DecisionLog``) because they are on the hot path: they
+are rendered once and written in one batch per event-loop tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import logging.handlers
+import sys
+import time
+from typing import Literal, TextIO
+
+from mailwarden.logfmt import logfmt_pairs
+from mailwarden.section import Section
+
+LOGGER_NAME = "mailwarden"
+
+
+class LoggingSettings(Section):
+    destination: Literal["stderr", "syslog"] = "stderr"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    syslog_socket: str = "/dev/log"
+    syslog_facility: Literal["mail", "daemon", "local0", "local1", "local2", "local3", "local4", "local5",
+                             "local6", "local7"] = "mail"
+    decisions: bool = True
+    """One line per decision; turn off only for benchmarks of the bare protocol path."""
+
+
+class LogfmtFormatter(logging.Formatter):
+    """``ts=... level=info logger=policyd msg="..." key=value``; extra key=values come from ``kv``."""
+
+    def __init__(self, with_time: bool) -> None:
+        super().__init__()
+        self.with_time = with_time
+
+    def format(self, record: logging.LogRecord) -> str:
+        pairs: list[tuple[str, object]] = []
+        if self.with_time:
+            pairs.append(("ts", _timestamp(record.created)))
+        pairs += [("level", record.levelname.lower()), ("logger", record.name), ("msg", record.getMessage())]
+        pairs += list(getattr(record, "kv", {}).items())
+        if record.exc_info:
+            pairs.append(("error", self.formatException(record.exc_info).replace("\n", " | ")))
+        return logfmt_pairs(pairs)
+
+
+def _timestamp(created: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+
+
+def setup_logging(settings: LoggingSettings, stream: TextIO | None = None) -> DecisionLog:
+    """Configure the ``mailwarden`` logger tree and return the decision sink that goes with it."""
+    root = logging.getLogger(LOGGER_NAME)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(settings.level.upper())
+    root.propagate = False
+    if settings.destination == "syslog":
+        handler: logging.Handler = logging.handlers.SysLogHandler(
+            address=settings.syslog_socket, facility=settings.syslog_facility
+        )
+        handler.setFormatter(LogfmtFormatter(with_time=False))
+        root.addHandler(handler)
+        return DecisionLog(enabled=settings.decisions, logger=logging.getLogger(f"{LOGGER_NAME}.decision"))
+    out = stream or sys.stderr
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(LogfmtFormatter(with_time=True))
+    root.addHandler(handler)
+    return DecisionLog(enabled=settings.decisions, stream=out)
+
+
+def get_logger(name: str) -> logging.Logger:
+    return logging.getLogger(f"{LOGGER_NAME}.{name}")
+
+
+def log_kv(logger: logging.Logger, level: int, msg: str, **kv: object) -> None:
+    """Log ``msg`` with key=value context rendered by LogfmtFormatter."""
+    logger.log(level, msg, extra={"kv": kv})
+
+
+class DecisionLog:
+    """Writes decision lines; to a stream in one write per event-loop tick, or through a logger (syslog)."""
+
+    def __init__(self, enabled: bool = True, stream: TextIO | None = None, logger: logging.Logger | None = None):
+        self.enabled = enabled
+        self._stream = stream
+        self._logger = logger
+        self._pending: list[str] = []
+        self._flush_scheduled = False
+        self._second = -1
+        self._ts = ""
+
+    def emit(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self._logger is not None:
+            self._logger.info(line)
+            return
+        now = time.time()
+        if int(now) != self._second:
+            self._second = int(now)
+            self._ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+        self._pending.append(f"ts={self._ts}.{int(now % 1 * 1000):03d}Z level=info {line}\n")
+        if not self._flush_scheduled:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+                self._flush_scheduled = True
+            except RuntimeError:
+                self.flush()
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._pending or self._stream is None:
+            return
+        lines, self._pending = self._pending, []
+        try:
+            self._stream.write("".join(lines))
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed stderr must not take the daemon down; nothing else could report it

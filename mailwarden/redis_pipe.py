@@ -1,0 +1,310 @@
+"""One shared, pipelined Redis connection for a whole daemon.
+
+Why not redis-py's asyncio client on the hot path: measured on this machine kind, its per-command path
+costs about 80 µs of CPU per request more than writing RESP straight to one shared connection, where the
+commands of every client connection are written once per event-loop tick and answered in order
+(../shared/PERF-NOTES.md). Redis answers in order on one connection, so a FIFO of futures is all the
+bookkeeping needed. redis-py is still used where it is the right tool: Sentinel discovery and the CLI.
+
+Failure handling is the point of this module as much as speed:
+- while disconnected, every call fails at once with RedisUnavailable (the caller applies its fail mode);
+- a command unanswered for longer than ``timeout`` marks the connection dead: it is closed, every pending
+  call fails, and a reconnect starts (a hung or paused Redis must not hold requests);
+- reconnects back off from 50 ms to 1 s and, with Sentinel, ask the sentinels for the current master each
+  time, so a failover needs no restart; a READONLY reply (we reached a demoted master) forces the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import hiredis
+
+from mailwarden.logs import get_logger, log_kv
+from mailwarden.redis_settings import RedisSettings
+
+log = get_logger("redis")
+
+Arg = str | bytes | int | float
+
+
+class RedisUnavailable(Exception):
+    """Redis could not answer in time (down, unreachable, paused, failing over)."""
+
+
+class RedisCommandError(Exception):
+    """Redis answered with an error reply (a bug in a script or a misconfigured server)."""
+
+
+@dataclass(frozen=True)
+class Script:
+    """A Lua script run with EVALSHA; loaded on every (re)connection before any other command."""
+
+    name: str
+    source: str
+
+    @property
+    def sha(self) -> str:
+        return hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str | None
+    port: int | None
+    path: str | None
+    password: str | None
+    username: str | None
+    db: int
+
+
+def parse_url(url: str) -> Endpoint:
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    if parts.scheme == "unix":
+        db = int(query.get("db", ["0"])[0])
+        return Endpoint(None, None, unquote(parts.path), parts.password, parts.username, db)
+    db_text = parts.path.strip("/") or query.get("db", ["0"])[0]
+    return Endpoint(parts.hostname or "127.0.0.1", parts.port or 6379, None, parts.password, parts.username,
+                    int(db_text))
+
+
+class _Resp(asyncio.Protocol):
+    def __init__(self, owner: PipelinedRedis) -> None:
+        self.owner = owner
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  (uvloop's transports are not subclasses)
+
+    def data_received(self, data: bytes) -> None:
+        self.owner._on_data(self, data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner._on_lost(self, exc)
+
+
+class PipelinedRedis:
+    def __init__(self, settings: RedisSettings, scripts: Sequence[Script] = (),
+                 on_state: Callable[[bool], None] | None = None) -> None:
+        self.settings = settings
+        self.scripts = {script.name: script for script in scripts}
+        self._on_state = on_state
+        self._endpoint = parse_url(settings.url)
+        self._proto: _Resp | None = None
+        self._reader = hiredis.Reader()
+        self._pending: collections.deque[tuple[asyncio.Future[object] | None, float]] = collections.deque()
+        self._wbuf: list[bytes] = []
+        self._flush_scheduled = False
+        self._connector: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._closed = False
+        self.connected = False
+        self.address = ""
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin connecting in the background; the daemon serves (in its fail mode) until Redis is there."""
+        self._closed = False
+        self._ensure_connector()
+
+    async def wait_connected(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self.connected
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._connector:
+            self._connector.cancel()
+        if self._proto and self._proto.transport:
+            self._proto.transport.close()
+        self._fail_pending(RedisUnavailable("client closed"))
+
+    # -- calls -----------------------------------------------------------------------------------
+
+    def call(self, *args: Arg) -> asyncio.Future[object]:
+        """Send one command; the future resolves with the decoded reply or fails with RedisUnavailable."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[object] = loop.create_future()
+        if not self.connected:
+            future.set_exception(RedisUnavailable(f"not connected to redis {self.address or self.settings.url}"))
+            self._ensure_connector()
+            return future
+        self._send(hiredis.pack_command(args), future)
+        return future
+
+    def run_script(self, name: str, keys: Sequence[Arg], args: Sequence[Arg]) -> asyncio.Future[object]:
+        script = self.scripts[name]
+        return self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    def _send(self, payload: bytes, future: asyncio.Future[object] | None) -> None:
+        now = time.monotonic()
+        self._pending.append((future, now))
+        self._wbuf.append(payload)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        if self._watchdog is None:
+            self._arm_watchdog()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._proto and self._proto.transport and self._wbuf:
+            self._proto.transport.write(b"".join(self._wbuf))
+        self._wbuf.clear()
+
+    # -- replies ---------------------------------------------------------------------------------
+
+    def _on_data(self, proto: _Resp, data: bytes) -> None:
+        if proto is not self._proto:
+            return
+        self._reader.feed(data)
+        while (reply := self._reader.gets()) is not False:
+            if not self._pending:
+                log_kv(log, logging.ERROR, "redis sent a reply nobody asked for; reconnecting")
+                self._drop("unexpected reply")
+                return
+            future, _sent = self._pending.popleft()
+            if isinstance(reply, hiredis.ReplyError):
+                self._on_error_reply(future, str(reply))
+            elif future is not None and not future.done():
+                future.set_result(reply)
+
+    def _on_error_reply(self, future: asyncio.Future[object] | None, message: str) -> None:
+        if message.startswith(("READONLY", "MASTERDOWN", "LOADING")):
+            exc: Exception = RedisUnavailable(f"redis at {self.address} cannot take writes: {message}")
+            if future is not None and not future.done():
+                future.set_exception(exc)
+            self._drop(message.split(" ", 1)[0])
+            return
+        if message.startswith("NOSCRIPT"):
+            self._load_scripts()  # flushed by someone: load again; this call fails over to the fail mode
+        if future is None:
+            log_kv(log, logging.ERROR, "redis refused a connection set-up command", error=message)
+            return
+        if not future.done():
+            future.set_exception(RedisCommandError(message))
+
+    # -- connection management -------------------------------------------------------------------
+
+    def _ensure_connector(self) -> None:
+        if self._closed or self.connected or (self._connector and not self._connector.done()):
+            return
+        self._connector = asyncio.get_running_loop().create_task(self._connect_loop())
+
+    async def _connect_loop(self) -> None:
+        delay = 0.05
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            try:
+                await self._connect_once(loop)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log_kv(log, logging.WARNING, "redis connect failed; retrying", address=self.address or "-",
+                       error=str(exc) or type(exc).__name__, retry_in=f"{delay:.2f}s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _connect_once(self, loop: asyncio.AbstractEventLoop) -> None:
+        host, port, path = await self._locate()
+        timeout = self.settings.connect_timeout
+        self.address = path or f"{host}:{port}"
+        if path:
+            coro = loop.create_unix_connection(lambda: _Resp(self), path)
+        else:
+            coro = loop.create_connection(lambda: _Resp(self), host, port)
+        _transport, proto = await asyncio.wait_for(coro, timeout)
+        self._reader = hiredis.Reader()
+        self._proto = proto
+        self.connected = True
+        ep = self._endpoint
+        if ep.password:
+            auth = ("AUTH", ep.username, ep.password) if ep.username else ("AUTH", ep.password)
+            self._send(hiredis.pack_command(auth), None)
+        if ep.db:
+            self._send(hiredis.pack_command(("SELECT", ep.db)), None)
+        self._load_scripts()
+        if self.settings.sentinels:
+            # A sentinel may still name a master that was demoted; make sure this one takes writes.
+            role = await asyncio.wait_for(self.call("ROLE"), timeout)
+            if not isinstance(role, list) or role[0] != b"master":
+                self._drop("not a master")
+                raise RedisUnavailable(f"{self.address} is not a master yet")
+        log_kv(log, logging.INFO, "redis connected", address=self.address)
+        if self._on_state:
+            self._on_state(True)
+
+    async def _locate(self) -> tuple[str | None, int | None, str | None]:
+        if not self.settings.sentinels:
+            return self._endpoint.host, self._endpoint.port, self._endpoint.path
+        from redis.asyncio.sentinel import Sentinel
+
+        kwargs = {"password": self.settings.sentinel_password} if self.settings.sentinel_password else {}
+        sentinel = Sentinel(self.settings.sentinel_addresses(), socket_timeout=self.settings.connect_timeout,
+                            sentinel_kwargs={"socket_timeout": self.settings.connect_timeout, **kwargs})
+        try:
+            host, port = await sentinel.discover_master(self.settings.sentinel_service)
+        finally:
+            for conn in sentinel.sentinels:
+                await conn.aclose()
+        return host, int(port), None
+
+    def _load_scripts(self) -> None:
+        for script in self.scripts.values():
+            self._send(hiredis.pack_command(("SCRIPT", "LOAD", script.source)), None)
+
+    def _arm_watchdog(self) -> None:
+        self._watchdog = asyncio.get_running_loop().call_later(self.settings.timeout / 4, self._check_stalled)
+
+    def _check_stalled(self) -> None:
+        self._watchdog = None
+        if not self._pending:
+            return
+        _future, sent = self._pending[0]
+        if time.monotonic() - sent > self.settings.timeout:
+            log_kv(log, logging.ERROR, "redis did not answer in time; reconnecting", address=self.address,
+                   timeout=f"{self.settings.timeout:g}s", pending=len(self._pending))
+            self._drop("timeout")
+        else:
+            self._arm_watchdog()
+
+    def _drop(self, why: str) -> None:
+        proto, self._proto = self._proto, None
+        if proto and proto.transport:
+            proto.transport.abort()
+        self._mark_down(RedisUnavailable(f"redis connection to {self.address} dropped: {why}"))
+
+    def _on_lost(self, proto: _Resp, exc: Exception | None) -> None:
+        if proto is not self._proto:
+            return
+        self._proto = None
+        if not self._closed:
+            log_kv(log, logging.ERROR, "redis connection lost", address=self.address, error=str(exc or "closed"))
+        self._mark_down(RedisUnavailable(f"redis connection to {self.address} lost"))
+
+    def _mark_down(self, exc: RedisUnavailable) -> None:
+        was_connected, self.connected = self.connected, False
+        self._wbuf.clear()
+        self._fail_pending(exc)
+        if was_connected and self._on_state:
+            self._on_state(False)
+        if not self._closed:
+            self._ensure_connector()
+
+    def _fail_pending(self, exc: Exception) -> None:
+        pending, self._pending = self._pending, collections.deque()
+        for future, _sent in pending:
+            if future is not None and not future.done():
+                future.set_exception(exc)

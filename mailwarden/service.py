@@ -1,0 +1,61 @@
+"""Service lifecycle shared by every daemon: uvloop, signals, systemd readiness, bounded drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Coroutine
+from typing import Any
+
+from mailwarden.capability import Service
+from mailwarden.logs import get_logger, log_kv
+
+log = get_logger("service")
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about READY=1 / STOPPING=1; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError as exc:
+        log_kv(log, logging.WARNING, "could not notify systemd", error=str(exc))
+
+
+async def run_until_signalled(services: dict[str, Service]) -> None:
+    """Start every service, report ready, wait for SIGTERM/SIGINT, then stop them (each bounds its time)."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    started: list[tuple[str, Service]] = []
+    try:
+        for name, service in services.items():
+            await service.start()
+            started.append((name, service))
+        sd_notify("READY=1")
+        log_kv(log, logging.INFO, "ready", services=",".join(services), pid=os.getpid())
+        await stopping.wait()
+    finally:
+        sd_notify("STOPPING=1")
+        log_kv(log, logging.INFO, "stopping", services=",".join(name for name, _ in started))
+        for _name, service in reversed(started):
+            await service.stop()
+
+
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop where it is installed (measurably faster), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)

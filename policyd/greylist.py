@@ -1,0 +1,125 @@
+"""Greylisting with Postgrey's semantics, which operators know.
+
+The triplet is (client network, normalised sender, recipient): the client's IPv4 /24 or IPv6 /64 (both
+configurable), the sender with VERP/BATV noise removed as postgrey does, and the recipient as given. A
+new triplet is deferred for ``delay``; a retry inside the delay is deferred again; a retry after it
+passes and the triplet is remembered for ``max_age``; a triplet not retried within ``retry_window``
+starts over; a client address that passed ``auto_whitelist_clients`` times is no longer greylisted.
+The decision and its bookkeeping are one atomic script (scripts/greylist.lua), so every MX host sharing
+the Redis behaves as one. Answers use DEFER_IF_PERMIT so a later hard reject still wins.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+
+from mailwarden.decision import Action
+from mailwarden.redis_pipe import PipelinedRedis
+from policyd import keys
+from policyd.check import Check
+from policyd.request import PolicyRequest
+from policyd.settings import GreylistSettings
+from policyd.verdict import Verdict, defer_if_permit, prepend
+from policyd.whitelist import ClientWhitelist, IPNetwork, RecipientWhitelist
+
+_HEADER_SENT = "greylist.header"
+_BATV_TAG = re.compile(r"^[0-9a-z]{10}")
+_NUMBER = re.compile(r"\b\d+\b")
+
+
+def normalise_sender(sender: str) -> str:
+    """Postgrey 1.37's do_sender_substitutions: strip BATV (prvs=tag=user), +extension, numbers -> '#'."""
+    user, at, domain = sender.partition("@")
+    if not at:
+        return sender
+    if user.startswith("prvs="):
+        parts = user.split("=")
+        if len(parts) == 3:
+            first_is_tag = bool(_BATV_TAG.match(parts[1]))
+            second_is_tag = bool(_BATV_TAG.match(parts[2]))
+            user = parts[1] if second_is_tag and not first_is_tag else parts[2]
+    user = user.split("+", 1)[0]
+    user = _NUMBER.sub("#", user)
+    return f"{user}@{domain}"
+
+
+def client_network(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, ipv4_prefix: int, ipv6_prefix: int) -> str:
+    prefix = ipv4_prefix if ip.version == 4 else ipv6_prefix
+    return ipaddress.ip_network(f"{ip}/{prefix}", strict=False).with_prefixlen
+
+
+def human_wait(seconds: float) -> str:
+    seconds = max(1, math.ceil(seconds))
+    if seconds < 120:
+        return f"{seconds} seconds"
+    if seconds < 7200:
+        return f"{math.ceil(seconds / 60)} minutes"
+    return f"{math.ceil(seconds / 3600)} hours"
+
+
+class GreylistCheck(Check):
+    name = "greylist"
+
+    def __init__(self, settings: GreylistSettings, trusted: Sequence[IPNetwork], redis_pipe: PipelinedRedis,
+                 prefix: str, now: Callable[[], float], hostname: str) -> None:
+        self.settings = settings
+        self.trusted = list(trusted)
+        self.redis = redis_pipe
+        self.prefix = prefix
+        self.now = now
+        self.hostname = hostname
+        self.clients = ClientWhitelist.load(settings.whitelist_clients)
+        self.recipients = RecipientWhitelist.load(settings.whitelist_recipients)
+        self._static_args = (settings.delay, settings.retry_window, settings.max_age, settings.auto_whitelist_clients)
+
+    def exemption(self, request: PolicyRequest) -> str | None:
+        """Why this request is not greylisted at all, or None."""
+        if request.authenticated and not self.settings.greylist_authenticated:
+            return "authenticated client"
+        ip = request.client_ip
+        if ip is None:
+            return "no usable client address"
+        for network in self.trusted:
+            if ip.version == network.version and ip in network:
+                return f"trusted network {network}"
+        if entry := self.clients.matches(ip, request.client_name):
+            return f"client whitelisted ({entry})"
+        if entry := self.recipients.matches(request.recipient):
+            return f"recipient whitelisted ({entry})"
+        return None
+
+    def triplet(self, request: PolicyRequest) -> str:
+        assert request.client_ip is not None
+        network = client_network(request.client_ip, self.settings.ipv4_prefix, self.settings.ipv6_prefix)
+        return f"{network}/{normalise_sender(request.sender)}/{request.recipient}".lower()
+
+    async def on_rcpt(self, request: PolicyRequest) -> Verdict | None:
+        if why := self.exemption(request):
+            return Verdict.accept(why)
+        triplet_key = f"{self.prefix}{keys.GREYLIST_TRIPLET}{keys.digest(self.triplet(request))}"
+        client_key = f"{self.prefix}{keys.GREYLIST_CLIENT}{request.client_ip}"
+        result = await self.redis.run_script(
+            "greylist", (triplet_key, client_key), (f"{self.now():.3f}", *self._static_args)
+        )
+        assert isinstance(result, list)
+        status, seconds = result[0].decode(), float(result[1])
+        if status in ("new", "early"):
+            text = self.settings.text.format(retry_in=human_wait(seconds), seconds=math.ceil(seconds),
+                                             recipient_domain=request.recipient.rpartition("@")[2])
+            reason = "new triplet" if status == "new" else f"early retry, {math.ceil(seconds)}s missing"
+            return Verdict.refuse(Action.DEFER, reason, defer_if_permit(text))
+        if status == "awl":
+            return Verdict.accept(f"client auto-whitelisted after {int(seconds)} passes")
+        if status == "pass":
+            return Verdict.accept("triplet passed before")
+        reason = f"retried after {int(seconds)}s"
+        if self.settings.add_header and not request.message.get(_HEADER_SENT):
+            request.message[_HEADER_SENT] = True
+            date = time.strftime("%a, %d %b %Y %H:%M:%S %z", time.localtime())
+            header = f"X-Greylist: delayed {int(seconds)} seconds by mailwarden-policyd at {self.hostname}; {date}"
+            return Verdict.accept(reason, prepend(header))
+        return Verdict.accept(reason)

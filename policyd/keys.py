@@ -1,0 +1,43 @@
+"""Every Redis key policyd reads or writes: prefix, owner, content and lifetime, in one place.
+
+All keys start with ``[redis] key_prefix`` (default ``mw:``). Bodies built from mail addresses are hashed
+to a fixed length so a hostile address cannot make a huge key; the block list keeps readable bodies
+because operators list and edit it, and other capabilities (the phish detector) write to it.
+
+- ``gl:t:<hash(net/sender/rcpt)>`` hash, greylist: f = first seen, l = last seen (epoch seconds).
+  Lives retry_window; max_age once the triplet passed.
+- ``gl:c:<client address>`` hash, greylist: n = passes counted, l = when last counted.
+  Lives max_age after the last count (the client auto-whitelist).
+- ``rl:<limit>:<hash(key value)>`` hash, ratelimit: i = window index, c = count, p = previous window's count.
+  Lives 2 x the window.
+- ``ev:ratelimit`` stream, ratelimit: one entry per refusal (limit, key, count); capped at ~10,000 entries.
+- ``block:user:<sasl user>`` string, blocklist: JSON {reason, by, at}. No expiry, or the block's own.
+- ``block:client:<ip address>`` string, blocklist: JSON {reason, by, at}. No expiry, or the block's own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+
+GREYLIST_TRIPLET = "gl:t:"
+GREYLIST_CLIENT = "gl:c:"
+RATELIMIT = "rl:"
+RATELIMIT_EVENTS = "ev:ratelimit"
+BLOCK_USER = "block:user:"
+BLOCK_CLIENT = "block:client:"
+
+RATELIMIT_EVENTS_MAXLEN = 10_000
+
+
+def digest(text: str) -> str:
+    """Fixed-length key body: 20 hex characters of BLAKE2b (80 bits; collisions are not a concern here)."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=10).hexdigest()
+
+
+def block_user(prefix: str, user: str) -> str:
+    return f"{prefix}{BLOCK_USER}{user.strip().lower()}"
+
+
+def block_client(prefix: str, address: str) -> str:
+    return f"{prefix}{BLOCK_CLIENT}{ipaddress.ip_address(address.strip()).compressed}"

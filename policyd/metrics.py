@@ -1,0 +1,18 @@
+"""policyd's Prometheus metrics."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+DECISIONS = Counter("mailwarden_policyd_decisions", "Policy decisions by deciding check and action",
+                    ["check", "action"])
+LATENCY = Histogram("mailwarden_policyd_decision_seconds", "Time from request to answer",
+                    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+BACKEND_ERRORS = Counter("mailwarden_policyd_backend_errors", "Failed backend calls by backend and check",
+                         ["backend", "check"])
+FAIL_MODE = Counter("mailwarden_policyd_fail_mode", "Answers given in a dependency's fail mode",
+                    ["backend", "mode"])
+TIMEOUTS = Counter("mailwarden_policyd_answer_timeouts", "Requests answered at the answer_within bound")
+PROTOCOL_ERRORS = Counter("mailwarden_policyd_protocol_errors", "Connections closed for protocol errors",
+                          ["kind"])
+CONNECTIONS = Gauge("mailwarden_policyd_connections", "Open client connections")
+REDIS_UP = Gauge("mailwarden_redis_connected", "1 while the shared Redis connection is up")
+RATELIMIT_HITS = Counter("mailwarden_policyd_ratelimit_hits", "Requests refused by a rate limit", ["limit"])

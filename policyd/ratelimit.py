@@ -1,0 +1,124 @@
+"""Rate limits: any number of limits, each counting messages or recipients per key over a sliding window.
+
+All limits that apply to one request are checked, and counted only if every one has room, in a single
+atomic script (scripts/ratelimit.lua), so two policyd processes on one Redis count as one. A message is
+counted once, at its first recipient, not once per recipient (or, with ``stage = "end-of-message"``, at
+END-OF-MESSAGE with ``recipient_count``). Each refusal is logged, counted and added to the
+``ev:ratelimit`` stream for the phish detector.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mailwarden.decision import Action
+from mailwarden.redis_pipe import PipelinedRedis
+from mailwarden.units import format_duration
+from policyd import keys, metrics
+from policyd.check import Check
+from policyd.request import PolicyRequest
+from policyd.settings import RateLimit, RateLimitSettings
+from policyd.verdict import Verdict, defer, reject
+
+_COUNTED = "ratelimit.counted"
+
+
+@dataclass(frozen=True, slots=True)
+class _Use:
+    limit: RateLimit
+    key_value: str
+    amount: int
+    commit: bool
+
+
+class RateLimitCheck(Check):
+    name = "ratelimit"
+
+    def __init__(self, settings: RateLimitSettings, redis_pipe: PipelinedRedis, prefix: str,
+                 now: Callable[[], float]) -> None:
+        self.settings = settings
+        self.redis = redis_pipe
+        self.prefix = prefix
+        self.now = now
+        self.per_message = [limit for limit in settings.limits if limit.window == "message"]
+        self.windowed = [limit for limit in settings.limits if limit.window != "message"]
+
+    async def on_rcpt(self, request: PolicyRequest) -> Verdict | None:
+        for limit in self.per_message:
+            if _applies(limit, request) and request.rcpt_number > limit.max:
+                return self._refuse(limit, f"{request.rcpt_number} recipients in one message")
+        counted = bool(request.message.get(_COUNTED))
+        uses = []
+        for limit in self.windowed:
+            if not _applies(limit, request) or (key_value := self.key_value(limit, request)) is None:
+                continue
+            if limit.stage == "end-of-message":
+                uses.append(_Use(limit, key_value, 1, commit=False))
+            elif limit.count == "recipients":
+                uses.append(_Use(limit, key_value, 1, commit=True))
+            else:
+                uses.append(_Use(limit, key_value, 0 if counted else 1, commit=not counted))
+        verdict = await self._run(uses)
+        if verdict is None and any(use.commit and use.limit.count == "messages" for use in uses):
+            request.message[_COUNTED] = True
+        return verdict
+
+    async def on_eom(self, request: PolicyRequest) -> Verdict | None:
+        uses = []
+        for limit in self.windowed:
+            if limit.stage != "end-of-message" or not _applies(limit, request):
+                continue
+            if (key_value := self.key_value(limit, request)) is None:
+                continue
+            amount = 1 if limit.count == "messages" else max(request.recipient_count, 1)
+            uses.append(_Use(limit, key_value, amount, commit=True))
+        return await self._run(uses)
+
+    async def _run(self, uses: list[_Use]) -> Verdict | None:
+        if not uses:
+            return None
+        script_keys = [f"{self.prefix}{keys.RATELIMIT}{use.limit.name}:{keys.digest(use.key_value)}" for use in uses]
+        script_keys.append(f"{self.prefix}{keys.RATELIMIT_EVENTS}")
+        args: list[str | int | float] = [f"{self.now():.3f}", keys.RATELIMIT_EVENTS_MAXLEN]
+        for use in uses:
+            window = use.limit.window
+            assert isinstance(window, float)
+            args += [window, use.limit.max, use.amount, int(use.commit), use.limit.name, use.key_value]
+        result = await self.redis.run_script("ratelimit", script_keys, args)
+        assert isinstance(result, list)
+        position = int(result[0])
+        if position == 0:
+            return None
+        use = uses[position - 1]
+        return self._refuse(use.limit, f"{use.limit.key}={use.key_value} at {int(result[1])} of {use.limit.max}")
+
+    def _refuse(self, limit: RateLimit, detail: str) -> Verdict:
+        metrics.RATELIMIT_HITS.labels(limit.name).inc()
+        window = "message" if limit.window == "message" else format_duration(float(limit.window))
+        fields = {"name": limit.name, "max": limit.max, "count": limit.count, "window": window}
+        reason = f"rate limit {limit.name} reached: {detail}"
+        if limit.action == "reject":
+            return Verdict.refuse(Action.REJECT, reason, reject(self.settings.reject_text.format(**fields)))
+        return Verdict.refuse(Action.DEFER, reason, defer(self.settings.defer_text.format(**fields)))
+
+    def key_value(self, limit: RateLimit, request: PolicyRequest) -> str | None:
+        """What this request is counted against, or None when the request has no such key."""
+        if limit.key == "sasl_user":
+            return request.sasl_username.lower() or None
+        if limit.key == "sender":
+            return request.sender.lower() or None
+        if limit.key == "sender_domain":
+            return request.sender.rpartition("@")[2].lower() or None
+        if request.client_ip is None:
+            return None
+        prefix = self.settings.client_prefix_v4 if request.client_ip.version == 4 else self.settings.client_prefix_v6
+        return str(ipaddress.ip_network(f"{request.client_ip}/{prefix}", strict=False))
+
+
+def _applies(limit: RateLimit, request: PolicyRequest) -> bool:
+    clients = limit.clients
+    if clients == "all":
+        return True
+    return request.authenticated == (clients == "authenticated")

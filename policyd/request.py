@@ -1,0 +1,130 @@
+"""The Postfix policy delegation protocol: reading requests with limits, and the request itself.
+
+A request is ``name=value`` lines ended by an empty line (https://www.postfix.org/SMTPD_POLICY_README.html).
+The reader is incremental (bytes arrive in any split) and strict about what cannot be a request from
+Postfix: a line without ``=``, a NUL byte, a name that is not ``[a-z0-9_]``, an over-long line or request,
+or a request without ``request=smtpd_access_policy`` and ``protocol_state``. Any of those is a
+ProtocolError: the server logs it and closes that one connection.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+
+_NAME = re.compile(rb"^[a-z0-9_]{1,64}$")
+
+
+class ProtocolError(Exception):
+    """The peer does not speak the policy protocol (or exceeded a limit); the message says how."""
+
+
+@dataclass(slots=True)
+class PolicyRequest:
+    """The attributes the checks use, normalised once; ``attrs`` keeps everything Postfix sent."""
+
+    attrs: dict[str, str]
+    protocol_state: str
+    client_address: str
+    client_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+    client_name: str
+    helo_name: str
+    sender: str
+    recipient: str
+    sasl_username: str
+    queue_id: str
+    instance: str
+    recipient_count: int
+    message: dict[str, object] = field(default_factory=dict)
+    """Scratch space shared by the requests of one mail transaction on one connection (set by the
+    connection from ``instance``): lets a check count a message once, not once per recipient."""
+    rcpt_number: int = 1
+    """1 for the first RCPT request of the transaction, 2 for the second... (set by the connection)."""
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, str]) -> PolicyRequest:
+        address = attrs.get("client_address", "")
+        try:
+            ip = ipaddress.ip_address(address) if address else None
+        except ValueError:
+            ip = None
+        if ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # ::ffff:192.0.2.1 is the IPv4 client 192.0.2.1
+        try:
+            count = int(attrs.get("recipient_count") or 0)
+        except ValueError:
+            count = 0
+        return cls(
+            attrs=attrs,
+            protocol_state=attrs.get("protocol_state", "").upper(),
+            client_address=address,
+            client_ip=ip,
+            client_name=attrs.get("client_name", ""),
+            helo_name=attrs.get("helo_name", ""),
+            sender=attrs.get("sender", ""),
+            recipient=attrs.get("recipient", ""),
+            sasl_username=attrs.get("sasl_username", ""),
+            queue_id=attrs.get("queue_id", ""),
+            instance=attrs.get("instance", ""),
+            recipient_count=count,
+        )
+
+    @property
+    def authenticated(self) -> bool:
+        return bool(self.sasl_username)
+
+
+class RequestReader:
+    """Turns a byte stream into attribute dicts, enforcing the configured limits."""
+
+    __slots__ = ("_buf", "max_line", "max_request")
+
+    def __init__(self, max_line: int = 8192, max_request: int = 65536) -> None:
+        self._buf = b""
+        self.max_line = max_line
+        self.max_request = max_request
+
+    @property
+    def partial(self) -> bool:
+        """True while part of a request has been received (used for the stalled-client timeout)."""
+        return bool(self._buf)
+
+    def feed(self, data: bytes) -> list[dict[str, str]]:
+        buf = self._buf + data if self._buf else data
+        requests = []
+        while True:
+            if buf.startswith(b"\n"):
+                raise ProtocolError("empty request (a blank line with no attributes)")
+            end = buf.find(b"\n\n")
+            if end < 0:
+                break
+            requests.append(self._parse(buf[:end]))
+            buf = buf[end + 2 :]
+        if len(buf) > self.max_request:
+            raise ProtocolError(f"request longer than {self.max_request} bytes")
+        last_newline = buf.rfind(b"\n")
+        if len(buf) - last_newline - 1 > self.max_line:
+            raise ProtocolError(f"line longer than {self.max_line} bytes")
+        self._buf = buf
+        return requests
+
+    def _parse(self, block: bytes) -> dict[str, str]:
+        if len(block) > self.max_request:
+            raise ProtocolError(f"request longer than {self.max_request} bytes")
+        if b"\0" in block:
+            raise ProtocolError("NUL byte in request (binary data, not the policy protocol)")
+        attrs: dict[str, str] = {}
+        for line in block.split(b"\n"):
+            if len(line) > self.max_line:
+                raise ProtocolError(f"line longer than {self.max_line} bytes")
+            name, eq, value = line.partition(b"=")
+            if not eq or not _NAME.match(name):
+                shown = line[:40].decode("ascii", "backslashreplace")
+                raise ProtocolError(f"not a name=value line: {shown!r}")
+            attrs[name.decode("ascii")] = value.rstrip(b"\r").decode("utf-8", "replace")
+        if attrs.get("request") != "smtpd_access_policy":
+            raise ProtocolError(f"request={attrs.get('request', '(missing)')!r}, expected smtpd_access_policy")
+        if not attrs.get("protocol_state"):
+            raise ProtocolError("protocol_state missing")
+        return attrs

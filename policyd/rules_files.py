@@ -1,0 +1,19 @@
+"""Where the rule files shipped in ``rules/`` are found: installed under <prefix>/share/mailwarden/rules,
+or in the source tree when running from a checkout or an editable install."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def shipped_rules_file(name: str) -> Path:
+    candidates = [
+        Path("/etc/mailwarden/rules") / name,
+        Path(sys.prefix) / "share/mailwarden/rules" / name,
+        Path(__file__).resolve().parents[1] / "rules" / name,
+    ]
+    for path in candidates:
+        if path.exists():
+            return path
+    return candidates[-1]

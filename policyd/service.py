@@ -1,0 +1,59 @@
+"""Assembles the policy daemon from its settings: Redis, the checks in order, the pipeline, the server."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from importlib import resources
+
+from mailwarden.config import Config
+from mailwarden.logs import DecisionLog
+from mailwarden.redis_pipe import PipelinedRedis, Script
+from mailwarden.redis_settings import RedisSettings
+from policyd import metrics
+from policyd.blocklist import BlocklistCheck
+from policyd.check import Check, Pipeline
+from policyd.greylist import GreylistCheck
+from policyd.ratelimit import RateLimitCheck
+from policyd.server import PolicyServer
+from policyd.settings import PolicydSettings
+
+
+def load_scripts() -> list[Script]:
+    folder = resources.files("policyd") / "scripts"
+    return [Script(name, (folder / f"{name}.lua").read_text()) for name in ("greylist", "ratelimit")]
+
+
+def build_checks(settings: PolicydSettings, redis_pipe: PipelinedRedis, prefix: str,
+                 now: Callable[[], float] = time.time) -> list[Check]:
+    hostname = settings.hostname or socket.getfqdn()
+    factories: dict[str, Callable[[], Check]] = {
+        "blocklist": lambda: BlocklistCheck(settings.blocklist, redis_pipe, prefix),
+        "ratelimit": lambda: RateLimitCheck(settings.ratelimit, redis_pipe, prefix, now),
+        "greylist": lambda: GreylistCheck(settings.greylist, settings.trusted_networks, redis_pipe, prefix, now,
+                                          hostname),
+    }
+    return [factories[name]() for name in settings.checks]
+
+
+class PolicyDaemon:
+    def __init__(self, settings: PolicydSettings, redis_settings: RedisSettings, decisions: DecisionLog) -> None:
+        self.settings = settings
+        self.redis = PipelinedRedis(redis_settings, load_scripts(),
+                                    on_state=lambda up: metrics.REDIS_UP.set(1 if up else 0))
+        checks = build_checks(settings, self.redis, redis_settings.key_prefix)
+        self.server = PolicyServer(settings, Pipeline(settings, checks), decisions)
+
+    async def start(self) -> None:
+        self.redis.start()
+        await self.redis.wait_connected(self.redis.settings.connect_timeout)
+        await self.server.start(self.settings.listen)
+
+    async def stop(self) -> None:
+        await self.server.stop(drain_seconds=self.settings.answer_within + 1)
+        await self.redis.close()
+
+
+def make_service(config: Config, decisions: DecisionLog) -> PolicyDaemon:
+    return PolicyDaemon(config.section("policyd"), config.section("redis"), decisions)

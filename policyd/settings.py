@@ -1,0 +1,218 @@
+"""The ``[policyd]`` section: where the daemon listens, which checks run in which order, and how each
+check and each dependency behaves. Every field says its unit and default; the annotated example config
+(etc/mailwarden.toml) documents them for operators."""
+
+from __future__ import annotations
+
+import ipaddress
+import string
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from mailwarden.section import Section
+from mailwarden.units import Duration
+from policyd.rules_files import shipped_rules_file
+
+CheckName = Literal["blocklist", "ratelimit", "greylist"]
+FailAction = Literal["dunno", "defer_if_permit", "defer"]
+"""What to answer when a dependency fails: ``dunno`` lets the next check and Postfix decide (fail open),
+``defer_if_permit`` and ``defer`` give the client a temporary failure (fail closed)."""
+
+
+def _check_template(text: str, allowed: set[str]) -> str:
+    for _literal, field, _spec, _conv in string.Formatter().parse(text):
+        if field is not None and field not in allowed:
+            raise ValueError(f"unknown placeholder {{{field}}}; allowed: {', '.join(sorted(allowed))}")
+    if "\n" in text or "\r" in text:
+        raise ValueError("a reply text must be one line")
+    return text
+
+
+class FailModes(Section):
+    """Fail mode of one dependency, chosen per class of client."""
+
+    inbound: FailAction = "dunno"
+    """Unauthenticated clients (mail from the Internet)."""
+    authenticated: FailAction = "dunno"
+    """SASL-authenticated submission."""
+
+
+class GreylistSettings(Section):
+    """Greylisting with Postgrey's semantics (delay, retry window, max age, client auto-whitelist)."""
+
+    delay: Duration = 300
+    """Seconds a new triplet is deferred for; a retry inside the delay is deferred again."""
+    max_age: Duration = 35 * 86400
+    """A passed triplet (and an auto-whitelisted client) is forgotten this long after it was last seen."""
+    retry_window: Duration = 2 * 86400
+    """A triplet that is not retried successfully within this time is forgotten and starts over."""
+    auto_whitelist_clients: Annotated[int, Field(ge=0)] = 5
+    """A client network that passed greylisting this many times is no longer greylisted; 0 turns it off."""
+    ipv4_prefix: Annotated[int, Field(ge=8, le=32)] = 24
+    ipv6_prefix: Annotated[int, Field(ge=16, le=128)] = 64
+    whitelist_clients: list[Path] = Field(default_factory=lambda: [shipped_rules_file("postgrey_whitelist_clients")])
+    """Files in Postgrey's whitelist_clients format: hostnames (and their subdomains), /regex/, IPs, CIDRs."""
+    whitelist_recipients: list[Path] = Field(
+        default_factory=lambda: [shipped_rules_file("postgrey_whitelist_recipients")]
+    )
+    """Files in Postgrey's whitelist_recipients format: user@, @domain, user@domain, domain, /regex/."""
+    greylist_authenticated: bool = False
+    """Greylist SASL-authenticated clients too (never sensible for submission; kept for odd set-ups)."""
+    add_header: bool = True
+    """PREPEND ``X-Greylist: delayed N seconds`` to a message that passed after being delayed."""
+    text: str = "Greylisted, please try again in {retry_in}"
+    """The defer text; placeholders: {retry_in} (e.g. "5 minutes"), {seconds}, {recipient_domain}."""
+
+    _text_fields = {"retry_in", "seconds", "recipient_domain"}
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, text: str) -> str:
+        return _check_template(text, cls._text_fields.default)  # type: ignore[attr-defined]
+
+    @model_validator(mode="after")
+    def _windows(self) -> GreylistSettings:
+        if self.retry_window <= self.delay:
+            raise ValueError("retry_window must be longer than delay, or no retry could ever pass")
+        if self.max_age < self.retry_window:
+            raise ValueError("max_age must be at least retry_window")
+        return self
+
+
+RateKey = Literal["sasl_user", "sender", "sender_domain", "client_address"]
+
+
+class RateLimit(Section):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    """Shown in the log, the metrics and the reply text; also part of the Redis key."""
+    key: RateKey
+    """What is counted against: the SASL user (the safe default for outbound), the envelope sender or its
+    domain (forgeable: an outsider can exhaust a victim's limit), or the client address (network prefix
+    from client_prefix_v4/v6)."""
+    count: Literal["messages", "recipients"] = "messages"
+    max: Annotated[int, Field(ge=1)]
+    window: Duration | Literal["message"]
+    """A sliding window in time ("1h", "1d"), or "message" for a cap on recipients of one message."""
+    action: Literal["defer", "reject"] = "defer"
+    stage: Literal["rcpt", "end-of-message"] = "rcpt"
+    """``rcpt``: counted at RCPT (a message once, at its first recipient). ``end-of-message``: checked at
+    RCPT, counted at END-OF-MESSAGE with recipient_count, so only mail that was accepted counts (needs
+    check_policy_service in smtpd_end_of_data_restrictions too)."""
+    applies_to: Literal["authenticated", "unauthenticated", "all"] | None = None
+    """Which clients the limit applies to; by default authenticated clients for key=sasl_user, all others."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RateLimit:
+        if self.window == "message" and self.count != "recipients":
+            raise ValueError('window = "message" only makes sense with count = "recipients"')
+        if self.window == "message" and self.stage != "rcpt":
+            raise ValueError('window = "message" is enforced at RCPT; set stage = "rcpt"')
+        if isinstance(self.window, float) and self.window < 1:
+            raise ValueError("window must be at least 1s")
+        return self
+
+    @property
+    def clients(self) -> str:
+        return self.applies_to or ("authenticated" if self.key == "sasl_user" else "all")
+
+
+def _default_limits() -> list[RateLimit]:
+    return [
+        RateLimit(name="user-messages-per-hour", key="sasl_user", count="messages", max=200, window=3600),
+        RateLimit(name="user-recipients-per-day", key="sasl_user", count="recipients", max=1000, window=86400),
+    ]
+
+
+class RateLimitSettings(Section):
+    limits: list[RateLimit] = Field(default_factory=_default_limits)
+    client_prefix_v4: Annotated[int, Field(ge=8, le=32)] = 32
+    client_prefix_v6: Annotated[int, Field(ge=16, le=128)] = 64
+    defer_text: str = "Rate limit reached ({name}: {max} {count} per {window}); please try again later"
+    reject_text: str = "Rate limit reached ({name}: {max} {count} per {window})"
+
+    @field_validator("defer_text", "reject_text")
+    @classmethod
+    def _texts(cls, text: str) -> str:
+        return _check_template(text, {"name", "max", "count", "window"})
+
+    @field_validator("limits")
+    @classmethod
+    def _unique(cls, limits: list[RateLimit]) -> list[RateLimit]:
+        names = [limit.name for limit in limits]
+        if len(names) != len(set(names)):
+            raise ValueError("limit names must be unique")
+        return limits
+
+
+class BlocklistSettings(Section):
+    """Snagged accounts (and, optionally, client addresses) refused with 5.7.1."""
+
+    check_clients: bool = True
+    """Also refuse client addresses on the block list (one more key in the same Redis round trip)."""
+    user_text: str = (
+        "Your account has been blocked for security reasons; please contact the help desk"
+    )
+    client_text: str = "Mail from your address is blocked; please contact the postmaster"
+
+    @field_validator("user_text", "client_text")
+    @classmethod
+    def _texts(cls, text: str) -> str:
+        return _check_template(text, {"user", "client"})
+
+
+def _listen_entry(entry: str) -> str:
+    if entry.startswith("unix:"):
+        if not entry[5:].startswith("/"):
+            raise ValueError(f"{entry!r}: a unix socket needs an absolute path, e.g. unix:/run/mailwarden/policyd.sock")
+        return entry
+    host, _, port = entry.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{entry!r}: expected HOST:PORT, [IPV6]:PORT or unix:/path")
+    return entry
+
+
+class PolicydSettings(Section):
+    listen: list[str] = ["127.0.0.1:10023"]
+    """TCP (host:port, [v6]:port) or unix:/path sockets; Postfix reuses connections, many at once."""
+    checks: list[CheckName] = ["blocklist", "ratelimit", "greylist"]
+    """The pipeline, in order; the first decisive answer wins. Leave a check out to turn it off."""
+    trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    ]
+    """Clients Postfix permits as mynetworks: never greylisted. Keep it equal to Postfix's mynetworks."""
+    answer_within: Duration = 2.0
+    """Every request is answered within this time; past it the fail mode of the dependency applies."""
+    request_timeout: Duration = 30
+    """A client that stalls in the middle of a request for this long is disconnected."""
+    idle_timeout: Duration = 600
+    """An idle connection is closed after this (Postfix's smtpd_policy_service_max_idle is 300s)."""
+    max_connections: Annotated[int, Field(ge=1)] = 4096
+    max_line_bytes: Annotated[int, Field(ge=256)] = 8192
+    max_request_bytes: Annotated[int, Field(ge=1024)] = 65536
+    on_error: dict[Literal["redis"], FailModes] = Field(default_factory=lambda: {"redis": FailModes()})
+    """Fail mode per dependency and per class of client; logged and counted when used."""
+    hostname: str | None = None
+    """Name used in the X-Greylist header; the machine's name by default."""
+    greylist: GreylistSettings = Field(default_factory=GreylistSettings)
+    ratelimit: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    blocklist: BlocklistSettings = Field(default_factory=BlocklistSettings)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, entries: list[str]) -> list[str]:
+        if not entries:
+            raise ValueError("at least one listen address is needed")
+        return [_listen_entry(entry) for entry in entries]
+
+    @field_validator("checks")
+    @classmethod
+    def _no_repeats(cls, checks: list[str]) -> list[str]:
+        if len(checks) != len(set(checks)):
+            raise ValueError("a check may appear only once")
+        return checks
+
+    def fail_modes(self, dependency: str) -> FailModes:
+        return self.on_error.get(dependency, FailModes())  # type: ignore[call-overload]

@@ -1,0 +1,142 @@
+"""Greylisting whitelists in Postgrey's file formats, so existing lists work unchanged.
+
+Clients: a hostname matches itself and its subdomains (checked against ``client_name``, the verified
+name, as postgrey does); ``/regex/`` is an unanchored, case-insensitive regular expression on the name;
+``a.b.c.d``, ``a.b.c.d/NN``, ``a.b.c`` (a /24) and IPv6 addresses or networks match the client address.
+Recipients: ``user@`` (any domain, with or without +extension), ``user@domain``, ``@domain`` or ``domain``
+(the domain and its subdomains), and ``/regex/``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mailwarden.logs import get_logger, log_kv
+
+log = get_logger("policyd.whitelist")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class WhitelistError(Exception):
+    """A whitelist line that cannot be understood; the message names the file and line."""
+
+
+def _entries(path: Path) -> Iterable[tuple[int, str]]:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise WhitelistError(f"{path}: cannot read: {exc.strerror}") from None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()  # as postgrey: a '#' starts a comment, even inside /regex/
+        if line:
+            yield number, line
+
+
+def _regex(path: Path, number: int, line: str) -> re.Pattern[str]:
+    try:
+        return re.compile(line[1:-1], re.IGNORECASE)
+    except re.error as exc:
+        raise WhitelistError(f"{path}:{number}: bad regular expression {line!r}: {exc}") from None
+
+
+_IPV4ISH = re.compile(r"^\d{1,3}(?:\.\d{1,3}){1,3}(?:/\d{1,2})?$")
+
+
+@dataclass
+class ClientWhitelist:
+    networks: list[IPNetwork] = field(default_factory=list)
+    name_suffixes: set[str] = field(default_factory=set)
+    name_patterns: list[re.Pattern[str]] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, paths: Iterable[Path]) -> ClientWhitelist:
+        found = cls()
+        for path in paths:
+            for number, line in _entries(path):
+                found._add(path, number, line)
+        log_kv(log, logging.INFO, "client whitelist loaded", networks=len(found.networks),
+               names=len(found.name_suffixes), patterns=len(found.name_patterns))
+        return found
+
+    def _add(self, path: Path, number: int, line: str) -> None:
+        if line.startswith("/") and line.endswith("/") and len(line) > 2:
+            self.name_patterns.append(_regex(path, number, line))
+            return
+        if _IPV4ISH.match(line) or ":" in line:
+            text = line
+            if _IPV4ISH.match(line) and "/" not in line and line.count(".") == 2:
+                text = f"{line}.0/24"  # postgrey: a.b.c means the /24
+            try:
+                self.networks.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                raise WhitelistError(f"{path}:{number}: not an address or network: {line!r}") from None
+            return
+        self.name_suffixes.add(line.lower().strip("."))
+
+    def matches(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address | None, name: str) -> str | None:
+        """The entry that whitelists this client, or None."""
+        if name and name != "unknown":
+            lowered = name.lower().rstrip(".")
+            parts = lowered.split(".")
+            for i in range(len(parts)):
+                suffix = ".".join(parts[i:])
+                if suffix in self.name_suffixes:
+                    return suffix
+            for pattern in self.name_patterns:
+                if pattern.search(lowered):
+                    return f"/{pattern.pattern}/"
+        if address is not None:
+            for network in self.networks:
+                if address.version == network.version and address in network:
+                    return str(network)
+        return None
+
+
+@dataclass
+class RecipientWhitelist:
+    users: set[str] = field(default_factory=set)
+    addresses: set[str] = field(default_factory=set)
+    domains: set[str] = field(default_factory=set)
+    patterns: list[re.Pattern[str]] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, paths: Iterable[Path]) -> RecipientWhitelist:
+        found = cls()
+        for path in paths:
+            for number, line in _entries(path):
+                if line.startswith("/") and line.endswith("/") and len(line) > 2:
+                    found.patterns.append(_regex(path, number, line))
+                elif line.endswith("@"):
+                    found.users.add(line[:-1].lower())
+                elif line.startswith("@"):
+                    found.domains.add(line[1:].lower())
+                elif "@" in line:
+                    found.addresses.add(line.lower())
+                else:
+                    found.domains.add(line.lower())
+        return found
+
+    def matches(self, recipient: str) -> str | None:
+        lowered = recipient.lower()
+        local, at, domain = lowered.rpartition("@")
+        if not at:
+            local, domain = lowered, ""
+        base = local.split("+", 1)[0]
+        if base in self.users:
+            return f"{base}@"
+        if f"{base}@{domain}" in self.addresses:
+            return f"{base}@{domain}"
+        parts = domain.split(".")
+        for i in range(len(parts)):
+            if ".".join(parts[i:]) in self.domains:
+                return ".".join(parts[i:])
+        for pattern in self.patterns:
+            if pattern.search(lowered):
+                return f"/{pattern.pattern}/"
+        return None
