@@ -1,0 +1,119 @@
+"""Fixtures that stand up real components on loopback; see harness/ for how each is run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import smtplib
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from harness.net import free_port, wait_port
+from harness.policyd_proc import PolicydProcess
+from harness.postfix import PostfixInstance
+from harness.redis_server import RedisProcess, start_redis
+from harness.sink import Sink
+
+
+@pytest.fixture(scope="session")
+def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """One redis-server for the session, owned by the tests (never the machine's own on 6379)."""
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server(shared_redis: RedisProcess) -> RedisProcess:
+    shared_redis.client().flushall()
+    return shared_redis
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A redis-server only this test uses, so it may stop, pause or kill it."""
+    server = start_redis(tmp_path / "own-redis")
+    yield server
+    if server.proc and server.proc.poll() is None:
+        server.resume()
+    server.stop()
+
+
+def base_settings(redis_url: str, **policyd: object) -> dict:
+    return {"redis": {"url": redis_url, "timeout": "300ms"}, "policyd": dict(policyd)}
+
+
+@pytest.fixture
+def policyd_factory(tmp_path: Path) -> Iterator[Callable[..., PolicydProcess]]:
+    started: list[PolicydProcess] = []
+
+    def start(settings: dict, port: int | None = None) -> PolicydProcess:
+        proc = PolicydProcess(tmp_path / "policyd", settings, **({"port": port} if port else {}))
+        started.append(proc.start())
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    server = Sink().start()
+    yield server
+    server.stop()
+
+
+def need_postfix() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("end-to-end tests run a private Postfix and need root (run them through `make test`)")
+    if not shutil.which("postfix"):
+        pytest.fail("Debian's postfix is not installed (`make test` installs it)")
+
+
+@dataclass
+class Stack:
+    postfix: PostfixInstance
+    policyd: PolicydProcess
+    sink: Sink
+
+    def smtp(self, client_address: str = "192.0.2.10", login: str | None = None,
+             helo: str = "client.example") -> smtplib.SMTP:
+        """An SMTP session to the private Postfix, presenting ``client_address`` (and a SASL login) via XCLIENT."""
+        conn = smtplib.SMTP("127.0.0.1", self.postfix.smtp_port, timeout=30)
+        conn.ehlo(helo)
+        args = f"ADDR={client_address} NAME=unknown" + (f" LOGIN={login}" if login else "")
+        code, text = conn.docmd("XCLIENT", args)
+        assert code == 220, (code, text)
+        conn.ehlo(helo)
+        return conn
+
+
+@pytest.fixture
+def stack_factory(tmp_path: Path, sink: Sink, policyd_factory) -> Iterator[Callable[[dict], Stack]]:
+    """Real Postfix -> check_policy_service -> our policyd (a separate process) -> Redis; Postfix relays to the sink."""
+    need_postfix()
+    instances: list[PostfixInstance] = []
+
+    def start(settings: dict) -> Stack:
+        policyd = policyd_factory(settings)
+        # Postfix's own processes run as user postfix: its directory must not sit under pytest's 0700 tmp dir
+        directory = Path(tempfile.mkdtemp(prefix="mw-postfix-"))
+        directory.chmod(0o755)
+        postfix = PostfixInstance(directory, free_port(), sink.port, policyd.port)
+        instances.append(postfix.start())
+        wait_port(postfix.smtp_port)
+        return Stack(postfix, policyd, sink)
+
+    yield start
+    for instance in instances:
+        instance.stop()
+        shutil.rmtree(instance.directory, ignore_errors=True)
+
+
+def message(subject: str, sender: str = "sender@example.org", to: str = "user@example.test") -> str:
+    return f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\nMessage-ID: <{subject.replace(' ', '.')}@t>\r\n\r\nhello\r\n"

@@ -1,0 +1,169 @@
+"""A private Postfix instance on loopback (needs root and Debian's postfix package).
+
+Its own config, queue, data directory and log file; smtpd on a loopback port, wired to a policy service
+with check_policy_service, relaying everything to an SMTP sink. Usable from tests (PostfixInstance) and
+from the command line for the quick start (``python tests/harness/postfix.py start DIR ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+MAIN_CF = """\
+compatibility_level = 3.6
+queue_directory = {d}/queue
+data_directory = {d}/data
+command_directory = /usr/sbin
+daemon_directory = /usr/lib/postfix/sbin
+meta_directory = /etc/postfix
+shlib_directory = /usr/lib/postfix
+mail_owner = postfix
+setgid_group = postdrop
+syslog_name = postfix-{name}
+myhostname = {name}.localdomain
+mydomain = localdomain
+myorigin = $myhostname
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+mydestination =
+local_recipient_maps =
+local_transport = error:local delivery disabled
+alias_maps =
+alias_database =
+relay_domains = {relay_domains}
+relayhost = [127.0.0.1]:{sink_port}
+smtp_dns_support_level = disabled
+smtp_host_lookup = native
+smtpd_peername_lookup = no
+biff = no
+maillog_file_prefixes = {d}
+maillog_file = {d}/maillog
+queue_run_delay = 1s
+minimal_backoff_time = 1s
+maximal_backoff_time = 2s
+# tests present client addresses and SASL logins with XCLIENT
+smtpd_authorized_xclient_hosts = 127.0.0.1
+smtpd_sasl_auth_enable = yes
+# --- mailwarden policyd: the lines the README tells operators to add ---
+smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination
+smtpd_recipient_restrictions = {policy}
+    permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination
+smtpd_end_of_data_restrictions = {policy}
+smtpd_policy_service_default_action = 451 4.3.5 Policy service unavailable
+"""
+
+MASTER_CF = """\
+127.0.0.1:{smtp_port} inet n - n - - smtpd
+pickup     unix  n       -       n       60      1       pickup
+cleanup    unix  n       -       n       -       0       cleanup
+qmgr       unix  n       -       n       300     1       qmgr
+rewrite    unix  -       -       n       -       -       trivial-rewrite
+bounce     unix  -       -       n       -       0       bounce
+defer      unix  -       -       n       -       0       bounce
+trace      unix  -       -       n       -       0       bounce
+verify     unix  -       -       n       -       1       verify
+flush      unix  n       -       n       1000?   0       flush
+proxymap   unix  -       -       n       -       -       proxymap
+proxywrite unix  -       -       n       -       1       proxymap
+smtp       unix  -       -       n       -       -       smtp
+relay      unix  -       -       n       -       -       smtp
+showq      unix  n       -       n       -       -       showq
+error      unix  -       -       n       -       -       error
+retry      unix  -       -       n       -       -       error
+discard    unix  -       -       n       -       -       discard
+local      unix  -       n       n       -       -       local
+anvil      unix  -       -       n       -       1       anvil
+scache     unix  -       -       n       -       1       scache
+postlog    unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+def policy_restriction(policy_port: int) -> str:
+    return f"check_policy_service {{ inet:127.0.0.1:{policy_port}, timeout=10s, default_action=DUNNO }},"
+
+
+@dataclass
+class PostfixInstance:
+    directory: Path
+    smtp_port: int
+    sink_port: int
+    policy_port: int
+    relay_domains: str = "example.test"
+
+    @property
+    def conf(self) -> Path:
+        return self.directory / "conf"
+
+    @property
+    def maillog(self) -> Path:
+        return self.directory / "maillog"
+
+    def write(self) -> None:
+        d = self.directory
+        for sub in ("conf", "queue", "data"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        shutil.chown(d / "data", "postfix")
+        name = f"mw{self.smtp_port}"
+        policy = policy_restriction(self.policy_port)
+        (self.conf / "main.cf").write_text(MAIN_CF.format(d=d, name=name, sink_port=self.sink_port,
+                                                          relay_domains=self.relay_domains, policy=policy))
+        (self.conf / "master.cf").write_text(MASTER_CF.format(smtp_port=self.smtp_port))
+        self._postfix("check")
+
+    def start(self) -> PostfixInstance:
+        self.write()
+        self._postfix("start")
+        return self
+
+    def stop(self) -> None:
+        subprocess.run(["postfix", "-c", str(self.conf), "stop"], capture_output=True, check=False)
+        pid_file = self.directory / "queue" / "pid" / "master.pid"
+        deadline = time.monotonic() + 10
+        while pid_file.exists() and time.monotonic() < deadline:
+            try:
+                os.kill(int(pid_file.read_text().split()[0]), 0)
+            except (OSError, ValueError):
+                break
+            time.sleep(0.05)
+
+    def queue(self) -> list[dict]:
+        out = subprocess.run(["postqueue", "-c", str(self.conf), "-j"], capture_output=True, text=True, check=True)
+        return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+    def log_text(self) -> str:
+        return self.maillog.read_text(errors="replace") if self.maillog.exists() else ""
+
+    def _postfix(self, command: str) -> None:
+        result = subprocess.run(["postfix", "-c", str(self.conf), command], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"postfix {command} failed: {result.stderr.strip()}\n{self.log_text()[-2000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Start or stop a private Postfix instance on loopback.")
+    parser.add_argument("command", choices=["start", "stop"])
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--smtp-port", type=int, default=2525)
+    parser.add_argument("--sink-port", type=int, default=2500)
+    parser.add_argument("--policy-port", type=int, default=10023)
+    parser.add_argument("--relay-domains", default="example.test")
+    args = parser.parse_args()
+    instance = PostfixInstance(args.directory.resolve(), args.smtp_port, args.sink_port, args.policy_port,
+                               args.relay_domains)
+    if args.command == "start":
+        instance.start()
+        print(f"postfix listening on 127.0.0.1:{args.smtp_port}, log {instance.maillog}")
+    else:
+        instance.stop()
+
+
+if __name__ == "__main__":
+    main()
