@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the suite and its tests need, where missing. Idempotent; starts nothing
+# (the tests start their own redis-server and Postfix instances; `make run` starts what it uses).
+set -euo pipefail
+
+PACKAGES=(postfix redis-server swaks ca-certificates)
+[ "${WITH_BENCH:-0}" = 1 ] && PACKAGES+=(postgrey)
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "install-system-deps: run as root (or install sudo)" >&2; exit 1; }
+  SUDO=sudo
+fi
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+# python3 -m venv needs Debian's python3-venv when python3 is Debian's own
+if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then missing+=(python3-venv); fi
+
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "install-system-deps: installing ${missing[*]}"
+  # Postfix must not configure (or start) a system mail server: the suite runs private instances.
+  echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
