@@ -1,0 +1,151 @@
+"""Rate limits against a real Redis with an injected clock: what is counted, when, and atomically."""
+
+from __future__ import annotations
+
+import asyncio
+
+from mailwarden.redis_pipe import PipelinedRedis
+from mailwarden.redis_settings import RedisSettings
+from policyd.ratelimit import RateLimitCheck
+from policyd.request import PolicyRequest
+from policyd.service import load_scripts
+from policyd.settings import RateLimit, RateLimitSettings
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0  # a multiple of 3600: windows start here
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def req(user: str = "alice", rcpt: str = "r@example.test", state: str = "RCPT", message=None, rcpt_number=1,
+        **attrs: str) -> PolicyRequest:
+    r = PolicyRequest.from_attrs({"protocol_state": state, "sasl_username": user, "recipient": rcpt,
+                                  "sender": f"{user}@example.org", "client_address": "192.0.2.10", **attrs})
+    r.message = {} if message is None else message
+    r.rcpt_number = rcpt_number
+    return r
+
+
+def with_check(redis_url: str, limits: list[dict], scenario, clients: int = 1):
+    async def main():
+        pipes = [PipelinedRedis(RedisSettings(url=redis_url), load_scripts()) for _ in range(clients)]
+        for pipe in pipes:
+            pipe.start()
+            assert await pipe.wait_connected(5)
+        clock = Clock()
+        settings = RateLimitSettings(limits=[RateLimit(**limit) for limit in limits])
+        checks = [RateLimitCheck(settings, pipe, "t:", clock) for pipe in pipes]
+        try:
+            return await scenario(checks if clients > 1 else checks[0], clock)
+        finally:
+            for pipe in pipes:
+                await pipe.close()
+    return asyncio.run(main())
+
+
+HOURLY = {"name": "msgs", "key": "sasl_user", "count": "messages", "max": 3, "window": "1h"}
+
+
+def test_message_counted_once_at_its_first_recipient(redis_server):
+    async def scenario(check, clock):
+        for _message in range(3):
+            shared: dict[str, object] = {}
+            for n in range(1, 6):  # five recipients each
+                assert await check.on_rcpt(req(message=shared, rcpt_number=n)) is None
+        refused = await check.on_rcpt(req())
+        assert refused.decisive and refused.reply.startswith("450 4.7.1 Rate limit reached (msgs: 3 messages per 1h)")
+        assert "sasl_user=alice at 3 of 3" in refused.reason
+        assert await check.on_rcpt(req(user="bob")) is None
+    with_check(redis_server.url, [HOURLY], scenario)
+
+
+def test_refused_first_recipient_does_not_let_the_next_one_through(redis_server):
+    async def scenario(check, clock):
+        for _ in range(3):
+            assert await check.on_rcpt(req()) is None
+        shared: dict[str, object] = {}
+        assert (await check.on_rcpt(req(message=shared))).decisive
+        assert (await check.on_rcpt(req(message=shared, rcpt_number=2))).decisive
+    with_check(redis_server.url, [HOURLY], scenario)
+
+
+def test_sliding_window_forgets_gradually(redis_server):
+    async def scenario(check, clock):
+        for _ in range(3):
+            assert await check.on_rcpt(req()) is None
+        clock.now += 3600 + 1800  # half of the previous window still overlaps: estimate 1.5
+        assert await check.on_rcpt(req()) is None  # 1.5 + 1 <= 3
+        assert (await check.on_rcpt(req())).decisive  # 1.5 + 1 + 1 > 3
+        clock.now += 2 * 3600
+        assert await check.on_rcpt(req()) is None
+    with_check(redis_server.url, [HOURLY], scenario)
+
+
+def test_recipient_limit_counts_each_recipient(redis_server):
+    limit = {"name": "rcpts", "key": "sasl_user", "count": "recipients", "max": 4, "window": "1d", "action": "reject"}
+
+    async def scenario(check, clock):
+        shared: dict[str, object] = {}
+        for n in range(1, 5):
+            assert await check.on_rcpt(req(message=shared, rcpt_number=n)) is None
+        refused = await check.on_rcpt(req(message=shared, rcpt_number=5))
+        assert refused.reply.startswith("550 5.7.1 Rate limit reached (rcpts: 4 recipients per 1d)")
+    with_check(redis_server.url, [limit], scenario)
+
+
+def test_per_message_recipient_cap(redis_server):
+    limit = {"name": "per-msg", "key": "sasl_user", "count": "recipients", "max": 20, "window": "message"}
+
+    async def scenario(check, clock):
+        assert await check.on_rcpt(req(rcpt_number=20)) is None
+        assert (await check.on_rcpt(req(rcpt_number=21))).reason.startswith("rate limit per-msg reached")
+        assert await check.on_rcpt(req(user="", rcpt_number=50)) is None  # applies to authenticated only
+    with_check(redis_server.url, [limit], scenario)
+
+
+def test_end_of_message_stage_counts_recipient_count_after_acceptance(redis_server):
+    limit = {"name": "eom", "key": "sasl_user", "count": "recipients", "max": 10, "window": "1h",
+             "stage": "end-of-message"}
+
+    async def scenario(check, clock):
+        for _ in range(3):
+            assert await check.on_rcpt(req()) is None  # checked, not counted
+        assert await check.on_eom(req(state="END-OF-MESSAGE", recipient_count="6")) is None
+        assert (await check.on_eom(req(state="END-OF-MESSAGE", recipient_count="6"))).decisive
+        assert await check.on_rcpt(req()) is None  # 6 of 10 used
+    with_check(redis_server.url, [limit], scenario)
+
+
+def test_keys_other_than_the_user(redis_server):
+    limits = [{"name": "dom", "key": "sender_domain", "count": "messages", "max": 1, "window": "1h"},
+              {"name": "net", "key": "client_address", "count": "messages", "max": 2, "window": "1h"}]
+
+    async def scenario(check, clock):
+        assert await check.on_rcpt(req(user="", sender="a@one.example")) is None
+        assert (await check.on_rcpt(req(user="", sender="b@one.example"))).reason.startswith("rate limit dom")
+        assert await check.on_rcpt(req(user="", sender="c@two.example")) is None
+        assert (await check.on_rcpt(req(user="", sender="d@three.example"))).reason.startswith("rate limit net")
+    with_check(redis_server.url, limits, scenario)
+
+
+def test_a_refusal_is_recorded_in_the_event_stream(redis_server):
+    async def scenario(check, clock):
+        for _ in range(4):
+            await check.on_rcpt(req())
+        entries = await check.redis.call("XRANGE", "t:ev:ratelimit", "-", "+")
+        assert len(entries) == 1
+        fields = dict(zip(entries[0][1][::2], entries[0][1][1::2], strict=True))
+        assert fields[b"limit"] == b"msgs" and fields[b"key"] == b"alice" and fields[b"count"] == b"3"
+    with_check(redis_server.url, [HOURLY], scenario)
+
+
+def test_two_connections_racing_never_exceed_the_limit(redis_server):
+    limit = {**HOURLY, "max": 50}
+
+    async def scenario(checks, clock):
+        results = await asyncio.gather(*(checks[n % 2].on_rcpt(req()) for n in range(200)))
+        assert sum(1 for r in results if r is None) == 50
+    with_check(redis_server.url, [limit], scenario, clients=2)
