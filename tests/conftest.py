@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from harness.net import free_port, wait_port
 from harness.policyd_proc import PolicydProcess
 from harness.postfix import PostfixInstance
@@ -116,4 +115,5 @@ def stack_factory(tmp_path: Path, sink: Sink, policyd_factory) -> Iterator[Calla
 
 
 def message(subject: str, sender: str = "sender@example.org", to: str = "user@example.test") -> str:
-    return f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\nMessage-ID: <{subject.replace(' ', '.')}@t>\r\n\r\nhello\r\n"
+    message_id = subject.replace(" ", ".")
+    return f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\nMessage-ID: <{message_id}@t>\r\n\r\nhello\r\n"

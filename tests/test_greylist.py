@@ -15,6 +15,7 @@ from policyd.service import load_scripts
 from policyd.settings import GreylistSettings
 from policyd.whitelist import ClientWhitelist, RecipientWhitelist, WhitelistError
 
+
 # Verified against postgrey 1.37's do_sender_substitutions on this machine kind.
 @pytest.mark.parametrize(("sender", "normalised"), [
     ("", ""),

@@ -59,8 +59,10 @@ class PolicydProcess:
     def start(self) -> PolicydProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         settings = {**self.settings}
-        settings.setdefault("policyd", {})
-        settings["policyd"] = {"listen": [f"127.0.0.1:{self.port}"], **settings["policyd"]}
+        policyd = dict(settings.get("policyd", {}))
+        # the TCP port the harness waits on, beside any listener the test asks for (a unix socket...)
+        policyd["listen"] = [f"127.0.0.1:{self.port}", *policyd.get("listen", [])]
+        settings["policyd"] = policyd
         self.config_path.write_text(render_toml(settings))
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(

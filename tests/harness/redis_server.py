@@ -70,7 +70,7 @@ class SentinelSetup:
 
     def current_master_port(self) -> int:
         sentinel = redis.Redis(port=self.sentinel.port, socket_timeout=2)
-        host, port = sentinel.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+        _host, port = sentinel.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
         return int(port)
 
     def stop(self) -> None:

@@ -28,7 +28,7 @@ class _Handler:
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
 
-    async def handle_DATA(self, server, session, envelope) -> str:  # noqa: N802 (aiosmtpd's hook name)
+    async def handle_DATA(self, server, session, envelope) -> str:
         with self.sink.cond:
             self.sink.messages.append(Received(envelope.mail_from, tuple(envelope.rcpt_tos), envelope.content))
             self.sink.cond.notify_all()
