@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import logging.handlers
+import os
 import sys
 import time
 from typing import Literal, TextIO
@@ -41,6 +42,8 @@ class LogfmtFormatter(logging.Formatter):
         pairs: list[tuple[str, object]] = []
         if self.with_time:
             pairs.append(("ts", _timestamp(record.created)))
+        if getattr(record, "logfmt", False):  # a decision line, rendered already
+            return f"{logfmt_pairs(pairs)} level={record.levelname.lower()} {record.getMessage()}".lstrip()
         pairs += [("level", record.levelname.lower()), ("logger", record.name), ("msg", record.getMessage())]
         pairs += list(getattr(record, "kv", {}).items())
         if record.exc_info:
@@ -63,6 +66,7 @@ def setup_logging(settings: LoggingSettings, stream: TextIO | None = None) -> De
         handler: logging.Handler = logging.handlers.SysLogHandler(
             address=settings.syslog_socket, facility=settings.syslog_facility
         )
+        handler.ident = f"mailwarden[{os.getpid()}]: "  # the syslog tag, so the line can be found and filtered
         handler.setFormatter(LogfmtFormatter(with_time=False))
         root.addHandler(handler)
         return DecisionLog(enabled=settings.decisions, logger=logging.getLogger(f"{LOGGER_NAME}.decision"))
@@ -98,7 +102,7 @@ class DecisionLog:
         if not self.enabled:
             return
         if self._logger is not None:
-            self._logger.info(line)
+            self._logger.info(line, extra={"logfmt": True})
             return
         now = time.time()
         if int(now) != self._second:

@@ -83,6 +83,7 @@ class Pipeline:
                 metrics.BACKEND_ERRORS.labels(dependency, check.name).inc()
                 self._log_backend_error(dependency, check.name, exc)
                 verdict = fail_verdict(self.settings, dependency, request, f"{dependency} failed: {exc}")
+                metrics.FAIL_MODE.labels(dependency, verdict.action.value).inc()
                 outcome.degraded.append(check.name)
             outcome.timings.append((check.name, time.perf_counter() - started))
             if verdict is None:
