@@ -43,11 +43,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
@@ -106,6 +106,9 @@ REQUEST_TEMPLATE = "".join(
         ("mail_version", "3.7.11"),
     )
 ) + "\n"
+
+
+T = TypeVar("T")
 
 
 class BenchError(RuntimeError):
@@ -463,10 +466,12 @@ def memory_mb(pid: int) -> tuple[float, float]:
 
 
 def machine_busy_seconds() -> float:
-    """CPU seconds all cores spent not idle since boot (/proc/stat), to see what else ran during a run."""
+    """CPU seconds all cores spent running processes (user, nice, system) or stolen by the hypervisor
+    since boot (/proc/stat), to see what else ran during a run. Interrupt and softirq time is left out:
+    loopback TCP is processed there and is nobody else's load."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+    user, nice, system, _idle, _iowait, _irq, _softirq, steal = fields
+    return (user + nice + system + steal) / CLK_TCK
 
 
 def self_cpu_seconds() -> float:
@@ -530,18 +535,31 @@ class RunResult:
     answers: dict[str, int]
 
 
+def run_bounded(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to completion; when Ctrl-C or SIGTERM interrupts it, cancel it and let it close its
+    connections while the loop still runs, instead of leaving it to be collected after the loop closed."""
+    task = loop.create_task(coro)
+    try:
+        return loop.run_until_complete(task)
+    except BaseException:
+        task.cancel()
+        with contextlib.suppress(BaseException):  # we are unwinding already; the first error is the one to report
+            loop.run_until_complete(task)
+        raise
+
+
 def measure(target: Target, scenario: str, run: int, workload: Workload, loop: asyncio.AbstractEventLoop,
             connections: int, timeout: float) -> RunResult:
     """Prime (repeat), then one timed run with CPU and memory read around it."""
     target.check_alive()
     if workload.prime:
-        loop.run_until_complete(drive(target.port, workload.prime, connections, timeout))
+        run_bounded(loop, drive(target.port, workload.prime, connections, timeout))
     time.sleep(0.2)  # let the server finish writing its log lines from priming before the CPU snapshot
     gc.collect()
     gc.disable()  # no collector pause inside the client's timed loop
     try:
         before = Snapshot.take(target)
-        result = loop.run_until_complete(drive(target.port, workload.timed, connections, timeout))
+        result = run_bounded(loop, drive(target.port, workload.timed, connections, timeout))
         time.sleep(0.05)  # the last decision lines are written one event-loop tick after the answers
         after = Snapshot.take(target)
     finally:
@@ -676,7 +694,7 @@ def versions(postgrey: str, python: str) -> dict[str, str]:
         "postgrey": output([postgrey, "--version"]),
         "redis": output([REDIS_SERVER, "--version"]),
         "python": output([python, "--version"]),
-        "mailwarden_commit": output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+        "mailwarden": output(["git", "-C", str(REPO), "describe", "--always", "--dirty"]),
     }
 
 
@@ -781,6 +799,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _raise_on_signal)
+    # Ctrl-C raises KeyboardInterrupt even when started in the background of a script (which ignores SIGINT).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     workdir = Path(tempfile.mkdtemp(prefix="mailwarden-bench-"))
     workdir.chmod(0o755)  # postgrey runs as user postgrey and must reach its db directory in here
     keep = args.keep
@@ -795,6 +815,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         progress("interrupted; every server stopped")
         return 130
+    except SystemExit:
+        progress("terminated by a signal; every server stopped")
+        raise
     except Exception:
         keep = True  # an unforeseen failure: the servers' logs are the first thing to read
         progress(f"logs kept in {workdir}")

@@ -29,6 +29,9 @@ class Service(Protocol):
 
     async def stop(self) -> None: ...
 
+    def reload(self) -> None:
+        """Re-read what can change without a restart (SIGHUP); on error keep the old state and log why."""
+
 
 @dataclass(frozen=True)
 class Capability:

@@ -56,10 +56,13 @@ def serve(config: Config, names: list[str] | None = None) -> None:
     caps = [cap for cap in installed_capabilities() if cap.make_service and (names is None or cap.name in names)]
     if not caps:
         fail("no service to run")
+    try:
+        services = {cap.name: cap.make_service(config, decisions) for cap in caps}  # type: ignore[misc]
+    except ConfigError as exc:
+        fail(str(exc), EX_CONFIG)
     start_metrics_server(config.section("metrics"))
 
     async def main() -> None:
-        services = {cap.name: cap.make_service(config, decisions) for cap in caps}  # type: ignore[misc]
         await run_until_signalled(services)
 
     run_event_loop(main())

@@ -177,6 +177,8 @@ class PipelinedRedis:
             future, _sent = self._pending.popleft()
             if isinstance(reply, hiredis.ReplyError):
                 self._on_error_reply(future, str(reply))
+                if proto is not self._proto:
+                    return  # the error made us drop this connection; the rest of its data is void
             elif future is not None and not future.done():
                 future.set_result(reply)
 

@@ -36,6 +36,7 @@ async def run_until_signalled(services: dict[str, Service]) -> None:
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload_all, services)
     started: list[tuple[str, Service]] = []
     try:
         for name, service in services.items():
@@ -49,6 +50,15 @@ async def run_until_signalled(services: dict[str, Service]) -> None:
         log_kv(log, logging.INFO, "stopping", services=",".join(name for name, _ in started))
         for _name, service in reversed(started):
             await service.stop()
+
+
+def _reload_all(services: dict[str, Service]) -> None:
+    log_kv(log, logging.INFO, "SIGHUP: reloading", services=",".join(services))
+    for name, service in services.items():
+        try:
+            service.reload()
+        except Exception:
+            log.exception("reload failed; the service keeps its previous state", extra={"kv": {"service": name}})
 
 
 def run_event_loop(main: Coroutine[Any, Any, None]) -> None:

@@ -12,19 +12,23 @@ the Redis behaves as one. Answers use DEFER_IF_PERMIT so a later hard reject sti
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 import re
 import time
 from collections.abc import Callable, Sequence
 
 from mailwarden.decision import Action
+from mailwarden.logs import get_logger, log_kv
 from mailwarden.redis_pipe import PipelinedRedis
 from policyd import keys
 from policyd.check import Check
 from policyd.request import PolicyRequest
 from policyd.settings import GreylistSettings
 from policyd.verdict import Verdict, defer_if_permit, prepend
-from policyd.whitelist import ClientWhitelist, IPNetwork, RecipientWhitelist
+from policyd.whitelist import ClientWhitelist, IPNetwork, RecipientWhitelist, WhitelistError
+
+log = get_logger("policyd.greylist")
 
 _HEADER_SENT = "greylist.header"
 _BATV_TAG = re.compile(r"^[0-9a-z]{10}")
@@ -75,6 +79,16 @@ class GreylistCheck(Check):
         self.clients = ClientWhitelist.load(settings.whitelist_clients)
         self.recipients = RecipientWhitelist.load(settings.whitelist_recipients)
         self._static_args = (settings.delay, settings.retry_window, settings.max_age, settings.auto_whitelist_clients)
+
+    def reload(self) -> None:
+        """Re-read the whitelist files (SIGHUP); a broken file keeps the lists in use and says where it broke."""
+        try:
+            clients = ClientWhitelist.load(self.settings.whitelist_clients)
+            recipients = RecipientWhitelist.load(self.settings.whitelist_recipients)
+        except WhitelistError as exc:
+            log_kv(log, logging.ERROR, "whitelist reload failed; keeping the previous lists", error=str(exc))
+            return
+        self.clients, self.recipients = clients, recipients
 
     def exemption(self, request: PolicyRequest) -> str | None:
         """Why this request is not greylisted at all, or None."""

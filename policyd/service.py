@@ -43,12 +43,19 @@ class PolicyDaemon:
         self.redis = PipelinedRedis(redis_settings, load_scripts(),
                                     on_state=lambda up: metrics.REDIS_UP.set(1 if up else 0))
         checks = build_checks(settings, self.redis, redis_settings.key_prefix)
+        self.checks = checks
         self.server = PolicyServer(settings, Pipeline(settings, checks), decisions)
 
     async def start(self) -> None:
         self.redis.start()
         await self.redis.wait_connected(self.redis.settings.connect_timeout)
         await self.server.start(self.settings.listen)
+
+    def reload(self) -> None:
+        for check in self.checks:
+            reload = getattr(check, "reload", None)
+            if reload is not None:
+                reload()
 
     async def stop(self) -> None:
         await self.server.stop(drain_seconds=self.settings.answer_within + 1)

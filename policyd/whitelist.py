@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mailwarden.config import ConfigError
 from mailwarden.logs import get_logger, log_kv
 
 log = get_logger("policyd.whitelist")
@@ -23,8 +24,8 @@ log = get_logger("policyd.whitelist")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class WhitelistError(Exception):
-    """A whitelist line that cannot be understood; the message names the file and line."""
+class WhitelistError(ConfigError):
+    """A whitelist file that cannot be read or understood; the message names the file and line."""
 
 
 def _entries(path: Path) -> Iterable[tuple[int, str]]:

@@ -207,3 +207,38 @@ def test_blocklist_failure_uses_the_fail_mode_too(policyd_factory, own_redis):
     with daemon.connect() as client:
         assert client.ask(sasl_username="alice") == "451 4.3.0 Temporary local problem, please try again later"
     assert "check=blocklist" in daemon.log_text()
+
+
+def test_sighup_reloads_whitelists_and_a_broken_file_keeps_the_old_ones(policyd_factory, redis_server, tmp_path):
+    import signal
+
+    clients = tmp_path / "whitelist_clients"
+    clients.write_text("# none yet\n")
+    daemon = policyd_factory(base_settings(redis_server.url, greylist={"whitelist_clients": [str(clients)]}))
+    with daemon.connect() as client:
+        assert client.ask(client_address="198.51.100.7").startswith("DEFER_IF_PERMIT")
+        clients.write_text("198.51.100.0/24\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: client.ask(client_address="198.51.100.7", sender="n@example.org") == "DUNNO", 10,
+                 what="reloaded whitelist")
+        clients.write_text("198.51.100.0/24\n/[broken/\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_log("whitelist reload failed; keeping the previous lists")
+        assert client.ask(client_address="198.51.100.8", sender="m@example.org") == "DUNNO"
+    assert "whitelist_clients:2: bad regular expression" in daemon.log_text()
+
+
+def test_unreadable_or_broken_whitelist_stops_start_up_with_exit_78(tmp_path, redis_server):
+    import subprocess
+    import sys
+
+    from harness.policyd_proc import render_toml
+
+    broken = tmp_path / "clients"
+    broken.write_text("ok.example\n300.1.2.3/8\n")
+    config = tmp_path / "mw.toml"
+    config.write_text(render_toml(base_settings(redis_server.url, greylist={"whitelist_clients": [str(broken)]})))
+    result = subprocess.run([sys.executable, "-m", "mailwarden.cli", "--config", str(config), "policyd"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 78
+    assert f"{broken}:2: not an address or network" in result.stderr
