@@ -5,11 +5,13 @@ Why it is built this way:
 - Every server runs as a real separate process, started here from nothing (its own redis-server on a
   free port, postgrey with an empty database directory), so the figures are those an operator gets and
   no state leaks in from the machine (the system Redis on 6379 is never touched).
-- The load client is one lean asyncio.Protocol client on uvloop with every request pre-encoded before
-  the clock starts: on 2 cores a Python client costs about 100 µs of CPU per request and is the
-  bottleneck once a server is ~5x faster than postgrey. So besides requests/s the table reports what
-  does not depend on the client: each server's own CPU per request, read from /proc/PID/stat before and
-  after the run (and Redis's, which does the storage work that postgrey does in-process).
+- Client, servers and Redis share the same 2 cores, so the client must cost little and must not set
+  the pace unnoticed. A Python client on asyncio streams costs about 105 µs of CPU per request and caps
+  what can be measured at about 5x postgrey; this one uses asyncio.Protocol callbacks on uvloop with
+  every request pre-encoded before the clock starts (about 20 µs per request). It reports its own CPU,
+  and besides requests/s the table reports what does not depend on the client at all: each server's
+  CPU per request, read from /proc/PID/stat before and after the run (and its Redis's, which does the
+  storage work that postgrey does in-process).
 - Requests come from ranges of triplet numbers that are never handed out twice, so "new" really is
   never-seen for every run and every server, and "repeat" always replays triplets its server already
   holds (primed, untimed, before the timed run).
@@ -47,7 +49,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
@@ -115,6 +117,43 @@ class BenchError(RuntimeError):
     """A run or a server failed; the message says which and where its log is."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C, SIGTERM or SIGHUP: unwind like an error, so every child process is stopped on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class StopRequest:
+    """Where a stop signal is noted. The handlers only note it: an exception raised from a handler could
+    land inside an event-loop or transport callback, where uvloop logs it and carries on. The script
+    raises Interrupted itself at safe points (every wait polls ``check``); a run in progress ends at once
+    through its future (see ``drive``)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def note(self, signum: int, _frame: FrameType | None = None) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+    def install(self) -> None:
+        """(SIGINT is set explicitly: started in the background of a script, it would be ignored.)"""
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self.note)
+
+
+STOP = StopRequest()
+
+
 # -- request streams ------------------------------------------------------------------------------------
 
 
@@ -178,7 +217,6 @@ class Workload:
 
     timed: list[bytes]
     prime: list[bytes] = field(default_factory=list)
-    distinct_triplets: int = 0
 
 
 def make_workload(scenario: str, numbers: TripletNumbers, requests: int, pool: int) -> Workload:
@@ -187,12 +225,11 @@ def make_workload(scenario: str, numbers: TripletNumbers, requests: int, pool: i
     if scenario == "new":
         triplets = numbers.take(requests)
         attempts = numbers.attempts(requests)
-        return Workload([encode_request(t, a) for t, a in zip(triplets, attempts, strict=True)],
-                        distinct_triplets=requests)
+        return Workload([encode_request(t, a) for t, a in zip(triplets, attempts, strict=True)])
     pool_numbers = numbers.take(pool)
     prime = [encode_request(t, a) for t, a in zip(pool_numbers, numbers.attempts(pool), strict=True)]
     timed = [encode_request(pool_numbers[i % pool], a) for i, a in enumerate(numbers.attempts(requests))]
-    return Workload(timed, prime, distinct_triplets=pool)
+    return Workload(timed, prime)
 
 
 # -- the load client ------------------------------------------------------------------------------------
@@ -216,6 +253,11 @@ class _Shared:
         if not self.done.done():
             self.done.set_exception(BenchError(why))
 
+    def interrupt(self, signum: int) -> None:
+        STOP.note(signum)
+        if not self.done.done():
+            self.done.set_exception(Interrupted(signum))
+
 
 class _ClientConnection(asyncio.Protocol):
     """One persistent connection that behaves like Postfix's smtpd: one request, wait for the answer,
@@ -231,7 +273,7 @@ class _ClientConnection(asyncio.Protocol):
         self.finished = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  (uvloop's transports are not subclasses)
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
 
     def start(self) -> None:
         self.shared.active += 1
@@ -282,7 +324,12 @@ async def drive(port: int, requests: list[bytes], connections: int, timeout: flo
     loop = asyncio.get_running_loop()
     shared = _Shared(requests, loop.create_future())
     conns: list[_ClientConnection] = []
+    # Inside the loop a signal must not raise from within a protocol callback (the transport would take it
+    # as its own error): it ends the run through the future instead, and the connections close below.
     try:
+        for signum in STOP_SIGNALS:
+            loop.add_signal_handler(signum, shared.interrupt, signum)
+        STOP.check()  # a signal that came before the loop's handlers were in place
         for _ in range(max(1, min(connections, len(requests)))):
             _transport, conn = await asyncio.wait_for(
                 loop.create_connection(lambda: _ClientConnection(shared), "127.0.0.1", port), 10)
@@ -303,6 +350,9 @@ async def drive(port: int, requests: list[bytes], connections: int, timeout: flo
                 conn.transport.close()
         if not shared.done.done():
             shared.done.cancel()
+        for signum in STOP_SIGNALS:
+            loop.remove_signal_handler(signum)
+        STOP.install()
     return DriveResult(wall, shared.latencies, shared.answers)
 
 
@@ -310,8 +360,9 @@ async def drive(port: int, requests: list[bytes], connections: int, timeout: flo
 
 
 def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it when this script dies, even by SIGKILL. (A process that
-    changes its user, as postgrey does, loses this; the normal clean-up still stops it.)"""
+    """Runs in the child before exec: SIGTERM it when this script dies, even by SIGKILL. The kernel clears
+    this when a process changes its user, so postgrey is started as user postgrey rather than left to
+    switch to it itself (its behaviour is the same either way)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -329,13 +380,16 @@ class Child:
     name: str
     argv: list[str]
     log_path: Path
+    user: str | None = None
+    """Start as this user (and its group): a process that switched user itself would lose PDEATHSIG."""
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self, env: dict[str, str] | None = None) -> Child:
         with self.log_path.open("ab") as log:
             # Own session: Ctrl-C reaches only this script, which then stops the children in order.
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+                                         start_new_session=True, preexec_fn=_die_with_parent, user=self.user,
+                                         group=self.user, extra_groups=[] if self.user else None)
         return self
 
     @property
@@ -351,6 +405,7 @@ class Child:
     def wait_port(self, port: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            STOP.check()
             self.check_alive()
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.5):
@@ -430,15 +485,15 @@ def start_mailwarden(name: str, workdir: Path, stack: contextlib.ExitStack, pyth
 
 
 def start_postgrey(workdir: Path, stack: contextlib.ExitStack, postgrey: str) -> Target:
-    """postgrey as Debian runs it (its defaults, whitelists from /etc/postgrey), in the foreground so its
-    decision lines go to stderr, with an empty database directory it owns (it drops to user postgrey)."""
+    """postgrey as Debian runs it (its defaults, whitelists from /etc/postgrey, user postgrey), in the
+    foreground so its decision lines go to stderr, with an empty database directory it owns."""
     folder = workdir / "postgrey"
     for sub in ("db", "run"):
         (folder / sub).mkdir(parents=True)
         shutil.chown(folder / sub, "postgrey", "postgrey")
     port = free_port()
     server = Child("postgrey", [postgrey, f"--inet=127.0.0.1:{port}", f"--dbdir={folder / 'db'}", "--delay=300"],
-                   folder / "postgrey.log")
+                   folder / "postgrey.log", user="postgrey")
     stack.callback(server.stop)
     server.start()
     server.wait_port(port, 30)
@@ -526,6 +581,9 @@ class RunResult:
     """CPU of the server's redis-server per request (0 for postgrey)."""
     client_cpu_pct: float
     """This client's CPU over the run, in % of one core: near 100 means the client set the pace."""
+    client_cpu_us: float
+    """This client's CPU per request: it does the same work in every run, so when it rises together with
+    the server's, the machine itself was slower during the run (a busy VM host), not the server."""
     others_cpu_pct: float
     """CPU of every other process on the machine over the run, in % of one core (disturbance)."""
     rss_mb: float
@@ -551,6 +609,7 @@ def run_bounded(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -
 def measure(target: Target, scenario: str, run: int, workload: Workload, loop: asyncio.AbstractEventLoop,
             connections: int, timeout: float) -> RunResult:
     """Prime (repeat), then one timed run with CPU and memory read around it."""
+    STOP.check()
     target.check_alive()
     if workload.prime:
         run_bounded(loop, drive(target.port, workload.prime, connections, timeout))
@@ -564,6 +623,7 @@ def measure(target: Target, scenario: str, run: int, workload: Workload, loop: a
         after = Snapshot.take(target)
     finally:
         gc.enable()
+    STOP.check()
     target.check_alive()
     n = len(workload.timed)
     lat = sorted(result.latencies)
@@ -584,6 +644,7 @@ def measure(target: Target, scenario: str, run: int, workload: Workload, loop: a
         max_ms=lat[-1] * 1000,
         server_cpu_us=(after.server - before.server) / n * 1e6, store_cpu_us=(after.store - before.store) / n * 1e6,
         client_cpu_pct=(after.client - before.client) / result.wall * 100,
+        client_cpu_us=(after.client - before.client) / n * 1e6,
         others_cpu_pct=max(0.0, (after.machine - before.machine) - own) / window * 100,
         rss_mb=rss, hwm_mb=hwm, store_rss_mb=store_rss, unexpected_answers=unexpected, answers=answers,
     )
@@ -608,6 +669,7 @@ class Row:
     hwm_mb: float
     store_rss_mb: float
     client_cpu_pct: float
+    client_cpu_us: float
     others_cpu_pct: float
     unexpected_answers: int
     rps_vs_postgrey: float | None = None
@@ -631,7 +693,8 @@ def summarise(results: list[RunResult], servers: Sequence[str], scenarios: Seque
                 server, scenario, len(runs), med(lambda r: r.rps), med(lambda r: r.p50_ms), med(lambda r: r.p99_ms),
                 med(lambda r: r.server_cpu_us), med(lambda r: r.store_cpu_us), med(lambda r: r.rss_mb),
                 max(r.hwm_mb for r in runs), med(lambda r: r.store_rss_mb), med(lambda r: r.client_cpu_pct),
-                med(lambda r: r.others_cpu_pct), sum(r.unexpected_answers for r in runs),
+                med(lambda r: r.client_cpu_us), med(lambda r: r.others_cpu_pct),
+                sum(r.unexpected_answers for r in runs),
             ))
     for row in rows:
         ref = next((r for r in rows if r.server == REFERENCE and r.scenario == row.scenario), None)
@@ -653,6 +716,7 @@ COLUMNS: list[tuple[str, str, Callable[[Row], object]]] = [
     ("RSS MB", ">6.1f", lambda r: r.rss_mb),
     ("+redis MB", ">9.1f", lambda r: r.store_rss_mb),
     ("client %", ">8.0f", lambda r: r.client_cpu_pct),
+    ("client µs", ">9.0f", lambda r: r.client_cpu_us),
     ("other %", ">7.0f", lambda r: r.others_cpu_pct),
     ("req/s x pg", ">10", lambda r: "-" if r.rps_vs_postgrey is None else f"{r.rps_vs_postgrey:.2f}x"),
     ("CPU x pg", ">8", lambda r: "-" if r.cpu_vs_postgrey is None else f"{r.cpu_vs_postgrey:.2f}x"),
@@ -716,6 +780,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, stack: contextlib.Exi
     servers: list[str] = args.servers
     targets: dict[str, Target] = {}
     for name in servers:
+        STOP.check()
         progress(f"starting {name} ...")
         if name == "postgrey":
             targets[name] = start_postgrey(workdir, stack, args.postgrey)
@@ -740,17 +805,13 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, stack: contextlib.Exi
                 label = "warm-up" if index == 0 else f"run {index}/{args.runs}"
                 progress(f"{scenario:6} {label:9} {name:19} {result.rps:8,.0f} req/s  p50 {result.p50_ms:5.2f} ms"
                          f"  p99 {result.p99_ms:6.2f} ms  cpu {result.server_cpu_us:4.0f}+{result.store_cpu_us:3.0f}"
-                         f" µs/req  client {result.client_cpu_pct:3.0f}%  other {result.others_cpu_pct:3.0f}%"
+                         f" µs/req  client {result.client_cpu_pct:3.0f}% {result.client_cpu_us:3.0f} µs/req"
+                         f"  other {result.others_cpu_pct:3.0f}%"
                          + (f"  UNEXPECTED {result.answers}" if result.unexpected_answers else ""))
     meta["loadavg_after"] = load_average()
     rows = summarise(results, servers, args.scenarios)
     return {"meta": meta, "summary": [asdict(row) for row in rows], "runs": [asdict(r) for r in results],
             "table": render_table(rows)}
-
-
-def _raise_on_signal(signum: int, _frame: FrameType | None) -> None:
-    """SIGTERM/SIGHUP unwind the stack like Ctrl-C does, so every child is stopped on the way out."""
-    raise SystemExit(128 + signum)
 
 
 def _names(allowed: Sequence[str]) -> Callable[[str], list[str]]:
@@ -792,50 +853,61 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def stop_children(stack: contextlib.ExitStack) -> None:
+    """Stop every child (each stop is bounded), with further stop signals ignored so that a second Ctrl-C
+    cannot cut the clean-up short."""
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
+    try:
+        stack.close()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=2))
+        return
+    meta = report["meta"]
+    print(f"{meta['date']}  {meta['cpus']} cores  load average before {meta['loadavg_before']} "
+          f"after {meta['loadavg_after']}  mailwarden {meta['versions']['mailwarden']}")
+    print(f"{args.connections} connections, {args.requests} requests per run, median of {args.runs} runs "
+          f"(ABBA order, warm-up run discarded)\n")
+    print(report["table"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if "postgrey" in args.servers and not Path(args.postgrey).exists():
         progress(f"{args.postgrey} not found: install postgrey (make bench does) or leave it out of --servers")
         return 2
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _raise_on_signal)
-    # Ctrl-C raises KeyboardInterrupt even when started in the background of a script (which ignores SIGINT).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    STOP.install()
     workdir = Path(tempfile.mkdtemp(prefix="mailwarden-bench-"))
     workdir.chmod(0o755)  # postgrey runs as user postgrey and must reach its db directory in here
     keep = args.keep
+    stack = contextlib.ExitStack()
     try:
-        with contextlib.ExitStack() as stack:
+        try:
             report = run_benchmark(args, workdir, stack)
+        finally:
             progress("stopping servers ...")
+            stop_children(stack)
+    except Interrupted as exc:
+        progress(f"interrupted ({exc}); every server stopped")
+        return 128 + exc.signum
     except BenchError as exc:
-        progress(f"benchmark failed: {exc}\nlogs kept in {workdir}")
         keep = True
+        progress(f"benchmark failed: {exc}")
         return 1
-    except KeyboardInterrupt:
-        progress("interrupted; every server stopped")
-        return 130
-    except SystemExit:
-        progress("terminated by a signal; every server stopped")
-        raise
     except Exception:
         keep = True  # an unforeseen failure: the servers' logs are the first thing to read
-        progress(f"logs kept in {workdir}")
         raise
     finally:
-        if not keep:
+        if keep:
+            progress(f"work directory kept (configs, server logs): {workdir}")
+        else:
             shutil.rmtree(workdir, ignore_errors=True)
-    if args.json:
-        print(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=2))
-    else:
-        meta = report["meta"]
-        print(f"{meta['date']}  {meta['cpus']} cores  load average before {meta['loadavg_before']} "
-              f"after {meta['loadavg_after']}")
-        print(f"{args.connections} connections, {args.requests} requests per run, median of {args.runs} runs "
-              f"(ABBA, warm-up discarded)\n")
-        print(report["table"])
-    if keep:
-        progress(f"work directory kept: {workdir}")
+    print_report(report, args)
     return 0
 
 
