@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
-_NEEDS_QUOTES = frozenset(' ="\\\t\r\n')
+_NEEDS_QUOTES = re.compile(r'[\x00-\x20="\\\x7f]')
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def logfmt_value(value: object) -> str:
-    text = str(value)
+    text = value if type(value) is str else str(value)
     if text == "":
         return '""'
-    if not any(ch in _NEEDS_QUOTES or ch < " " for ch in text):
+    if _NEEDS_QUOTES.search(text) is None:  # the common case: one C-level scan
         return text
     escaped = (
         text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
     )
-    escaped = "".join(ch if ch >= " " else f"\\x{ord(ch):02x}" for ch in escaped)
+    escaped = _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", escaped)
     return f'"{escaped}"'
 
 

@@ -31,6 +31,8 @@ _STAGES = {
     "RCPT": Stage.RCPT, "END-OF-MESSAGE": Stage.EOM, "DATA": Stage.DATA, "MAIL": Stage.MAIL,
     "CONNECT": Stage.CONNECT, "EHLO": Stage.HELO, "HELO": Stage.HELO,
 }
+DEADLINE_TICK = 0.05
+"""How often requests are checked against ``answer_within``: answers in the fail mode come at most this late."""
 INTERNAL_ERROR_TEXT = "4.3.0 Temporary local problem, please try again later"
 
 
@@ -38,7 +40,7 @@ INTERNAL_ERROR_TEXT = "4.3.0 Temporary local problem, please try again later"
 class _InFlight:
     request: PolicyRequest
     started: float
-    timer: asyncio.TimerHandle | None = None
+    task: asyncio.Task[Outcome] | None = None
     answered: bool = False
 
 
@@ -119,7 +121,7 @@ class PolicyConnection(asyncio.Protocol):
         flight = _InFlight(request, time.perf_counter())
         self.current = flight
         task = loop.create_task(self.server.pipeline.decide(request))
-        flight.timer = loop.call_later(self.server.settings.answer_within, self._timed_out, flight, task)
+        flight.task = task
         task.add_done_callback(lambda done: self._decided(flight, done))
 
     def _track_transaction(self, request: PolicyRequest) -> None:
@@ -134,8 +136,6 @@ class PolicyConnection(asyncio.Protocol):
         request.rcpt_number = max(self.rcpt_number, 1)
 
     def _decided(self, flight: _InFlight, task: asyncio.Task[Outcome]) -> None:
-        if flight.timer:
-            flight.timer.cancel()
         if flight.answered:
             return  # answered at the time bound already
         if task.cancelled():
@@ -149,7 +149,13 @@ class PolicyConnection(asyncio.Protocol):
             outcome = task.result()
         self._answer(flight, outcome)
 
-    def _timed_out(self, flight: _InFlight, task: asyncio.Task[Outcome]) -> None:
+    def check_deadline(self, now: float) -> None:
+        """Answer the request in flight in the fail mode once it has waited ``answer_within``."""
+        flight = self.current
+        if flight is not None and not flight.answered and now - flight.started >= self.server.settings.answer_within:
+            self._timed_out(flight)
+
+    def _timed_out(self, flight: _InFlight) -> None:
         if flight.answered:
             return
         metrics.TIMEOUTS.inc()
@@ -177,6 +183,7 @@ class PolicyServer:
         self.connections: set[PolicyConnection] = set()
         self.servers: list[asyncio.Server] = []
         self._sweeper: asyncio.TimerHandle | None = None
+        self._last_idle_sweep = 0.0
 
     async def start(self, listen: list[str]) -> None:
         loop = asyncio.get_running_loop()
@@ -193,10 +200,19 @@ class PolicyServer:
                                                   int(port), reuse_address=True, backlog=1024)
             self.servers.append(server)
             log_kv(log, logging.INFO, "policyd listening", listen=entry)
-        self._sweeper = loop.call_later(1.0, self._sweep)
+        self._sweeper = loop.call_later(DEADLINE_TICK, self._sweep)
 
     def _sweep(self) -> None:
-        """Disconnect peers that stall inside a request or sit idle too long."""
+        """Every tick: answer requests past ``answer_within`` in the fail mode (one timer for all requests
+        instead of one per request); every second: disconnect peers that stall or sit idle too long."""
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.call_later(DEADLINE_TICK, self._sweep)
+        perf_now = time.perf_counter()
+        for conn in list(self.connections):
+            conn.check_deadline(perf_now)
+        if loop.time() - self._last_idle_sweep < 1.0:
+            return
+        self._last_idle_sweep = loop.time()
         now = time.monotonic()
         for conn in list(self.connections):
             if conn.partial_since is not None and now - conn.partial_since > self.settings.request_timeout:
@@ -206,7 +222,6 @@ class PolicyServer:
                 conn.close()
             elif conn.current is None and now - conn.last_activity > self.settings.idle_timeout:
                 conn.close()
-        self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
 
     def record(self, request: PolicyRequest, outcome: Outcome, elapsed: float) -> None:
         verdict = outcome.verdict

@@ -54,6 +54,7 @@ class ClientWhitelist:
     networks: list[IPNetwork] = field(default_factory=list)
     name_suffixes: set[str] = field(default_factory=set)
     name_patterns: list[re.Pattern[str]] = field(default_factory=list)
+    _index: dict[int, list[tuple[int, dict[int, str]]]] | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, paths: Iterable[Path]) -> ClientWhitelist:
@@ -92,11 +93,26 @@ class ClientWhitelist:
             for pattern in self.name_patterns:
                 if pattern.search(lowered):
                     return f"/{pattern.pattern}/"
-        if address is not None:
-            for network in self.networks:
-                if address.version == network.version and address in network:
-                    return str(network)
+        if address is not None and self.networks:
+            if self._index is None:
+                self._index = _index_networks(self.networks)
+            number = int(address)
+            for mask, members in self._index.get(address.version, ()):
+                if (found := members.get(number & mask)) is not None:
+                    return found
         return None
+
+
+def _index_networks(networks: list[IPNetwork]) -> dict[int, list[tuple[int, dict[int, str]]]]:
+    """Networks grouped by IP version and prefix length, so a lookup is one dict probe per prefix length
+    in use instead of one containment test per listed network."""
+    grouped: dict[tuple[int, int], dict[int, str]] = {}
+    for network in networks:
+        grouped.setdefault((network.version, int(network.netmask)), {})[int(network.network_address)] = str(network)
+    index: dict[int, list[tuple[int, dict[int, str]]]] = {}
+    for (version, mask), members in sorted(grouped.items(), key=lambda item: -item[0][1]):
+        index.setdefault(version, []).append((mask, members))
+    return index
 
 
 @dataclass

@@ -78,3 +78,9 @@ def test_any_well_formed_request_round_trips(values, split):
     for start in range(0, len(data), split):
         got += reader.feed(data[start:start + split])
     assert [r["sender"] for r in got] == [v.replace("\r", "") for v in values]
+
+
+def test_over_long_line_inside_a_complete_request_is_refused():
+    data = b"request=smtpd_access_policy\nprotocol_state=RCPT\nsender=" + b"a" * 600 + b"\n\n"
+    with pytest.raises(ProtocolError, match="line longer than 512 bytes"):
+        RequestReader(max_line=512).feed(data)
