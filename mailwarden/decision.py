@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from mailwarden.logfmt import logfmt_pairs
+from mailwarden.logfmt import logfmt_value
 
 
 class Stage(StrEnum):
@@ -55,22 +55,24 @@ class Decision:
     extra: dict[str, object] = field(default_factory=dict)
 
     def logfmt(self) -> str:
-        pairs: list[tuple[str, object]] = [
-            ("event", "decision"),
-            ("service", self.service),
-            ("stage", self.stage),
-            ("queue_id", self.queue_id or "-"),
-            ("client", self.client),
-            ("helo", self.helo),
-            ("sender", self.sender or "<>"),
-            ("recipient", self.recipient),
-            ("user", self.user),
-            ("check", self.check),
-            ("action", self.action.value),
-            ("reason", self.reason),
-            ("ms", f"{self.seconds * 1000:.2f}"),
+        """``event=decision service=... stage=... queue_id=...``: fixed keys first, then ``extra``, then the
+        reply. Empty values are left out, except queue_id (``-``) and sender (``<>``, the null sender)."""
+        parts = [
+            "event=decision service=", self.service, " stage=", self.stage,
+            " queue_id=", logfmt_value(self.queue_id) if self.queue_id else "-",
         ]
-        pairs.extend(self.extra.items())
+        for key, value in (("client", self.client), ("helo", self.helo)):
+            if value:
+                parts += (" ", key, "=", logfmt_value(value))
+        parts += (" sender=", logfmt_value(self.sender) if self.sender else "<>")
+        for key, value in (("recipient", self.recipient), ("user", self.user), ("check", self.check),
+                           ("action", self.action.value), ("reason", self.reason)):
+            if value:
+                parts += (" ", key, "=", logfmt_value(value))
+        parts.append(f" ms={self.seconds * 1000:.2f}")
+        for key, value in self.extra.items():
+            if value is not None and value != "":
+                parts += (" ", key, "=", logfmt_value(value))
         if self.reply:
-            pairs.append(("reply", self.reply))
-        return logfmt_pairs(pairs)
+            parts += (" reply=", logfmt_value(self.reply))
+        return "".join(parts)

@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import math
 import re
+import socket
 import time
 from collections.abc import Callable, Sequence
 
@@ -54,11 +55,10 @@ def normalise_sender(sender: str) -> str:
 def client_network(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, ipv4_prefix: int, ipv6_prefix: int) -> str:
     """The client part of the triplet, e.g. ``192.0.2.0/24`` (integer masking: this is on the hot path)."""
     if ip.version == 4:
-        bits, prefix, cls = 32, ipv4_prefix, ipaddress.IPv4Address
-    else:
-        bits, prefix, cls = 128, ipv6_prefix, ipaddress.IPv6Address  # type: ignore[assignment]
-    mask = ((1 << prefix) - 1) << (bits - prefix)
-    return f"{cls(int(ip) & mask)}/{prefix}"
+        masked = int(ip) & (0xFFFFFFFF << (32 - ipv4_prefix))
+        return f"{socket.inet_ntop(socket.AF_INET, masked.to_bytes(4, 'big'))}/{ipv4_prefix}"
+    masked = int(ip) & (((1 << ipv6_prefix) - 1) << (128 - ipv6_prefix))
+    return f"{ipaddress.IPv6Address(masked)}/{ipv6_prefix}"
 
 
 def human_wait(seconds: float) -> str:

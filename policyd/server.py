@@ -16,6 +16,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from mailwarden.decision import Action, Decision, Stage
 from mailwarden.logs import DecisionLog, get_logger, log_kv
@@ -184,6 +185,7 @@ class PolicyServer:
         self.servers: list[asyncio.Server] = []
         self._sweeper: asyncio.TimerHandle | None = None
         self._last_idle_sweep = 0.0
+        self._decision_counters: dict[tuple[str, Action], Any] = {}
 
     async def start(self, listen: list[str]) -> None:
         loop = asyncio.get_running_loop()
@@ -225,7 +227,11 @@ class PolicyServer:
 
     def record(self, request: PolicyRequest, outcome: Outcome, elapsed: float) -> None:
         verdict = outcome.verdict
-        metrics.DECISIONS.labels(outcome.check, verdict.action.value).inc()
+        counter = self._decision_counters.get((outcome.check, verdict.action))
+        if counter is None:
+            counter = metrics.DECISIONS.labels(outcome.check, verdict.action.value)
+            self._decision_counters[(outcome.check, verdict.action)] = counter
+        counter.inc()
         metrics.LATENCY.observe(elapsed)
         if not self.decisions.enabled:
             return
