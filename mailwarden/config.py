@@ -91,7 +91,8 @@ def validate(data: dict[str, Any], source: Path | None = None) -> Any:
 def format_errors(where: str, exc: ValidationError, model: type[BaseModel]) -> str:
     lines = [f"{where}: invalid configuration ({exc.error_count()} problem(s)):"]
     for err in exc.errors():
-        key = ".".join(str(part) for part in err["loc"])
+        # union branches add their own names (``function-before[...]``, ``literal['x']``): not keys
+        key = ".".join(str(part) for part in err["loc"] if not (isinstance(part, str) and "[" in part))
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, err["loc"][:-1])
             lines.append(f"  {key}: unknown key; allowed here: {', '.join(allowed) or '(none)'}")

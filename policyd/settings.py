@@ -9,10 +9,10 @@ import string
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from mailwarden.section import Section
-from mailwarden.units import Duration
+from mailwarden.units import Duration, parse_duration
 from policyd.rules_files import shipped_rules_file
 
 CheckName = Literal["blocklist", "ratelimit", "greylist"]
@@ -81,6 +81,15 @@ class GreylistSettings(Section):
         return self
 
 
+def _parse_window(value: object) -> float | str:
+    if value == "message":
+        return "message"
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is neither a duration ('1h', '1d', 3600) nor \"message\"") from None
+
+
 RateKey = Literal["sasl_user", "sender", "sender_domain", "client_address"]
 
 
@@ -93,7 +102,7 @@ class RateLimit(Section):
     from client_prefix_v4/v6)."""
     count: Literal["messages", "recipients"] = "messages"
     max: Annotated[int, Field(ge=1)]
-    window: Duration | Literal["message"]
+    window: Annotated[float | Literal["message"], BeforeValidator(_parse_window)]
     """A sliding window in time ("1h", "1d"), or "message" for a cap on recipients of one message."""
     action: Literal["defer", "reject"] = "defer"
     stage: Literal["rcpt", "end-of-message"] = "rcpt"

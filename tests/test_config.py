@@ -146,3 +146,12 @@ def test_policyd_refuses_to_start_on_bad_config(tmp_path):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 78
     assert "policyd.listen" in result.stderr
+
+
+def test_window_error_is_one_clear_line(tmp_path):
+    path = write(tmp_path, '[[policyd.ratelimit.limits]]\nname = "x"\nkey = "sasl_user"\nmax = 5\nwindow = "1 hour"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2
+    assert lines[1].startswith("  policyd.ratelimit.limits.0.window: '1 hour' is neither a duration")
