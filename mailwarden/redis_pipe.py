@@ -27,6 +27,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 
+from mailwarden.backend import BackendError
 from mailwarden.logs import get_logger, log_kv
 from mailwarden.redis_settings import RedisSettings
 
@@ -35,12 +36,16 @@ log = get_logger("redis")
 Arg = str | bytes | int | float
 
 
-class RedisUnavailable(Exception):
+class RedisUnavailable(BackendError):
     """Redis could not answer in time (down, unreachable, paused, failing over)."""
 
+    backend = "redis"
 
-class RedisCommandError(Exception):
-    """Redis answered with an error reply (a bug in a script or a misconfigured server)."""
+
+class RedisCommandError(BackendError):
+    """Redis answered with an error reply (a bug in a script, a key of the wrong type, a misconfiguration)."""
+
+    backend = "redis"
 
 
 @dataclass(frozen=True)

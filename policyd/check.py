@@ -14,9 +14,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from mailwarden.backend import BackendError
 from mailwarden.decision import Action
 from mailwarden.logs import get_logger, log_kv
-from mailwarden.redis_pipe import RedisCommandError, RedisUnavailable
 from policyd import metrics
 from policyd.request import PolicyRequest
 from policyd.settings import PolicydSettings
@@ -29,6 +29,10 @@ Hook = Callable[[PolicyRequest], Awaitable[Verdict | None]]
 STAGE_HOOKS = {"RCPT": "on_rcpt", "END-OF-MESSAGE": "on_eom"}
 """Postfix protocol_state -> the hook a check implements for it."""
 
+ALL_CHECKS = "*"
+"""In ``request.skip``: every remaining check is skipped (an access rule's ``permit``)."""
+PENDING_HEADERS = "pipeline.headers"
+
 TEMPFAIL_TEXT = "Temporary local problem, please try again later"
 
 
@@ -36,6 +40,15 @@ class Check:
     name: ClassVar[str]
     dependency: ClassVar[str | None] = "redis"
     """The backend whose failure this check's fail mode covers."""
+
+    def start(self) -> None:
+        """Called once the event loop runs (watchers, connections); the default does nothing."""
+
+    def stop(self) -> None:
+        """Called on shutdown."""
+
+    def reload(self) -> None:
+        """SIGHUP: re-read files; keep the old state and log why when they are broken."""
 
 
 @dataclass(slots=True)
@@ -69,21 +82,16 @@ class Pipeline:
         self._last_error_log: dict[str, float] = {}
 
     async def decide(self, request: PolicyRequest) -> Outcome:
-        hooks = self.hooks.get(request.protocol_state)
-        if not hooks:
-            return Outcome(Verdict.accept(f"no check at {request.protocol_state or 'unknown'} stage"), "none")
         outcome = Outcome(Verdict.accept("no check objected"), "none")
-        prepend: Verdict | None = None
-        for check, hook in hooks:
+        headers: list[Verdict] = []
+        for check, hook in self.hooks.get(request.protocol_state, ()):
+            if request.skip and (check.name in request.skip or ALL_CHECKS in request.skip):
+                continue
             started = time.perf_counter()
             try:
                 verdict = await hook(request)
-            except (RedisUnavailable, RedisCommandError) as exc:
-                dependency = check.dependency or "redis"
-                metrics.BACKEND_ERRORS.labels(dependency, check.name).inc()
-                self._log_backend_error(dependency, check.name, exc)
-                verdict = fail_verdict(self.settings, dependency, request, f"{dependency} failed: {exc}")
-                metrics.FAIL_MODE.labels(dependency, verdict.action.value).inc()
+            except BackendError as exc:
+                verdict = self._backend_failed(check, request, exc)
                 outcome.degraded.append(check.name)
             outcome.timings.append((check.name, time.perf_counter() - started))
             if verdict is None:
@@ -91,12 +99,32 @@ class Pipeline:
             if verdict.decisive:
                 outcome.verdict, outcome.check = verdict, check.name
                 return outcome
-            if prepend is None and verdict.reply.startswith("PREPEND "):
-                prepend = verdict
-                outcome.verdict, outcome.check = verdict, check.name
-            elif prepend is None:
-                outcome.verdict, outcome.check = verdict, check.name
+            if verdict.reply.startswith("PREPEND "):
+                headers.append(verdict)
+            outcome.verdict, outcome.check = verdict, check.name
+        return self._with_header(request, outcome, headers)
+
+    @staticmethod
+    def _with_header(request: PolicyRequest, outcome: Outcome, headers: list[Verdict]) -> Outcome:
+        """Postfix takes one action per answer, so one PREPEND: the first now, the others kept for the next
+        answers of the same transaction (a later RCPT, or DATA when check_policy_service is in
+        smtpd_data_restrictions)."""
+        pending: list[str] = request.message.setdefault(PENDING_HEADERS, [])  # type: ignore[assignment]
+        pending.extend(verdict.reply for verdict in headers)
+        if not pending:
+            return outcome
+        reply = pending.pop(0)
+        current = outcome.verdict
+        outcome.verdict = Verdict(current.action, current.reason, reply, decisive=False)
         return outcome
+
+    def _backend_failed(self, check: Check, request: PolicyRequest, exc: BackendError) -> Verdict:
+        dependency = exc.backend if exc.backend != "backend" else (check.dependency or "backend")
+        metrics.BACKEND_ERRORS.labels(dependency, check.name).inc()
+        self._log_backend_error(dependency, check.name, exc)
+        verdict = fail_verdict(self.settings, dependency, request, f"{dependency} failed: {exc}")
+        metrics.FAIL_MODE.labels(dependency, verdict.action.value).inc()
+        return verdict
 
     def _log_backend_error(self, dependency: str, check: str, exc: Exception) -> None:
         """At most one error line per dependency a second: an outage must not flood the log."""

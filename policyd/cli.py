@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import getpass
+import json
 import time
+from pathlib import Path
+from typing import get_args
 
 import click
 import redis
 
-from mailwarden.cli import EX_UNAVAILABLE, CliContext, emit, fail, serve
+from mailwarden.cli import EX_CONFIG, EX_UNAVAILABLE, CliContext, emit, fail, serve
+from mailwarden.config import ConfigError
 from mailwarden.redis_sync import sync_client
 from mailwarden.units import format_duration, parse_duration
+from policyd.access import load_rules
 from policyd.blocklist import BlockList
+from policyd.settings import CheckName
 
 
 @click.command("policyd")
@@ -106,6 +112,30 @@ def block_remove(ctx: CliContext, user: str | None, client: str | None, as_json:
         raise SystemExit(1)
 
 
+@click.group("access")
+def access_group() -> None:
+    """The access rules files."""
+
+
+@access_group.command("check")
+@click.argument("files", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def access_check(ctx: CliContext, files: tuple[Path, ...], as_json: bool) -> None:
+    """Validate access rules files (default: those of [policyd.access] files) without loading them."""
+    paths = list(files) or list(ctx.load().section("policyd").access.files)
+    try:
+        counts = {str(path): len(load_rules(path, set(get_args(CheckName)))) for path in paths}
+    except ConfigError as exc:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "error": str(exc)}, indent=2))
+            raise SystemExit(EX_CONFIG) from None
+        fail(str(exc), EX_CONFIG)
+    emit({"ok": True, "rules": counts}, as_json,
+         "\n".join(f"{path}: {count} rule(s), valid" for path, count in counts.items()))
+
+
 def register_cli(group: click.Group) -> None:
     group.add_command(policyd_command)
     group.add_command(block_group)
+    group.add_command(access_group)

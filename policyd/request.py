@@ -63,6 +63,8 @@ class PolicyRequest:
     message: dict[str, object] = field(default_factory=dict)
     """Scratch space shared by the requests of one mail transaction on one connection (set by the
     connection from ``instance``): lets a check count a message once, not once per recipient."""
+    skip: set[str] = field(default_factory=set)
+    """Checks not to run for this request (set by access rules)."""
     rcpt_number: int = 1
     """1 for the first RCPT request of the transaction, 2 for the second... (set by the connection)."""
 

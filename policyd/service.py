@@ -6,18 +6,20 @@ import socket
 import time
 from collections.abc import Callable
 from importlib import resources
+from typing import get_args
 
 from mailwarden.config import Config
 from mailwarden.logs import DecisionLog
 from mailwarden.redis_pipe import PipelinedRedis, Script
 from mailwarden.redis_settings import RedisSettings
 from policyd import metrics
+from policyd.access import AccessCheck
 from policyd.blocklist import BlocklistCheck
 from policyd.check import Check, Pipeline
 from policyd.greylist import GreylistCheck
 from policyd.ratelimit import RateLimitCheck
 from policyd.server import PolicyServer
-from policyd.settings import PolicydSettings
+from policyd.settings import CheckName, PolicydSettings
 
 
 def load_scripts() -> list[Script]:
@@ -29,6 +31,7 @@ def build_checks(settings: PolicydSettings, redis_pipe: PipelinedRedis, prefix: 
                  now: Callable[[], float] = time.time) -> list[Check]:
     hostname = settings.hostname or socket.getfqdn()
     factories: dict[str, Callable[[], Check]] = {
+        "access": lambda: AccessCheck(settings.access.files, set(get_args(CheckName)), settings.access.check_interval),
         "blocklist": lambda: BlocklistCheck(settings.blocklist, redis_pipe, prefix),
         "ratelimit": lambda: RateLimitCheck(settings.ratelimit, redis_pipe, prefix, now),
         "greylist": lambda: GreylistCheck(settings.greylist, settings.trusted_networks, redis_pipe, prefix, now,
@@ -47,18 +50,20 @@ class PolicyDaemon:
         self.server = PolicyServer(settings, Pipeline(settings, checks), decisions)
 
     async def start(self) -> None:
+        for check in self.checks:
+            check.start()
         self.redis.start()
         await self.redis.wait_connected(self.redis.settings.connect_timeout)
         await self.server.start(self.settings.listen)
 
     def reload(self) -> None:
         for check in self.checks:
-            reload = getattr(check, "reload", None)
-            if reload is not None:
-                reload()
+            check.reload()
 
     async def stop(self) -> None:
         await self.server.stop(drain_seconds=self.settings.answer_within + 1)
+        for check in self.checks:
+            check.stop()
         await self.redis.close()
 
 

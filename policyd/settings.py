@@ -15,7 +15,7 @@ from mailwarden.section import Section
 from mailwarden.units import Duration, parse_duration
 from policyd.rules_files import shipped_rules_file
 
-CheckName = Literal["blocklist", "ratelimit", "greylist"]
+CheckName = Literal["access", "blocklist", "ratelimit", "greylist"]
 FailAction = Literal["dunno", "defer_if_permit", "defer"]
 """What to answer when a dependency fails: ``dunno`` lets the next check and Postfix decide (fail open),
 ``defer_if_permit`` and ``defer`` give the client a temporary failure (fail closed)."""
@@ -155,6 +155,15 @@ class RateLimitSettings(Section):
         return limits
 
 
+class AccessSettings(Section):
+    """The site's access rules (see rules/access.toml for the format)."""
+
+    files: list[Path] = Field(default_factory=lambda: [shipped_rules_file("access.toml")])
+    """Rules files, read in order; their rules are tried in that order."""
+    check_interval: Duration = 5
+    """How often the files are checked for changes (they are also re-read on SIGHUP)."""
+
+
 class BlocklistSettings(Section):
     """Snagged accounts (and, optionally, client addresses) refused with 5.7.1."""
 
@@ -185,7 +194,7 @@ def _listen_entry(entry: str) -> str:
 class PolicydSettings(Section):
     listen: list[str] = ["127.0.0.1:10023"]
     """TCP (host:port, [v6]:port) or unix:/path sockets; Postfix reuses connections, many at once."""
-    checks: list[CheckName] = ["blocklist", "ratelimit", "greylist"]
+    checks: list[CheckName] = ["access", "blocklist", "ratelimit", "greylist"]
     """The pipeline, in order; the first decisive answer wins. Leave a check out to turn it off."""
     trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
         ipaddress.ip_network("127.0.0.0/8"),
@@ -205,6 +214,7 @@ class PolicydSettings(Section):
     """Fail mode per dependency and per class of client; logged and counted when used."""
     hostname: str | None = None
     """Name used in the X-Greylist header; the machine's name by default."""
+    access: AccessSettings = Field(default_factory=AccessSettings)
     greylist: GreylistSettings = Field(default_factory=GreylistSettings)
     ratelimit: RateLimitSettings = Field(default_factory=RateLimitSettings)
     blocklist: BlocklistSettings = Field(default_factory=BlocklistSettings)
