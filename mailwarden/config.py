@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from mailwarden.capability import installed_capabilities
+from mailwarden.dns import DnsSettings
 from mailwarden.logs import LoggingSettings
 from mailwarden.metrics import MetricsSettings
 from mailwarden.redis_settings import RedisSettings
@@ -45,6 +46,7 @@ def root_model() -> type[BaseModel]:
         "redis": (RedisSettings, Field(default_factory=RedisSettings)),
         "logging": (LoggingSettings, Field(default_factory=LoggingSettings)),
         "metrics": (MetricsSettings, Field(default_factory=MetricsSettings)),
+        "dns": (DnsSettings, Field(default_factory=DnsSettings)),
     }
     for cap in installed_capabilities():
         fields[cap.name] = (cap.settings_model, Field(default_factory=cap.settings_model))

@@ -11,6 +11,8 @@ because operators list and edit it, and other capabilities (the phish detector) 
 - ``rl:<limit>:<hash(key value)>`` hash, ratelimit: i = window index, c = count, p = previous window's count.
   Lives 2 x the window.
 - ``ev:ratelimit`` stream, ratelimit: one entry per refusal (limit, key, count); capped at ~10,000 entries.
+- ``dnsbl:<zone>:<ip address>`` string, dnsbl: the list's return codes, comma-separated ("" = not listed).
+  Lives the answer's TTL (capped by max_ttl), or negative_ttl for "not listed".
 - ``block:user:<sasl user>`` string, blocklist: JSON {reason, by, at}. No expiry, or the block's own.
 - ``block:client:<ip address>`` string, blocklist: JSON {reason, by, at}. No expiry, or the block's own.
 """
@@ -24,6 +26,7 @@ GREYLIST_TRIPLET = "gl:t:"
 GREYLIST_CLIENT = "gl:c:"
 RATELIMIT = "rl:"
 RATELIMIT_EVENTS = "ev:ratelimit"
+DNSBL = "dnsbl:"
 BLOCK_USER = "block:user:"
 BLOCK_CLIENT = "block:client:"
 

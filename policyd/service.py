@@ -9,6 +9,7 @@ from importlib import resources
 from typing import get_args
 
 from mailwarden.config import Config
+from mailwarden.dns import DnsSettings
 from mailwarden.logs import DecisionLog
 from mailwarden.redis_pipe import PipelinedRedis, Script
 from mailwarden.redis_settings import RedisSettings
@@ -16,6 +17,7 @@ from policyd import metrics
 from policyd.access import AccessCheck
 from policyd.blocklist import BlocklistCheck
 from policyd.check import Check, Pipeline
+from policyd.dnsbl import DnsblCheck
 from policyd.greylist import GreylistCheck
 from policyd.ratelimit import RateLimitCheck
 from policyd.server import PolicyServer
@@ -27,13 +29,14 @@ def load_scripts() -> list[Script]:
     return [Script(name, (folder / f"{name}.lua").read_text()) for name in ("greylist", "ratelimit")]
 
 
-def build_checks(settings: PolicydSettings, redis_pipe: PipelinedRedis, prefix: str,
+def build_checks(settings: PolicydSettings, redis_pipe: PipelinedRedis, prefix: str, dns: DnsSettings,
                  now: Callable[[], float] = time.time) -> list[Check]:
     hostname = settings.hostname or socket.getfqdn()
     factories: dict[str, Callable[[], Check]] = {
         "access": lambda: AccessCheck(settings.access.files, set(get_args(CheckName)), settings.access.check_interval),
         "blocklist": lambda: BlocklistCheck(settings.blocklist, redis_pipe, prefix),
         "ratelimit": lambda: RateLimitCheck(settings.ratelimit, redis_pipe, prefix, now),
+        "dnsbl": lambda: DnsblCheck(settings.dnsbl, dns, redis_pipe, prefix),
         "greylist": lambda: GreylistCheck(settings.greylist, settings.trusted_networks, redis_pipe, prefix, now,
                                           hostname),
     }
@@ -41,11 +44,12 @@ def build_checks(settings: PolicydSettings, redis_pipe: PipelinedRedis, prefix: 
 
 
 class PolicyDaemon:
-    def __init__(self, settings: PolicydSettings, redis_settings: RedisSettings, decisions: DecisionLog) -> None:
+    def __init__(self, settings: PolicydSettings, redis_settings: RedisSettings, dns: DnsSettings,
+                 decisions: DecisionLog) -> None:
         self.settings = settings
         self.redis = PipelinedRedis(redis_settings, load_scripts(),
                                     on_state=lambda up: metrics.REDIS_UP.set(1 if up else 0))
-        checks = build_checks(settings, self.redis, redis_settings.key_prefix)
+        checks = build_checks(settings, self.redis, redis_settings.key_prefix, dns)
         self.checks = checks
         self.server = PolicyServer(settings, Pipeline(settings, checks), decisions)
 
@@ -68,4 +72,4 @@ class PolicyDaemon:
 
 
 def make_service(config: Config, decisions: DecisionLog) -> PolicyDaemon:
-    return PolicyDaemon(config.section("policyd"), config.section("redis"), decisions)
+    return PolicyDaemon(config.section("policyd"), config.section("redis"), config.section("dns"), decisions)

@@ -15,7 +15,7 @@ from mailwarden.section import Section
 from mailwarden.units import Duration, parse_duration
 from policyd.rules_files import shipped_rules_file
 
-CheckName = Literal["access", "blocklist", "ratelimit", "greylist"]
+CheckName = Literal["access", "blocklist", "ratelimit", "dnsbl", "greylist"]
 FailAction = Literal["dunno", "defer_if_permit", "defer"]
 """What to answer when a dependency fails: ``dunno`` lets the next check and Postfix decide (fail open),
 ``defer_if_permit`` and ``defer`` give the client a temporary failure (fail closed)."""
@@ -155,6 +155,59 @@ class RateLimitSettings(Section):
         return limits
 
 
+def code_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    first = int(ipaddress.IPv4Address(low.strip()))
+    last = int(ipaddress.IPv4Address(high.strip())) if high else first
+    if last < first:
+        raise ValueError(f"{text!r}: the range ends before it starts")
+    return first, last
+
+
+class DnsList(Section):
+    zone: Annotated[str, Field(max_length=200, pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+\.?$")]
+    weight: float = 1.0
+    """Added when the list lists the client; negative for allow lists (DNSWL)."""
+    codes: list[str] = []
+    """Return codes that count, as addresses or ranges ("127.0.0.2", "127.0.0.2-127.0.0.11"); empty: any
+    code in 127.0.0.0/8 except 127.255.255.0/24 (the codes lists use to say "query refused")."""
+    name: str | None = None
+    """Shown in the reply text and the log; the zone by default."""
+
+    @field_validator("codes")
+    @classmethod
+    def _codes(cls, codes: list[str]) -> list[str]:
+        for code in codes:
+            try:
+                code_range(code)
+            except ValueError as exc:
+                raise ValueError(f"bad return code {code!r}: {exc}") from None
+        return codes
+
+    @property
+    def label(self) -> str:
+        return self.name or self.zone.rstrip(".")
+
+
+class DnsblSettings(Section):
+    lists: list[DnsList] = []
+    """The lists to ask. None by default: a site chooses lists whose terms it meets."""
+    threshold: float = 1.0
+    """Refuse when the weights of the listing lists add up to at least this."""
+    budget: Duration = 1.5
+    """Total time for all lookups of one request; a list not answered by then counts as not listed."""
+    negative_ttl: Duration = 300
+    """How long a "not listed" answer is cached (listed answers: the answer's own TTL)."""
+    max_ttl: Duration = 3600
+    action: Literal["reject", "defer"] = "reject"
+    text: str = "Service unavailable; client [{client}] blocked using {lists}"
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, text: str) -> str:
+        return _check_template(text, {"client", "lists"})
+
+
 class AccessSettings(Section):
     """The site's access rules (see rules/access.toml for the format)."""
 
@@ -194,7 +247,7 @@ def _listen_entry(entry: str) -> str:
 class PolicydSettings(Section):
     listen: list[str] = ["127.0.0.1:10023"]
     """TCP (host:port, [v6]:port) or unix:/path sockets; Postfix reuses connections, many at once."""
-    checks: list[CheckName] = ["access", "blocklist", "ratelimit", "greylist"]
+    checks: list[CheckName] = ["access", "blocklist", "ratelimit", "dnsbl", "greylist"]
     """The pipeline, in order; the first decisive answer wins. Leave a check out to turn it off."""
     trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
         ipaddress.ip_network("127.0.0.0/8"),
@@ -210,11 +263,14 @@ class PolicydSettings(Section):
     max_connections: Annotated[int, Field(ge=1)] = 4096
     max_line_bytes: Annotated[int, Field(ge=256)] = 8192
     max_request_bytes: Annotated[int, Field(ge=1024)] = 65536
-    on_error: dict[Literal["redis"], FailModes] = Field(default_factory=lambda: {"redis": FailModes()})
+    on_error: dict[Literal["redis", "dns"], FailModes] = Field(
+        default_factory=lambda: {"redis": FailModes(), "dns": FailModes()}
+    )
     """Fail mode per dependency and per class of client; logged and counted when used."""
     hostname: str | None = None
     """Name used in the X-Greylist header; the machine's name by default."""
     access: AccessSettings = Field(default_factory=AccessSettings)
+    dnsbl: DnsblSettings = Field(default_factory=DnsblSettings)
     greylist: GreylistSettings = Field(default_factory=GreylistSettings)
     ratelimit: RateLimitSettings = Field(default_factory=RateLimitSettings)
     blocklist: BlocklistSettings = Field(default_factory=BlocklistSettings)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from harness.dns_server import DnsServer
 from harness.net import free_port, wait_port
 from harness.policyd_proc import PolicydProcess
 from harness.postfix import PostfixInstance
@@ -44,6 +45,18 @@ def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
 
 def base_settings(redis_url: str, **policyd: object) -> dict:
     return {"redis": {"url": redis_url, "timeout": "300ms"}, "policyd": dict(policyd)}
+
+
+@pytest.fixture
+def dns_server() -> Iterator[DnsServer]:
+    """The test zones (DNSBL, DNSWL, SPF) served on a loopback port by a DNS server in this process."""
+    server = DnsServer().start()
+    yield server
+    server.stop()
+
+
+def dns_settings(server: DnsServer) -> dict:
+    return {"nameservers": [server.host], "port": server.port, "timeout": "500ms", "tries": 1}
 
 
 @pytest.fixture

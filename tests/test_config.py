@@ -29,7 +29,7 @@ def test_no_file_gives_postgrey_like_defaults(monkeypatch, tmp_path):
     assert config.source is None
     policyd = config.section("policyd")
     assert policyd.listen == ["127.0.0.1:10023"]
-    assert policyd.checks == ["access", "blocklist", "ratelimit", "greylist"]
+    assert policyd.checks == ["access", "blocklist", "ratelimit", "dnsbl", "greylist"]
     assert policyd.greylist.delay == 300 and policyd.greylist.max_age == 35 * 86400
     assert policyd.greylist.auto_whitelist_clients == 5
     assert policyd.on_error["redis"].inbound == "dunno"
@@ -123,9 +123,11 @@ def test_example_config_is_valid_and_documents_every_key():
         return found
 
     missing = keys(config.settings) - documented - {"redis", "logging", "metrics", "policyd", "on_error",
-                                                    "greylist", "ratelimit", "blocklist", "limits", "access"}
+                                                    "greylist", "ratelimit", "blocklist", "limits", "access", "dns",
+                                                    "dnsbl", "lists"}
     assert not missing, f"keys not documented in etc/mailwarden.toml: {sorted(missing)}"
-    limit_keys = {"name", "key", "count", "max", "window", "action", "stage", "applies_to"}
+    limit_keys = {"name", "key", "count", "max", "window", "action", "stage", "applies_to", "zone", "weight",
+                  "codes"}
     assert limit_keys <= documented | set(re.findall(r"([a-z_]+) = ", EXAMPLE.read_text()))
 
 

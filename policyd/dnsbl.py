@@ -1,0 +1,192 @@
+"""DNSBL and DNSWL: the client's address looked up in the configured lists, weighed, and refused when the
+weights of the lists that list it reach the threshold (so one weak list alone does not reject).
+
+Lookups go through pydnsbl (async, c-ares) with the nameservers of ``[dns]``. All lists of one request are
+asked at once and the whole lookup is bounded by ``budget``: a list that has not answered by then, or
+answers with an error or with a code outside its filter, counts as "not listed" and the log says so.
+Answers are cached in Redis for the answer's TTL (negative answers for ``negative_ttl``), so a client
+that retries, or that several MX hosts see, costs one query per list. The result of one mail
+transaction is kept for its other recipients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from pydnsbl import DNSBLIpChecker
+from pydnsbl.providers import Provider
+
+from mailwarden.backend import BackendError
+from mailwarden.decision import Action
+from mailwarden.dns import DnsSettings, aiodns_resolver
+from mailwarden.logs import get_logger, log_kv
+from mailwarden.redis_pipe import PipelinedRedis
+from policyd import keys
+from policyd.check import Check
+from policyd.request import PolicyRequest
+from policyd.settings import DnsblSettings, DnsList, code_range
+from policyd.verdict import Verdict, reject
+
+log = get_logger("policyd.dnsbl")
+
+_RESULT = "dnsbl.result"
+
+
+class _ZoneProvider(Provider):  # type: ignore[misc]
+    """pydnsbl's provider, with the list's return-code filter."""
+
+    def __init__(self, dns_list: DnsList) -> None:
+        super().__init__(dns_list.zone.rstrip("."))
+        self.dns_list = dns_list
+        self.ranges = [code_range(code) for code in dns_list.codes]
+
+    def counts(self, code: str) -> bool:
+        try:
+            value = int(ipaddress.IPv4Address(code))
+        except ValueError:
+            return False
+        if self.ranges:
+            return any(low <= value <= high for low, high in self.ranges)
+        return (value >> 24) == 127 and (value >> 8) != 0x7FFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class ListAnswer:
+    label: str
+    weight: float
+    codes: tuple[str, ...]
+    """The return codes that count (empty: not listed)."""
+    problem: str = ""
+    """Why the list gave no usable answer (timeout, error, unexpected code), else empty."""
+    cached: bool = False
+
+
+class DnsblCheck(Check):
+    name = "dnsbl"
+    dependency = "dns"
+
+    def __init__(self, settings: DnsblSettings, dns: DnsSettings, redis_pipe: PipelinedRedis, prefix: str) -> None:
+        self.settings = settings
+        self.dns = dns
+        self.redis = redis_pipe
+        self.prefix = prefix
+        self.providers = [_ZoneProvider(dns_list) for dns_list in settings.lists]
+        self._checker: DNSBLIpChecker | None = None
+
+    def start(self) -> None:
+        if not self.providers:
+            return
+        loop = asyncio.get_running_loop()
+        checker = DNSBLIpChecker(providers=self.providers, timeout=self.dns.timeout, tries=self.dns.tries,
+                                 loop=loop)
+        checker._resolver = aiodns_resolver(self.dns)  # pydnsbl takes no nameserver: give it ours
+        self._checker = checker
+
+    async def on_rcpt(self, request: PolicyRequest) -> Verdict | None:
+        if not self.providers or request.client_ip is None:
+            return None
+        if request.client_ip.is_loopback:
+            return None
+        kept = request.message.get(_RESULT)
+        if kept is not None and kept[0] == request.client_ip:  # type: ignore[index]
+            result = kept[1]  # type: ignore[index]
+        else:
+            result = await self.lookup(request.client_ip)
+            request.message[_RESULT] = (request.client_ip, result)
+        return self._verdict(request, result)
+
+    def _verdict(self, request: PolicyRequest, answers: list[ListAnswer]) -> Verdict | None:
+        listed = [answer for answer in answers if answer.codes]
+        score = sum(answer.weight for answer in listed)
+        problems = [f"{answer.label}: {answer.problem}" for answer in answers if answer.problem]
+        detail = ", ".join(f"{a.label}={'/'.join(a.codes)} ({a.weight:+g})" for a in listed) or "not listed"
+        if problems:
+            detail += "; no answer from " + ", ".join(problems)
+        if not listed:
+            return Verdict.accept(detail) if problems else None
+        if score < self.settings.threshold:
+            return Verdict.accept(f"score {score:g} below {self.settings.threshold:g}: {detail}")
+        lists = ", ".join(answer.label for answer in listed if answer.weight > 0)
+        text = self.settings.text.format(client=request.client_address, lists=lists)
+        reason = f"score {score:g} reached {self.settings.threshold:g}: {detail}"
+        if self.settings.action == "defer":
+            return Verdict.refuse(Action.DEFER, reason, f"450 4.7.1 {text}")
+        return Verdict.refuse(Action.REJECT, reason, reject(text, "554 5.7.1"))
+
+    async def lookup(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[ListAnswer]:
+        """Every list's answer for ``ip``: from the Redis cache where fresh, else asked now, all at once."""
+        address = ip.compressed
+        cache_keys = [f"{self.prefix}{keys.DNSBL}{p.host}:{address}" for p in self.providers]
+        try:
+            cached = await self.redis.call("MGET", *cache_keys)
+        except BackendError as exc:  # a cache that fails is a miss, never a failed lookup
+            log_kv(log, logging.WARNING, "dnsbl cache unavailable; asking DNS", error=str(exc))
+            cached = [None] * len(cache_keys)
+        answers: dict[int, ListAnswer] = {}
+        missing = []
+        for index, (provider, raw) in enumerate(zip(self.providers, cached, strict=True)):  # type: ignore[arg-type]
+            if raw is None:
+                missing.append(index)
+                continue
+            codes = tuple(code for code in raw.decode().split(",") if code)
+            answers[index] = ListAnswer(provider.dns_list.label, provider.dns_list.weight, codes, cached=True)
+        if missing:
+            fresh = await self._ask(address, [self.providers[i] for i in missing])
+            for index, (answer, ttl) in zip(missing, fresh, strict=True):
+                answers[index] = answer
+                if not answer.problem:
+                    self._store(cache_keys[index], answer.codes, ttl)
+        return [answers[index] for index in range(len(self.providers))]
+
+    async def _ask(self, address: str, providers: list[_ZoneProvider]) -> list[tuple[ListAnswer, int]]:
+        assert self._checker is not None
+        tasks = [asyncio.ensure_future(self._checker.dnsbl_request(address, p)) for p in providers]
+        _done, pending = await asyncio.wait(tasks, timeout=self.settings.budget)
+        for task in pending:
+            task.cancel()
+        results = []
+        for provider, task in zip(providers, tasks, strict=True):
+            label, weight = provider.dns_list.label, provider.dns_list.weight
+            if task in pending:
+                problem = f"no answer within {self.settings.budget:g}s"
+                log_kv(log, logging.WARNING, "dnsbl lookup timed out; counted as not listed", list=label,
+                       client=address)
+                results.append((ListAnswer(label, weight, (), problem), 0))
+                continue
+            response = task.result()
+            if response.error is not None:
+                problem = f"lookup failed ({_dns_error(response.error)})"
+                log_kv(log, logging.WARNING, "dnsbl lookup failed; counted as not listed", list=label,
+                       client=address, error=_dns_error(response.error))
+                results.append((ListAnswer(label, weight, (), problem), 0))
+                continue
+            results.append(self._answer(provider, address, response.response))
+        return results
+
+    def _answer(self, provider: _ZoneProvider, address: str, records: Any) -> tuple[ListAnswer, int]:
+        label, weight = provider.dns_list.label, provider.dns_list.weight
+        if not records:
+            return ListAnswer(label, weight, ()), int(self.settings.negative_ttl)
+        codes = tuple(sorted({record.host for record in records}))
+        counting = tuple(code for code in codes if provider.counts(code))
+        ttl = min(int(min(getattr(record, "ttl", 60) for record in records)), int(self.settings.max_ttl))
+        if not counting:
+            log_kv(log, logging.WARNING, "dnsbl answered with codes outside its filter; counted as not listed",
+                   list=label, client=address, codes=",".join(codes))
+            return ListAnswer(label, weight, (), f"unexpected code {','.join(codes)}"), 0
+        return ListAnswer(label, weight, counting), ttl  # TTL 0: the list asks not to be cached
+
+    def _store(self, key: str, codes: tuple[str, ...], ttl: int) -> None:
+        if ttl <= 0:
+            return
+        future = self.redis.call("SET", key, ",".join(codes), "EX", ttl)
+        future.add_done_callback(lambda f: f.exception())  # a failed cache write only costs a later query
+
+
+def _dns_error(exc: BaseException) -> str:
+    args = getattr(exc, "args", ())
+    return str(args[1]) if len(args) > 1 else str(exc) or type(exc).__name__
