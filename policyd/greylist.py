@@ -26,6 +26,7 @@ from policyd import keys
 from policyd.check import Check
 from policyd.request import PolicyRequest
 from policyd.settings import GreylistSettings
+from policyd.spf import spf_result
 from policyd.verdict import Verdict, defer_if_permit, prepend
 from policyd.whitelist import ClientWhitelist, IPNetwork, RecipientWhitelist, WhitelistError
 
@@ -112,9 +113,15 @@ class GreylistCheck(Check):
         return None
 
     def triplet(self, request: PolicyRequest) -> str:
+        """``client network/normalised sender/recipient``; with SPF passed for the sender's domain, the
+        domain stands in for the network (``spf:example.org/...``) so the sender's whole pool counts."""
         assert request.client_ip is not None
-        network = client_network(request.client_ip, self.settings.ipv4_prefix, self.settings.ipv6_prefix)
-        return f"{network}/{normalise_sender(request.sender)}/{request.recipient}".lower()
+        origin = client_network(request.client_ip, self.settings.ipv4_prefix, self.settings.ipv6_prefix)
+        if self.settings.spf_domain_triplets and request.sender:
+            spf = spf_result(request)
+            if spf is not None and spf.result == "pass" and spf.identity == "mailfrom":
+                origin = f"spf:{spf.domain}"
+        return f"{origin}/{normalise_sender(request.sender)}/{request.recipient}".lower()
 
     async def on_rcpt(self, request: PolicyRequest) -> Verdict | None:
         if why := self.exemption(request):

@@ -22,6 +22,7 @@ from policyd.greylist import GreylistCheck
 from policyd.ratelimit import RateLimitCheck
 from policyd.server import PolicyServer
 from policyd.settings import CheckName, PolicydSettings
+from policyd.spf import SpfCheck
 
 
 def load_scripts() -> list[Script]:
@@ -37,6 +38,7 @@ def build_checks(settings: PolicydSettings, redis_pipe: PipelinedRedis, prefix: 
         "blocklist": lambda: BlocklistCheck(settings.blocklist, redis_pipe, prefix),
         "ratelimit": lambda: RateLimitCheck(settings.ratelimit, redis_pipe, prefix, now),
         "dnsbl": lambda: DnsblCheck(settings.dnsbl, dns, redis_pipe, prefix),
+        "spf": lambda: SpfCheck(settings.spf, dns, hostname, settings.trusted_networks),
         "greylist": lambda: GreylistCheck(settings.greylist, settings.trusted_networks, redis_pipe, prefix, now,
                                           hostname),
     }

@@ -15,7 +15,7 @@ from mailwarden.section import Section
 from mailwarden.units import Duration, parse_duration
 from policyd.rules_files import shipped_rules_file
 
-CheckName = Literal["access", "blocklist", "ratelimit", "dnsbl", "greylist"]
+CheckName = Literal["access", "blocklist", "ratelimit", "dnsbl", "spf", "greylist"]
 FailAction = Literal["dunno", "defer_if_permit", "defer"]
 """What to answer when a dependency fails: ``dunno`` lets the next check and Postfix decide (fail open),
 ``defer_if_permit`` and ``defer`` give the client a temporary failure (fail closed)."""
@@ -62,6 +62,10 @@ class GreylistSettings(Section):
     """Greylist SASL-authenticated clients too (never sensible for submission; kept for odd set-ups)."""
     add_header: bool = True
     """PREPEND ``X-Greylist: delayed N seconds`` to a message that passed after being delayed."""
+    spf_domain_triplets: bool = True
+    """When SPF passed for the sender's domain (the spf check runs before greylist), the triplet uses that
+    domain in place of the client network, so a retry from another host of the sender's pool (Outlook.com,
+    Gmail) counts as the same triplet."""
     text: str = "Greylisted, please try again in {retry_in}"
     """The defer text; placeholders: {retry_in} (e.g. "5 minutes"), {seconds}, {recipient_domain}."""
 
@@ -208,6 +212,34 @@ class DnsblSettings(Section):
         return _check_template(text, {"client", "lists"})
 
 
+SpfAction = Literal["reject", "defer", "header", "ignore"]
+
+
+class SpfSettings(Section):
+    """What each SPF result does: reject (550 5.7.23), defer (451 4.7.24), header (PREPEND Received-SPF)
+    or ignore. Authenticated clients and trusted networks are not checked."""
+
+    on_pass: SpfAction = "header"  # noqa: S105 - an SPF result, not a password
+    on_fail: SpfAction = "reject"
+    on_softfail: SpfAction = "header"
+    on_neutral: SpfAction = "header"
+    on_none: SpfAction = "header"
+    on_temperror: SpfAction = "header"
+    """A DNS problem at the sender's side; "defer" is the strict choice (the sender retries later)."""
+    on_permerror: SpfAction = "header"
+    timeout: Duration = 2.0
+    """Time for the whole evaluation (all its DNS lookups); past it the result is temperror."""
+    threads: Annotated[int, Field(ge=1, le=64)] = 8
+    """pyspf is synchronous: evaluations run in this many worker threads."""
+    reject_text: str = "SPF: {domain} does not allow {client} to send its mail"
+    defer_text: str = "SPF: temporary error evaluating the policy of {domain}, please try again later"
+
+    @field_validator("reject_text", "defer_text")
+    @classmethod
+    def _texts(cls, text: str) -> str:
+        return _check_template(text, {"domain", "client", "result"})
+
+
 class AccessSettings(Section):
     """The site's access rules (see rules/access.toml for the format)."""
 
@@ -247,8 +279,10 @@ def _listen_entry(entry: str) -> str:
 class PolicydSettings(Section):
     listen: list[str] = ["127.0.0.1:10023"]
     """TCP (host:port, [v6]:port) or unix:/path sockets; Postfix reuses connections, many at once."""
-    checks: list[CheckName] = ["access", "blocklist", "ratelimit", "dnsbl", "greylist"]
-    """The pipeline, in order; the first decisive answer wins. Leave a check out to turn it off."""
+    checks: list[CheckName] = ["access", "blocklist", "ratelimit", "greylist"]
+    """The pipeline, in order; the first decisive answer wins. Leave a check out to turn it off. The
+    default is Postgrey's behaviour plus the site's rules, blocks and rate limits; the border checks
+    (dnsbl, spf) are added by the site, in this order: access, blocklist, ratelimit, dnsbl, spf, greylist."""
     trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
@@ -271,6 +305,7 @@ class PolicydSettings(Section):
     """Name used in the X-Greylist header; the machine's name by default."""
     access: AccessSettings = Field(default_factory=AccessSettings)
     dnsbl: DnsblSettings = Field(default_factory=DnsblSettings)
+    spf: SpfSettings = Field(default_factory=SpfSettings)
     greylist: GreylistSettings = Field(default_factory=GreylistSettings)
     ratelimit: RateLimitSettings = Field(default_factory=RateLimitSettings)
     blocklist: BlocklistSettings = Field(default_factory=BlocklistSettings)

@@ -29,7 +29,7 @@ def test_no_file_gives_postgrey_like_defaults(monkeypatch, tmp_path):
     assert config.source is None
     policyd = config.section("policyd")
     assert policyd.listen == ["127.0.0.1:10023"]
-    assert policyd.checks == ["access", "blocklist", "ratelimit", "dnsbl", "greylist"]
+    assert policyd.checks == ["access", "blocklist", "ratelimit", "greylist"]
     assert policyd.greylist.delay == 300 and policyd.greylist.max_age == 35 * 86400
     assert policyd.greylist.auto_whitelist_clients == 5
     assert policyd.on_error["redis"].inbound == "dunno"
@@ -124,7 +124,7 @@ def test_example_config_is_valid_and_documents_every_key():
 
     missing = keys(config.settings) - documented - {"redis", "logging", "metrics", "policyd", "on_error",
                                                     "greylist", "ratelimit", "blocklist", "limits", "access", "dns",
-                                                    "dnsbl", "lists"}
+                                                    "dnsbl", "lists", "spf"}
     assert not missing, f"keys not documented in etc/mailwarden.toml: {sorted(missing)}"
     limit_keys = {"name", "key", "count", "max", "window", "action", "stage", "applies_to", "zone", "weight",
                   "codes"}
@@ -132,7 +132,7 @@ def test_example_config_is_valid_and_documents_every_key():
 
 
 def test_config_check_command_exits_78_with_the_key(tmp_path):
-    path = write(tmp_path, "[policyd]\nchecks = [\"greylist\", \"spf\"]\n")
+    path = write(tmp_path, "[policyd]\nchecks = [\"greylist\", \"clamav\"]\n")
     result = subprocess.run([sys.executable, "-m", "mailwarden.cli", "--config", str(path), "config", "check"],
                             capture_output=True, text=True)
     assert result.returncode == 78

@@ -3,7 +3,9 @@
 # (the tests start their own redis-server and Postfix instances; `make run` starts what it uses).
 set -euo pipefail
 
-PACKAGES=(postfix redis-server swaks ca-certificates)
+# postfix, redis-server: the policy path end to end; slapd, dovecot: directory and quota sources the
+# border checks ask in the tests; swaks: the quick start's client.
+PACKAGES=(postfix redis-server swaks ca-certificates slapd dovecot-core dovecot-imapd)
 [ "${WITH_BENCH:-0}" = 1 ] && PACKAGES+=(postgrey)
 
 SUDO=""
@@ -23,6 +25,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "install-system-deps: installing ${missing[*]}"
   # Postfix must not configure (or start) a system mail server: the suite runs private instances.
   echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
+  # slapd likewise: no system directory; the tests run private instances
+  echo "slapd slapd/no_configuration boolean true" | $SUDO debconf-set-selections
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi

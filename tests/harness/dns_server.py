@@ -84,7 +84,8 @@ def _norm(name: object) -> str:
 
 
 def _matches(qname: str, names: set[str] | frozenset[str]) -> bool:
-    return any(qname == n or qname.endswith("." + n) for n in map(_norm, names))
+    # tuple() copies in one step under the GIL: the test thread may add names while a query is answered
+    return any(qname == n or qname.endswith("." + n) for n in map(_norm, tuple(names)))
 
 
 @dataclass(frozen=True)
@@ -186,10 +187,6 @@ class DnsServer:
         """Serve ``text`` from the next query on (parse errors raise here, the old zone stays)."""
         self._zone = _Zone.parse(text)
         self.zone_text = text
-
-    @property
-    def nameserver(self) -> str:
-        return f"{self.host}:{self.port}"
 
     def __enter__(self) -> DnsServer:
         return self.start()

@@ -56,6 +56,7 @@ smtpd_sasl_auth_enable = yes
 smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination
 smtpd_recipient_restrictions = {policy}
     permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination
+smtpd_data_restrictions = {policy}
 smtpd_end_of_data_restrictions = {policy}
 smtpd_policy_service_default_action = 451 4.3.5 Policy service unavailable
 """
