@@ -115,7 +115,7 @@ class DnsblCheck(Check):
         reason = f"score {score:g} reached {self.settings.threshold:g}: {detail}"
         if self.settings.action == "defer":
             return Verdict.refuse(Action.DEFER, reason, f"450 4.7.1 {text}")
-        return Verdict.refuse(Action.REJECT, reason, reject(text, "554 5.7.1"))
+        return Verdict.refuse(Action.REJECT, reason, reject(text))
 
     async def lookup(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[ListAnswer]:
         """Every list's answer for ``ip``: from the Redis cache where fresh, else asked now, all at once."""

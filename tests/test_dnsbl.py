@@ -27,8 +27,8 @@ def daemon(policyd_factory, redis_server, dns_server):
 
 
 @pytest.mark.parametrize(("client", "answer"), [
-    ("192.0.2.99", "554 5.7.1 Service unavailable; client [192.0.2.99] blocked using bl.test"),
-    ("2001:db8::99", "554 5.7.1 Service unavailable; client [2001:db8::99] blocked using bl.test"),
+    ("192.0.2.99", "550 5.7.1 Service unavailable; client [192.0.2.99] blocked using bl.test"),
+    ("2001:db8::99", "550 5.7.1 Service unavailable; client [2001:db8::99] blocked using bl.test"),
     ("192.0.2.98", "DUNNO"),  # weak.test alone: weight 1 < threshold 2
     ("192.0.2.77", "DUNNO"),  # allow-listed
     ("192.0.2.1", "DUNNO"),
@@ -53,7 +53,7 @@ def test_two_lists_add_up_and_an_allow_list_outweighs_them(policyd_factory, redi
     dns_server.set_zone(zone)
     daemon = policyd_factory(settings(redis_server.url, dns_server, threshold=3))
     with daemon.connect() as c:
-        assert c.ask(client_address="192.0.2.98").startswith("554 5.7.1")  # 2 + 1 = 3
+        assert c.ask(client_address="192.0.2.98").startswith("550 5.7.1")  # 2 + 1 = 3
         assert c.ask(client_address="192.0.2.77") == "DUNNO"  # 2 - 5
 
 
@@ -91,13 +91,13 @@ def test_garbage_answers_count_as_not_listed(policyd_factory, redis_server, dns_
 def test_answers_are_cached_in_redis_for_their_ttl(daemon, dns_server, redis_server):
     dns_server.set_zone(dns_server.zone_text + "\n55.2.0.192.bl.test. 60 IN A 127.0.0.2\n")
     with daemon.connect() as c:
-        assert c.ask(client_address="192.0.2.55", instance="1").startswith("554")
+        assert c.ask(client_address="192.0.2.55", instance="1").startswith("550")
         asked = len(dns_server.queries)
-        assert c.ask(client_address="192.0.2.55", instance="2").startswith("554")
+        assert c.ask(client_address="192.0.2.55", instance="2").startswith("550")
         assert c.ask(client_address="192.0.2.5", instance="3") == "DUNNO"
         assert c.ask(client_address="192.0.2.5", instance="4") == "DUNNO"
         assert len(dns_server.queries) == asked + 3  # only the new client's three lookups
-        assert c.ask(client_address="192.0.2.99", instance="5").startswith("554")  # only the new client's three lookups
+        assert c.ask(client_address="192.0.2.99", instance="5").startswith("550")  # only the new client's three lookups
     assert 50 <= redis_server.client().ttl("mw:dnsbl:bl.test:192.0.2.55") <= 60  # the answer's TTL
     assert 290 <= redis_server.client().ttl("mw:dnsbl:bl.test:192.0.2.5") <= 300  # negative_ttl
     assert redis_server.client().exists("mw:dnsbl:bl.test:192.0.2.99") == 0  # TTL 0: not cached
