@@ -88,6 +88,7 @@ class Pipeline:
             if request.skip and (check.name in request.skip or ALL_CHECKS in request.skip):
                 continue
             started = time.perf_counter()
+            request.waiting_on = check.dependency or "redis"
             try:
                 verdict = await hook(request)
             except BackendError as exc:

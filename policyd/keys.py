@@ -13,6 +13,8 @@ because operators list and edit it, and other capabilities (the phish detector) 
 - ``ev:ratelimit`` stream, ratelimit: one entry per refusal (limit, key, count); capped at ~10,000 entries.
 - ``dnsbl:<zone>:<ip address>`` string, dnsbl: the list's return codes, comma-separated ("" = not listed).
   Lives the answer's TTL (capped by max_ttl), or negative_ttl for "not listed".
+- ``rcpt:<hash(address)>`` string, recipients: "f:<mailboxes>" known, "d:<mailbox>" disabled, "u:" unknown.
+  Lives cache_ttl (negative_cache_ttl for unknown).
 - ``block:user:<sasl user>`` string, blocklist: JSON {reason, by, at}. No expiry, or the block's own.
 - ``block:client:<ip address>`` string, blocklist: JSON {reason, by, at}. No expiry, or the block's own.
 """
@@ -27,6 +29,7 @@ GREYLIST_CLIENT = "gl:c:"
 RATELIMIT = "rl:"
 RATELIMIT_EVENTS = "ev:ratelimit"
 DNSBL = "dnsbl:"
+RECIPIENT = "rcpt:"
 BLOCK_USER = "block:user:"
 BLOCK_CLIENT = "block:client:"
 

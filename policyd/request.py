@@ -65,6 +65,10 @@ class PolicyRequest:
     connection from ``instance``): lets a check count a message once, not once per recipient."""
     skip: set[str] = field(default_factory=set)
     """Checks not to run for this request (set by access rules)."""
+    waiting_on: str = "redis"
+    """The dependency of the check running now: its fail mode answers when the time bound passes."""
+    mailboxes: tuple[str, ...] = ()
+    """The mailbox(es) the recipient delivers to, once recipient verification resolved it (for quota)."""
     rcpt_number: int = 1
     """1 for the first RCPT request of the transaction, 2 for the second... (set by the connection)."""
 

@@ -161,8 +161,10 @@ class PolicyConnection(asyncio.Protocol):
             return
         metrics.TIMEOUTS.inc()
         bound = self.server.settings.answer_within
-        verdict = fail_verdict(self.server.settings, "redis", flight.request, f"no decision within {bound:g}s")
-        metrics.FAIL_MODE.labels("redis", verdict.action.value).inc()
+        dependency = flight.request.waiting_on
+        verdict = fail_verdict(self.server.settings, dependency, flight.request,
+                               f"no decision within {bound:g}s (waiting on {dependency})")
+        metrics.FAIL_MODE.labels(dependency, verdict.action.value).inc()
         self._answer(flight, Outcome(verdict, "timeout", degraded=["timeout"]))
 
     def _answer(self, flight: _InFlight, outcome: Outcome) -> None:

@@ -20,6 +20,7 @@ from policyd.check import Check, Pipeline
 from policyd.dnsbl import DnsblCheck
 from policyd.greylist import GreylistCheck
 from policyd.ratelimit import RateLimitCheck
+from policyd.recipients import RecipientCheck
 from policyd.server import PolicyServer
 from policyd.settings import CheckName, PolicydSettings
 from policyd.spf import SpfCheck
@@ -39,6 +40,7 @@ def build_checks(settings: PolicydSettings, redis_pipe: PipelinedRedis, prefix: 
         "ratelimit": lambda: RateLimitCheck(settings.ratelimit, redis_pipe, prefix, now),
         "dnsbl": lambda: DnsblCheck(settings.dnsbl, dns, redis_pipe, prefix),
         "spf": lambda: SpfCheck(settings.spf, dns, hostname, settings.trusted_networks),
+        "recipients": lambda: RecipientCheck(settings.recipients, redis_pipe, prefix),
         "greylist": lambda: GreylistCheck(settings.greylist, settings.trusted_networks, redis_pipe, prefix, now,
                                           hostname),
     }

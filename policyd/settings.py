@@ -15,7 +15,7 @@ from mailwarden.section import Section
 from mailwarden.units import Duration, parse_duration
 from policyd.rules_files import shipped_rules_file
 
-CheckName = Literal["access", "blocklist", "ratelimit", "dnsbl", "spf", "greylist"]
+CheckName = Literal["access", "blocklist", "ratelimit", "dnsbl", "spf", "recipients", "greylist"]
 FailAction = Literal["dunno", "defer_if_permit", "defer"]
 """What to answer when a dependency fails: ``dunno`` lets the next check and Postfix decide (fail open),
 ``defer_if_permit`` and ``defer`` give the client a temporary failure (fail closed)."""
@@ -240,6 +240,97 @@ class SpfSettings(Section):
         return _check_template(text, {"domain", "client", "result"})
 
 
+class FileSourceSettings(Section):
+    """A recipient map: one address per line; ``@domain`` (every address of the domain exists); aliases
+    as ``alias@domain: target@domain, other@domain``; ``#`` comments. Re-read when it changes."""
+
+    paths: list[Path] = []
+
+
+class SqlSourceSettings(Section):
+    url: str | None = None
+    """SQLAlchemy URL, e.g. "mysql+pymysql://user:password@db.example.org/mail" or "sqlite:////var/lib/x.db"."""
+    query: str = "SELECT address, active FROM recipients WHERE address = :address"
+    """Returns a row when the address exists: first column the mailbox it delivers to, optional second column
+    true/false for an active/disabled account. Parameters: :address, :local, :domain."""
+    timeout: Duration = 2.0
+
+    @field_validator("query")
+    @classmethod
+    def _parameter(cls, query: str) -> str:
+        if not any(p in query for p in (":address", ":local", ":domain")):
+            raise ValueError("the query must use :address (or :local / :domain)")
+        return query
+
+
+class LdapSourceSettings(Section):
+    servers: list[str] = []
+    """ldap:// or ldaps:// URLs, tried in order: the second takes over when the first is down."""
+    bind_dn: str | None = None
+    bind_password: str | None = None
+    base: str = ""
+    filter: str = "(|(mail=%s)(mailAlternateAddress=%s))"
+    """%s is the address (escaped), %u its local part, %d its domain."""
+    mailbox_attribute: str = "mail"
+    """The attribute naming the mailbox an address delivers to (for the quota check)."""
+    status_attribute: str | None = "accountStatus"
+    """Account status attribute; None when the directory has none."""
+    active_values: list[str] = ["active"]
+    """Status values that mean the account takes mail; an entry without the attribute counts as active."""
+    timeout: Duration = 2.0
+    connections: Annotated[int, Field(ge=1, le=32)] = 4
+
+    @field_validator("servers")
+    @classmethod
+    def _urls(cls, servers: list[str]) -> list[str]:
+        for url in servers:
+            if not url.startswith(("ldap://", "ldaps://")):
+                raise ValueError(f"{url!r}: an LDAP server is an ldap:// or ldaps:// URL")
+        return servers
+
+    @field_validator("filter")
+    @classmethod
+    def _filter(cls, text: str) -> str:
+        if "%s" not in text and "%u" not in text:
+            raise ValueError("the filter must use %s (the address) or %u (its local part)")
+        if not (text.startswith("(") and text.endswith(")")):
+            raise ValueError("an LDAP filter is enclosed in parentheses")
+        return text
+
+
+class RecipientSettings(Section):
+    """Recipient verification: unknown recipients of our domains refused at RCPT, before any content."""
+
+    domains: list[str] = []
+    """Our domains; recipients elsewhere are not checked. Empty: every recipient is checked."""
+    sources: list[Literal["file", "sql", "ldap"]] = ["file"]
+    """Asked in order; the first that knows the address decides."""
+    file: FileSourceSettings = Field(default_factory=FileSourceSettings)
+    sql: SqlSourceSettings = Field(default_factory=SqlSourceSettings)
+    ldap: LdapSourceSettings = Field(default_factory=LdapSourceSettings)
+    recipient_delimiter: str = "+"
+    """user+tag@domain is looked up as user@domain ("" to turn off)."""
+    cache_ttl: Duration = 600
+    negative_cache_ttl: Duration = 60
+    unknown_text: str = "User unknown"
+    disabled_text: str = "Mailbox disabled"
+
+    @field_validator("domains")
+    @classmethod
+    def _lower(cls, domains: list[str]) -> list[str]:
+        return [domain.lower().strip(".") for domain in domains]
+
+    def missing(self) -> str | None:
+        """What a configured source lacks (checked only when the recipients check is on)."""
+        if "sql" in self.sources and not self.sql.url:
+            return "recipients.sources names sql: set [policyd.recipients.sql] url"
+        if "ldap" in self.sources and not self.ldap.servers:
+            return "recipients.sources names ldap: set [policyd.recipients.ldap] servers"
+        if "file" in self.sources and not self.file.paths:
+            return "recipients.sources names file: set [policyd.recipients.file] paths"
+        return None
+
+
 class AccessSettings(Section):
     """The site's access rules (see rules/access.toml for the format)."""
 
@@ -297,15 +388,16 @@ class PolicydSettings(Section):
     max_connections: Annotated[int, Field(ge=1)] = 4096
     max_line_bytes: Annotated[int, Field(ge=256)] = 8192
     max_request_bytes: Annotated[int, Field(ge=1024)] = 65536
-    on_error: dict[Literal["redis", "dns"], FailModes] = Field(
-        default_factory=lambda: {"redis": FailModes(), "dns": FailModes()}
-    )
+    on_error: dict[Literal["redis", "dns", "ldap", "sql", "file"], FailModes] = Field(default_factory=dict)
+    """Defaults: redis and dns fail open (dunno); the recipient directories (ldap, sql, file) defer, so an
+    outage never turns into "user unknown" and never lets mail for unknown users in."""
     """Fail mode per dependency and per class of client; logged and counted when used."""
     hostname: str | None = None
     """Name used in the X-Greylist header; the machine's name by default."""
     access: AccessSettings = Field(default_factory=AccessSettings)
     dnsbl: DnsblSettings = Field(default_factory=DnsblSettings)
     spf: SpfSettings = Field(default_factory=SpfSettings)
+    recipients: RecipientSettings = Field(default_factory=RecipientSettings)
     greylist: GreylistSettings = Field(default_factory=GreylistSettings)
     ratelimit: RateLimitSettings = Field(default_factory=RateLimitSettings)
     blocklist: BlocklistSettings = Field(default_factory=BlocklistSettings)
@@ -324,5 +416,15 @@ class PolicydSettings(Section):
             raise ValueError("a check may appear only once")
         return checks
 
+    @model_validator(mode="after")
+    def _sources_configured(self) -> PolicydSettings:
+        if "recipients" in self.checks and (missing := self.recipients.missing()):
+            raise ValueError(missing)
+        return self
+
     def fail_modes(self, dependency: str) -> FailModes:
-        return self.on_error.get(dependency, FailModes())  # type: ignore[call-overload]
+        if dependency in self.on_error:
+            return self.on_error[dependency]  # type: ignore[index]
+        if dependency in ("ldap", "sql", "file"):
+            return FailModes(inbound="defer_if_permit", authenticated="defer_if_permit")
+        return FailModes()

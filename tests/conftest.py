@@ -17,6 +17,7 @@ from harness.policyd_proc import PolicydProcess
 from harness.postfix import PostfixInstance
 from harness.redis_server import RedisProcess, start_redis
 from harness.sink import Sink
+from harness.slapd import SlapdInstance
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +58,13 @@ def dns_server() -> Iterator[DnsServer]:
 
 def dns_settings(server: DnsServer) -> dict:
     return {"nameservers": [server.host], "port": server.port, "timeout": "500ms", "tries": 1}
+
+
+@pytest.fixture
+def slapd() -> Iterator[SlapdInstance]:
+    """A private slapd with the test directory (alice active, bob disabled, carol with alternate addresses)."""
+    with SlapdInstance() as instance:
+        yield instance
 
 
 @pytest.fixture

@@ -32,7 +32,8 @@ def test_no_file_gives_postgrey_like_defaults(monkeypatch, tmp_path):
     assert policyd.checks == ["access", "blocklist", "ratelimit", "greylist"]
     assert policyd.greylist.delay == 300 and policyd.greylist.max_age == 35 * 86400
     assert policyd.greylist.auto_whitelist_clients == 5
-    assert policyd.on_error["redis"].inbound == "dunno"
+    assert policyd.fail_modes("redis").inbound == "dunno"
+    assert policyd.fail_modes("ldap").inbound == "defer_if_permit"
 
 
 def test_unknown_key_names_file_key_and_allowed_keys(tmp_path):
@@ -124,7 +125,8 @@ def test_example_config_is_valid_and_documents_every_key():
 
     missing = keys(config.settings) - documented - {"redis", "logging", "metrics", "policyd", "on_error",
                                                     "greylist", "ratelimit", "blocklist", "limits", "access", "dns",
-                                                    "dnsbl", "lists", "spf"}
+                                                    "dnsbl", "lists", "spf", "recipients", "file",
+                                                    "sql", "ldap"}
     assert not missing, f"keys not documented in etc/mailwarden.toml: {sorted(missing)}"
     limit_keys = {"name", "key", "count", "max", "window", "action", "stage", "applies_to", "zone", "weight",
                   "codes"}

@@ -1,0 +1,287 @@
+"""Where recipients are known: a map file, an SQL query, an LDAP directory.
+
+Each source answers one question about an address: FOUND (with the mailbox or mailboxes it delivers to),
+DISABLED, or UNKNOWN. A source that cannot answer (directory down, query timed out) raises BackendError
+naming itself, so the check's fail mode applies: a directory outage must never turn into "user unknown".
+
+SQL and LDAP clients are synchronous (SQLAlchemy, ldap3); they run in a few worker threads, each lookup
+bounded by the source's timeout. LDAP connections are reused and fail over to the next server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Protocol
+
+from mailwarden.backend import BackendError
+from mailwarden.logs import get_logger, log_kv
+from policyd.settings import FileSourceSettings, LdapSourceSettings, SqlSourceSettings
+
+log = get_logger("policyd.directory")
+
+
+class Status(Enum):
+    FOUND = "found"
+    DISABLED = "disabled"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    status: Status
+    mailboxes: tuple[str, ...] = ()
+    source: str = ""
+
+
+UNKNOWN = Lookup(Status.UNKNOWN)
+
+
+class Source(Protocol):
+    name: str
+
+    async def lookup(self, address: str) -> Lookup: ...
+
+    def close(self) -> None: ...
+
+
+# -- file ---------------------------------------------------------------------------------------------
+
+
+class FileSource:
+    """Addresses, ``@domain`` catch-alls and ``alias: target, target`` lines; re-read when a file changes."""
+
+    name = "file"
+
+    def __init__(self, settings: FileSourceSettings) -> None:
+        self.paths = list(settings.paths)
+        self._stamps: tuple[object, ...] = ()
+        self._addresses: dict[str, tuple[str, ...]] = {}
+        self._domains: set[str] = set()
+        self._lock = threading.Lock()
+        self._refresh()
+
+    def _stamp(self) -> tuple[object, ...]:
+        stamps: list[object] = []
+        for path in self.paths:
+            try:
+                st = os.stat(path)
+                stamps.append((st.st_mtime_ns, st.st_size))
+            except OSError:
+                stamps.append(None)
+        return tuple(stamps)
+
+    def _refresh(self) -> None:
+        stamp = self._stamp()
+        if stamp == self._stamps:
+            return
+        addresses: dict[str, tuple[str, ...]] = {}
+        domains: set[str] = set()
+        for path in self.paths:
+            _read_map(Path(path), addresses, domains)
+        with self._lock:
+            self._addresses, self._domains, self._stamps = addresses, domains, stamp
+        log_kv(log, logging.INFO, "recipient map loaded", addresses=len(addresses), domains=len(domains))
+
+    async def lookup(self, address: str) -> Lookup:
+        self._refresh()
+        if (targets := self._addresses.get(address)) is not None:
+            return Lookup(Status.FOUND, targets, self.name)
+        if address.rpartition("@")[2] in self._domains:
+            return Lookup(Status.FOUND, (address,), self.name)
+        return UNKNOWN
+
+    def close(self) -> None:
+        pass
+
+
+def _read_map(path: Path, addresses: dict[str, tuple[str, ...]], domains: set[str]) -> None:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise BackendError(f"recipient map {path}: {exc.strerror}", backend="file") from None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, colon, targets = line.partition(":")
+        name = name.strip().lower()
+        if name.startswith("@") and not colon:
+            domains.add(name[1:])
+        elif "@" in name:
+            mailboxes = tuple(t.strip().lower() for t in targets.split(",") if t.strip()) if colon else (name,)
+            addresses[name] = mailboxes or (name,)
+        else:
+            log_kv(log, logging.WARNING, "recipient map line ignored: not an address", file=str(path),
+                   line=number)
+
+
+# -- SQL ----------------------------------------------------------------------------------------------
+
+
+class SqlSource:
+    name = "sql"
+
+    def __init__(self, settings: SqlSourceSettings, pool: concurrent.futures.Executor) -> None:
+        from sqlalchemy import create_engine, text
+
+        self.settings = settings
+        self.pool = pool
+        assert settings.url
+        connect_args: dict[str, Any] = {}
+        if settings.url.startswith("mysql"):
+            seconds = max(1, int(settings.timeout))
+            connect_args = {"connect_timeout": seconds, "read_timeout": seconds, "write_timeout": seconds}
+        self.engine = create_engine(settings.url, pool_pre_ping=True, pool_size=4, connect_args=connect_args)
+        self.query = text(settings.query)
+
+    def _lookup(self, address: str) -> Lookup:
+        local, _, domain = address.rpartition("@")
+        try:
+            with self.engine.connect() as conn:
+                row = conn.execute(self.query, {"address": address, "local": local, "domain": domain}).first()
+        except Exception as exc:  # SQLAlchemy wraps every driver error; all mean "cannot answer now"
+            raise BackendError(f"sql lookup failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                               backend="sql") from None
+        if row is None:
+            return UNKNOWN
+        mailbox = str(row[0]).lower() if len(row) > 0 and row[0] else address
+        if len(row) > 1 and row[1] is not None and not _truthy(row[1]):
+            return Lookup(Status.DISABLED, (mailbox,), self.name)
+        return Lookup(Status.FOUND, (mailbox,), self.name)
+
+    async def lookup(self, address: str) -> Lookup:
+        return await _bounded(self.pool, self._lookup, address, self.settings.timeout, "sql")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _truthy(value: object) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "active", "y", "t")
+    return bool(value)
+
+
+# -- LDAP ---------------------------------------------------------------------------------------------
+
+
+class LdapSource:
+    """ldap3 with a server pool (first server first, the next when it is down) and reused connections."""
+
+    name = "ldap"
+
+    def __init__(self, settings: LdapSourceSettings, pool: concurrent.futures.Executor) -> None:
+        from ldap3 import Server
+
+        self.settings = settings
+        self.pool = pool
+        seconds = max(1, round(settings.timeout))
+        self.servers = [Server(url, connect_timeout=seconds) for url in settings.servers]
+        self.idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.attributes = [settings.mailbox_attribute] + ([settings.status_attribute] if settings.status_attribute
+                                                          else [])
+
+    def _connect(self) -> Any:
+        """A bound connection to the first server that answers, in the configured order. (ldap3's own
+        ServerPool sleeps between rounds, which would blow the time bound of a policy answer.)"""
+        from ldap3 import SAFE_SYNC, Connection
+        from ldap3.core.exceptions import LDAPException
+
+        seconds = max(1, round(self.settings.timeout))
+        failures = []
+        for server in self.servers:
+            try:
+                return Connection(server, user=self.settings.bind_dn, password=self.settings.bind_password,
+                                  client_strategy=SAFE_SYNC, auto_bind=True, receive_timeout=seconds,
+                                  raise_exceptions=False)
+            except (LDAPException, OSError) as exc:
+                failures.append(f"{server.host}:{server.port}: {type(exc).__name__}")
+        raise RuntimeError("no LDAP server answered (" + "; ".join(failures) + ")")
+
+    def _search(self, conn: Any, address: str) -> list[dict[str, Any]]:
+        from ldap3.utils.conv import escape_filter_chars
+
+        local, _, domain = address.rpartition("@")
+        search_filter = (self.settings.filter.replace("%s", escape_filter_chars(address))
+                         .replace("%u", escape_filter_chars(local)).replace("%d", escape_filter_chars(domain)))
+        ok, result, response, _ = conn.search(self.settings.base, search_filter, attributes=self.attributes,
+                                              size_limit=5)
+        if not ok and result.get("result") not in (0, 32):  # 32: no such object
+            raise RuntimeError(f"LDAP search failed: {result.get('description')}")
+        return [entry["attributes"] for entry in response if entry.get("type") == "searchResEntry"]
+
+    def _lookup(self, address: str) -> Lookup:
+        from ldap3.core.exceptions import LDAPException
+
+        last: Exception | None = None
+        for _attempt in range(2):  # a dead reused connection gets one fresh one (on the next server if need be)
+            try:
+                conn = self.idle.get_nowait()
+            except queue.Empty:
+                conn = None
+            try:
+                conn = conn or self._connect()
+                entries = self._search(conn, address)
+            except (LDAPException, OSError, RuntimeError) as exc:
+                last = exc
+                if conn is not None:
+                    _quietly_unbind(conn)
+                continue
+            self.idle.put(conn)
+            return self._interpret(address, entries)
+        raise BackendError(f"ldap lookup failed: {type(last).__name__}: {last}", backend="ldap")
+
+    def _interpret(self, address: str, entries: list[dict[str, Any]]) -> Lookup:
+        if not entries:
+            return UNKNOWN
+        mailboxes = []
+        active = False
+        for attributes in entries:
+            mailbox = _first(attributes.get(self.settings.mailbox_attribute)) or address
+            mailboxes.append(mailbox.lower())
+            status = _first(attributes.get(self.settings.status_attribute)) if self.settings.status_attribute \
+                else None
+            if status is None or status.lower() in {v.lower() for v in self.settings.active_values}:
+                active = True
+        status_value = Status.FOUND if active else Status.DISABLED
+        return Lookup(status_value, tuple(dict.fromkeys(mailboxes)), self.name)
+
+    async def lookup(self, address: str) -> Lookup:
+        return await _bounded(self.pool, self._lookup, address, self.settings.timeout * 2 + 0.5, "ldap")
+
+    def close(self) -> None:
+        while True:
+            try:
+                _quietly_unbind(self.idle.get_nowait())
+            except queue.Empty:
+                return
+
+
+def _first(value: Any) -> str | None:
+    if isinstance(value, list):
+        return str(value[0]) if value else None
+    return str(value) if value not in (None, "") else None
+
+
+def _quietly_unbind(conn: Any) -> None:
+    try:
+        conn.unbind()
+    except Exception:  # closing a broken connection may fail in any way; it is being thrown away
+        log.debug("unbind of a broken LDAP connection failed", exc_info=True)
+
+
+async def _bounded(pool: concurrent.futures.Executor, func: Any, address: str, timeout: float, backend: str
+                   ) -> Lookup:
+    loop = asyncio.get_running_loop()
+    try:
+        return await asyncio.wait_for(loop.run_in_executor(pool, func, address), timeout)
+    except TimeoutError:
+        raise BackendError(f"{backend} lookup took longer than {timeout:g}s", backend=backend) from None

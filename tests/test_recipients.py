@@ -1,0 +1,183 @@
+"""Recipient verification against real sources: a map file, SQLite through SQLAlchemy, OpenLDAP slapd
+(active, disabled, alternate addresses, fail-over, outage), with the Redis cache between."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import pytest
+from conftest import base_settings
+from harness.net import free_port, wait_for
+
+from policyd.recipients import lookup_key
+
+TEMPFAIL = "DEFER_IF_PERMIT 4.3.0 Temporary local problem, please try again later"
+
+
+def ldap_settings(redis_url: str, *urls: str, **recipients) -> dict:
+    return base_settings(redis_url, checks=["recipients"], recipients={
+        "domains": ["example.org", "example.net"], "sources": ["ldap"],
+        "ldap": {"servers": list(urls), "base": "dc=example,dc=org", "timeout": "1s"}, **recipients})
+
+
+@pytest.mark.parametrize(("recipient", "key"), [
+    ("Alice@Example.ORG", "alice@example.org"),
+    ("alice+lists@example.org", "alice@example.org"),
+    ('"alice+x"@example.org', '"alice+x"@example.org'),
+    ("postmaster", None),
+    ("@example.org", None),
+    ("alice@", None),
+    ("jörg@example.org", "jörg@example.org"),
+])
+def test_lookup_keys(recipient, key):
+    assert lookup_key(recipient, "+") == key
+
+
+@pytest.mark.parametrize(("recipient", "answer"), [
+    ("alice@example.org", "DUNNO"),
+    ("Alice+news@Example.org", "DUNNO"),
+    ("c.smith@example.org", "DUNNO"),
+    ("carol@example.net", "DUNNO"),
+    ("team@example.org", "DUNNO"),
+    ("bob@example.org", "550 5.2.1 Mailbox disabled"),
+    ("nobody@example.org", "550 5.1.1 User unknown"),
+    ("nobody@elsewhere.example", "DUNNO"),  # not our domain
+    ("x)(mail=*@example.org", "550 5.1.1 User unknown"),  # filter injection is escaped
+    ("a" * 65 + "@example.org", "550 5.1.3 Bad recipient address syntax"),
+    ("b@" + "x" * 250 + ".org", "550 5.1.3 Bad recipient address syntax"),
+    ("postmaster", "DUNNO"),
+    ("jörg@example.org", "550 5.1.1 User unknown"),
+])
+def test_ldap_answers(policyd_factory, redis_server, slapd, recipient, answer):
+    daemon = policyd_factory(ldap_settings(redis_server.url, slapd.url))
+    with daemon.connect() as c:
+        assert c.ask(recipient=recipient) == answer
+
+
+def test_log_names_the_source_and_the_mailbox_is_resolved(policyd_factory, redis_server, slapd):
+    daemon = policyd_factory(ldap_settings(redis_server.url, slapd.url))
+    with daemon.connect() as c:
+        c.ask(recipient="c.smith@example.org", queue_id="Q1")
+    assert 'queue_id=Q1' in daemon.wait_log('reason="recipient known (ldap)"')
+    cached = redis_server.client().keys("mw:rcpt:*")
+    assert len(cached) == 1 and redis_server.client().get(cached[0]) == b"f:carol@example.org"
+
+
+def test_directory_outage_gives_a_temporary_failure_not_550_and_recovers(policyd_factory, redis_server, slapd):
+    daemon = policyd_factory(ldap_settings(redis_server.url, slapd.url, negative_cache_ttl=0, cache_ttl=0))
+    with daemon.connect() as c:
+        assert c.ask(recipient="alice@example.org") == "DUNNO"
+        slapd.stop()
+        started = time.monotonic()
+        assert c.ask(recipient="alice@example.org") == TEMPFAIL
+        assert c.ask(recipient="nobody@example.org") == TEMPFAIL
+        assert time.monotonic() - started < 5
+        slapd.start()
+        wait_for(lambda: c.ask(recipient="nobody@example.org") == "550 5.1.1 User unknown", 15,
+                 what="LDAP to answer again")
+        assert c.ask(recipient="alice@example.org") == "DUNNO"
+    log = daemon.log_text()
+    assert "backend=ldap" in log and "fail mode defer_if_permit" in log
+
+
+def test_a_paused_directory_is_bounded_too(policyd_factory, redis_server, slapd):
+    daemon = policyd_factory(ldap_settings(redis_server.url, slapd.url, negative_cache_ttl=0, cache_ttl=0))
+    with daemon.connect() as c:
+        assert c.ask(recipient="alice@example.org") == "DUNNO"
+        slapd.pause()
+        try:
+            started = time.monotonic()
+            assert c.ask(recipient="carol@example.org") in (TEMPFAIL, "DUNNO")
+            assert time.monotonic() - started < 3.0  # answer_within (2s) bounds it at worst
+        finally:
+            slapd.resume()
+
+
+def test_second_server_takes_over_when_the_first_is_down(policyd_factory, redis_server, slapd):
+    dead = f"ldap://127.0.0.1:{free_port()}"
+    daemon = policyd_factory(ldap_settings(redis_server.url, dead, slapd.url))
+    with daemon.connect() as c:
+        assert c.ask(recipient="alice@example.org") == "DUNNO"
+        assert c.ask(recipient="nobody@example.org") == "550 5.1.1 User unknown"
+
+
+def test_cached_answers_survive_a_directory_outage(policyd_factory, redis_server, slapd):
+    daemon = policyd_factory(ldap_settings(redis_server.url, slapd.url))
+    with daemon.connect() as c:
+        assert c.ask(recipient="alice@example.org") == "DUNNO"
+        assert c.ask(recipient="nobody@example.org") == "550 5.1.1 User unknown"
+        slapd.stop()
+        assert c.ask(recipient="alice@example.org") == "DUNNO"
+        assert c.ask(recipient="nobody@example.org") == "550 5.1.1 User unknown"
+    assert 55 <= redis_server.client().ttl(redis_server.client().keys("mw:rcpt:*")[0]) <= 600
+
+
+def test_disabling_an_account_in_the_directory_takes_effect_after_the_cache(policyd_factory, redis_server,
+                                                                              slapd):
+    daemon = policyd_factory(ldap_settings(redis_server.url, slapd.url, cache_ttl=1))
+    with daemon.connect() as c:
+        assert c.ask(recipient="carol@example.org") == "DUNNO"
+        from ldap3 import MODIFY_REPLACE
+        admin = slapd.admin_connection()
+        admin.modify("uid=carol,ou=people,dc=example,dc=org", {"accountStatus": [(MODIFY_REPLACE, ["disabled"])]})
+        time.sleep(1.1)
+        assert c.ask(recipient="carol@example.org") == "550 5.2.1 Mailbox disabled"
+
+
+def test_map_file_with_aliases_and_catch_all(policyd_factory, redis_server, tmp_path):
+    recipients = tmp_path / "recipients"
+    recipients.write_text("# users\nalice@example.org\nsales@example.org: alice@example.org, bob@example.org\n"
+                          "@lists.example.org\n")
+    daemon = policyd_factory(base_settings(redis_server.url, checks=["recipients"], recipients={
+        "domains": ["example.org", "lists.example.org"], "sources": ["file"], "negative_cache_ttl": 0,
+        "file": {"paths": [str(recipients)]}}))
+    with daemon.connect() as c:
+        assert c.ask(recipient="alice@example.org") == "DUNNO"
+        assert c.ask(recipient="SALES@example.org") == "DUNNO"
+        assert c.ask(recipient="anything@lists.example.org") == "DUNNO"
+        assert c.ask(recipient="carol@example.org") == "550 5.1.1 User unknown"
+        recipients.write_text(recipients.read_text() + "carol@example.org\n")
+        time.sleep(0.05)
+        assert c.ask(recipient="carol@example.org") == "DUNNO"  # the file is re-read when it changes
+
+
+def test_sql_source_with_sqlite(policyd_factory, redis_server, tmp_path):
+    db = tmp_path / "users.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE recipients (address TEXT PRIMARY KEY, mailbox TEXT, active INTEGER)")
+        conn.executemany("INSERT INTO recipients VALUES (?, ?, ?)", [
+            ("alice@example.org", "alice@example.org", 1), ("al@example.org", "alice@example.org", 1),
+            ("bob@example.org", "bob@example.org", 0)])
+    daemon = policyd_factory(base_settings(redis_server.url, checks=["recipients"], recipients={
+        "domains": ["example.org"], "sources": ["sql"],
+        "sql": {"url": f"sqlite:///{db}", "query": "SELECT mailbox, active FROM recipients WHERE address = :address"},
+    }))
+    with daemon.connect() as c:
+        assert c.ask(recipient="al@example.org") == "DUNNO"
+        assert c.ask(recipient="bob@example.org") == "550 5.2.1 Mailbox disabled"
+        assert c.ask(recipient="x'; DROP TABLE recipients; --@example.org") == "550 5.1.1 User unknown"
+        assert c.ask(recipient="carol@example.org") == "550 5.1.1 User unknown"
+    assert redis_server.client().get(redis_server.client().keys("mw:rcpt:*")[0]) is not None
+
+
+def test_broken_sql_source_is_a_temporary_failure(policyd_factory, redis_server, tmp_path):
+    daemon = policyd_factory(base_settings(redis_server.url, checks=["recipients"], recipients={
+        "sources": ["sql"], "sql": {"url": f"sqlite:///{tmp_path}/missing.db",
+                                    "query": "SELECT mailbox FROM nowhere WHERE address = :address"}}))
+    with daemon.connect() as c:
+        assert c.ask(recipient="alice@example.org") == TEMPFAIL
+    assert "sql lookup failed: OperationalError" in daemon.wait_log("sql lookup failed")
+
+
+def test_first_source_that_knows_decides_and_a_down_source_does_not_hide_a_known_address(
+        policyd_factory, redis_server, tmp_path):
+    recipients = tmp_path / "recipients"
+    recipients.write_text("alice@example.org\n")
+    dead = f"ldap://127.0.0.1:{free_port()}"
+    daemon = policyd_factory(base_settings(redis_server.url, checks=["recipients"], recipients={
+        "sources": ["ldap", "file"], "file": {"paths": [str(recipients)]}, "negative_cache_ttl": 0,
+        "ldap": {"servers": [dead], "base": "dc=example,dc=org", "timeout": "1s"}}))
+    with daemon.connect() as c:
+        assert c.ask(recipient="alice@example.org") == "DUNNO"  # LDAP down, the file knows her
+        assert c.ask(recipient="nobody@example.org") == TEMPFAIL  # nobody knows, LDAP could not say
