@@ -19,6 +19,7 @@ from policyd.blocklist import BlocklistCheck
 from policyd.check import Check, Pipeline
 from policyd.dnsbl import DnsblCheck
 from policyd.greylist import GreylistCheck
+from policyd.quota import QuotaCheck
 from policyd.ratelimit import RateLimitCheck
 from policyd.recipients import RecipientCheck
 from policyd.server import PolicyServer
@@ -41,6 +42,7 @@ def build_checks(settings: PolicydSettings, redis_pipe: PipelinedRedis, prefix: 
         "dnsbl": lambda: DnsblCheck(settings.dnsbl, dns, redis_pipe, prefix),
         "spf": lambda: SpfCheck(settings.spf, dns, hostname, settings.trusted_networks),
         "recipients": lambda: RecipientCheck(settings.recipients, redis_pipe, prefix),
+        "quota": lambda: QuotaCheck(settings.quota),
         "greylist": lambda: GreylistCheck(settings.greylist, settings.trusted_networks, redis_pipe, prefix, now,
                                           hostname),
     }

@@ -15,7 +15,7 @@ from mailwarden.section import Section
 from mailwarden.units import Duration, parse_duration
 from policyd.rules_files import shipped_rules_file
 
-CheckName = Literal["access", "blocklist", "ratelimit", "dnsbl", "spf", "recipients", "greylist"]
+CheckName = Literal["access", "blocklist", "ratelimit", "dnsbl", "spf", "recipients", "quota", "greylist"]
 FailAction = Literal["dunno", "defer_if_permit", "defer"]
 """What to answer when a dependency fails: ``dunno`` lets the next check and Postfix decide (fail open),
 ``defer_if_permit`` and ``defer`` give the client a temporary failure (fail closed)."""
@@ -331,6 +331,35 @@ class RecipientSettings(Section):
         return None
 
 
+class QuotaSettings(Section):
+    """Over-quota rejection at the border: a recipient whose mailbox is full gets a temporary 452 4.2.2
+    (or a permanent 552 5.2.2) at RCPT, instead of a bounce from the back end later."""
+
+    sources: list[Literal["dovecot", "file"]] = ["dovecot"]
+    dovecot: str = "127.0.0.1:12340"
+    """Dovecot's quota-status service (``service quota-status { executable = quota-status -p postfix }``):
+    HOST:PORT or unix:/path. Set its quota_status_success and quota_status_nouser to DUNNO."""
+    file: Path | None = None
+    """Over-quota users, one per line: ``address`` (over quota), or ``address used_bytes limit_bytes``
+    (judged with the message size and the grace). Re-read when it changes."""
+    grace_percent: Annotated[float, Field(ge=0, le=100)] = 0
+    """For the file source: mail is still taken until usage passes the limit by this much."""
+    permanent: bool = False
+    """Answer 552 5.2.2 (the sender gives up) instead of 452 4.2.2 (the sender retries for days)."""
+    timeout: Duration = 1.0
+    text: str = "Mailbox is full"
+
+    @field_validator("dovecot")
+    @classmethod
+    def _address(cls, entry: str) -> str:
+        return _listen_entry(entry)
+
+    def missing(self) -> str | None:
+        if "file" in self.sources and self.file is None:
+            return "quota.sources names file: set [policyd.quota] file"
+        return None
+
+
 class AccessSettings(Section):
     """The site's access rules (see rules/access.toml for the format)."""
 
@@ -388,7 +417,7 @@ class PolicydSettings(Section):
     max_connections: Annotated[int, Field(ge=1)] = 4096
     max_line_bytes: Annotated[int, Field(ge=256)] = 8192
     max_request_bytes: Annotated[int, Field(ge=1024)] = 65536
-    on_error: dict[Literal["redis", "dns", "ldap", "sql", "file"], FailModes] = Field(default_factory=dict)
+    on_error: dict[Literal["redis", "dns", "ldap", "sql", "file", "quota"], FailModes] = Field(default_factory=dict)
     """Defaults: redis and dns fail open (dunno); the recipient directories (ldap, sql, file) defer, so an
     outage never turns into "user unknown" and never lets mail for unknown users in."""
     """Fail mode per dependency and per class of client; logged and counted when used."""
@@ -398,6 +427,7 @@ class PolicydSettings(Section):
     dnsbl: DnsblSettings = Field(default_factory=DnsblSettings)
     spf: SpfSettings = Field(default_factory=SpfSettings)
     recipients: RecipientSettings = Field(default_factory=RecipientSettings)
+    quota: QuotaSettings = Field(default_factory=QuotaSettings)
     greylist: GreylistSettings = Field(default_factory=GreylistSettings)
     ratelimit: RateLimitSettings = Field(default_factory=RateLimitSettings)
     blocklist: BlocklistSettings = Field(default_factory=BlocklistSettings)
@@ -419,6 +449,8 @@ class PolicydSettings(Section):
     @model_validator(mode="after")
     def _sources_configured(self) -> PolicydSettings:
         if "recipients" in self.checks and (missing := self.recipients.missing()):
+            raise ValueError(missing)
+        if "quota" in self.checks and (missing := self.quota.missing()):
             raise ValueError(missing)
         return self
 

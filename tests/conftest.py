@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from harness.dns_server import DnsServer
+from harness.dovecot import DovecotInstance
 from harness.net import free_port, wait_port
 from harness.policyd_proc import PolicydProcess
 from harness.postfix import PostfixInstance
@@ -64,6 +65,14 @@ def dns_settings(server: DnsServer) -> dict:
 def slapd() -> Iterator[SlapdInstance]:
     """A private slapd with the test directory (alice active, bob disabled, carol with alternate addresses)."""
     with SlapdInstance() as instance:
+        yield instance
+
+
+@pytest.fixture(scope="module")
+def dovecot() -> Iterator[DovecotInstance]:
+    """A private Dovecot whose quota-status service knows alice (room), full (over quota) and three (5 MB
+    quota, about 2 MB used). Module-scoped: Dovecot takes a second to stop."""
+    with DovecotInstance() as instance:
         yield instance
 
 

@@ -1,0 +1,147 @@
+"""Over-quota rejection at the border.
+
+Sources: Dovecot's quota-status service (the standard way: we speak the same policy protocol to it, as
+Postfix would, with the recipient's mailbox and the message size), and a file of over-quota users that a
+site's own job writes (re-read when it changes). A full mailbox gets 452 4.2.2 (the sender retries; the
+user may make room) or, if so configured, 552 5.2.2. The recipient is judged by the mailbox recipient
+verification resolved it to (an alias by its target), when that check ran first.
+
+When quota-status cannot be reached or answers nonsense, the check fails with BackendError("quota"): its
+fail mode applies (DUNNO by default: a quota service outage must not stop mail).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailwarden.backend import BackendError
+from mailwarden.decision import Action
+from mailwarden.logs import get_logger, log_kv
+from policyd.check import Check
+from policyd.request import PolicyRequest
+from policyd.settings import QuotaSettings
+from policyd.verdict import Verdict
+
+log = get_logger("policyd.quota")
+
+_NOT_FULL = ("DUNNO", "OK", "PERMIT")
+_NO_SUCH_USER = re.compile(r"5\.1\.1|unknown user|no such user|user unknown", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    used: int | None
+    limit: int | None
+
+
+class QuotaFile:
+    """``address`` or ``address used_bytes limit_bytes`` per line; re-read when the file changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: object = None
+        self.users: dict[str, Usage] = {}
+
+    def refresh(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            raise BackendError(f"over-quota file {self.path}: {exc.strerror}", backend="quota") from None
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp == self._stamp:
+            return
+        users: dict[str, Usage] = {}
+        for number, raw in enumerate(self.path.read_text(errors="replace").splitlines(), start=1):
+            fields = raw.split("#", 1)[0].split()
+            if not fields:
+                continue
+            try:
+                usage = Usage(int(fields[1]), int(fields[2])) if len(fields) >= 3 else Usage(None, None)
+            except ValueError:
+                log_kv(log, logging.WARNING, "over-quota file line ignored", file=str(self.path), line=number)
+                continue
+            users[fields[0].lower()] = usage
+        self.users, self._stamp = users, stamp
+        log_kv(log, logging.INFO, "over-quota file loaded", file=str(self.path), users=len(users))
+
+    def over(self, mailbox: str, size: int, grace_percent: float) -> bool:
+        self.refresh()
+        usage = self.users.get(mailbox)
+        if usage is None:
+            return False
+        if usage.used is None or usage.limit is None:
+            return True
+        allowed = usage.limit * (1 + grace_percent / 100)
+        return usage.used + size > allowed
+
+
+async def ask_quota_status(address: str, mailbox: str, size: int, timeout: float) -> str:
+    """One request to Dovecot's quota-status; returns its ``action=`` value (e.g. "DUNNO", "552 5.2.2 ...")."""
+    request = (f"request=smtpd_access_policy\nprotocol_state=RCPT\nprotocol_name=ESMTP\n"
+               f"recipient={mailbox}\nsize={size}\n\n").encode()
+
+    async def exchange() -> bytes:
+        if address.startswith("unix:"):
+            reader, writer = await asyncio.open_unix_connection(address[5:])
+        else:
+            host, _, port = address.rpartition(":")
+            reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+        try:
+            writer.write(request)
+            return await reader.readuntil(b"\n\n")
+        finally:
+            writer.close()
+
+    try:
+        answer = await asyncio.wait_for(exchange(), timeout)
+    except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+        raise BackendError(f"quota-status at {address}: {type(exc).__name__} {exc}".strip(), backend="quota") from None
+    for line in answer.decode(errors="replace").splitlines():
+        if line.startswith("action="):
+            return line[len("action="):].strip()
+    raise BackendError(f"quota-status at {address} answered without an action", backend="quota")
+
+
+class QuotaCheck(Check):
+    name = "quota"
+    dependency = "quota"
+
+    def __init__(self, settings: QuotaSettings) -> None:
+        self.settings = settings
+        self.file = QuotaFile(settings.file) if settings.file is not None else None
+
+    async def on_rcpt(self, request: PolicyRequest) -> Verdict | None:
+        mailboxes = request.mailboxes or (request.recipient.lower(),)
+        if len(mailboxes) != 1 or "@" not in mailboxes[0]:
+            return None  # an alias to several mailboxes is not refused because one of them is full
+        mailbox = mailboxes[0]
+        size = _size(request)
+        for source in self.settings.sources:
+            if source == "file" and self.file is not None:
+                if self.file.over(mailbox, size, self.settings.grace_percent):
+                    return self._refuse(mailbox, "over-quota file")
+            elif source == "dovecot":
+                answer = await ask_quota_status(self.settings.dovecot, mailbox, size, self.settings.timeout)
+                if answer.upper().startswith(_NOT_FULL):
+                    continue
+                if _NO_SUCH_USER.search(answer):
+                    continue  # quota_status_nouser left at Dovecot's default: "no such user" is no verdict
+                return self._refuse(mailbox, f"quota-status: {answer}")
+        return Verdict.accept(f"mailbox {mailbox} has room for {size} bytes") if size else None
+
+    def _refuse(self, mailbox: str, detail: str) -> Verdict:
+        code = "552 5.2.2" if self.settings.permanent else "452 4.2.2"
+        action = Action.REJECT if self.settings.permanent else Action.DEFER
+        return Verdict.refuse(action, f"mailbox {mailbox} over quota ({detail})", f"{code} {self.settings.text}")
+
+
+def _size(request: PolicyRequest) -> int:
+    try:
+        return max(0, int(request.attrs.get("size") or 0))
+    except ValueError:
+        return 0
