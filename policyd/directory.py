@@ -179,25 +179,23 @@ class LdapSource:
     name = "ldap"
 
     def __init__(self, settings: LdapSourceSettings, pool: concurrent.futures.Executor) -> None:
-        from ldap3 import Server
-
         self.settings = settings
         self.pool = pool
-        seconds = max(1, round(settings.timeout))
-        self.servers = [Server(url, connect_timeout=seconds) for url in settings.servers]
         self.idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.attributes = [settings.mailbox_attribute] + ([settings.status_attribute] if settings.status_attribute
                                                           else [])
 
     def _connect(self) -> Any:
         """A bound connection to the first server that answers, in the configured order. (ldap3's own
-        ServerPool sleeps between rounds, which would blow the time bound of a policy answer.)"""
-        from ldap3 import SAFE_SYNC, Connection
+        ServerPool sleeps between rounds, which would blow the time bound of a policy answer; and a Server
+        object remembers a failed address for minutes, so each attempt gets a fresh one.)"""
+        from ldap3 import SAFE_SYNC, Connection, Server
         from ldap3.core.exceptions import LDAPException
 
         seconds = max(1, round(self.settings.timeout))
         failures = []
-        for server in self.servers:
+        for url in self.settings.servers:
+            server = Server(url, connect_timeout=seconds)
             try:
                 return Connection(server, user=self.settings.bind_dn, password=self.settings.bind_password,
                                   client_strategy=SAFE_SYNC, auto_bind=True, receive_timeout=seconds,
@@ -234,6 +232,7 @@ class LdapSource:
                 last = exc
                 if conn is not None:
                     _quietly_unbind(conn)
+                self.close()  # the idle connections went to the same dead server: the retry connects anew
                 continue
             self.idle.put(conn)
             return self._interpret(address, entries)

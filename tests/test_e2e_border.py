@@ -63,3 +63,53 @@ def test_spf_pass_gets_received_spf_and_a_retry_from_the_senders_pool_is_accepte
     assert message["Received-SPF"].startswith("pass (mx.receiver.test: domain of example.test designates "
                                               "198.51.100.11 as permitted sender)")
     assert message["X-Greylist"].startswith("delayed ")
+
+
+@pytest.fixture
+def directory_stack(stack_factory, redis_server, slapd, dovecot):
+    """Postfix -> policyd with recipient verification from slapd and over-quota from Dovecot's quota-status."""
+    config = base_settings(redis_server.url, checks=["recipients", "quota"], recipients={
+        "domains": ["example.org"], "sources": ["ldap"], "negative_cache_ttl": 0, "cache_ttl": 0,
+        "ldap": {"servers": [slapd.url], "base": "dc=example,dc=org", "timeout": "1s"}},
+        quota={"dovecot": f"127.0.0.1:{dovecot.quota_port}"})
+    stack = stack_factory(config)
+    stack.postfix.relay_domains = "example.org"
+    stack.postfix.stop()
+    stack.postfix.start()
+    return stack
+
+
+def test_unknown_recipient_is_refused_at_rcpt_and_nothing_reaches_the_sink(directory_stack):
+    refused = send(directory_stack, "to nobody", rcpt="nobody@example.org")
+    code, text = refused["nobody@example.org"]
+    assert code == 550 and text.startswith("5.1.1") and "User unknown" in text
+    assert send(directory_stack, "to carol's alias", rcpt="c.smith@example.org") is None
+    [delivered] = directory_stack.sink.wait_for(1)
+    assert delivered.rcpt_tos == ("c.smith@example.org",)
+    assert directory_stack.sink.with_subject("to nobody") == []
+
+
+def test_disabled_account_is_refused(directory_stack):
+    code, text = send(directory_stack, "to bob", rcpt="bob@example.org")["bob@example.org"]
+    assert code == 550 and text.startswith("5.2.1")
+
+
+def test_over_quota_recipient_gets_452(directory_stack, slapd):
+    admin = slapd.admin_connection()
+    admin.add("uid=full,ou=people,dc=example,dc=org", ["inetOrgPerson", "qmailUser"],
+              {"uid": "full", "cn": "Full Mailbox", "sn": "Mailbox", "mail": "full@example.org",
+               "accountStatus": "active"})
+    code, text = send(directory_stack, "to full", rcpt="full@example.org")["full@example.org"]
+    assert code == 452 and text.startswith("4.2.2")
+    assert send(directory_stack, "to alice", rcpt="alice@example.org") is None
+
+
+def test_directory_outage_gives_temporary_failures_and_recovers(directory_stack, slapd):
+    assert send(directory_stack, "before", rcpt="alice@example.org") is None
+    slapd.stop()
+    for rcpt in ("alice@example.org", "nobody@example.org"):
+        code, text = send(directory_stack, "during", rcpt=rcpt)[rcpt]
+        assert code == 450 and text.startswith("4.3.0"), (rcpt, code, text)  # never a 550
+    slapd.start()
+    assert send(directory_stack, "after", rcpt="alice@example.org") is None
+    assert send(directory_stack, "after", rcpt="nobody@example.org")["nobody@example.org"][0] == 550
