@@ -80,6 +80,7 @@ class Pipeline:
         for state, method in STAGE_HOOKS.items():
             self.hooks[state] = [(check, getattr(check, method)) for check in checks if hasattr(check, method)]
         self._last_error_log: dict[str, float] = {}
+        self._latency = {check.name: metrics.CHECK_LATENCY.labels(check.name) for check in checks}
 
     async def decide(self, request: PolicyRequest) -> Outcome:
         outcome = Outcome(Verdict.accept("no check objected"), "none")
@@ -94,7 +95,9 @@ class Pipeline:
             except BackendError as exc:
                 verdict = self._backend_failed(check, request, exc)
                 outcome.degraded.append(check.name)
-            outcome.timings.append((check.name, time.perf_counter() - started))
+            elapsed = time.perf_counter() - started
+            outcome.timings.append((check.name, elapsed))
+            self._latency[check.name].observe(elapsed)
             if verdict is None:
                 continue
             if verdict.decisive:

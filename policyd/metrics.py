@@ -6,6 +6,8 @@ DECISIONS = Counter("mailwarden_policyd_decisions", "Policy decisions by decidin
                     ["check", "action"])
 LATENCY = Histogram("mailwarden_policyd_decision_seconds", "Time from request to answer",
                     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+CHECK_LATENCY = Histogram("mailwarden_policyd_check_seconds", "Time one check took for one request", ["check"],
+                          buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 BACKEND_ERRORS = Counter("mailwarden_policyd_backend_errors", "Failed backend calls by backend and check",
                          ["backend", "check"])
 FAIL_MODE = Counter("mailwarden_policyd_fail_mode", "Answers given in a dependency's fail mode",

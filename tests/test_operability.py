@@ -70,6 +70,7 @@ def test_metrics_count_decisions_and_fail_modes(policyd_factory, own_redis):
     assert 'mailwarden_policyd_backend_errors_total{backend="redis",check="greylist"}' in text
     assert 'mailwarden_policyd_fail_mode_total{backend="redis",mode="fail_open"}' in text
     assert "mailwarden_policyd_decision_seconds_bucket" in text
+    assert 'mailwarden_policyd_check_seconds_count{check="greylist"} 2.0' in text
     assert "mailwarden_redis_connected 0.0" in text
 
 
