@@ -35,7 +35,8 @@ def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     except OSError:
         pass
     try:
-        return ipaddress.ip_address(text)
+        # a zone index (fe80::1%eth0) means nothing beyond this host and breaks DNSBL queries: drop it
+        return ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
         return None
 

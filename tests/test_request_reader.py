@@ -46,7 +46,7 @@ def test_eight_bit_values_are_kept_as_utf8():
 
 @pytest.mark.parametrize(("address", "expected"), [
     ("192.0.2.1", "192.0.2.1"), ("2001:db8::1", "2001:db8::1"), ("::ffff:192.0.2.7", "192.0.2.7"),
-    ("not-an-ip", None), ("", None),
+    ("not-an-ip", None), ("", None), ("fe80::1%eth0", "fe80::1"),
 ])
 def test_client_addresses(address, expected):
     request = PolicyRequest.from_attrs({"client_address": address, "protocol_state": "rcpt"})
