@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from harness.dns_server import DnsServer
 from harness.dovecot import DovecotInstance
+from harness.mariadb import MariaDbInstance
 from harness.net import free_port, wait_port
 from harness.policyd_proc import PolicydProcess
 from harness.postfix import PostfixInstance
@@ -73,6 +74,13 @@ def dovecot() -> Iterator[DovecotInstance]:
     """A private Dovecot whose quota-status service knows alice (room), full (over quota) and three (5 MB
     quota, about 2 MB used). Module-scoped: Dovecot takes a second to stop."""
     with DovecotInstance() as instance:
+        yield instance
+
+
+@pytest.fixture(scope="module")
+def mariadb() -> Iterator[MariaDbInstance]:
+    """A private MariaDB server (own datadir and port), never the machine's own."""
+    with MariaDbInstance() as instance:
         yield instance
 
 

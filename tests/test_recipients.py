@@ -180,3 +180,26 @@ def test_first_source_that_knows_decides_and_a_down_source_does_not_hide_a_known
     with daemon.connect() as c:
         assert c.ask(recipient="alice@example.org") == "DUNNO"  # LDAP down, the file knows her
         assert c.ask(recipient="nobody@example.org") == TEMPFAIL  # nobody knows, LDAP could not say
+
+
+def test_sql_source_with_mariadb_and_its_outage(policyd_factory, redis_server, mariadb):
+    url = mariadb.create_database("mailusers", drop=True)
+    mariadb.run_script(
+        "CREATE TABLE mailusers.virtual_users (email VARCHAR(254) PRIMARY KEY, mailbox VARCHAR(254), "
+        "enabled TINYINT);"
+        "INSERT INTO mailusers.virtual_users VALUES ('alice@example.org', 'alice@example.org', 1),"
+        "('postmaster@example.org', 'alice@example.org', 1), ('bob@example.org', 'bob@example.org', 0);")
+    daemon = policyd_factory(base_settings(redis_server.url, checks=["recipients"], recipients={
+        "domains": ["example.org"], "sources": ["sql"], "cache_ttl": 0, "negative_cache_ttl": 0,
+        "sql": {"url": url, "timeout": "1s",
+                "query": "SELECT mailbox, enabled FROM virtual_users WHERE email = :address"}}))
+    with daemon.connect() as c:
+        assert c.ask(recipient="Postmaster@example.org") == "DUNNO"
+        assert c.ask(recipient="bob@example.org") == "550 5.2.1 Mailbox disabled"
+        assert c.ask(recipient="nobody@example.org") == "550 5.1.1 User unknown"
+        mariadb.stop()
+        assert c.ask(recipient="alice@example.org") == TEMPFAIL
+        assert c.ask(recipient="nobody@example.org") == TEMPFAIL
+        mariadb.start()
+        assert c.ask(recipient="alice@example.org") == "DUNNO"
+    assert "backend=sql" in daemon.log_text()

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the suite and its tests need, where missing. Idempotent; starts nothing
-# (the tests start their own redis-server and Postfix instances; `make run` starts what it uses).
+# Installs the Debian packages the suite and its tests need, where missing. Idempotent. The tests start
+# private instances of every server (redis-server, Postfix, slapd, Dovecot, MariaDB) on loopback ports of
+# their own and never use a system instance the packages may have started; `make run` starts what it uses.
 set -euo pipefail
 
-# postfix, redis-server: the policy path end to end; slapd, dovecot: directory and quota sources the
-# border checks ask in the tests; swaks: the quick start's client.
-PACKAGES=(postfix redis-server swaks ca-certificates slapd dovecot-core dovecot-imapd)
+# postfix, redis-server: the policy path end to end; slapd, dovecot, mariadb-server: directory, quota and
+# SQL sources the border checks ask in the tests; swaks: the quick start's client.
+PACKAGES=(postfix redis-server swaks ca-certificates slapd dovecot-core dovecot-imapd mariadb-server)
 [ "${WITH_BENCH:-0}" = 1 ] && PACKAGES+=(postgrey)
 
 SUDO=""
