@@ -187,6 +187,14 @@ class DnsblCheck(Check):
         future.add_done_callback(lambda f: f.exception())  # a failed cache write only costs a later query
 
 
+def dnsbl_score(request: PolicyRequest) -> float | None:
+    """The DNSBL score of this request's client, if the dnsbl check ran (for other checks, e.g. greylist)."""
+    kept = request.message.get(_RESULT)
+    if kept is None or kept[0] != request.client_ip:  # type: ignore[index]
+        return None
+    return sum(answer.weight for answer in kept[1] if answer.codes)  # type: ignore[index]
+
+
 def _dns_error(exc: BaseException) -> str:
     args = getattr(exc, "args", ())
     return str(args[1]) if len(args) > 1 else str(exc) or type(exc).__name__

@@ -24,6 +24,7 @@ from mailwarden.logs import get_logger, log_kv
 from mailwarden.redis_pipe import PipelinedRedis
 from policyd import keys
 from policyd.check import Check
+from policyd.dnsbl import dnsbl_score
 from policyd.request import PolicyRequest
 from policyd.settings import GreylistSettings
 from policyd.spf import spf_result
@@ -84,6 +85,7 @@ class GreylistCheck(Check):
         self.hostname = hostname
         self.clients = ClientWhitelist.load(settings.whitelist_clients)
         self.recipients = RecipientWhitelist.load(settings.whitelist_recipients)
+        self._dynamic = re.compile("|".join(f"(?:{p})" for p in settings.dynamic_patterns) or "(?!)", re.IGNORECASE)
         self._static_args = (settings.delay, settings.retry_window, settings.max_age, settings.auto_whitelist_clients)
 
     def reload(self) -> None:
@@ -110,7 +112,21 @@ class GreylistCheck(Check):
             return f"client whitelisted ({entry})"
         if entry := self.recipients.matches(request.recipient):
             return f"recipient whitelisted ({entry})"
+        if self.settings.only_suspicious and (why := self.looks_trustworthy(request)):
+            return why
         return None
+
+    def looks_trustworthy(self, request: PolicyRequest) -> str | None:
+        """With only_suspicious: why this client is not suspicious (so not greylisted), or None."""
+        name = request.client_name.lower()
+        if not name or name == "unknown":
+            return None
+        if self._dynamic.search(name):
+            return None
+        score = dnsbl_score(request)
+        if score is not None and score > 0:
+            return None
+        return f"client not suspicious ({name})"
 
     def triplet(self, request: PolicyRequest) -> str:
         """``client network/normalised sender/recipient``; with SPF passed for the sender's domain, the

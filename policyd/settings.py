@@ -5,6 +5,7 @@ check and each dependency behaves. Every field says its unit and default; the an
 from __future__ import annotations
 
 import ipaddress
+import re
 import string
 from pathlib import Path
 from typing import Annotated, Literal
@@ -62,6 +63,15 @@ class GreylistSettings(Section):
     """Greylist SASL-authenticated clients too (never sensible for submission; kept for odd set-ups)."""
     add_header: bool = True
     """PREPEND ``X-Greylist: delayed N seconds`` to a message that passed after being delayed."""
+    only_suspicious: bool = False
+    """Greylist only clients that look suspicious, as large providers do: no verified reverse DNS, a
+    hostname that looks dynamic (``dynamic_patterns``), or a DNSBL score above zero (dnsbl runs first)."""
+    dynamic_patterns: list[str] = [
+        r"(^|[.-])(dyn|dynamic|dhcp|dsl|adsl|vdsl|cable|pool|ppp|pppoe|dialup|dial|client|broadband|"
+        r"customer|user|host|ip)[.-]?\d",
+        r"\d{1,3}[.-]\d{1,3}[.-]\d{1,3}[.-]\d{1,3}",
+    ]
+    """Regular expressions (searched, case-insensitive) for hostnames of end-user access networks."""
     spf_domain_triplets: bool = True
     """When SPF passed for the sender's domain (the spf check runs before greylist), the triplet uses that
     domain in place of the client network, so a retry from another host of the sender's pool (Outlook.com,
@@ -75,6 +85,16 @@ class GreylistSettings(Section):
     @classmethod
     def _text(cls, text: str) -> str:
         return _check_template(text, cls._text_fields.default)  # type: ignore[attr-defined]
+
+    @field_validator("dynamic_patterns")
+    @classmethod
+    def _patterns(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"bad regular expression {pattern!r}: {exc}") from None
+        return patterns
 
     @model_validator(mode="after")
     def _windows(self) -> GreylistSettings:

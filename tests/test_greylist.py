@@ -208,3 +208,26 @@ def test_exemptions(redis_server):
         r.client_name = "mx.amazon.com"
         assert (await check.on_rcpt(r)).reason == "client whitelisted (amazon.com)"
     run_check(redis_server.url, scenario)
+
+
+@pytest.mark.parametrize(("name", "listed", "greylisted"), [
+    ("unknown", False, True),
+    ("", False, True),
+    ("dsl-84-12-3-4.isp.example", False, True),
+    ("84.12.3.4.customer.example", False, True),
+    ("pool-71-3.broadband.example", False, True),
+    ("mx1.example.com", False, False),
+    ("mail-oi1-f170.google.example", False, False),
+    ("mx1.example.com", True, True),
+])
+def test_only_suspicious_clients_are_greylisted_when_configured(redis_server, name, listed, greylisted):
+    from policyd.dnsbl import ListAnswer
+
+    async def scenario(check, clock):
+        r = request()
+        r.client_name = name
+        if listed:
+            r.message["dnsbl.result"] = (r.client_ip, [ListAnswer("weak.test", 1.0, ("127.0.0.5",))])
+        verdict = await check.on_rcpt(r)
+        assert verdict.decisive == greylisted, verdict
+    run_check(redis_server.url, scenario, only_suspicious=True)
