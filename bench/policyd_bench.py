@@ -20,6 +20,12 @@ Why it is built this way:
   every server alike. The CPU taken by other processes during each run is reported too.
 - Every process started here is stopped on normal exit, on errors, on Ctrl-C and on SIGTERM (and gets
   PR_SET_PDEATHSIG, so it dies even if this script is killed outright); every wait is bounded.
+- ``mailwarden-border`` (policyd with every border check: DNSBL, SPF, recipients from LDAP, quota from
+  Dovecot) has nothing to compare with in postgrey. It runs after the greylisting comparison, against the
+  test harness's real DNS server, slapd and Dovecot, on a request mix whose every request has a known
+  right answer (listed client, SPF fail, unknown, disabled or full recipient, or greylisted), which is
+  checked. Each stream is timed twice: "cold" against an emptied Redis, then "warm" as retries, when
+  the Redis caches answer. Its table adds the CPU of the DNS server, slapd and Dovecot. See border.py.
 
 Run with the project's venv:  .venv/bin/python bench/policyd_bench.py --help
 """
@@ -37,6 +43,7 @@ import math
 import os
 import platform
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -58,14 +65,22 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PR_SET_PDEATHSIG = 1
 
-SERVERS = ("mailwarden-greylist", "mailwarden-all", "postgrey")
+BORDER = "mailwarden-border"
+SERVERS = ("mailwarden-greylist", "mailwarden-all", "postgrey", BORDER)
 """Benchmarked servers: policyd with greylisting only (what postgrey does), policyd with its default
-pipeline (blocklist, ratelimit, greylist), and postgrey itself (the reference for the ratios)."""
+pipeline (blocklist, ratelimit, greylist), and postgrey itself (the reference for the ratios); and policyd
+with every border check (DNSBL, SPF, recipients from LDAP, quota from Dovecot), which postgrey has no
+counterpart for: it is measured on its own request mix and shown in a table of its own (see border.py)."""
 MAILWARDEN_CHECKS = {
     "mailwarden-greylist": ["greylist"],
     "mailwarden-all": ["blocklist", "ratelimit", "greylist"],
+    BORDER: ["access", "blocklist", "ratelimit", "dnsbl", "spf", "recipients", "quota", "greylist"],
 }
 SCENARIOS = ("new", "repeat")
+CACHE_STATES = ("cold", "warm")
+"""The border scenarios: "cold", a stream against an empty Redis (every DNSBL and recipient lookup goes to
+DNS or LDAP, except repeats within the stream); "warm", the same stream again right after, as the
+retries of the same transactions (new ``instance``), so the Redis caches answer."""
 REFERENCE = "postgrey"
 EXPECTED_ACTION = b"DEFER_IF_PERMIT"
 """Every request of both scenarios is greylisted (new triplet, or a retry well inside the 300 s delay),
@@ -217,6 +232,10 @@ class Workload:
 
     timed: list[bytes]
     prime: list[bytes] = field(default_factory=list)
+    expected: list[bytes] | None = None
+    """Per timed request, what its answer must start with (border mix); None: EXPECTED_ACTION for all."""
+    outcomes: list[str] | None = None
+    """Per timed request, the name of its expected outcome (border mix), for the per-outcome counts."""
 
 
 def make_workload(scenario: str, numbers: TripletNumbers, requests: int, pool: int) -> Workload:
@@ -238,14 +257,16 @@ def make_workload(scenario: str, numbers: TripletNumbers, requests: int, pool: i
 class _Shared:
     """State shared by the client's connections: the requests, where they are, what came back."""
 
-    __slots__ = ("active", "answers", "done", "latencies", "next", "requests", "total")
+    __slots__ = ("active", "answers", "done", "latencies", "next", "replies", "requests", "total")
 
-    def __init__(self, requests: list[bytes], done: asyncio.Future[None]) -> None:
+    def __init__(self, requests: list[bytes], done: asyncio.Future[None], keep_replies: bool = False) -> None:
         self.requests = requests
         self.total = len(requests)
         self.next = 0
         self.latencies: list[float] = []
         self.answers: dict[bytes, int] = {}
+        self.replies: list[bytes] | None = [b""] * self.total if keep_replies else None
+        """Each request's answer, by index (the border mix has a different expected answer per request)."""
         self.active = 0
         self.done = done
 
@@ -263,13 +284,14 @@ class _ClientConnection(asyncio.Protocol):
     """One persistent connection that behaves like Postfix's smtpd: one request, wait for the answer,
     the next request. Plain callbacks and pre-encoded bytes keep the client's CPU per request low."""
 
-    __slots__ = ("buf", "finished", "sent", "shared", "transport")
+    __slots__ = ("buf", "finished", "index", "sent", "shared", "transport")
 
     def __init__(self, shared: _Shared) -> None:
         self.shared = shared
         self.transport: asyncio.Transport | None = None
         self.buf = b""
         self.sent = 0.0
+        self.index = 0
         self.finished = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -289,6 +311,7 @@ class _ClientConnection(asyncio.Protocol):
                 shared.done.set_result(None)
             return
         shared.next = index + 1
+        self.index = index
         self.sent = time.perf_counter()
         assert self.transport is not None
         self.transport.write(shared.requests[index])
@@ -304,6 +327,8 @@ class _ClientConnection(asyncio.Protocol):
         shared.latencies.append(time.perf_counter() - self.sent)
         answers = shared.answers
         answers[data] = answers.get(data, 0) + 1
+        if shared.replies is not None:
+            shared.replies[self.index] = data
         self._send_next()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -316,13 +341,15 @@ class DriveResult:
     wall: float
     latencies: list[float]
     answers: dict[bytes, int]
+    replies: list[bytes] | None = None
 
 
-async def drive(port: int, requests: list[bytes], connections: int, timeout: float) -> DriveResult:
+async def drive(port: int, requests: list[bytes], connections: int, timeout: float,
+                keep_replies: bool = False) -> DriveResult:
     """Send ``requests`` over ``connections`` persistent connections (each takes the next request as soon
     as its previous one is answered) and time every answer. Bounded by ``timeout`` seconds."""
     loop = asyncio.get_running_loop()
-    shared = _Shared(requests, loop.create_future())
+    shared = _Shared(requests, loop.create_future(), keep_replies)
     conns: list[_ClientConnection] = []
     # Inside the loop a signal must not raise from within a protocol callback (the transport would take it
     # as its own error): it ends the run through the future instead, and the connections close below.
@@ -353,7 +380,7 @@ async def drive(port: int, requests: list[bytes], connections: int, timeout: flo
         for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)
         STOP.install()
-    return DriveResult(wall, shared.latencies, shared.answers)
+    return DriveResult(wall, shared.latencies, shared.answers, shared.replies)
 
 
 # -- processes ------------------------------------------------------------------------------------------
@@ -382,15 +409,36 @@ class Child:
     log_path: Path
     user: str | None = None
     """Start as this user (and its group): a process that switched user itself would lose PDEATHSIG."""
+    control: bool = False
+    """stdin and stdout are pipes to this script (a line protocol: the border benchmark's DNS child)."""
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self, env: dict[str, str] | None = None) -> Child:
         with self.log_path.open("ab") as log:
             # Own session: Ctrl-C reaches only this script, which then stops the children in order.
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE if self.control else subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE if self.control else log, stderr=log, env=env,
                                          start_new_session=True, preexec_fn=_die_with_parent, user=self.user,
                                          group=self.user, extra_groups=[] if self.user else None)
         return self
+
+    def ask(self, line: str | None, timeout: float = 10.0) -> str:
+        """Send ``line`` (if any) on the control pipe and read one line back, within ``timeout`` seconds."""
+        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
+        if line is not None:
+            self.proc.stdin.write(line.encode() + b"\n")
+            self.proc.stdin.flush()
+        deadline = time.monotonic() + timeout
+        while not select.select([self.proc.stdout], [], [], 0.1)[0]:
+            STOP.check()
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.name} did not answer {line!r} within {timeout:g}s; log {self.log_path}")
+        answer = self.proc.stdout.readline().decode(errors="replace").strip()
+        if not answer:
+            self.check_alive()
+            raise BenchError(f"{self.name} closed its control pipe; log {self.log_path}")
+        return answer
 
     @property
     def pid(self) -> int:
@@ -419,6 +467,10 @@ class Child:
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
         try:
@@ -443,11 +495,20 @@ class Target:
     port: int
     server: Child
     store: Child | None = None
+    helpers: dict[str, Callable[[], float]] = field(default_factory=dict)
+    """CPU seconds so far of each further process the server depends on (border: DNS, slapd, Dovecot)."""
+    alive: list[Callable[[], None]] = field(default_factory=list)
+    """Checks that raise BenchError when one of those processes died."""
+    queries: Callable[[], dict[str, int]] | None = None
+    """DNS queries answered so far, by kind (border: the DNS child's counts)."""
+    redis_port: int = 0
 
     def check_alive(self) -> None:
         self.server.check_alive()
         if self.store:
             self.store.check_alive()
+        for check in self.alive:
+            check()
 
 
 def start_redis(workdir: Path, stack: contextlib.ExitStack, name: str) -> tuple[Child, int]:
@@ -463,17 +524,20 @@ def start_redis(workdir: Path, stack: contextlib.ExitStack, name: str) -> tuple[
     return child, port
 
 
-def start_mailwarden(name: str, workdir: Path, stack: contextlib.ExitStack, python: str) -> Target:
+def start_mailwarden(name: str, workdir: Path, stack: contextlib.ExitStack, python: str,
+                     more_config: str = "", checks_run: Sequence[str] | None = None) -> Target:
     """policyd from a config file as an operator writes one; its own redis-server; decisions logged (as
-    in production) to a file."""
+    in production) to a file. ``more_config``: further tables (the border checks' settings);
+    ``checks_run``: the checks, if not MAILWARDEN_CHECKS[name]."""
     store, redis_port = start_redis(workdir, stack, f"{name}-redis")
     port = free_port()
     config = workdir / f"{name}.toml"
-    checks = ", ".join(f'"{check}"' for check in MAILWARDEN_CHECKS[name])
+    checks = ", ".join(f'"{check}"' for check in (checks_run or MAILWARDEN_CHECKS[name]))
     config.write_text(
         f'[redis]\nurl = "redis://127.0.0.1:{redis_port}/0"\n\n'
         "[logging]\ndecisions = true\n\n"
         f'[policyd]\nlisten = ["127.0.0.1:{port}"]\nchecks = [{checks}]\n'
+        + more_config
     )
     env = {key: value for key, value in os.environ.items() if key != "MAILWARDEN_CONFIG"}
     server = Child(name, [python, "-m", "mailwarden.cli", "--config", str(config), "policyd"],
@@ -481,7 +545,81 @@ def start_mailwarden(name: str, workdir: Path, stack: contextlib.ExitStack, pyth
     stack.callback(server.stop)  # registered after its Redis: stopped before it
     server.start(env)
     server.wait_port(port, 30)
-    return Target(name, port, server, store)
+    return Target(name, port, server, store, redis_port=redis_port)
+
+
+def start_border(workdir: Path, stack: contextlib.ExitStack, python: str, streams: Sequence[Sequence[Any]],
+                 users: int, without: Sequence[str] = ()) -> Target:
+    """policyd with every border check, and what they ask: the harness's DNS server in a child process
+    (the test zones, plus an entry for each listed client of ``streams``), a private slapd (the test
+    directory, plus full@example.org and ``users`` generated mailboxes) and a private Dovecot with its
+    quota-status service (the harness's users and the generated mailboxes). See border.py."""
+    import border  # the harness (tests/harness/) is needed for this server only
+
+    zone = workdir / "border-zone.txt"
+    zone.write_text(border.zone_text(streams))
+    dns = Child("dns", [python, str(Path(__file__).with_name("border.py")), "serve-dns", str(zone)],
+                workdir / "border-dns.log", control=True)
+    stack.callback(dns.stop)
+    dns.start()
+    reply = dns.ask(None, timeout=60)
+    if not reply.startswith("port "):
+        raise BenchError(f"the DNS child said {reply!r}; log {dns.log_path}")
+    dns_port = int(reply.split()[1])
+
+    ldif = workdir / "border-directory.ldif"
+    ldif.write_text(border.ldif_text(users))
+    (workdir / "slapd").mkdir()
+    slapd = border.BenchSlapd(directory=workdir / "slapd", ldif=ldif, preexec=_die_with_parent)
+    stack.callback(slapd.stop)
+    slapd.start()
+    (workdir / "dovecot").mkdir()
+    dovecot = border.BenchDovecot(directory=workdir / "dovecot", users=border.mail_users(users),
+                                  preexec=_die_with_parent)
+    stack.callback(dovecot.stop)
+    dovecot.start()
+
+    lists = "".join(f'\n[[policyd.dnsbl.lists]]\nzone = "{lst["zone"]}"\nweight = {lst["weight"]}\n'
+                    for lst in border.LISTS)
+    more_config = (
+        f'\n[policyd.dnsbl]\nthreshold = {border.THRESHOLD}\n{lists}'
+        f'\n[policyd.recipients]\ndomains = ["{border.DOMAIN}"]\nsources = ["ldap"]\n'
+        f'\n[policyd.recipients.ldap]\nservers = ["{slapd.url}"]\nbase = "{slapd.base}"\n'
+        f'\n[policyd.quota]\ndovecot = "127.0.0.1:{dovecot.quota_port}"\n'
+        f'\n[dns]\nnameservers = ["127.0.0.1"]\nport = {dns_port}\ntimeout = "1s"\ntries = 1\n'
+    )
+    target = start_mailwarden(BORDER, workdir, stack, python, more_config, border.checks(without))
+    assert slapd.proc is not None and dovecot.proc is not None
+    slapd_pid, dovecot_pid = slapd.proc.pid, dovecot.proc.pid
+
+    def components_alive() -> None:
+        dns.check_alive()
+        for what, proc, log in (("slapd", slapd.proc, workdir / "slapd" / "slapd.log"),
+                                ("dovecot", dovecot.proc, workdir / "dovecot" / "dovecot.log")):
+            if proc is None or proc.poll() is not None:
+                raise BenchError(f"{what} exited; log {log}")
+
+    def query_counts() -> dict[str, int]:
+        return {key: int(value) for key, value in json.loads(dns.ask("stats")).items()}
+
+    target.helpers = {"dns": lambda: cpu_seconds(dns.pid), "slapd": lambda: cpu_seconds(slapd_pid),
+                      "dovecot": lambda: group_cpu_seconds(dovecot_pid)}
+    target.alive = [components_alive]
+    target.queries = query_counts
+    return target
+
+
+def redis_command(port: int, command: bytes, timeout: float = 10.0) -> bytes:
+    """One inline command to a redis-server, its one-line reply (FLUSHALL: b"+OK")."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(command + b"\r\n")
+        reply = b""
+        while not reply.endswith(b"\r\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    return reply.strip()
 
 
 def start_postgrey(workdir: Path, stack: contextlib.ExitStack, postgrey: str) -> Target:
@@ -508,6 +646,25 @@ def cpu_seconds(pid: int) -> float:
     data = Path(f"/proc/{pid}/stat").read_bytes()
     fields = data[data.rfind(b")") + 2:].split()  # the command name may hold spaces and parentheses
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """utime + stime of every live process in the process group ``pgid`` (Dovecot: the master and the
+    services it forked), plus the master's cutime + cstime, where the CPU of services that exited and that
+    it reaped ends up."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            data = stat.read_bytes()
+        except OSError:
+            continue  # exited meanwhile
+        fields = data[data.rfind(b")") + 2:].split()
+        if int(fields[2]) != pgid:
+            continue
+        total += int(fields[11]) + int(fields[12])
+        if int(stat.parent.name) == pgid:
+            total += int(fields[13]) + int(fields[14])
+    return total / CLK_TCK
 
 
 def memory_mb(pid: int) -> tuple[float, float]:
@@ -545,12 +702,13 @@ class Snapshot:
     store: float
     client: float
     machine: float
+    helpers: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def take(cls, target: Target) -> Snapshot:
         return cls(time.monotonic(), cpu_seconds(target.server.pid),
                    cpu_seconds(target.store.pid) if target.store else 0.0, self_cpu_seconds(),
-                   machine_busy_seconds())
+                   machine_busy_seconds(), {name: read() for name, read in target.helpers.items()})
 
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
@@ -591,6 +749,14 @@ class RunResult:
     store_rss_mb: float
     unexpected_answers: int
     answers: dict[str, int]
+    helper_cpu_us: dict[str, float] = field(default_factory=dict)
+    """CPU per request of each process the server depends on (border: dns, slapd, dovecot)."""
+    dns_queries: dict[str, float] = field(default_factory=dict)
+    """DNS queries per request the DNS server answered during the run, by kind (bl.test, ..., spf) and total."""
+    outcomes: dict[str, list[int]] = field(default_factory=dict)
+    """Border mix: per expected outcome, [requests, answers that did not match]."""
+    mismatches: list[str] = field(default_factory=list)
+    """Border mix: a few requests whose answer did not match, with what came back."""
 
 
 def run_bounded(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
@@ -606,6 +772,27 @@ def run_bounded(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -
         raise
 
 
+def check_replies(workload: Workload, replies: list[bytes]) -> tuple[int, dict[str, list[int]], list[str]]:
+    """Each reply against what its request's category must get: (mismatches, per outcome [requests,
+    mismatches], a few mismatched requests with their answers)."""
+    assert workload.expected is not None and workload.outcomes is not None
+    outcomes: dict[str, list[int]] = {}
+    examples: list[str] = []
+    bad = 0
+    for request, expected, outcome, reply in zip(workload.timed, workload.expected, workload.outcomes, replies,
+                                                 strict=True):
+        counts = outcomes.setdefault(outcome, [0, 0])
+        counts[0] += 1
+        if not reply.startswith(expected):
+            counts[1] += 1
+            bad += 1
+            if len(examples) < 5:
+                attrs = dict(line.split("=", 1) for line in request.decode().splitlines() if "=" in line)
+                examples.append(f"{outcome}: client={attrs['client_address']} sender={attrs['sender']} "
+                                f"recipient={attrs['recipient']} -> {reply.decode(errors='replace').strip()}")
+    return bad, outcomes, examples
+
+
 def measure(target: Target, scenario: str, run: int, workload: Workload, loop: asyncio.AbstractEventLoop,
             connections: int, timeout: float) -> RunResult:
     """Prime (repeat), then one timed run with CPU and memory read around it."""
@@ -614,11 +801,13 @@ def measure(target: Target, scenario: str, run: int, workload: Workload, loop: a
     if workload.prime:
         run_bounded(loop, drive(target.port, workload.prime, connections, timeout))
     time.sleep(0.2)  # let the server finish writing its log lines from priming before the CPU snapshot
+    queries_before = target.queries() if target.queries else {}
     gc.collect()
     gc.disable()  # no collector pause inside the client's timed loop
     try:
         before = Snapshot.take(target)
-        result = run_bounded(loop, drive(target.port, workload.timed, connections, timeout))
+        result = run_bounded(loop, drive(target.port, workload.timed, connections, timeout,
+                                         keep_replies=workload.expected is not None))
         time.sleep(0.05)  # the last decision lines are written one event-loop tick after the answers
         after = Snapshot.take(target)
     finally:
@@ -626,9 +815,12 @@ def measure(target: Target, scenario: str, run: int, workload: Workload, loop: a
     STOP.check()
     target.check_alive()
     n = len(workload.timed)
+    queries_after = target.queries() if target.queries else {}
     lat = sorted(result.latencies)
     window = after.at - before.at
-    own = (after.server - before.server) + (after.store - before.store) + (after.client - before.client)
+    helpers = {name: after.helpers[name] - before.helpers[name] for name in before.helpers}
+    own = (after.server - before.server) + (after.store - before.store) + (after.client - before.client) \
+        + sum(helpers.values())
     rss, hwm = memory_mb(target.server.pid)
     store_rss = memory_mb(target.store.pid)[0] if target.store else 0.0
     answers: dict[str, int] = {}
@@ -636,8 +828,13 @@ def measure(target: Target, scenario: str, run: int, workload: Workload, loop: a
     for answer, count in result.answers.items():
         action = answer.removeprefix(b"action=").split(None, 1)[0] if answer.startswith(b"action=") else b"?"
         answers[action.decode(errors="replace")] = answers.get(action.decode(errors="replace"), 0) + count
-        if action != EXPECTED_ACTION:
+        if workload.expected is None and action != EXPECTED_ACTION:
             unexpected += count
+    outcomes: dict[str, list[int]] = {}
+    examples: list[str] = []
+    if workload.expected is not None:
+        assert result.replies is not None
+        unexpected, outcomes, examples = check_replies(workload, result.replies)
     return RunResult(
         server=target.name, scenario=scenario, run=run, requests=n, wall_s=result.wall,
         rps=n / result.wall, p50_ms=percentile(lat, 0.50) * 1000, p99_ms=percentile(lat, 0.99) * 1000,
@@ -647,6 +844,9 @@ def measure(target: Target, scenario: str, run: int, workload: Workload, loop: a
         client_cpu_us=(after.client - before.client) / n * 1e6,
         others_cpu_pct=max(0.0, (after.machine - before.machine) - own) / window * 100,
         rss_mb=rss, hwm_mb=hwm, store_rss_mb=store_rss, unexpected_answers=unexpected, answers=answers,
+        helper_cpu_us={name: value / n * 1e6 for name, value in helpers.items()},
+        dns_queries={kind: (queries_after[kind] - queries_before.get(kind, 0)) / n for kind in queries_after},
+        outcomes=outcomes, mismatches=examples,
     )
 
 
@@ -705,7 +905,7 @@ def summarise(results: list[RunResult], servers: Sequence[str], scenarios: Seque
     return rows
 
 
-COLUMNS: list[tuple[str, str, Callable[[Row], object]]] = [
+COLUMNS: list[tuple[str, str, Callable[[Any], object]]] = [
     ("server", "<19", lambda r: r.server),
     ("scenario", "<8", lambda r: r.scenario),
     ("req/s", ">7,.0f", lambda r: r.rps),
@@ -723,19 +923,167 @@ COLUMNS: list[tuple[str, str, Callable[[Row], object]]] = [
 ]
 
 
-def render_table(rows: list[Row]) -> str:
-    widths = [len(format(getter(rows[0]), spec)) if rows else len(title) for title, spec, getter in COLUMNS]
-    widths = [max(w, len(title)) for w, (title, _spec, _getter) in zip(widths, COLUMNS, strict=True)]
+def render_table(rows: Sequence[Any], columns: list[tuple[str, str, Callable[[Any], object]]] = COLUMNS) -> str:
+    widths = [len(format(getter(rows[0]), spec)) if rows else len(title) for title, spec, getter in columns]
+    widths = [max(w, len(title)) for w, (title, _spec, _getter) in zip(widths, columns, strict=True)]
     header = "  ".join(title.ljust(w) if spec.startswith("<") else title.rjust(w)
-                       for w, (title, spec, _g) in zip(widths, COLUMNS, strict=True))
+                       for w, (title, spec, _g) in zip(widths, columns, strict=True))
     lines = [header, "-" * len(header)]
     for row in rows:
         cells = []
-        for w, (_title, spec, getter) in zip(widths, COLUMNS, strict=True):
+        for w, (_title, spec, getter) in zip(widths, columns, strict=True):
             text = format(getter(row), spec)
             cells.append(text.ljust(w) if spec.startswith("<") else text.rjust(w))
         lines.append("  ".join(cells) + ("  (!) unexpected answers" if row.unexpected_answers else ""))
     return "\n".join(lines)
+
+
+@dataclass
+class BorderRow:
+    """Medians across the measured runs of the border server in one cache state (no postgrey ratio:
+    postgrey does none of these checks)."""
+
+    server: str
+    cache: str
+    runs: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    server_cpu_us: float
+    store_cpu_us: float
+    helper_cpu_us: dict[str, float]
+    total_cpu_us: float
+    """policyd + Redis + DNS server + slapd + Dovecot, per request."""
+    rss_mb: float
+    store_rss_mb: float
+    client_cpu_pct: float
+    client_cpu_us: float
+    others_cpu_pct: float
+    dns_queries: dict[str, float]
+    unexpected_answers: int
+    """Over all measured runs: answers that did not match their request's category."""
+    outcomes: dict[str, list[int]]
+    """Over all measured runs: per outcome, [requests, mismatches]."""
+
+
+def summarise_border(results: list[RunResult]) -> list[BorderRow]:
+    rows: list[BorderRow] = []
+    for cache in CACHE_STATES:
+        runs = [r for r in results if r.scenario == cache and r.run > 0]
+        if not runs:
+            continue
+
+        def med(get: Callable[[RunResult], float], runs: list[RunResult] = runs) -> float:
+            return statistics.median(get(r) for r in runs)
+
+        helpers = {name: med(lambda r, name=name: r.helper_cpu_us[name]) for name in runs[0].helper_cpu_us}
+        outcomes: dict[str, list[int]] = {}
+        for run in runs:
+            for outcome, (count, bad) in run.outcomes.items():
+                total = outcomes.setdefault(outcome, [0, 0])
+                total[0] += count
+                total[1] += bad
+        rows.append(BorderRow(
+            BORDER, cache, len(runs), med(lambda r: r.rps), med(lambda r: r.p50_ms), med(lambda r: r.p99_ms),
+            med(lambda r: r.server_cpu_us), med(lambda r: r.store_cpu_us), helpers,
+            med(lambda r: r.server_cpu_us + r.store_cpu_us + sum(r.helper_cpu_us.values())),
+            med(lambda r: r.rss_mb), med(lambda r: r.store_rss_mb), med(lambda r: r.client_cpu_pct),
+            med(lambda r: r.client_cpu_us), med(lambda r: r.others_cpu_pct),
+            {kind: med(lambda r, kind=kind: r.dns_queries.get(kind, 0.0)) for kind in runs[0].dns_queries},
+            sum(r.unexpected_answers for r in runs), outcomes,
+        ))
+    return rows
+
+
+BORDER_COLUMNS: list[tuple[str, str, Callable[[Any], object]]] = [
+    ("server", "<17", lambda r: r.server),
+    ("cache", "<5", lambda r: r.cache),
+    ("req/s", ">7,.0f", lambda r: r.rps),
+    ("p50 ms", ">6.2f", lambda r: r.p50_ms),
+    ("p99 ms", ">6.2f", lambda r: r.p99_ms),
+    ("CPU µs/req", ">10.0f", lambda r: r.server_cpu_us),
+    ("+redis µs", ">9.0f", lambda r: r.store_cpu_us),
+    ("+dns µs", ">7.0f", lambda r: r.helper_cpu_us.get("dns", 0.0)),
+    ("+slapd µs", ">9.0f", lambda r: r.helper_cpu_us.get("slapd", 0.0)),
+    ("+dovecot µs", ">11.0f", lambda r: r.helper_cpu_us.get("dovecot", 0.0)),
+    ("total µs", ">8.0f", lambda r: r.total_cpu_us),
+    ("RSS MB", ">6.1f", lambda r: r.rss_mb),
+    ("client %", ">8.0f", lambda r: r.client_cpu_pct),
+    ("client µs", ">9.0f", lambda r: r.client_cpu_us),
+    ("other %", ">7.0f", lambda r: r.others_cpu_pct),
+    ("DNS q/req", ">9.2f", lambda r: r.dns_queries.get("total", 0.0)),
+]
+
+
+def render_border(rows: list[BorderRow], results: list[RunResult]) -> str:
+    """The border table, then per expected outcome: its requests per run, its answer, the mismatches."""
+    lines = ["border checks (mailwarden-border; no postgrey ratio: postgrey does none of these checks)", "",
+             render_table(rows, BORDER_COLUMNS), ""]
+    import border
+
+    per_run = next((r.outcomes for r in results if r.run > 0), {})
+    width = max(len(name) for name in border.OUTCOMES)
+    lines.append(f"{'outcome':{width}}  {'req/run':>7}  " + "  ".join(f"{row.cache + ' bad':>8}" for row in rows)
+                 + "  expected answer")
+    for outcome in border.OUTCOMES:
+        expected = border.EXPECTED[outcome].decode().removeprefix("action=").rstrip("\n")
+        lines.append(f"{outcome:{width}}  {per_run.get(outcome, [0])[0]:>7}  "
+                     + "  ".join(f"{row.outcomes.get(outcome, [0, 0])[1]:>8}" for row in rows)
+                     + f"  {expected}...")
+    examples = [f"  {row.cache} run {r.run}: {text}" for row in rows for r in results
+                if r.scenario == row.cache and r.run > 0 for text in r.mismatches]
+    if examples:
+        lines += ["", "(!) answers that did not match their request's category (first few):", *examples[:10]]
+    return "\n".join(lines)
+
+
+def border_workload(stream: Sequence[Any], attempts: range) -> Workload:
+    """The stream's requests as one delivery attempt each (``attempts``: a new Postfix ``instance``)."""
+    import border
+
+    timed = [REQUEST_TEMPLATE.format(client=request.client, port=1024 + (attempt * 7919 + index) % 64000,
+                                     sender=request.sender, recipient=request.recipient,
+                                     instance=f"{attempt:x}.{index:x}.b3c.0").encode()
+             for index, (request, attempt) in enumerate(zip(stream, attempts, strict=True))]
+    return Workload(timed, expected=[border.EXPECTED[request.outcome] for request in stream],
+                    outcomes=[request.outcome for request in stream])
+
+
+def run_border(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack,
+               loop: asyncio.AbstractEventLoop) -> list[RunResult]:
+    """policyd with the border checks: per stream (a warm-up stream, then ``runs`` measured ones), Redis
+    flushed, the stream timed ("cold"), then timed again as retries ("warm")."""
+    import border
+
+    assert border.checks() == MAILWARDEN_CHECKS[BORDER]
+    requests = args.border_requests
+    numbers = TripletNumbers()
+    streams = [border.make_stream(index, numbers.take(requests), border.directory_size(requests), client_address,
+                                  args.border_without)
+               for index in range(args.runs + 1)]
+    progress(f"starting {BORDER} (DNS child, slapd with {border.directory_size(requests):,} generated users, "
+             f"Dovecot, Redis, policyd with checks {','.join(border.checks(args.border_without))}) ...")
+    target = start_border(workdir, stack, args.python, streams, border.directory_size(requests),
+                          args.border_without)
+    results: list[RunResult] = []
+    for index, stream in enumerate(streams):
+        reply = redis_command(target.redis_port, b"FLUSHALL")
+        if reply != b"+OK":
+            raise BenchError(f"FLUSHALL answered {reply!r}")
+        for cache in CACHE_STATES:
+            workload = border_workload(stream, numbers.attempts(len(stream)))
+            result = measure(target, cache, index, workload, loop, args.connections, args.timeout)
+            results.append(result)
+            label = "warm-up" if index == 0 else f"run {index}/{args.runs}"
+            helpers = "+".join(f"{result.helper_cpu_us[name]:.0f}" for name in ("dns", "slapd", "dovecot"))
+            progress(f"{cache:6} {label:9} {BORDER:19} {result.rps:8,.0f} req/s  p50 {result.p50_ms:5.2f} ms"
+                     f"  p99 {result.p99_ms:6.2f} ms  cpu {result.server_cpu_us:4.0f}+{result.store_cpu_us:3.0f}"
+                     f"+{helpers} µs/req (policyd+redis+dns+slapd+dovecot)  client {result.client_cpu_pct:3.0f}%"
+                     f" {result.client_cpu_us:3.0f} µs/req  other {result.others_cpu_pct:3.0f}%"
+                     f"  dns {result.dns_queries.get('total', 0.0):.2f} q/req"
+                     + (f"  MISMATCHED {result.unexpected_answers}: {result.mismatches[:2]}"
+                        if result.unexpected_answers else ""))
+    return results
 
 
 # -- orchestration --------------------------------------------------------------------------------------
@@ -776,8 +1124,9 @@ def progress(message: str) -> None:
 
 
 def run_benchmark(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) -> dict[str, Any]:
-    """Start the servers, then per scenario: a warm-up pass and ``runs`` measured passes in ABBA order."""
-    servers: list[str] = args.servers
+    """Start the servers, then per scenario: a warm-up pass and ``runs`` measured passes in ABBA order; then
+    the border server (its own environment, its own request mix), cold and warm."""
+    servers: list[str] = [name for name in args.servers if name != BORDER]
     targets: dict[str, Target] = {}
     for name in servers:
         STOP.check()
@@ -796,7 +1145,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, stack: contextlib.Exi
         "versions": versions(args.postgrey, args.python), "event_loop": type(loop).__module__,
     }
     results: list[RunResult] = []
-    for scenario in args.scenarios:
+    for scenario in args.scenarios if servers else ():
         for index in range(args.runs + 1):
             for name in pass_order(servers, index):
                 workload = make_workload(scenario, numbers, args.requests, args.pool)
@@ -808,17 +1157,27 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, stack: contextlib.Exi
                          f" µs/req  client {result.client_cpu_pct:3.0f}% {result.client_cpu_us:3.0f} µs/req"
                          f"  other {result.others_cpu_pct:3.0f}%"
                          + (f"  UNEXPECTED {result.answers}" if result.unexpected_answers else ""))
+    report: dict[str, Any] = {"meta": meta}
+    if servers:
+        rows = summarise(results, servers, args.scenarios)
+        report.update(summary=[asdict(row) for row in rows], runs=[asdict(r) for r in results],
+                      table=render_table(rows))
+        meta["loadavg_after_greylisting"] = load_average()
+    if BORDER in args.servers:
+        border_results = run_border(args, workdir, stack, loop)
+        border_rows = summarise_border(border_results)
+        report.update(border_summary=[asdict(row) for row in border_rows],
+                      border_runs=[asdict(r) for r in border_results],
+                      border_table=render_border(border_rows, border_results))
     meta["loadavg_after"] = load_average()
-    rows = summarise(results, servers, args.scenarios)
-    return {"meta": meta, "summary": [asdict(row) for row in rows], "runs": [asdict(r) for r in results],
-            "table": render_table(rows)}
+    return report
 
 
-def _names(allowed: Sequence[str]) -> Callable[[str], list[str]]:
+def _names(allowed: Sequence[str], empty: bool = False) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         names = [n.strip() for n in text.split(",") if n.strip()]
         bad = [n for n in names if n not in allowed]
-        if bad or not names or len(set(names)) != len(names):
+        if bad or (not names and not empty) or len(set(names)) != len(names):
             raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(allowed)}")
         return names
     return parse
@@ -844,6 +1203,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=_positive, default=3, help="measured runs per server and scenario "
                         "(after one discarded warm-up run)")
     parser.add_argument("--pool", type=_positive, default=500, help="distinct triplets in the repeat scenario")
+    parser.add_argument("--border-requests", type=_positive, default=3000,
+                        help="timed requests per run of mailwarden-border (cold, and again warm)")
+    parser.add_argument("--border-without", type=_names(("dnsbl", "spf", "recipients", "quota"), empty=True),
+                        default=[], help="leave these checks out of mailwarden-border (what does each cost?)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per run")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, server logs)")
@@ -866,14 +1229,20 @@ def stop_children(stack: contextlib.ExitStack) -> None:
 
 def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
     if args.json:
-        print(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=2))
+        print(json.dumps({k: v for k, v in report.items() if k not in ("table", "border_table")}, indent=2))
         return
     meta = report["meta"]
     print(f"{meta['date']}  {meta['cpus']} cores  load average before {meta['loadavg_before']} "
           f"after {meta['loadavg_after']}  mailwarden {meta['versions']['mailwarden']}")
-    print(f"{args.connections} connections, {args.requests} requests per run, median of {args.runs} runs "
-          f"(ABBA order, warm-up run discarded)\n")
-    print(report["table"])
+    if "table" in report:
+        print(f"{args.connections} connections, {args.requests} requests per run, median of {args.runs} runs "
+              f"(ABBA order, warm-up run discarded)\n")
+        print(report["table"])
+    if "border_table" in report:
+        print(f"\n{args.connections} connections, {args.border_requests} requests per run, median "
+              f"of {args.runs} runs (each: Redis flushed, the stream cold, then again warm; warm-up stream "
+              f"discarded)" + (f"; WITHOUT {','.join(args.border_without)}" if args.border_without else "") + "\n")
+        print(report["border_table"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
