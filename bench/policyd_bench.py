@@ -73,7 +73,7 @@ with every border check (DNSBL, SPF, recipients from LDAP, quota from Dovecot), 
 counterpart for: it is measured on its own request mix and shown in a table of its own (see border.py)."""
 MAILWARDEN_CHECKS = {
     "mailwarden-greylist": ["greylist"],
-    "mailwarden-all": ["blocklist", "ratelimit", "greylist"],
+    "mailwarden-all": ["access", "blocklist", "ratelimit", "greylist"],
     BORDER: ["access", "blocklist", "ratelimit", "dnsbl", "spf", "recipients", "quota", "greylist"],
 }
 SCENARIOS = ("new", "repeat")

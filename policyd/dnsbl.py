@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 from pydnsbl import DNSBLIpChecker
@@ -28,12 +27,12 @@ from mailwarden.redis_pipe import PipelinedRedis
 from policyd import keys
 from policyd.check import Check
 from policyd.request import PolicyRequest
+from policyd.results import DNSBL_RESULT, ListAnswer
 from policyd.settings import DnsblSettings, DnsList, code_range
 from policyd.verdict import Verdict, reject
 
 log = get_logger("policyd.dnsbl")
 
-_RESULT = "dnsbl.result"
 
 
 class _ZoneProvider(Provider):  # type: ignore[misc]
@@ -52,17 +51,6 @@ class _ZoneProvider(Provider):  # type: ignore[misc]
         if self.ranges:
             return any(low <= value <= high for low, high in self.ranges)
         return (value >> 24) == 127 and (value >> 8) != 0x7FFFFF
-
-
-@dataclass(frozen=True, slots=True)
-class ListAnswer:
-    label: str
-    weight: float
-    codes: tuple[str, ...]
-    """The return codes that count (empty: not listed)."""
-    problem: str = ""
-    """Why the list gave no usable answer (timeout, error, unexpected code), else empty."""
-    cached: bool = False
 
 
 class DnsblCheck(Check):
@@ -91,12 +79,12 @@ class DnsblCheck(Check):
             return None
         if request.client_ip.is_loopback:
             return None
-        kept = request.message.get(_RESULT)
+        kept = request.message.get(DNSBL_RESULT)
         if kept is not None and kept[0] == request.client_ip:  # type: ignore[index]
             result = kept[1]  # type: ignore[index]
         else:
             result = await self.lookup(request.client_ip)
-            request.message[_RESULT] = (request.client_ip, result)
+            request.message[DNSBL_RESULT] = (request.client_ip, result)
         return self._verdict(request, result)
 
     def _verdict(self, request: PolicyRequest, answers: list[ListAnswer]) -> Verdict | None:
@@ -185,14 +173,6 @@ class DnsblCheck(Check):
             return
         future = self.redis.call("SET", key, ",".join(codes), "EX", ttl)
         future.add_done_callback(lambda f: f.exception())  # a failed cache write only costs a later query
-
-
-def dnsbl_score(request: PolicyRequest) -> float | None:
-    """The DNSBL score of this request's client, if the dnsbl check ran (for other checks, e.g. greylist)."""
-    kept = request.message.get(_RESULT)
-    if kept is None or kept[0] != request.client_ip:  # type: ignore[index]
-        return None
-    return sum(answer.weight for answer in kept[1] if answer.codes)  # type: ignore[index]
 
 
 def _dns_error(exc: BaseException) -> str:

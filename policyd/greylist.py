@@ -24,10 +24,9 @@ from mailwarden.logs import get_logger, log_kv
 from mailwarden.redis_pipe import PipelinedRedis
 from policyd import keys
 from policyd.check import Check
-from policyd.dnsbl import dnsbl_score
 from policyd.request import PolicyRequest
+from policyd.results import dnsbl_score, spf_result
 from policyd.settings import GreylistSettings
-from policyd.spf import spf_result
 from policyd.verdict import Verdict, defer_if_permit, prepend
 from policyd.whitelist import ClientWhitelist, IPNetwork, RecipientWhitelist, WhitelistError
 

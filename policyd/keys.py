@@ -15,6 +15,8 @@ because operators list and edit it, and other capabilities (the phish detector) 
   Lives the answer's TTL (capped by max_ttl), or negative_ttl for "not listed".
 - ``rcpt:<hash(address)>`` string, recipients: "f:<mailboxes>" known, "d:<mailbox>" disabled, "u:" unknown.
   Lives cache_ttl (negative_cache_ttl for unknown).
+- ``spf:<hash(client ip/sender domain or helo)>`` string, spf: "result|identity|domain".
+  Lives cache_ttl (temperror is not cached).
 - ``block:user:<sasl user>`` string, blocklist: JSON {reason, by, at}. No expiry, or the block's own.
 - ``block:client:<ip address>`` string, blocklist: JSON {reason, by, at}. No expiry, or the block's own.
 """
@@ -30,6 +32,7 @@ RATELIMIT = "rl:"
 RATELIMIT_EVENTS = "ev:ratelimit"
 DNSBL = "dnsbl:"
 RECIPIENT = "rcpt:"
+SPF = "spf:"
 BLOCK_USER = "block:user:"
 BLOCK_CLIENT = "block:client:"
 

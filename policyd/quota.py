@@ -80,31 +80,59 @@ class QuotaFile:
         return usage.used + size > allowed
 
 
-async def ask_quota_status(address: str, mailbox: str, size: int, timeout: float) -> str:
-    """One request to Dovecot's quota-status; returns its ``action=`` value (e.g. "DUNNO", "552 5.2.2 ...")."""
-    request = (f"request=smtpd_access_policy\nprotocol_state=RCPT\nprotocol_name=ESMTP\n"
-               f"recipient={mailbox}\nsize={size}\n\n").encode()
+class QuotaStatusClient:
+    """Persistent connections to Dovecot's quota-status, reused one request at a time (as Postfix does):
+    a new TCP connection per recipient cost quota-status more than the answer itself."""
 
-    async def exchange() -> bytes:
-        if address.startswith("unix:"):
-            reader, writer = await asyncio.open_unix_connection(address[5:])
-        else:
-            host, _, port = address.rpartition(":")
-            reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+    def __init__(self, address: str, timeout: float, keep: int = 8) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.keep = keep
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.address.startswith("unix:"):
+            return await asyncio.open_unix_connection(self.address[5:])
+        host, _, port = self.address.rpartition(":")
+        return await asyncio.open_connection(host.strip("[]"), int(port))
+
+    async def ask(self, mailbox: str, size: int) -> str:
+        """The ``action=`` value quota-status gives for ``mailbox`` and a message of ``size`` bytes."""
+        request = (f"request=smtpd_access_policy\nprotocol_state=RCPT\nprotocol_name=ESMTP\n"
+                   f"recipient={mailbox}\nsize={size}\n\n").encode()
+        for attempt in range(2):  # a reused connection may have been closed by Dovecot meanwhile
+            reused = bool(self.idle)
+            try:
+                answer = await asyncio.wait_for(self._exchange(request), self.timeout)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+                if reused and attempt == 0 and not isinstance(exc, TimeoutError):
+                    continue
+                raise BackendError(f"quota-status at {self.address}: {type(exc).__name__} {exc}".strip(),
+                                   backend="quota") from None
+            for line in answer.decode(errors="replace").splitlines():
+                if line.startswith("action="):
+                    return line[len("action="):].strip()
+            raise BackendError(f"quota-status at {self.address} answered without an action", backend="quota")
+        raise AssertionError("unreachable")
+
+    async def _exchange(self, request: bytes) -> bytes:
+        reader, writer = self.idle.pop() if self.idle else await self._open()
         try:
             writer.write(request)
-            return await reader.readuntil(b"\n\n")
-        finally:
+            answer = await reader.readuntil(b"\n\n")
+        except BaseException:
             writer.close()
+            raise
+        if len(self.idle) < self.keep:
+            self.idle.append((reader, writer))
+        else:
+            writer.close()
+        return answer
 
-    try:
-        answer = await asyncio.wait_for(exchange(), timeout)
-    except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
-        raise BackendError(f"quota-status at {address}: {type(exc).__name__} {exc}".strip(), backend="quota") from None
-    for line in answer.decode(errors="replace").splitlines():
-        if line.startswith("action="):
-            return line[len("action="):].strip()
-    raise BackendError(f"quota-status at {address} answered without an action", backend="quota")
+    def close(self) -> None:
+        for _reader, writer in self.idle:
+            writer.close()
+        self.idle.clear()
 
 
 class QuotaCheck(Check):
@@ -114,6 +142,10 @@ class QuotaCheck(Check):
     def __init__(self, settings: QuotaSettings) -> None:
         self.settings = settings
         self.file = QuotaFile(settings.file) if settings.file is not None else None
+        self.quota_status = QuotaStatusClient(settings.dovecot, settings.timeout)
+
+    def stop(self) -> None:
+        self.quota_status.close()
 
     async def on_rcpt(self, request: PolicyRequest) -> Verdict | None:
         mailboxes = request.mailboxes or (request.recipient.lower(),)
@@ -126,7 +158,7 @@ class QuotaCheck(Check):
                 if self.file.over(mailbox, size, self.settings.grace_percent):
                     return self._refuse(mailbox, "over-quota file")
             elif source == "dovecot":
-                answer = await ask_quota_status(self.settings.dovecot, mailbox, size, self.settings.timeout)
+                answer = await self.quota_status.ask(mailbox, size)
                 if answer.upper().startswith(_NOT_FULL):
                     continue
                 if _NO_SUCH_USER.search(answer):

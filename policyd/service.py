@@ -40,7 +40,7 @@ def build_checks(settings: PolicydSettings, redis_pipe: PipelinedRedis, prefix: 
         "blocklist": lambda: BlocklistCheck(settings.blocklist, redis_pipe, prefix),
         "ratelimit": lambda: RateLimitCheck(settings.ratelimit, redis_pipe, prefix, now),
         "dnsbl": lambda: DnsblCheck(settings.dnsbl, dns, redis_pipe, prefix),
-        "spf": lambda: SpfCheck(settings.spf, dns, hostname, settings.trusted_networks),
+        "spf": lambda: SpfCheck(settings.spf, dns, hostname, settings.trusted_networks, redis_pipe, prefix),
         "recipients": lambda: RecipientCheck(settings.recipients, redis_pipe, prefix),
         "quota": lambda: QuotaCheck(settings.quota),
         "greylist": lambda: GreylistCheck(settings.greylist, settings.trusted_networks, redis_pipe, prefix, now,

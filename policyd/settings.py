@@ -251,6 +251,9 @@ class SpfSettings(Section):
     """Time for the whole evaluation (all its DNS lookups); past it the result is temperror."""
     threads: Annotated[int, Field(ge=1, le=64)] = 8
     """pyspf is synchronous: evaluations run in this many worker threads."""
+    cache_ttl: Duration = 300
+    """Results are cached in Redis per client address and sender domain (or HELO name) this long; 0: off.
+    pyspf is the costliest check per request: the cache takes it off every repeat sender."""
     reject_text: str = "SPF: {domain} does not allow {client} to send its mail"
     defer_text: str = "SPF: temporary error evaluating the policy of {domain}, please try again later"
 

@@ -14,72 +14,79 @@ import asyncio
 import concurrent.futures
 import ipaddress
 import logging
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import spf
 
+from mailwarden.backend import BackendError
 from mailwarden.decision import Action
 from mailwarden.dns import DnsSettings, dnspython_resolver
 from mailwarden.logs import get_logger, log_kv
+from mailwarden.redis_pipe import PipelinedRedis
+from policyd import keys
 from policyd.check import Check
 from policyd.request import PolicyRequest
+from policyd.results import SPF_RESULT, SpfResult, spf_result
 from policyd.settings import SpfSettings
 from policyd.verdict import Verdict, prepend
 from policyd.whitelist import IPNetwork
 
 log = get_logger("policyd.spf")
 
-_RESULT = "spf.result"
+_HEADER_SENT = "spf.header"
+_COMMENTS = {
+    "pass": "domain of {domain} designates {ip} as permitted sender",
+    "fail": "domain of {domain} does not designate {ip} as permitted sender",
+    "softfail": "transitioning domain of {domain} does not designate {ip} as permitted sender",
+    "neutral": "{ip} is neither permitted nor denied by domain of {domain}",
+    "none": "domain of {domain} does not designate permitted sender hosts",
+    "temperror": "error in processing during lookup of {domain}",
+    "permerror": "permanent error in processing domain of {domain}",
+}
+_DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+(@[A-Za-z0-9.-]+)?$")
 
 
-@dataclass(frozen=True, slots=True)
-class SpfResult:
-    result: str
-    """pass, fail, softfail, neutral, none, temperror or permerror."""
-    identity: str
-    """``mailfrom`` or ``helo``."""
-    domain: str
-    """The domain whose policy was evaluated."""
-    explanation: str
-    header: str
-    client: str
-    sender: str
-
-
-def spf_result(request: PolicyRequest) -> SpfResult | None:
-    """The SPF result of this request's transaction, if the SPF check ran (for other checks, e.g. greylist)."""
-    kept = request.message.get(_RESULT)
-    if isinstance(kept, SpfResult) and kept.client == request.client_address and kept.sender == request.sender:
-        return kept
-    return None
-
-
-def evaluate(client: str, sender: str, helo: str, receiver: str, timeout: float) -> SpfResult:
-    """One SPF evaluation, synchronously (pyspf): meant for a worker thread."""
-    query = spf.query(i=client, s=sender, h=helo, receiver=receiver, querytime=timeout)
+def evaluate(client: str, sender: str, helo: str, timeout: float) -> tuple[str, str, str, str]:
+    """One SPF evaluation, synchronously (pyspf), meant for a worker thread:
+    (result, identity, domain, explanation)."""
+    query = spf.query(i=client, s=sender, h=helo, querytime=timeout)
     try:
         result, _code, explanation = query.check()
     except Exception as exc:  # pyspf's own bugs or odd input must not take the worker down
         result, explanation = "temperror", f"SPF evaluation failed: {type(exc).__name__}"
     identity = query.ident
     domain = query.o if identity == "mailfrom" else helo
-    if not hasattr(query, "mechanism"):
-        query.mechanism = None  # pyspf sets it only when a mechanism matched (not for none/temperror)
-    try:
-        # pyspf gives "Pass (comment) key=value; ..."; RFC 7208 writes the result in lower case
-        header = f"Received-SPF: {result} {query.get_header(result, receiver=receiver).split(' ', 1)[1]}"
-    except Exception:
-        header = f"Received-SPF: {result} ({receiver}: {explanation}) client-ip={client}; identity={query.ident}"
-    return SpfResult(result, identity, domain or "", explanation, header, client, sender)
+    return result, identity, domain or "", explanation
+
+
+def received_spf(result: SpfResult, helo: str, receiver: str) -> str:
+    """The ``Received-SPF:`` header of RFC 7208 section 9.1, from a fresh or a cached result."""
+    comment = _COMMENTS.get(result.result, "{ip}").format(domain=result.domain or "-", ip=result.client)
+    pairs = [f"client-ip={result.client};"]
+    if result.identity == "mailfrom":
+        pairs.append(f"envelope-from={_quoted(result.sender)};")
+    if helo:
+        pairs.append(f"helo={_quoted(helo)};")
+    pairs += [f"receiver={_quoted(receiver)};", f"identity={result.identity}"]
+    return f"Received-SPF: {result.result} ({receiver}: {comment}) {' '.join(pairs)}"
+
+
+def _quoted(value: str) -> str:
+    if _DOT_ATOM.match(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 class SpfCheck(Check):
     name = "spf"
     dependency = "dns"
 
-    def __init__(self, settings: SpfSettings, dns: DnsSettings, receiver: str, trusted: Sequence[IPNetwork]) -> None:
+    def __init__(self, settings: SpfSettings, dns: DnsSettings, receiver: str, trusted: Sequence[IPNetwork],
+                 redis_pipe: PipelinedRedis, prefix: str) -> None:
         self.settings = settings
+        self.redis = redis_pipe
+        self.prefix = prefix
         self.trusted = list(trusted)
         self.dns = dns
         self.receiver = receiver
@@ -99,33 +106,61 @@ class SpfCheck(Check):
             return None
         result = spf_result(request)
         if result is None:
-            result = await self._evaluate(request)
-            request.message[_RESULT] = result
+            result = await self._cached(request) or await self._evaluate(request)
+            request.message[SPF_RESULT] = result
         return self._verdict(result, request)
+
+    def _cache_key(self, request: PolicyRequest, helo: str) -> str:
+        """The policy's answer depends on the client and the domain (macros on the local part are rare
+        enough to ignore), so a newsletter from one host is evaluated once per cache_ttl."""
+        identity = request.sender.rpartition("@")[2].lower() if request.sender else f"helo:{helo.lower()}"
+        return f"{self.prefix}{keys.SPF}{keys.digest(f'{request.client_ip}/{identity}')}"
+
+    async def _cached(self, request: PolicyRequest) -> SpfResult | None:
+        if self.settings.cache_ttl <= 0:
+            return None
+        try:
+            raw = await self.redis.call("GET", self._cache_key(request, _helo(request)))
+        except BackendError:
+            return None  # a cache that fails is a miss
+        if not isinstance(raw, bytes):
+            return None
+        result, _, rest = raw.decode().partition("|")
+        identity, _, domain = rest.partition("|")
+        return SpfResult(result, identity, domain, "cached", request.client_address, request.sender, cached=True)
+
+    def _store(self, request: PolicyRequest, helo: str, result: SpfResult) -> None:
+        if self.settings.cache_ttl <= 0 or result.result == "temperror":
+            return
+        value = f"{result.result}|{result.identity}|{result.domain}"
+        future = self.redis.call("SET", self._cache_key(request, helo), value, "EX", int(self.settings.cache_ttl))
+        future.add_done_callback(lambda done: done.exception())
 
     async def _evaluate(self, request: PolicyRequest) -> SpfResult:
         loop = asyncio.get_running_loop()
         client = str(request.client_ip)
-        helo = request.helo_name.strip("[]") if _is_name(request.helo_name) else ""
+        helo = _helo(request)
         if not request.sender and not helo:
-            return SpfResult("none", "helo", "", "null sender and no usable HELO name", "", request.client_address,
+            return SpfResult("none", "helo", "", "null sender and no usable HELO name", request.client_address,
                              request.sender)
-        work = loop.run_in_executor(self.pool, evaluate, client, request.sender, helo, self.receiver,
-                                    self.settings.timeout)
+        work = loop.run_in_executor(self.pool, evaluate, client, request.sender, helo, self.settings.timeout)
         try:
-            result = await asyncio.wait_for(work, self.settings.timeout + 0.2)
+            result, identity, domain, explanation = await asyncio.wait_for(work, self.settings.timeout + 0.2)
         except TimeoutError:
             log_kv(log, logging.WARNING, "SPF evaluation timed out; result temperror", client=client,
                    sender=request.sender or "<>", timeout=f"{self.settings.timeout:g}s")
-            return SpfResult("temperror", "mailfrom" if request.sender else "helo", "", "SPF lookup timed out",
-                             f"Received-SPF: temperror (timed out) client-ip={client};", request.client_address,
+            identity = "mailfrom" if request.sender else "helo"
+            domain = request.sender.rpartition("@")[2] if request.sender else helo
+            return SpfResult("temperror", identity, domain, "SPF lookup timed out", request.client_address,
                              request.sender)
-        return SpfResult(result.result, result.identity, result.domain, result.explanation, result.header,
-                         request.client_address, request.sender)
+        found = SpfResult(result, identity, domain, explanation, request.client_address, request.sender)
+        self._store(request, helo, found)
+        return found
 
     def _verdict(self, result: SpfResult, request: PolicyRequest) -> Verdict | None:
         action = getattr(self.settings, f"on_{result.result}", "ignore")
-        reason = f"spf {result.result} for {result.identity} {result.domain or '-'}"
+        reason = f"spf {result.result} for {result.identity} {result.domain or '-'}" + (" (cached)" if result.cached
+                                                                                       else "")
         if action == "reject":
             text = self.settings.reject_text.format(domain=result.domain, client=request.client_address,
                                                     result=result.result)
@@ -134,9 +169,10 @@ class SpfCheck(Check):
             text = self.settings.defer_text.format(domain=result.domain, client=request.client_address,
                                                    result=result.result)
             return Verdict.refuse(Action.DEFER, reason, f"451 4.7.24 {text}")
-        if action == "header" and result.header and not request.message.get("spf.header"):
-            request.message["spf.header"] = True
-            return Verdict.accept(reason, prepend(_one_line(result.header)))
+        if action == "header" and result.domain and not request.message.get(_HEADER_SENT):
+            request.message[_HEADER_SENT] = True
+            header = received_spf(result, _helo(request), self.receiver)
+            return Verdict.accept(reason, prepend(" ".join(header.split())))
         return Verdict.accept(reason)
 
 
@@ -152,5 +188,5 @@ def _is_name(helo: str) -> bool:
         return True
 
 
-def _one_line(header: str) -> str:
-    return " ".join(header.split())
+def _helo(request: PolicyRequest) -> str:
+    return request.helo_name.strip().strip("[]") if _is_name(request.helo_name) else ""

@@ -221,7 +221,7 @@ def test_exemptions(redis_server):
     ("mx1.example.com", True, True),
 ])
 def test_only_suspicious_clients_are_greylisted_when_configured(redis_server, name, listed, greylisted):
-    from policyd.dnsbl import ListAnswer
+    from policyd.results import ListAnswer
 
     async def scenario(check, clock):
         r = request()

@@ -73,3 +73,13 @@ def test_over_quota_file_with_grace(policyd_factory, redis_server, dovecot, tmp_
         time.sleep(0.05)
         assert c.ask(recipient="carol@example.org", size="1") == "452 4.2.2 Mailbox is full"
         assert c.ask(recipient="three@example.org", size="1") == "DUNNO"
+
+
+def test_connections_are_reused_and_a_restarted_service_is_reconnected(policyd_factory, quota_settings, dovecot):
+    daemon = policyd_factory(quota_settings())
+    with daemon.connect() as c:
+        for n in range(3):
+            assert c.ask(recipient="full@example.org", instance=f"a{n}") == "452 4.2.2 Mailbox is full"
+        dovecot.restart()  # the kept connection is now dead: the next request must open a new one, not fail
+        assert c.ask(recipient="full@example.org", instance="b") == "452 4.2.2 Mailbox is full"
+    assert "backend=quota" not in daemon.log_text()

@@ -103,3 +103,24 @@ def test_greylist_retry_from_another_host_of_the_senders_spf_pool_passes(policyd
         assert c.ask(client_address="203.0.113.1", sender="a@softfail.test", instance="m3").startswith("DEFER")
         time.sleep(1.1)
         assert c.ask(client_address="203.0.113.2", sender="a@softfail.test", instance="m4").startswith("DEFER")
+
+
+def test_results_are_cached_per_client_and_domain_but_temperror_is_not(policyd_factory, redis_server, dns_server):
+    daemon = policyd_factory(settings(redis_server.url, dns_server))
+    with daemon.connect() as c:
+        first = c.ask(client_address="192.0.2.5", sender="alice@example.test", instance="1")
+        asked = len(dns_server.queries)
+        second = c.ask(client_address="192.0.2.5", sender="bob@example.test", helo_name="other.example.test",
+                       instance="2")
+        assert len(dns_server.queries) == asked  # answered from Redis
+        assert first.startswith("PREPEND Received-SPF: pass") and second.startswith("PREPEND Received-SPF: pass")
+        assert 'envelope-from=bob@example.test; helo=other.example.test;' in second  # this request's identity
+        assert c.ask(client_address="203.0.113.7", sender="x@example.test", instance="3").startswith("550 5.7.23")
+        assert c.ask(client_address="203.0.113.7", sender="y@example.test", instance="4").startswith("550 5.7.23")
+        dns_server.garbage_names.add("softfail.test")
+        c.ask(client_address="192.0.2.6", sender="a@softfail.test", instance="5")
+        dns_server.garbage_names.clear()
+        assert c.ask(client_address="192.0.2.6", sender="a@softfail.test", instance="6").startswith(
+            "PREPEND Received-SPF: softfail")
+    assert 'reason="spf pass for mailfrom example.test (cached)"' in daemon.wait_log("(cached)")
+    assert 290 <= max(redis_server.client().ttl(k) for k in redis_server.client().keys("mw:spf:*")) <= 300
