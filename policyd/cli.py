@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import getpass
+import ipaddress
 import json
 import time
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import get_args
 
@@ -17,6 +20,7 @@ from mailwarden.redis_sync import sync_client
 from mailwarden.units import format_duration, parse_duration
 from policyd.access import load_rules
 from policyd.blocklist import BlockList
+from policyd.greylist_admin import GreylistAdmin, Selector, TripletInfo
 from policyd.settings import CheckName
 
 
@@ -135,7 +139,132 @@ def access_check(ctx: CliContext, files: tuple[Path, ...], as_json: bool) -> Non
          "\n".join(f"{path}: {count} rule(s), valid" for path, count in counts.items()))
 
 
+@click.group("greylist")
+def greylist_group() -> None:
+    """Look into the greylist and override it: show, pass, flush, expect."""
+
+
+def _selector_options(func: Callable[..., None]) -> Callable[..., None]:
+    for option in reversed([
+        click.option("--client", metavar="IP", help="Triplets of this client's network (the configured prefix)."),
+        click.option("--network", metavar="CIDR", help="Triplets of client networks inside this one."),
+        click.option("--sender", metavar="ADDRESS", help="Triplets of this sender (normalised as for lookups)."),
+        click.option("--sender-domain", metavar="DOMAIN", help="Triplets of senders of this domain."),
+        click.option("--recipient", metavar="ADDRESS", help="Triplets of this recipient."),
+        click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+    ]):
+        func = option(func)
+    return func
+
+
+def _admin(ctx: CliContext) -> GreylistAdmin:
+    config = ctx.load()
+    settings = config.section("redis")
+    return GreylistAdmin(sync_client(settings), settings.key_prefix, config.section("policyd").greylist)
+
+
+def _selector(**given: str | None) -> Selector:
+    try:
+        if given.get("client"):
+            ipaddress.ip_address(given["client"])
+        if given.get("network"):
+            ipaddress.ip_network(given["network"], strict=False)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    return Selector(**given)
+
+
+def _describe(info: TripletInfo) -> str:
+    last = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.last_seen))
+    first = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.first_seen))
+    expires = format_duration(info.expires_in) if info.expires_in else "-"
+    return (f"{info.origin} {info.sender or '<>'} -> {info.recipient}\n    first seen {first}, last seen {last}, "
+            f"{'passed' if info.passed else 'not passed yet'}, forgotten in {expires}: next attempt {info.verdict}")
+
+
+@greylist_group.command("show")
+@_selector_options
+@click.pass_obj
+def greylist_show(ctx: CliContext, as_json: bool, **given: str | None) -> None:
+    """Show triplets (all of them without a selector) and what their next attempt would get."""
+    try:
+        found = _admin(ctx).find(_selector(**given))
+    except redis.RedisError as exc:
+        fail(f"cannot reach Redis: {exc}", EX_UNAVAILABLE)
+    emit([asdict(info) for info in found], as_json,
+         "\n".join(_describe(info) for info in found) or "no such triplet")
+
+
+@greylist_group.command("pass")
+@_selector_options
+@click.pass_obj
+def greylist_pass(ctx: CliContext, as_json: bool, **given: str | None) -> None:
+    """Let the selected triplets through from their next attempt (a full triplet is created if unseen)."""
+    selector = _selector(**given)
+    if selector.empty():
+        fail("give at least one of --client, --network, --sender, --sender-domain, --recipient", 2)
+    try:
+        passed = _admin(ctx).pass_(selector)
+    except redis.RedisError as exc:
+        fail(f"cannot reach Redis: {exc}", EX_UNAVAILABLE)
+    emit([asdict(info) for info in passed], as_json, f"{len(passed)} triplet(s) will pass")
+    if not passed:
+        raise SystemExit(1)
+
+
+@greylist_group.command("flush")
+@_selector_options
+@click.pass_obj
+def greylist_flush(ctx: CliContext, as_json: bool, **given: str | None) -> None:
+    """Forget the selected triplets (and a client's auto-whitelisting): their next attempt is greylisted."""
+    selector = _selector(**given)
+    if selector.empty():
+        fail("give at least one of --client, --network, --sender, --sender-domain, --recipient", 2)
+    try:
+        removed = _admin(ctx).flush(selector)
+    except redis.RedisError as exc:
+        fail(f"cannot reach Redis: {exc}", EX_UNAVAILABLE)
+    emit({"removed": removed}, as_json, f"{removed} key(s) removed")
+
+
+@greylist_group.command("expect")
+@click.option("--sender-domain", required=True, metavar="DOMAIN", help="Mail from this domain ...")
+@click.option("--recipient", metavar="ADDRESS", help="... to this recipient (default: to anyone) ...")
+@click.option("--for", "duration", required=True, metavar="DURATION", help="... is not greylisted for this long.")
+@click.option("--reason", default="", help="Kept with the window, for the log and `greylist windows`.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def greylist_expect(ctx: CliContext, sender_domain: str, recipient: str | None, duration: str, reason: str,
+                    as_json: bool) -> None:
+    """Open a window in which mail from a domain is not greylisted (it closes by itself)."""
+    try:
+        seconds = parse_duration(duration)
+    except ValueError as exc:
+        fail(f"--for: {exc}", 2)
+    try:
+        window = _admin(ctx).expect(sender_domain, recipient, seconds, reason)
+    except redis.RedisError as exc:
+        fail(f"cannot reach Redis: {exc}", EX_UNAVAILABLE)
+    emit(window, as_json, f"mail from {window['domain']} to {recipient or 'anyone'} is not greylisted for "
+                          f"{format_duration(seconds)}")
+
+
+@greylist_group.command("windows")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def greylist_windows(ctx: CliContext, as_json: bool) -> None:
+    """List the open expect windows."""
+    try:
+        windows = _admin(ctx).expectations()
+    except redis.RedisError as exc:
+        fail(f"cannot reach Redis: {exc}", EX_UNAVAILABLE)
+    lines = [f"{w.get('domain')} -> {w.get('recipient') or 'anyone'}: {w.get('expires_in')}s left, by "
+             f"{w.get('by')}: {w.get('reason') or '-'}" for w in windows]
+    emit(windows, as_json, "\n".join(lines) or "no open window")
+
+
 def register_cli(group: click.Group) -> None:
     group.add_command(policyd_command)
     group.add_command(block_group)
     group.add_command(access_group)
+    group.add_command(greylist_group)

@@ -25,7 +25,7 @@ from mailwarden.redis_pipe import PipelinedRedis
 from policyd import keys
 from policyd.check import Check
 from policyd.request import PolicyRequest
-from policyd.results import dnsbl_score, spf_result
+from policyd.results import allow_listing, dnsbl_score, spf_result
 from policyd.settings import GreylistSettings
 from policyd.verdict import Verdict, defer_if_permit, prepend
 from policyd.whitelist import ClientWhitelist, IPNetwork, RecipientWhitelist, WhitelistError
@@ -85,6 +85,7 @@ class GreylistCheck(Check):
         self.clients = ClientWhitelist.load(settings.whitelist_clients)
         self.recipients = RecipientWhitelist.load(settings.whitelist_recipients)
         self._dynamic = re.compile("|".join(f"(?:{p})" for p in settings.dynamic_patterns) or "(?!)", re.IGNORECASE)
+        self._spf_domains = {d.lower().strip(".") for d in settings.skip_spf_domains}
         self._static_args = (settings.delay, settings.retry_window, settings.max_age, settings.auto_whitelist_clients)
 
     def reload(self) -> None:
@@ -111,9 +112,22 @@ class GreylistCheck(Check):
             return f"client whitelisted ({entry})"
         if entry := self.recipients.matches(request.recipient):
             return f"recipient whitelisted ({entry})"
+        if self.settings.skip_dnswl and (allow_list := allow_listing(request)):
+            return f"client on allow list {allow_list}"
+        if self._spf_domains and (domain := self._spf_pass_domain(request)):
+            return f"SPF pass for {domain}"
         if self.settings.only_suspicious and (why := self.looks_trustworthy(request)):
             return why
         return None
+
+    def _spf_pass_domain(self, request: PolicyRequest) -> str | None:
+        spf = spf_result(request)
+        if spf is None or spf.result != "pass" or spf.identity != "mailfrom":
+            return None
+        domain = spf.domain.lower().rstrip(".")
+        parts = domain.split(".")
+        return next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in self._spf_domains),
+                    None)
 
     def looks_trustworthy(self, request: PolicyRequest) -> str | None:
         """With only_suspicious: why this client is not suspicious (so not greylisted), or None."""
@@ -127,24 +141,30 @@ class GreylistCheck(Check):
             return None
         return f"client not suspicious ({name})"
 
-    def triplet(self, request: PolicyRequest) -> str:
-        """``client network/normalised sender/recipient``; with SPF passed for the sender's domain, the
-        domain stands in for the network (``spf:example.org/...``) so the sender's whole pool counts."""
+    def triplet(self, request: PolicyRequest) -> tuple[str, str, str]:
+        """(origin, normalised sender, recipient): the origin is the client network, or ``spf:domain``
+        when SPF passed for the sender's domain, so the sender's whole pool counts as one."""
         assert request.client_ip is not None
         origin = client_network(request.client_ip, self.settings.ipv4_prefix, self.settings.ipv6_prefix)
         if self.settings.spf_domain_triplets and request.sender:
             spf = spf_result(request)
             if spf is not None and spf.result == "pass" and spf.identity == "mailfrom":
-                origin = f"spf:{spf.domain}"
-        return f"{origin}/{normalise_sender(request.sender)}/{request.recipient}".lower()
+                origin = f"spf:{spf.domain.lower()}"
+        return origin, normalise_sender(request.sender).lower(), request.recipient.lower()
 
     async def on_rcpt(self, request: PolicyRequest) -> Verdict | None:
         if why := self.exemption(request):
             return Verdict.accept(why)
-        triplet_key = f"{self.prefix}{keys.GREYLIST_TRIPLET}{keys.digest(self.triplet(request))}"
-        client_key = f"{self.prefix}{keys.GREYLIST_CLIENT}{request.client_ip}"
+        origin, sender, recipient = self.triplet(request)
+        domain = request.sender.rpartition("@")[2].lower() if "@" in request.sender else ""
+        script_keys = (
+            keys.greylist_triplet(self.prefix, origin, sender, recipient),
+            f"{self.prefix}{keys.GREYLIST_CLIENT}{request.client_ip}",
+            keys.greylist_expect(self.prefix, domain),
+            keys.greylist_expect(self.prefix, domain, recipient),
+        )
         result = await self.redis.run_script(
-            "greylist", (triplet_key, client_key), (f"{self.now():.3f}", *self._static_args)
+            "greylist", script_keys, (f"{self.now():.3f}", *self._static_args, origin, sender, recipient)
         )
         assert isinstance(result, list)
         status, seconds = result[0].decode(), float(result[1])
@@ -153,6 +173,8 @@ class GreylistCheck(Check):
                                              recipient_domain=request.recipient.rpartition("@")[2])
             reason = "new triplet" if status == "new" else f"early retry, {math.ceil(seconds)}s missing"
             return Verdict.refuse(Action.DEFER, reason, defer_if_permit(text))
+        if status == "expected":
+            return Verdict.accept(f"inside an expect window for {domain}")
         if status == "awl":
             return Verdict.accept(f"client auto-whitelisted after {int(seconds)} passes")
         if status == "pass":

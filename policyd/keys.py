@@ -4,8 +4,11 @@ All keys start with ``[redis] key_prefix`` (default ``mw:``). Bodies built from 
 to a fixed length so a hostile address cannot make a huge key; the block list keeps readable bodies
 because operators list and edit it, and other capabilities (the phish detector) write to it.
 
-- ``gl:t:<hash(net/sender/rcpt)>`` hash, greylist: f = first seen, l = last seen (epoch seconds).
+- ``gl:t:<hash(origin/sender/rcpt)>`` hash, greylist: f = first seen, l = last seen (epoch seconds);
+  o, s, r = origin (client network or spf:domain), normalised sender, recipient (read by the CLI).
   Lives retry_window; max_age once the triplet passed.
+- ``gl:x:<sender domain>`` and ``gl:x:<sender domain>/<recipient>`` strings, greylist: an expect window
+  opened by ``mailwarden greylist expect`` (who opened it, why). Lives the window's length.
 - ``gl:c:<client address>`` hash, greylist: n = passes counted, l = when last counted.
   Lives max_age after the last count (the client auto-whitelist).
 - ``rl:<limit>:<hash(key value)>`` hash, ratelimit: i = window index, c = count, p = previous window's count.
@@ -28,6 +31,7 @@ import ipaddress
 
 GREYLIST_TRIPLET = "gl:t:"
 GREYLIST_CLIENT = "gl:c:"
+GREYLIST_EXPECT = "gl:x:"
 RATELIMIT = "rl:"
 RATELIMIT_EVENTS = "ev:ratelimit"
 DNSBL = "dnsbl:"
@@ -42,6 +46,15 @@ RATELIMIT_EVENTS_MAXLEN = 10_000
 def digest(text: str) -> str:
     """Fixed-length key body: 20 hex characters of BLAKE2b (80 bits; collisions are not a concern here)."""
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=10).hexdigest()
+
+
+def greylist_triplet(prefix: str, origin: str, sender: str, recipient: str) -> str:
+    return f"{prefix}{GREYLIST_TRIPLET}{digest(f'{origin}/{sender}/{recipient}')}"
+
+
+def greylist_expect(prefix: str, domain: str, recipient: str | None = None) -> str:
+    body = f"{domain}/{recipient}" if recipient else domain
+    return f"{prefix}{GREYLIST_EXPECT}{body}"
 
 
 def block_user(prefix: str, user: str) -> str:

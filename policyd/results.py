@@ -55,3 +55,11 @@ def dnsbl_score(request: PolicyRequest) -> float | None:
     if not isinstance(kept, tuple) or kept[0] != request.client_ip:
         return None
     return sum(answer.weight for answer in kept[1] if answer.codes)
+
+
+def allow_listing(request: PolicyRequest) -> str | None:
+    """The allow list (a DNS list with a negative weight) that lists this client, if the dnsbl check ran."""
+    kept = request.message.get(DNSBL_RESULT)
+    if not isinstance(kept, tuple) or kept[0] != request.client_ip:
+        return None
+    return next((answer.label for answer in kept[1] if answer.codes and answer.weight < 0), None)

@@ -63,6 +63,12 @@ class GreylistSettings(Section):
     """Greylist SASL-authenticated clients too (never sensible for submission; kept for odd set-ups)."""
     add_header: bool = True
     """PREPEND ``X-Greylist: delayed N seconds`` to a message that passed after being delayed."""
+    skip_dnswl: bool = True
+    """Clients listed on an allow list (a dnsbl list with a negative weight; dnsbl runs first) are not
+    greylisted."""
+    skip_spf_domains: list[str] = []
+    """Senders whose SPF passes for one of these domains (or a subdomain) are not greylisted: banks, the
+    university's own partners, whoever sends password resets and one-time codes (spf runs first)."""
     only_suspicious: bool = False
     """Greylist only clients that look suspicious, as large providers do: no verified reverse DNS, a
     hostname that looks dynamic (``dynamic_patterns``), or a DNSBL score above zero (dnsbl runs first)."""

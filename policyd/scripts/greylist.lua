@@ -1,12 +1,20 @@
 -- Greylisting decision with Postgrey 1.37's semantics, atomic across every policyd sharing this Redis.
--- KEYS[1]  triplet hash   (f = first seen, l = last seen)
+-- KEYS[1]  triplet hash   (f = first seen, l = last seen; o, s, r = the triplet, for the CLI)
 -- KEYS[2]  client auto-whitelist hash (n = passes counted, l = last counted)
+-- KEYS[3]  expectation for the sender's domain, KEYS[4] for the domain and this recipient (set by
+--          `mailwarden greylist expect`; while either exists the triplet is not greylisted)
 -- ARGV[1]  now (epoch seconds)      ARGV[2] delay            ARGV[3] retry_window
 -- ARGV[4]  max_age                  ARGV[5] auto-whitelist threshold (0 = off)
--- Returns {status, seconds}: 'awl' (client auto-whitelisted), 'new' / 'early' (defer; seconds left),
--- 'first_pass' (passes for the first time; seconds it was delayed), 'pass' (seen and passed before).
+-- ARGV[6]  origin (client network or spf:domain), ARGV[7] normalised sender, ARGV[8] recipient
+-- Returns {status, seconds}: 'expected' (inside an expect window), 'awl' (client auto-whitelisted),
+-- 'new' / 'early' (defer; seconds left), 'first_pass' (passes for the first time; seconds it was
+-- delayed), 'pass' (seen and passed before).
 local now, delay, retry_window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local max_age, awl = tonumber(ARGV[4]), tonumber(ARGV[5])
+
+if redis.call('EXISTS', KEYS[3], KEYS[4]) > 0 then
+  return {'expected', '0'}
+end
 
 if awl > 0 then
   local client = redis.call('HMGET', KEYS[2], 'n', 'l')
@@ -34,7 +42,7 @@ if first then
 else
   first = now
 end
-redis.call('HSET', KEYS[1], 'f', first, 'l', now)
+redis.call('HSET', KEYS[1], 'f', first, 'l', now, 'o', ARGV[6], 's', ARGV[7], 'r', ARGV[8])
 
 local missing = delay - (now - first)
 if missing > 0 then
