@@ -20,7 +20,7 @@ from mailwarden.redis_sync import sync_client
 from mailwarden.units import format_duration, parse_duration
 from policyd.access import load_rules
 from policyd.blocklist import BlockList
-from policyd.greylist_admin import GreylistAdmin, Selector, TripletInfo
+from policyd.greylist_admin import GreylistAdmin, Selector, TripletInfo, update_whitelist
 from policyd.settings import CheckName
 
 
@@ -261,6 +261,22 @@ def greylist_windows(ctx: CliContext, as_json: bool) -> None:
     lines = [f"{w.get('domain')} -> {w.get('recipient') or 'anyone'}: {w.get('expires_in')}s left, by "
              f"{w.get('by')}: {w.get('reason') or '-'}" for w in windows]
     emit(windows, as_json, "\n".join(lines) or "no open window")
+
+
+@greylist_group.command("whitelist-update")
+@click.argument("source")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def greylist_whitelist_update(ctx: CliContext, source: str, as_json: bool) -> None:
+    """Replace the managed client whitelist with SOURCE (a file or an http(s) URL), atomically."""
+    target = ctx.load().section("policyd").greylist.managed_whitelist
+    try:
+        result = update_whitelist(source, target)
+    except ConfigError as exc:
+        fail(f"{source} is not a usable whitelist: {exc}", 1)
+    except (OSError, ValueError) as exc:
+        fail(f"cannot read {source}: {exc}", 1)
+    emit(result, as_json, f"{target}: {result['entries']} entries from {source}, dated {result['updated']}")
 
 
 def register_cli(group: click.Group) -> None:

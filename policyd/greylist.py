@@ -11,6 +11,7 @@ the Redis behaves as one. Answers use DEFER_IF_PERMIT so a later hard reject sti
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import math
@@ -18,17 +19,18 @@ import re
 import socket
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from mailwarden.decision import Action
 from mailwarden.logs import get_logger, log_kv
 from mailwarden.redis_pipe import PipelinedRedis
-from policyd import keys
+from policyd import keys, metrics
 from policyd.check import Check
 from policyd.request import PolicyRequest
 from policyd.results import allow_listing, dnsbl_score, spf_result
 from policyd.settings import GreylistSettings
 from policyd.verdict import Verdict, defer_if_permit, prepend
-from policyd.whitelist import ClientWhitelist, IPNetwork, RecipientWhitelist, WhitelistError
+from policyd.whitelist import ClientWhitelist, IPNetwork, RecipientWhitelist, WhitelistError, whitelist_date
 
 log = get_logger("policyd.greylist")
 
@@ -82,21 +84,77 @@ class GreylistCheck(Check):
         self.prefix = prefix
         self.now = now
         self.hostname = hostname
-        self.clients = ClientWhitelist.load(settings.whitelist_clients)
+        self._loaded_stamps = self._stamps()
+        self.clients = ClientWhitelist.load(self._client_files())
         self.recipients = RecipientWhitelist.load(settings.whitelist_recipients)
+        self._warned = float("-inf")
+        self._watcher: asyncio.TimerHandle | None = None
         self._dynamic = re.compile("|".join(f"(?:{p})" for p in settings.dynamic_patterns) or "(?!)", re.IGNORECASE)
         self._spf_domains = {d.lower().strip(".") for d in settings.skip_spf_domains}
         self._static_args = (settings.delay, settings.retry_window, settings.max_age, settings.auto_whitelist_clients)
 
+    def _client_files(self) -> list[Path]:
+        files = list(self.settings.whitelist_clients)
+        if self.settings.managed_whitelist.exists() and self.settings.managed_whitelist not in files:
+            files.append(self.settings.managed_whitelist)
+        return files
+
+    def _stamps(self) -> tuple[object, ...]:
+        stamps: list[object] = []
+        for path in [*self._client_files(), *self.settings.whitelist_recipients]:
+            try:
+                st = path.stat()
+                stamps.append((str(path), st.st_mtime_ns, st.st_size))
+            except OSError:
+                stamps.append((str(path), None))
+        return tuple(stamps)
+
     def reload(self) -> None:
-        """Re-read the whitelist files (SIGHUP); a broken file keeps the lists in use and says where it broke."""
+        """Re-read the whitelist files (SIGHUP, or a change on disk); a broken file keeps the lists in use
+        and the log says where it broke."""
+        stamps = self._stamps()
         try:
-            clients = ClientWhitelist.load(self.settings.whitelist_clients)
+            clients = ClientWhitelist.load(self._client_files())
             recipients = RecipientWhitelist.load(self.settings.whitelist_recipients)
         except WhitelistError as exc:
             log_kv(log, logging.ERROR, "whitelist reload failed; keeping the previous lists", error=str(exc))
+            self._loaded_stamps = stamps
             return
-        self.clients, self.recipients = clients, recipients
+        self.clients, self.recipients, self._loaded_stamps = clients, recipients, stamps
+        self.check_age(force=True)
+
+    def check_age(self, force: bool = False) -> float | None:
+        """Age of the newest client whitelist; warns when it is past whitelist_max_age (at most daily)."""
+        dates = [date for path in self._client_files() if (date := whitelist_date(path)) is not None]
+        if not dates:
+            return None
+        age = max(0.0, time.time() - max(dates))
+        stale = age > self.settings.whitelist_max_age
+        metrics.WHITELIST_AGE.set(age)
+        metrics.WHITELIST_STALE.set(1 if stale else 0)
+        if stale and (force or time.monotonic() - self._warned >= 86400):
+            self._warned = time.monotonic()
+            log_kv(log, logging.WARNING, "greylist client whitelist is out of date; run "
+                   "'mailwarden greylist whitelist-update SOURCE'", age_days=int(age // 86400),
+                   max_age_days=int(self.settings.whitelist_max_age // 86400))
+        return age
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def tick() -> None:
+            if self._stamps() != self._loaded_stamps:
+                self.reload()
+            else:
+                self.check_age()
+            self._watcher = loop.call_later(self.settings.whitelist_check_interval, tick)
+
+        self.check_age(force=True)
+        self._watcher = loop.call_later(self.settings.whitelist_check_interval, tick)
+
+    def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
 
     def exemption(self, request: PolicyRequest) -> str | None:
         """Why this request is not greylisted at all, or None."""

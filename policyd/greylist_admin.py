@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import redis
 
@@ -190,3 +191,54 @@ def _in_network(origin: str, network: IPNetworkT) -> bool:
         return False
     return triplet_net.version == network.version and (triplet_net.subnet_of(network)  # type: ignore[arg-type]
                                                          or network.subnet_of(triplet_net))  # type: ignore[arg-type]
+
+
+MAX_WHITELIST_BYTES = 5 * 1024 * 1024
+
+
+def fetch_whitelist(source: str, timeout: float = 30.0) -> str:
+    """The text of a whitelist from a file path or an http(s) URL (bounded in size and time)."""
+    if source.startswith(("http://", "https://")):
+        import urllib.request
+
+        request = urllib.request.Request(source, headers={"User-Agent": "mailwarden whitelist-update"})  # noqa: S310
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http(s) only, above
+            data = response.read(MAX_WHITELIST_BYTES + 1)
+    else:
+        with open(source, "rb") as handle:
+            data = handle.read(MAX_WHITELIST_BYTES + 1)
+    if len(data) > MAX_WHITELIST_BYTES:
+        raise ValueError(f"{source}: larger than {MAX_WHITELIST_BYTES} bytes; not a whitelist")
+    return data.decode("utf-8", errors="replace")
+
+
+def update_whitelist(source: str, target: Path, now: float | None = None) -> dict[str, object]:
+    """Replace the managed client whitelist with ``source``, atomically, after checking that every line
+    parses; records the source and the date in a header line. The daemons pick it up within
+    whitelist_check_interval."""
+    import os
+    import tempfile
+
+    from policyd.whitelist import ClientWhitelist
+
+    text = fetch_whitelist(source)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now if now is not None else time.time()))
+    body = f"# mailwarden whitelist-update: updated {stamp} from {source}\n{text}"
+    if not body.endswith("\n"):
+        body += "\n"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=".whitelist-", dir=target.parent)
+    temp = Path(temp_name)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(body)
+            out.flush()
+            os.fsync(out.fileno())
+        loaded = ClientWhitelist.load([temp])  # a broken list never replaces a working one
+        temp.chmod(0o644)
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    entries = len(loaded.networks) + len(loaded.name_suffixes) + len(loaded.name_patterns)
+    return {"file": str(target), "source": source, "updated": stamp, "entries": entries}

@@ -18,3 +18,7 @@ PROTOCOL_ERRORS = Counter("mailwarden_policyd_protocol_errors", "Connections clo
 CONNECTIONS = Gauge("mailwarden_policyd_connections", "Open client connections")
 REDIS_UP = Gauge("mailwarden_redis_connected", "1 while the shared Redis connection is up")
 RATELIMIT_HITS = Counter("mailwarden_policyd_ratelimit_hits", "Requests refused by a rate limit", ["limit"])
+WHITELIST_AGE = Gauge("mailwarden_policyd_greylist_whitelist_age_seconds",
+                      "Age of the newest greylist client whitelist (its recorded update or build date)")
+WHITELIST_STALE = Gauge("mailwarden_policyd_greylist_whitelist_stale",
+                        "1 while the greylist client whitelist is older than whitelist_max_age")

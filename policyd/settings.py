@@ -59,6 +59,14 @@ class GreylistSettings(Section):
         default_factory=lambda: [shipped_rules_file("postgrey_whitelist_recipients")]
     )
     """Files in Postgrey's whitelist_recipients format: user@, @domain, user@domain, domain, /regex/."""
+    managed_whitelist: Path = Path("/var/lib/mailwarden/whitelist_clients")
+    """The client whitelist that ``mailwarden greylist whitelist-update`` writes; read beside
+    whitelist_clients when it exists."""
+    whitelist_max_age: Duration = 180 * 86400
+    """Warn (log and metric) when the client whitelist is older than this: lists of senders that do not
+    retry go out of date, and a stale list greylists the mail of senders it was meant to spare."""
+    whitelist_check_interval: Duration = 60
+    """How often the whitelist files are checked for changes (and the warning repeated, at most daily)."""
     greylist_authenticated: bool = False
     """Greylist SASL-authenticated clients too (never sensible for submission; kept for odd set-ups)."""
     add_header: bool = True

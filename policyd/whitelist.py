@@ -157,3 +157,24 @@ class RecipientWhitelist:
             if pattern.search(lowered):
                 return f"/{pattern.pattern}/"
         return None
+
+
+_DATE_LINE = re.compile(r"(?:updated|build date)[:\s]+(\d{4}-\d{2}-\d{2}(?:T\d{2}:\d{2}:\d{2}Z?)?)", re.IGNORECASE)
+
+
+def whitelist_date(path: Path) -> float | None:
+    """When a whitelist file was last brought up to date: the ``updated:`` line whitelist-update writes, the
+    ``build date:`` of Postgrey's shipped list, else the file's modification time; None if it is missing."""
+    import calendar
+    import time
+
+    try:
+        head = path.read_text(encoding="utf-8", errors="replace")[:2048]
+        mtime = path.stat().st_mtime
+    except OSError:
+        return None
+    if match := _DATE_LINE.search(head):
+        text = match.group(1).rstrip("Z")
+        layout = "%Y-%m-%dT%H:%M:%S" if "T" in text else "%Y-%m-%d"
+        return float(calendar.timegm(time.strptime(text, layout)))
+    return mtime
