@@ -21,6 +21,7 @@ from mailwarden.units import format_duration, parse_duration
 from policyd.access import load_rules
 from policyd.blocklist import BlockList
 from policyd.greylist_admin import GreylistAdmin, Selector, TripletInfo, update_whitelist
+from policyd.ratelimit_admin import RateLimitAdmin
 from policyd.settings import CheckName
 
 
@@ -279,8 +280,86 @@ def greylist_whitelist_update(ctx: CliContext, source: str, as_json: bool) -> No
     emit(result, as_json, f"{target}: {result['entries']} entries from {source}, dated {result['updated']}")
 
 
+@click.group("ratelimit")
+def ratelimit_group() -> None:
+    """See, reset and override rate-limit counters of one key (a SASL user, an address, a domain, a client)."""
+
+
+def _ratelimit_admin(ctx: CliContext) -> RateLimitAdmin:
+    config = ctx.load()
+    settings = config.section("redis")
+    return RateLimitAdmin(sync_client(settings), settings.key_prefix, config.section("policyd").ratelimit)
+
+
+@ratelimit_group.command("show")
+@click.argument("key")
+@click.option("--limit", "name", metavar="NAME", help="Only this limit (default: every windowed limit).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def ratelimit_show(ctx: CliContext, key: str, name: str | None, as_json: bool) -> None:
+    """Where KEY stands against each limit now."""
+    try:
+        standings = _ratelimit_admin(ctx).show(key, name)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    except redis.RedisError as exc:
+        fail(f"cannot reach Redis: {exc}", EX_UNAVAILABLE)
+    lines = [f"{s.limit}: {s.key} at {s.count} of {s.max if s.max is not None else 'unlimited'} per {s.window}"
+             + (f" (override {s.override}" + (f", {s.override_expires_in}s left)" if s.override_expires_in else ")")
+                if s.override else "") for s in standings]
+    emit([asdict(s) for s in standings], as_json, "\n".join(lines) or "no windowed limit")
+
+
+@ratelimit_group.command("reset")
+@click.argument("key")
+@click.option("--limit", "name", metavar="NAME", help="Only this limit (default: every windowed limit).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def ratelimit_reset(ctx: CliContext, key: str, name: str | None, as_json: bool) -> None:
+    """Forget KEY's counters: it may send again at once."""
+    try:
+        removed = _ratelimit_admin(ctx).reset(key, name)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    except redis.RedisError as exc:
+        fail(f"cannot reach Redis: {exc}", EX_UNAVAILABLE)
+    emit({"key": key, "counters_removed": removed}, as_json, f"{removed} counter(s) of {key} reset")
+
+
+@ratelimit_group.command("override")
+@click.argument("key")
+@click.option("--limit", "name", required=True, metavar="NAME")
+@click.option("--max", "max_value", type=click.IntRange(min=1), help="A new max for this key only.")
+@click.option("--exempt", is_flag=True, help="This key is not limited at all.")
+@click.option("--remove", is_flag=True, help="Drop the override: the limit's own max applies again.")
+@click.option("--for", "duration", metavar="DURATION", help="The override lapses by itself after this long.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def ratelimit_override(ctx: CliContext, key: str, name: str, max_value: int | None, exempt: bool, remove: bool,
+                       duration: str | None, as_json: bool) -> None:
+    """Raise, lift or restore one key's limit (on every MX host at once)."""
+    if sum((max_value is not None, exempt, remove)) != 1:
+        fail("give exactly one of --max N, --exempt, --remove", 2)
+    try:
+        seconds = parse_duration(duration) if duration else None
+        admin = _ratelimit_admin(ctx)
+        if remove:
+            removed = admin.remove_override(key, name)
+            emit({"key": key, "limit": name, "removed": removed}, as_json,
+                 f"override of {key} for {name} removed" if removed else f"{key} had no override for {name}")
+            return
+        value = admin.override(key, name, max_value, exempt, seconds)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    except redis.RedisError as exc:
+        fail(f"cannot reach Redis: {exc}", EX_UNAVAILABLE)
+    emit({"key": key, "limit": name, "override": value, "expires_in": int(seconds) if seconds else None}, as_json,
+         f"{key}: {name} is now {value}" + (f" for {format_duration(seconds)}" if seconds else ""))
+
+
 def register_cli(group: click.Group) -> None:
     group.add_command(policyd_command)
     group.add_command(block_group)
     group.add_command(access_group)
     group.add_command(greylist_group)
+    group.add_command(ratelimit_group)

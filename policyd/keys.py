@@ -13,6 +13,8 @@ because operators list and edit it, and other capabilities (the phish detector) 
   Lives max_age after the last count (the client auto-whitelist).
 - ``rl:<limit>:<hash(key value)>`` hash, ratelimit: i = window index, c = count, p = previous window's count.
   Lives 2 x the window.
+- ``rlo:<limit>:<hash(key value)>`` string, ratelimit: "exempt" or a new max for one key (CLI override).
+  No expiry, or the override's own.
 - ``ev:ratelimit`` stream, ratelimit: one entry per refusal (limit, key, count); capped at ~10,000 entries.
 - ``dnsbl:<zone>:<ip address>`` string, dnsbl: the list's return codes, comma-separated ("" = not listed).
   Lives the answer's TTL (capped by max_ttl), or negative_ttl for "not listed".
@@ -34,6 +36,7 @@ GREYLIST_CLIENT = "gl:c:"
 GREYLIST_EXPECT = "gl:x:"
 RATELIMIT = "rl:"
 RATELIMIT_EVENTS = "ev:ratelimit"
+RATELIMIT_OVERRIDE = "rlo:"
 DNSBL = "dnsbl:"
 RECIPIENT = "rcpt:"
 SPF = "spf:"
@@ -46,6 +49,14 @@ RATELIMIT_EVENTS_MAXLEN = 10_000
 def digest(text: str) -> str:
     """Fixed-length key body: 20 hex characters of BLAKE2b (80 bits; collisions are not a concern here)."""
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=10).hexdigest()
+
+
+def ratelimit_bucket(prefix: str, limit: str, key_value: str) -> str:
+    return f"{prefix}{RATELIMIT}{limit}:{digest(key_value)}"
+
+
+def ratelimit_override(prefix: str, limit: str, key_value: str) -> str:
+    return f"{prefix}{RATELIMIT_OVERRIDE}{limit}:{digest(key_value)}"
 
 
 def greylist_triplet(prefix: str, origin: str, sender: str, recipient: str) -> str:

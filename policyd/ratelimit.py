@@ -44,10 +44,14 @@ class RateLimitCheck(Check):
         self.now = now
         self.per_message = [limit for limit in settings.limits if limit.window == "message"]
         self.windowed = [limit for limit in settings.limits if limit.window != "message"]
+        self.overrides = {(o.limit, o.key.lower()): o for o in settings.overrides}
 
     async def on_rcpt(self, request: PolicyRequest) -> Verdict | None:
         for limit in self.per_message:
-            if _applies(limit, request) and request.rcpt_number > limit.max:
+            if not _applies(limit, request) or (key_value := self.key_value(limit, request)) is None:
+                continue
+            cap = self.configured_max(limit, key_value)
+            if cap is not None and request.rcpt_number > cap:
                 return self._refuse(limit, f"{request.rcpt_number} recipients in one message")
         counted = bool(request.message.get(_COUNTED))
         uses = []
@@ -79,20 +83,34 @@ class RateLimitCheck(Check):
     async def _run(self, uses: list[_Use]) -> Verdict | None:
         if not uses:
             return None
-        script_keys = [f"{self.prefix}{keys.RATELIMIT}{use.limit.name}:{keys.digest(use.key_value)}" for use in uses]
+        uses = [use for use in uses if self.configured_max(use.limit, use.key_value) is not None]
+        if not uses:
+            return None
+        script_keys = [keys.ratelimit_bucket(self.prefix, use.limit.name, use.key_value) for use in uses]
+        script_keys += [keys.ratelimit_override(self.prefix, use.limit.name, use.key_value) for use in uses]
         script_keys.append(f"{self.prefix}{keys.RATELIMIT_EVENTS}")
         args: list[str | int | float] = [f"{self.now():.3f}", keys.RATELIMIT_EVENTS_MAXLEN]
         for use in uses:
             window = use.limit.window
             assert isinstance(window, float)
-            args += [window, use.limit.max, use.amount, int(use.commit), use.limit.name, use.key_value]
+            args += [window, self.configured_max(use.limit, use.key_value) or 0, use.amount, int(use.commit),
+                     use.limit.name, use.key_value]
         result = await self.redis.run_script("ratelimit", script_keys, args)
         assert isinstance(result, list)
         position = int(result[0])
         if position == 0:
             return None
         use = uses[position - 1]
-        return self._refuse(use.limit, f"{use.limit.key}={use.key_value} at {int(result[1])} of {use.limit.max}")
+        cap = int(float(result[2]))
+        return self._refuse(use.limit, f"{use.limit.key}={use.key_value} at {int(result[1])} of {cap}")
+
+    def configured_max(self, limit: RateLimit, key_value: str) -> int | None:
+        """The limit's max for this key after the config's overrides; None when the key is exempt.
+        (Overrides set with the CLI live in Redis and are applied inside the script.)"""
+        override = self.overrides.get((limit.name, key_value))
+        if override is None:
+            return limit.max
+        return None if override.exempt else override.max
 
     def _refuse(self, limit: RateLimit, detail: str) -> Verdict:
         metrics.RATELIMIT_HITS.labels(limit.name).inc()
@@ -111,6 +129,8 @@ class RateLimitCheck(Check):
             return request.sender.lower() or None
         if limit.key == "sender_domain":
             return request.sender.rpartition("@")[2].lower() or None
+        if limit.key == "global":
+            return "*"
         if request.client_ip is None:
             return None
         prefix = self.settings.client_prefix_v4 if request.client_ip.version == 4 else self.settings.client_prefix_v6

@@ -128,7 +128,7 @@ def _parse_window(value: object) -> float | str:
         raise ValueError(f"{value!r} is neither a duration ('1h', '1d', 3600) nor \"message\"") from None
 
 
-RateKey = Literal["sasl_user", "sender", "sender_domain", "client_address"]
+RateKey = Literal["sasl_user", "sender", "sender_domain", "client_address", "global"]
 
 
 class RateLimit(Section):
@@ -136,8 +136,8 @@ class RateLimit(Section):
     """Shown in the log, the metrics and the reply text; also part of the Redis key."""
     key: RateKey
     """What is counted against: the SASL user (the safe default for outbound), the envelope sender or its
-    domain (forgeable: an outsider can exhaust a victim's limit), or the client address (network prefix
-    from client_prefix_v4/v6)."""
+    domain (forgeable: an outsider can exhaust a victim's limit), the client address (network prefix
+    from client_prefix_v4/v6), or ``global``: one counter for all matching clients, a server-wide brake."""
     count: Literal["messages", "recipients"] = "messages"
     max: Annotated[int, Field(ge=1)]
     window: Annotated[float | Literal["message"], BeforeValidator(_parse_window)]
@@ -162,7 +162,7 @@ class RateLimit(Section):
 
     @property
     def clients(self) -> str:
-        return self.applies_to or ("authenticated" if self.key == "sasl_user" else "all")
+        return self.applies_to or ("authenticated" if self.key in ("sasl_user", "global") else "all")
 
 
 def _default_limits() -> list[RateLimit]:
@@ -172,8 +172,25 @@ def _default_limits() -> list[RateLimit]:
     ]
 
 
+class RateOverride(Section):
+    """A per-key exception: the newsletter account, a mailing-list server."""
+
+    limit: str
+    key: str
+    """The key value as counted: a SASL user name, an address, a domain or a client network."""
+    max: Annotated[int, Field(ge=1)] | None = None
+    exempt: bool = False
+
+    @model_validator(mode="after")
+    def _one(self) -> RateOverride:
+        if self.exempt == (self.max is not None):
+            raise ValueError("give either max = N or exempt = true")
+        return self
+
+
 class RateLimitSettings(Section):
     limits: list[RateLimit] = Field(default_factory=_default_limits)
+    overrides: list[RateOverride] = []
     client_prefix_v4: Annotated[int, Field(ge=8, le=32)] = 32
     client_prefix_v6: Annotated[int, Field(ge=16, le=128)] = 64
     defer_text: str = "Rate limit reached ({name}: {max} {count} per {window}); please try again later"
@@ -191,6 +208,14 @@ class RateLimitSettings(Section):
         if len(names) != len(set(names)):
             raise ValueError("limit names must be unique")
         return limits
+
+    @model_validator(mode="after")
+    def _overrides_name_limits(self) -> RateLimitSettings:
+        names = {limit.name for limit in self.limits}
+        for override in self.overrides:
+            if override.limit not in names:
+                raise ValueError(f"override for unknown limit {override.limit!r}; limits: {', '.join(sorted(names))}")
+        return self
 
 
 def code_range(text: str) -> tuple[int, int]:

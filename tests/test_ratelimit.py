@@ -149,3 +149,47 @@ def test_two_connections_racing_never_exceed_the_limit(redis_server):
         results = await asyncio.gather(*(checks[n % 2].on_rcpt(req()) for n in range(200)))
         assert sum(1 for r in results if r is None) == 50
     with_check(redis_server.url, [limit], scenario, clients=2)
+
+
+def test_config_overrides_raise_or_lift_one_key(redis_server):
+    from policyd.settings import RateOverride
+
+    async def scenario(check, clock):
+        check.overrides = {("msgs", "newsletter"): RateOverride(limit="msgs", key="newsletter", max=5),
+                           ("msgs", "backup"): RateOverride(limit="msgs", key="backup", exempt=True)}
+        for _ in range(5):
+            assert await check.on_rcpt(req(user="newsletter")) is None
+        assert (await check.on_rcpt(req(user="newsletter"))).reason.endswith("at 5 of 5")
+        for _ in range(20):
+            assert await check.on_rcpt(req(user="backup")) is None
+        for _ in range(3):
+            assert await check.on_rcpt(req(user="alice")) is None
+        assert (await check.on_rcpt(req(user="alice"))).decisive
+    with_check(redis_server.url, [HOURLY], scenario)
+
+
+def test_redis_overrides_from_the_cli_apply_on_the_next_request(redis_server):
+    from policyd import keys
+
+    async def scenario(check, clock):
+        for _ in range(3):
+            assert await check.on_rcpt(req()) is None
+        assert (await check.on_rcpt(req())).decisive
+        await check.redis.call("SET", keys.ratelimit_override("t:", "msgs", "alice"), "6")
+        for _ in range(3):
+            assert await check.on_rcpt(req()) is None
+        assert (await check.on_rcpt(req())).reason.endswith("at 6 of 6")
+        await check.redis.call("SET", keys.ratelimit_override("t:", "msgs", "alice"), "exempt")
+        assert await check.on_rcpt(req()) is None
+        assert (await check.on_rcpt(req(user="bob"))) is None
+    with_check(redis_server.url, [HOURLY], scenario)
+
+
+def test_a_global_cap_stops_a_burst_spread_over_many_users(redis_server):
+    cap = {"name": "all-users", "key": "global", "count": "messages", "max": 10, "window": "1h"}
+
+    async def scenario(check, clock):
+        answers = [await check.on_rcpt(req(user=f"user{n}")) for n in range(15)]
+        assert sum(1 for a in answers if a is None) == 10
+        assert await check.on_rcpt(req(user="")) is None  # unauthenticated mail is not counted
+    with_check(redis_server.url, [HOURLY, cap], scenario)

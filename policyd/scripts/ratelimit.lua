@@ -2,16 +2,24 @@
 -- The window is approximated from two fixed buckets (this one and the previous one, weighted by how much
 -- of it still overlaps the sliding window): O(1) memory per key, exact while the previous bucket is empty.
 -- KEYS[1..n]    one bucket hash per limit (i = bucket index, c = count, p = previous bucket's count)
--- KEYS[n+1]     the rate-limit event stream (read by the phish detector)
+-- KEYS[n+1..2n] one override per limit and key (`mailwarden ratelimit override`): "exempt" or a new max
+-- KEYS[2n+1]    the rate-limit event stream (read by the phish detector)
 -- ARGV[1] now   ARGV[2] stream cap, then per limit (6 values): window seconds, max, amount,
 --         commit (1: add the amount when every limit has room; 0: only check that it would fit), name, key value
 -- Returns {0} when every limit has room, else {position of the first limit over, its estimated count}.
 local now, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
-local n = #KEYS - 1
+local n = (#KEYS - 1) / 2
+local events = KEYS[2 * n + 1]
 local state = {}
 for i = 1, n do
   local base = 2 + (i - 1) * 6
   local window, max, amount = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
+  local override = redis.call('GET', KEYS[n + i])
+  if override == 'exempt' then
+    amount, max = 0, math.huge
+  elseif override and tonumber(override) then
+    max = tonumber(override)
+  end
   local index = math.floor(now / window)
   local h = redis.call('HMGET', KEYS[i], 'i', 'c', 'p')
   local stored, cur, prev = tonumber(h[1]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
@@ -21,9 +29,9 @@ for i = 1, n do
   local elapsed = now - index * window
   local estimate = prev * (window - elapsed) / window + cur
   if estimate + amount > max then
-    redis.call('XADD', KEYS[n + 1], 'MAXLEN', '~', cap, '*', 'limit', ARGV[base + 5], 'key', ARGV[base + 6],
+    redis.call('XADD', events, 'MAXLEN', '~', cap, '*', 'limit', ARGV[base + 5], 'key', ARGV[base + 6],
                'count', string.format('%.0f', estimate), 'max', max, 'at', ARGV[1])
-    return {i, string.format('%.0f', estimate)}
+    return {i, string.format('%.0f', estimate), tostring(max)}
   end
   if ARGV[base + 4] == '1' then state[#state + 1] = {KEYS[i], index, cur + amount, prev, window} end
 end

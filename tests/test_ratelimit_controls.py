@@ -1,0 +1,64 @@
+"""The postmaster's rate-limit controls through the CLI and the real Postfix: show, reset, override."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import base_settings
+from test_e2e_policyd import send
+
+pytestmark = pytest.mark.e2e
+
+LIMITS = [{"name": "user-msgs", "key": "sasl_user", "count": "messages", "max": 2, "window": "1h"},
+          {"name": "all-users", "key": "global", "count": "messages", "max": 6, "window": "1h"}]
+
+
+def cli(stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mailwarden.cli", "--config", str(stack.policyd.config_path),
+                           "ratelimit", *args], capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def stack(stack_factory, redis_server):
+    return stack_factory(base_settings(redis_server.url, checks=["ratelimit"], ratelimit={"limits": LIMITS}))
+
+
+def test_show_then_reset_lets_the_user_send_again_at_once(stack):
+    assert send(stack, "a1", login="alice") is None
+    assert send(stack, "a2", login="alice") is None
+    assert send(stack, "a3", login="alice")["user@example.test"][0] == 450
+    shown = json.loads(cli(stack, "show", "alice", "--json").stdout)
+    assert {s["limit"]: (s["count"], s["max"]) for s in shown} == {"user-msgs": (2, 2), "all-users": (2, 6)}
+    human = cli(stack, "show", "alice", "--limit", "user-msgs").stdout
+    assert human.strip() == "user-msgs: alice at 2 of 2 per 3600s"
+    reset = cli(stack, "reset", "alice", "--limit", "user-msgs", "--json")
+    assert reset.returncode == 0 and json.loads(reset.stdout)["counters_removed"] == 1
+    assert send(stack, "a4", login="alice") is None
+
+
+def test_override_raises_one_users_limit_and_nobody_elses(stack):
+    done = cli(stack, "override", "alice", "--limit", "user-msgs", "--max", "4", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["override"] == "4"
+    for n in range(4):
+        assert send(stack, f"alice {n}", login="alice") is None
+    assert send(stack, "alice 5", login="alice")["user@example.test"][0] == 450
+    assert send(stack, "bob 1", login="bob") is None
+    assert send(stack, "bob 2", login="bob") is None
+    assert send(stack, "bob 3", login="bob")["user@example.test"][0] == 450
+    assert "(override 4)" in cli(stack, "show", "alice", "--limit", "user-msgs").stdout
+    assert cli(stack, "override", "alice", "--limit", "user-msgs", "--remove").returncode == 0
+
+
+def test_the_server_wide_cap_stops_a_burst_spread_over_many_users(stack):
+    results = [send(stack, f"burst {n}", login=f"user{n}") for n in range(8)]
+    assert [r is None for r in results] == [True] * 6 + [False] * 2
+    assert "rate limit all-users reached" in stack.policyd.log_text()
+
+
+def test_usage_errors(stack):
+    assert cli(stack, "override", "alice", "--limit", "user-msgs").returncode == 2
+    unknown = cli(stack, "show", "alice", "--limit", "nope")
+    assert unknown.returncode == 2 and "no windowed limit named 'nope'" in unknown.stderr
