@@ -59,6 +59,8 @@ class Outcome:
     check: str
     timings: list[tuple[str, float]] = field(default_factory=list)
     degraded: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """What the checks before the deciding one found (``dnsbl: score 1 below 2``), for the log line."""
 
 
 def fail_verdict(settings: PolicydSettings, dependency: str, request: PolicyRequest, why: str) -> Verdict:
@@ -100,12 +102,15 @@ class Pipeline:
             self._latency[check.name].observe(elapsed)
             if verdict is None:
                 continue
+            if outcome.check != "none":
+                outcome.notes.append(f"{outcome.check}: {outcome.verdict.reason}")
+            outcome.verdict, outcome.check = verdict, check.name
             if verdict.decisive:
-                outcome.verdict, outcome.check = verdict, check.name
+                # headers found for this recipient still belong to the message if a later recipient is taken
+                request.message.setdefault(PENDING_HEADERS, []).extend(h.reply for h in headers)  # type: ignore[union-attr]
                 return outcome
             if verdict.reply.startswith("PREPEND "):
                 headers.append(verdict)
-            outcome.verdict, outcome.check = verdict, check.name
         return self._with_header(request, outcome, headers)
 
     @staticmethod

@@ -242,6 +242,8 @@ class PolicyServer:
             extra["checks"] = ",".join(f"{name}:{seconds * 1000:.2f}" for name, seconds in outcome.timings)
         if outcome.degraded:
             extra["degraded"] = ",".join(outcome.degraded)
+        if outcome.notes:
+            extra["notes"] = "; ".join(outcome.notes)
         decision = Decision(
             service="policyd",
             stage=_STAGES.get(request.protocol_state, Stage.OTHER).value,

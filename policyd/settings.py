@@ -193,8 +193,10 @@ class RateLimitSettings(Section):
     overrides: list[RateOverride] = []
     client_prefix_v4: Annotated[int, Field(ge=8, le=32)] = 32
     client_prefix_v6: Annotated[int, Field(ge=16, le=128)] = 64
-    defer_text: str = "Rate limit reached ({name}: {max} {count} per {window}); please try again later"
-    reject_text: str = "Rate limit reached ({name}: {max} {count} per {window})"
+    defer_text: str = "Sending limit reached; please try again later or contact the help desk"
+    """What the client is told; by default no limit name or number (those are in the log line).
+    Placeholders: {name}, {max}, {count}, {window}."""
+    reject_text: str = "Sending limit reached; please contact the help desk"
 
     @field_validator("defer_text", "reject_text")
     @classmethod

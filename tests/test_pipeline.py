@@ -91,3 +91,16 @@ def test_redis_error_reply_is_a_backend_failure_with_the_fail_mode(policyd_facto
         assert client.ask(client_address="192.0.2.11").startswith("DEFER_IF_PERMIT")
     log = daemon.wait_log("backend failed; applying fail mode")
     assert "WRONGTYPE" in log
+
+
+def test_a_header_found_for_a_refused_recipient_goes_out_with_the_next_answer():
+    header = Fixed("h", Verdict.accept("tagged", prepend("X-Test: 1")))
+    refuse_first = Fixed("r", Verdict.refuse(Action.REJECT, "no", "550 5.1.1 no"))
+    pipeline = Pipeline(PolicydSettings(), [header, refuse_first])
+    shared: dict[str, object] = {}
+    first = PolicyRequest.from_attrs({"protocol_state": "RCPT", "client_address": "192.0.2.1"})
+    first.message = shared
+    assert asyncio.run(pipeline.decide(first)).verdict.reply == "550 5.1.1 no"
+    data = PolicyRequest.from_attrs({"protocol_state": "DATA", "client_address": "192.0.2.1"})
+    data.message = shared
+    assert asyncio.run(pipeline.decide(data)).verdict.reply == "PREPEND X-Test: 1"

@@ -56,7 +56,9 @@ def test_message_counted_once_at_its_first_recipient(redis_server):
             for n in range(1, 6):  # five recipients each
                 assert await check.on_rcpt(req(message=shared, rcpt_number=n)) is None
         refused = await check.on_rcpt(req())
-        assert refused.decisive and refused.reply.startswith("450 4.7.1 Rate limit reached (msgs: 3 messages per 1h)")
+        assert refused.decisive and refused.reply == ("450 4.7.1 Sending limit reached; please try again later or "
+                                                      "contact the help desk")
+        assert refused.reason == "rate limit msgs reached: sasl_user=alice at 3 of 3"
         assert "sasl_user=alice at 3 of 3" in refused.reason
         assert await check.on_rcpt(req(user="bob")) is None
     with_check(redis_server.url, [HOURLY], scenario)
@@ -92,7 +94,7 @@ def test_recipient_limit_counts_each_recipient(redis_server):
         for n in range(1, 5):
             assert await check.on_rcpt(req(message=shared, rcpt_number=n)) is None
         refused = await check.on_rcpt(req(message=shared, rcpt_number=5))
-        assert refused.reply.startswith("550 5.7.1 Rate limit reached (rcpts: 4 recipients per 1d)")
+        assert refused.reply == "550 5.7.1 Sending limit reached; please contact the help desk"
     with_check(redis_server.url, [limit], scenario)
 
 

@@ -46,7 +46,7 @@ def test_rate_limit_counts_across_both_daemons(policyd_factory, redis_server):
         t.join(30)
     assert len(answers) == 20
     assert answers.count("DUNNO") == 10
-    assert sum(a.startswith("450 4.7.1 Rate limit reached (user-msgs") for a in answers) == 10
+    assert sum(a.startswith("450 4.7.1 Sending limit reached") for a in answers) == 10
 
 
 @pytest.fixture
