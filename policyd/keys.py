@@ -15,6 +15,8 @@ because operators list and edit it, and other capabilities (the phish detector) 
   Lives 2 x the window.
 - ``rlo:<limit>:<hash(key value)>`` string, ratelimit: "exempt" or a new max for one key (CLI override).
   No expiry, or the override's own.
+- ``rln:<limit>:<hash(key value)>`` string, ratelimit: when the key was first refused in this window (the
+  user and the admin were notified). Lives one window.
 - ``ev:ratelimit`` stream, ratelimit: one entry per refusal (limit, key, count); capped at ~10,000 entries.
 - ``dnsbl:<zone>:<ip address>`` string, dnsbl: the list's return codes, comma-separated ("" = not listed).
   Lives the answer's TTL (capped by max_ttl), or negative_ttl for "not listed".
@@ -37,6 +39,7 @@ GREYLIST_EXPECT = "gl:x:"
 RATELIMIT = "rl:"
 RATELIMIT_EVENTS = "ev:ratelimit"
 RATELIMIT_OVERRIDE = "rlo:"
+RATELIMIT_NOTIFIED = "rln:"
 DNSBL = "dnsbl:"
 RECIPIENT = "rcpt:"
 SPF = "spf:"
@@ -57,6 +60,10 @@ def ratelimit_bucket(prefix: str, limit: str, key_value: str) -> str:
 
 def ratelimit_override(prefix: str, limit: str, key_value: str) -> str:
     return f"{prefix}{RATELIMIT_OVERRIDE}{limit}:{digest(key_value)}"
+
+
+def ratelimit_notified(prefix: str, limit: str, key_value: str) -> str:
+    return f"{prefix}{RATELIMIT_NOTIFIED}{limit}:{digest(key_value)}"
 
 
 def greylist_triplet(prefix: str, origin: str, sender: str, recipient: str) -> str:

@@ -22,3 +22,4 @@ WHITELIST_AGE = Gauge("mailwarden_policyd_greylist_whitelist_age_seconds",
                       "Age of the newest greylist client whitelist (its recorded update or build date)")
 WHITELIST_STALE = Gauge("mailwarden_policyd_greylist_whitelist_stale",
                         "1 while the greylist client whitelist is older than whitelist_max_age")
+NOTIFICATIONS = Counter("mailwarden_policyd_notifications", "Rate-limit notifications by outcome", ["outcome"])

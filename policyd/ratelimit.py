@@ -18,6 +18,7 @@ from mailwarden.redis_pipe import PipelinedRedis
 from mailwarden.units import format_duration
 from policyd import keys, metrics
 from policyd.check import Check
+from policyd.notify import LimitNotifier
 from policyd.request import PolicyRequest
 from policyd.settings import RateLimit, RateLimitSettings
 from policyd.verdict import Verdict, defer, reject
@@ -37,8 +38,9 @@ class RateLimitCheck(Check):
     name = "ratelimit"
 
     def __init__(self, settings: RateLimitSettings, redis_pipe: PipelinedRedis, prefix: str,
-                 now: Callable[[], float]) -> None:
+                 now: Callable[[], float], notifier: LimitNotifier | None = None) -> None:
         self.settings = settings
+        self.notifier = notifier
         self.redis = redis_pipe
         self.prefix = prefix
         self.now = now
@@ -64,7 +66,7 @@ class RateLimitCheck(Check):
                 uses.append(_Use(limit, key_value, 1, commit=True))
             else:
                 uses.append(_Use(limit, key_value, 0 if counted else 1, commit=not counted))
-        verdict = await self._run(uses)
+        verdict = await self._run(uses, request)
         if verdict is None and any(use.commit and use.limit.count == "messages" for use in uses):
             request.message[_COUNTED] = True
         return verdict
@@ -78,9 +80,9 @@ class RateLimitCheck(Check):
                 continue
             amount = 1 if limit.count == "messages" else max(request.recipient_count, 1)
             uses.append(_Use(limit, key_value, amount, commit=True))
-        return await self._run(uses)
+        return await self._run(uses, request)
 
-    async def _run(self, uses: list[_Use]) -> Verdict | None:
+    async def _run(self, uses: list[_Use], request: PolicyRequest) -> Verdict | None:
         if not uses:
             return None
         uses = [use for use in uses if self.configured_max(use.limit, use.key_value) is not None]
@@ -88,6 +90,7 @@ class RateLimitCheck(Check):
             return None
         script_keys = [keys.ratelimit_bucket(self.prefix, use.limit.name, use.key_value) for use in uses]
         script_keys += [keys.ratelimit_override(self.prefix, use.limit.name, use.key_value) for use in uses]
+        script_keys += [keys.ratelimit_notified(self.prefix, use.limit.name, use.key_value) for use in uses]
         script_keys.append(f"{self.prefix}{keys.RATELIMIT_EVENTS}")
         args: list[str | int | float] = [f"{self.now():.3f}", keys.RATELIMIT_EVENTS_MAXLEN]
         for use in uses:
@@ -102,6 +105,8 @@ class RateLimitCheck(Check):
             return None
         use = uses[position - 1]
         cap = int(float(result[2]))
+        if int(result[3]) and self.notifier is not None:
+            self.notifier.limit_reached(use.limit, use.key_value, request, cap)
         return self._refuse(use.limit, f"{use.limit.key}={use.key_value} at {int(result[1])} of {cap}")
 
     def configured_max(self, limit: RateLimit, key_value: str) -> int | None:
@@ -119,6 +124,9 @@ class RateLimitCheck(Check):
         reason = f"rate limit {limit.name} reached: {detail}"
         if limit.action == "reject":
             return Verdict.refuse(Action.REJECT, reason, reject(self.settings.reject_text.format(**fields)))
+        if limit.action == "hold":
+            # Postfix takes the message into its hold queue: nothing lost, nothing sent, the postmaster decides
+            return Verdict.refuse(Action.HOLD, reason, f"HOLD {self.settings.hold_text.format(**fields)}")
         return Verdict.refuse(Action.DEFER, reason, defer(self.settings.defer_text.format(**fields)))
 
     def key_value(self, limit: RateLimit, request: PolicyRequest) -> str | None:

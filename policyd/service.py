@@ -19,6 +19,7 @@ from policyd.blocklist import BlocklistCheck
 from policyd.check import Check, Pipeline
 from policyd.dnsbl import DnsblCheck
 from policyd.greylist import GreylistCheck
+from policyd.notify import LimitNotifier
 from policyd.quota import QuotaCheck
 from policyd.ratelimit import RateLimitCheck
 from policyd.recipients import RecipientCheck
@@ -38,7 +39,8 @@ def build_checks(settings: PolicydSettings, redis_pipe: PipelinedRedis, prefix: 
     factories: dict[str, Callable[[], Check]] = {
         "access": lambda: AccessCheck(settings.access.files, set(get_args(CheckName)), settings.access.check_interval),
         "blocklist": lambda: BlocklistCheck(settings.blocklist, redis_pipe, prefix),
-        "ratelimit": lambda: RateLimitCheck(settings.ratelimit, redis_pipe, prefix, now),
+        "ratelimit": lambda: RateLimitCheck(settings.ratelimit, redis_pipe, prefix, now,
+                                            LimitNotifier(settings.ratelimit.notify)),
         "dnsbl": lambda: DnsblCheck(settings.dnsbl, dns, redis_pipe, prefix),
         "spf": lambda: SpfCheck(settings.spf, dns, hostname, settings.trusted_networks, redis_pipe, prefix),
         "recipients": lambda: RecipientCheck(settings.recipients, redis_pipe, prefix),

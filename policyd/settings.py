@@ -142,7 +142,9 @@ class RateLimit(Section):
     max: Annotated[int, Field(ge=1)]
     window: Annotated[float | Literal["message"], BeforeValidator(_parse_window)]
     """A sliding window in time ("1h", "1d"), or "message" for a cap on recipients of one message."""
-    action: Literal["defer", "reject"] = "defer"
+    action: Literal["defer", "reject", "hold"] = "defer"
+    """``hold``: Postfix accepts the message into its hold queue (nothing lost, nothing sent) for the
+    postmaster to release (postsuper -H) or delete."""
     stage: Literal["rcpt", "end-of-message"] = "rcpt"
     """``rcpt``: counted at RCPT (a message once, at its first recipient). ``end-of-message``: checked at
     RCPT, counted at END-OF-MESSAGE with recipient_count, so only mail that was accepted counts (needs
@@ -188,8 +190,36 @@ class RateOverride(Section):
         return self
 
 
+class NotifySettings(Section):
+    """One message to the user and one to the admin at a key's first refusal in a window (never one per
+    message), sent through an SMTP relay (normally the local Postfix)."""
+
+    relay: str | None = None
+    """HOST:PORT of the SMTP server to send through, e.g. "127.0.0.1:25"; unset: no notifications."""
+    sender: str = "postmaster@localhost"
+    admin: str | None = None
+    """Address of the postmaster or security team; unset: only the user is told."""
+    user_domain: str | None = None
+    """Domain for SASL user names that are not addresses (alice -> alice@user_domain); unset: the
+    envelope sender of the message that hit the limit is told."""
+    user_subject: str = "Your outgoing mail has been held back"
+    user_text: str = (
+        "You have sent more mail in a short time than this server allows ({max} {count} per {window}).\n"
+        "Further mail is being {done} for now. If you did not send this mail, your password may be known "
+        "to someone else: change it and contact the help desk.\n"
+    )
+    admin_subject: str = "Rate limit {name} reached by {key}"
+    admin_text: str = "{key} reached the rate limit {name} ({max} {count} per {window}); its mail is being {done}.\n"
+
+    @field_validator("relay")
+    @classmethod
+    def _relay(cls, relay: str | None) -> str | None:
+        return relay if relay is None else _listen_entry(relay)
+
+
 class RateLimitSettings(Section):
     limits: list[RateLimit] = Field(default_factory=_default_limits)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
     overrides: list[RateOverride] = []
     client_prefix_v4: Annotated[int, Field(ge=8, le=32)] = 32
     client_prefix_v6: Annotated[int, Field(ge=16, le=128)] = 64
@@ -197,8 +227,10 @@ class RateLimitSettings(Section):
     """What the client is told; by default no limit name or number (those are in the log line).
     Placeholders: {name}, {max}, {count}, {window}."""
     reject_text: str = "Sending limit reached; please contact the help desk"
+    hold_text: str = "held: sending limit reached"
+    """Logged by Postfix with the held message (the client is told nothing: the message is accepted)."""
 
-    @field_validator("defer_text", "reject_text")
+    @field_validator("defer_text", "reject_text", "hold_text")
     @classmethod
     def _texts(cls, text: str) -> str:
         return _check_template(text, {"name", "max", "count", "window"})

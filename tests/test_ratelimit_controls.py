@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import base_settings
@@ -62,3 +63,32 @@ def test_usage_errors(stack):
     assert cli(stack, "override", "alice", "--limit", "user-msgs").returncode == 2
     unknown = cli(stack, "show", "alice", "--limit", "nope")
     assert unknown.returncode == 2 and "no windowed limit named 'nope'" in unknown.stderr
+
+
+def test_hold_action_parks_mail_and_notifies_user_and_admin_once(stack_factory, redis_server, sink):
+    limits = [{"name": "user-msgs", "key": "sasl_user", "count": "messages", "max": 2, "window": "1h",
+               "action": "hold"}]
+    notify = {"relay": f"127.0.0.1:{sink.port}", "admin": "postmaster@example.test",
+              "user_domain": "example.test", "sender": "mailwarden@example.test"}
+    stack = stack_factory(base_settings(redis_server.url, checks=["ratelimit"],
+                                        ratelimit={"limits": limits, "notify": notify}))
+    for n in range(2):
+        assert send(stack, f"ok {n}", login="alice") is None
+    for n in range(3):
+        assert send(stack, f"over {n}", login="alice") is None  # accepted by Postfix ...
+    time.sleep(1)
+    held = [m for m in stack.postfix.queue() if m["queue_name"] == "hold"]
+    assert len(held) == 3  # ... into the hold queue: nothing lost, nothing sent
+    received = stack.sink.wait_for(4)
+    time.sleep(1)
+    notices = [m for m in stack.sink.messages if m.message["Auto-Submitted"] == "auto-generated"]
+    assert sorted(m.rcpt_tos[0] for m in notices) == ["alice@example.test", "postmaster@example.test"]
+    assert len([m for m in received if m.message["Subject"] and m.message["Subject"].startswith("over")]) == 0
+    admin = next(m for m in notices if m.rcpt_tos[0] == "postmaster@example.test").message
+    assert admin["Subject"] == "Rate limit user-msgs reached by alice"
+    assert "held for review" in admin.get_content()
+    assert 'action=hold reason="rate limit user-msgs reached' in stack.policyd.log_text()
+    assert cli(stack, "reset", "alice").returncode == 0
+    assert send(stack, "after reset", login="alice") is None
+    stack.sink.wait_for(5)
+    assert len([m for m in stack.sink.messages if m.message["Auto-Submitted"]]) == 2  # still one each
