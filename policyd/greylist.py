@@ -26,6 +26,7 @@ from mailwarden.logs import get_logger, log_kv
 from mailwarden.redis_pipe import PipelinedRedis
 from policyd import keys, metrics
 from policyd.check import Check
+from policyd.optout import SqlOptOut
 from policyd.request import PolicyRequest
 from policyd.results import allow_listing, dnsbl_score, spf_result
 from policyd.settings import GreylistSettings
@@ -88,6 +89,7 @@ class GreylistCheck(Check):
         self.clients = ClientWhitelist.load(self._client_files())
         self.recipients = RecipientWhitelist.load(settings.whitelist_recipients)
         self._warned = float("-inf")
+        self.opt_out = SqlOptOut(settings.opt_out_sql) if settings.opt_out_sql is not None else None
         self._watcher: asyncio.TimerHandle | None = None
         self._dynamic = re.compile("|".join(f"(?:{p})" for p in settings.dynamic_patterns) or "(?!)", re.IGNORECASE)
         self._spf_domains = {d.lower().strip(".") for d in settings.skip_spf_domains}
@@ -155,6 +157,8 @@ class GreylistCheck(Check):
     def stop(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
+        if self.opt_out is not None:
+            self.opt_out.close()
 
     def exemption(self, request: PolicyRequest) -> str | None:
         """Why this request is not greylisted at all, or None."""
@@ -213,6 +217,8 @@ class GreylistCheck(Check):
     async def on_rcpt(self, request: PolicyRequest) -> Verdict | None:
         if why := self.exemption(request):
             return Verdict.accept(why)
+        if self.opt_out is not None and await self.opt_out.opted_out(request.recipient):
+            return Verdict.accept("recipient opted out of greylisting")
         origin, sender, recipient = self.triplet(request)
         domain = request.sender.rpartition("@")[2].lower() if "@" in request.sender else ""
         script_keys = (

@@ -40,6 +40,23 @@ class FailModes(Section):
     """SASL-authenticated submission."""
 
 
+class OptOutSqlSettings(Section):
+    url: str
+    """SQLAlchemy URL, e.g. "mysql+pymysql://mailwarden:secret@db.example.org/mail"."""
+    query: str = "SELECT 1 FROM greylist_opt_out WHERE address = :address"
+    """Returns a row when the recipient opted out. Parameters: :address, :local, :domain."""
+    timeout: Duration = 1.0
+    cache_ttl: Duration = 300
+    """Answers are kept in memory this long (opt-outs change rarely; the table is not asked per message)."""
+
+    @field_validator("query")
+    @classmethod
+    def _parameter(cls, query: str) -> str:
+        if not any(p in query for p in (":address", ":local", ":domain")):
+            raise ValueError("the query must use :address (or :local / :domain)")
+        return query
+
+
 class GreylistSettings(Section):
     """Greylisting with Postgrey's semantics (delay, retry window, max age, client auto-whitelist)."""
 
@@ -77,6 +94,8 @@ class GreylistSettings(Section):
     skip_spf_domains: list[str] = []
     """Senders whose SPF passes for one of these domains (or a subdomain) are not greylisted: banks, the
     university's own partners, whoever sends password resets and one-time codes (spf runs first)."""
+    opt_out_sql: OptOutSqlSettings | None = None
+    """Recipients who opted out of greylisting, from an SQL table (the file form: whitelist_recipients)."""
     only_suspicious: bool = False
     """Greylist only clients that look suspicious, as large providers do: no verified reverse DNS, a
     hostname that looks dynamic (``dynamic_patterns``), or a DNSBL score above zero (dnsbl runs first)."""

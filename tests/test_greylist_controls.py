@@ -106,3 +106,23 @@ def test_spf_passing_senders_of_listed_domains_skip_greylisting(stack_factory, r
     assert send(stack, "reset link", client_address="198.51.100.10", sender="noreply@example.test") is None
     forged = send(stack, "forged", client_address="203.0.113.9", sender="x@softfail.test")
     assert forged["user@example.test"][0] == 450
+
+
+def test_recipients_who_opted_out_in_sql_are_not_greylisted(policyd_factory, redis_server, mariadb):
+    url = mariadb.create_database("optout", drop=True)
+    mariadb.run_script("CREATE TABLE optout.greylist_opt_out (address VARCHAR(254) PRIMARY KEY);"
+                       "INSERT INTO optout.greylist_opt_out VALUES ('ceo@example.test');")
+    daemon = policyd_factory(base_settings(redis_server.url, checks=["greylist"], greylist={
+        "opt_out_sql": {"url": url, "cache_ttl": "1s"}}))
+    with daemon.connect() as c:
+        assert c.ask(recipient="CEO@example.test") == "DUNNO"
+        assert c.ask(recipient="user@example.test").startswith("DEFER_IF_PERMIT")
+        mariadb.execute("INSERT INTO greylist_opt_out VALUES ('user@example.test')", database="optout")
+        time.sleep(1.1)
+        assert c.ask(recipient="user@example.test", sender="other@example.org") == "DUNNO"
+        mariadb.stop()
+        time.sleep(1.1)
+        assert c.ask(recipient="ceo@example.test", sender="x@example.org").startswith("DEFER_IF_PERMIT")
+        mariadb.start()
+    assert 'reason="recipient opted out of greylisting"' in daemon.log_text()
+    assert "greylist opt-out table unreadable; greylisting as usual" in daemon.log_text()
