@@ -126,7 +126,8 @@ def test_example_config_is_valid_and_documents_every_key():
     missing = keys(config.settings) - documented - {"redis", "logging", "metrics", "policyd", "on_error",
                                                     "greylist", "ratelimit", "blocklist", "limits", "access", "dns",
                                                     "dnsbl", "lists", "spf", "recipients", "file",
-                                                    "sql", "ldap", "quota", "overrides", "exempt", "notify", "opt_out_sql"}
+                                                    "sql", "ldap", "quota", "overrides", "exempt", "notify",
+                                                    "opt_out_sql"}
     assert not missing, f"keys not documented in etc/mailwarden.toml: {sorted(missing)}"
     limit_keys = {"name", "key", "count", "max", "window", "action", "stage", "applies_to", "zone", "weight",
                   "codes"}
