@@ -24,6 +24,7 @@ because operators list and edit it, and other capabilities (the phish detector) 
   Lives cache_ttl (negative_cache_ttl for unknown).
 - ``spf:<hash(client ip/sender domain or helo)>`` string, spf: "result|identity|domain".
   Lives cache_ttl (temperror is not cached).
+- ``qn:<hash(mailbox)>`` string, quota: when the over-quota notice was sent. Lives notify.interval.
 - ``block:user:<sasl user>`` string, blocklist: JSON {reason, by, at}. No expiry, or the block's own.
 - ``block:client:<ip address>`` string, blocklist: JSON {reason, by, at}. No expiry, or the block's own.
 """
@@ -43,6 +44,7 @@ RATELIMIT_NOTIFIED = "rln:"
 DNSBL = "dnsbl:"
 RECIPIENT = "rcpt:"
 SPF = "spf:"
+QUOTA_NOTIFIED = "qn:"
 BLOCK_USER = "block:user:"
 BLOCK_CLIENT = "block:client:"
 

@@ -23,6 +23,37 @@ from policyd.settings import NotifySettings, RateLimit
 log = get_logger("policyd.notify")
 
 
+def compose(sender: str, to: str, subject: str, text: str) -> EmailMessage:
+    """A short, plain notice marked Auto-Submitted, so that vacation responders leave it alone."""
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = to
+    message["Subject"] = subject
+    message["Date"] = format_datetime(datetime.datetime.now().astimezone())
+    message["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2] or None)
+    message["Auto-Submitted"] = "auto-generated"
+    message.set_content(text)
+    return message
+
+
+def send_later(relay: str, messages: list[EmailMessage], what: str, **context: object) -> None:
+    """Send through the relay in a worker thread: never on the request path; failures are logged."""
+    asyncio.get_running_loop().run_in_executor(None, _send, relay, messages, what, context)
+
+
+def _send(relay: str, messages: list[EmailMessage], what: str, context: dict[str, object]) -> None:
+    host, _, port = relay.rpartition(":")
+    try:
+        with smtplib.SMTP(host.strip("[]"), int(port), timeout=30) as smtp:
+            for message in messages:
+                smtp.send_message(message)
+        log_kv(log, logging.INFO, f"{what} sent", to=",".join(str(m["To"]) for m in messages), **context)
+        metrics.NOTIFICATIONS.labels("sent").inc()
+    except (OSError, smtplib.SMTPException) as exc:
+        metrics.NOTIFICATIONS.labels("failed").inc()
+        log_kv(log, logging.ERROR, f"{what} failed", relay=relay, error=str(exc), **context)
+
+
 class LimitNotifier:
     def __init__(self, settings: NotifySettings) -> None:
         self.settings = settings
@@ -49,30 +80,8 @@ class LimitNotifier:
             messages.append(self._message(self.settings.admin, self.settings.admin_subject, self.settings.admin_text,
                                           fields))
         if messages:
-            asyncio.get_running_loop().run_in_executor(None, self._send, messages, limit.name, key_value)
+            assert self.settings.relay
+            send_later(self.settings.relay, messages, "rate-limit notification", limit=limit.name, key=key_value)
 
     def _message(self, to: str, subject: str, text: str, fields: dict[str, object]) -> EmailMessage:
-        message = EmailMessage()
-        message["From"] = self.settings.sender
-        message["To"] = to
-        message["Subject"] = subject.format(**fields)
-        message["Date"] = format_datetime(datetime.datetime.now().astimezone())
-        message["Message-ID"] = make_msgid(domain=self.settings.sender.rpartition("@")[2] or None)
-        message["Auto-Submitted"] = "auto-generated"
-        message.set_content(text.format(**fields))
-        return message
-
-    def _send(self, messages: list[EmailMessage], limit: str, key_value: str) -> None:
-        assert self.settings.relay
-        host, _, port = self.settings.relay.rpartition(":")
-        try:
-            with smtplib.SMTP(host.strip("[]"), int(port), timeout=30) as smtp:
-                for message in messages:
-                    smtp.send_message(message)
-            log_kv(log, logging.INFO, "rate-limit notification sent", limit=limit, key=key_value,
-                   to=",".join(str(m["To"]) for m in messages))
-            metrics.NOTIFICATIONS.labels("sent").inc()
-        except (OSError, smtplib.SMTPException) as exc:
-            metrics.NOTIFICATIONS.labels("failed").inc()
-            log_kv(log, logging.ERROR, "rate-limit notification failed", limit=limit, key=key_value,
-                   relay=self.settings.relay, error=str(exc))
+        return compose(self.settings.sender, to, subject.format(**fields), text.format(**fields))

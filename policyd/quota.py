@@ -16,16 +16,22 @@ import asyncio
 import logging
 import os
 import re
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from mailwarden.backend import BackendError
 from mailwarden.decision import Action
 from mailwarden.logs import get_logger, log_kv
+from mailwarden.redis_pipe import PipelinedRedis
+from policyd import keys
 from policyd.check import Check
+from policyd.notify import compose, send_later
 from policyd.request import PolicyRequest
 from policyd.settings import QuotaSettings
 from policyd.verdict import Verdict
+from policyd.whitelist import IPNetwork
 
 log = get_logger("policyd.quota")
 
@@ -139,8 +145,12 @@ class QuotaCheck(Check):
     name = "quota"
     dependency = "quota"
 
-    def __init__(self, settings: QuotaSettings) -> None:
+    def __init__(self, settings: QuotaSettings, trusted: Sequence[IPNetwork] = (),
+                 redis_pipe: PipelinedRedis | None = None, prefix: str = "") -> None:
         self.settings = settings
+        self.trusted = list(trusted)
+        self.redis = redis_pipe
+        self.prefix = prefix
         self.file = QuotaFile(settings.file) if settings.file is not None else None
         self.quota_status = QuotaStatusClient(settings.dovecot, settings.timeout)
 
@@ -152,24 +162,56 @@ class QuotaCheck(Check):
         if len(mailboxes) != 1 or "@" not in mailboxes[0]:
             return None  # an alias to several mailboxes is not refused because one of them is full
         mailbox = mailboxes[0]
+        if self._is_our_notice(request):
+            return Verdict.accept("our own over-quota notice")
         size = _size(request)
         for source in self.settings.sources:
             if source == "file" and self.file is not None:
                 if self.file.over(mailbox, size, self.settings.grace_percent):
-                    return self._refuse(mailbox, "over-quota file")
+                    full = not size or self.file.over(mailbox, 0, self.settings.grace_percent)
+                    return await self._refuse(mailbox, "over-quota file", full, size)
             elif source == "dovecot":
                 answer = await self.quota_status.ask(mailbox, size)
-                if answer.upper().startswith(_NOT_FULL):
+                if self._room(answer):
                     continue
-                if _NO_SUCH_USER.search(answer):
-                    continue  # quota_status_nouser left at Dovecot's default: "no such user" is no verdict
-                return self._refuse(mailbox, f"quota-status: {answer}")
+                # full, or only too big for the room left? (only a full mailbox is worth a notice)
+                full = not size or not self._room(await self.quota_status.ask(mailbox, 0))
+                return await self._refuse(mailbox, f"quota-status: {answer}", full, size)
         return Verdict.accept(f"mailbox {mailbox} has room for {size} bytes") if size else None
 
-    def _refuse(self, mailbox: str, detail: str) -> Verdict:
+    def _is_our_notice(self, request: PolicyRequest) -> bool:
+        notify = self.settings.notify
+        ip = request.client_ip
+        return bool(notify.relay and request.sender.lower() == notify.sender.lower() and ip is not None
+                    and any(ip.version == net.version and ip in net for net in self.trusted))
+
+    async def _notify(self, mailbox: str) -> None:
+        """One notice per mailbox and interval; the mark is set atomically, so several MX hosts send one."""
+        notify = self.settings.notify
+        if not notify.relay or self.redis is None:
+            return
+        mark = f"{self.prefix}{keys.QUOTA_NOTIFIED}{keys.digest(mailbox)}"
+        try:
+            first = await self.redis.call("SET", mark, str(int(time.time())), "NX", "EX", int(notify.interval))
+        except BackendError:
+            return  # no notice rather than one per message
+        if first:
+            text = notify.text.format(mailbox=mailbox)
+            send_later(notify.relay, [compose(notify.sender, mailbox, notify.subject, text)], "over-quota notice",
+                       mailbox=mailbox)
+
+    @staticmethod
+    def _room(answer: str) -> bool:
+        # quota_status_nouser left at Dovecot's default: "no such user" is no verdict
+        return answer.upper().startswith(_NOT_FULL) or bool(_NO_SUCH_USER.search(answer))
+
+    async def _refuse(self, mailbox: str, detail: str, full: bool, size: int) -> Verdict:
+        if full:
+            await self._notify(mailbox)
         code = "552 5.2.2" if self.settings.permanent else "452 4.2.2"
         action = Action.REJECT if self.settings.permanent else Action.DEFER
-        return Verdict.refuse(action, f"mailbox {mailbox} over quota ({detail})", f"{code} {self.settings.text}")
+        what = "over quota" if full else f"has no room for {size} bytes"
+        return Verdict.refuse(action, f"mailbox {mailbox} {what} ({detail})", f"{code} {self.settings.text}")
 
 
 def _size(request: PolicyRequest) -> int:

@@ -44,7 +44,7 @@ def build_checks(settings: PolicydSettings, redis_pipe: PipelinedRedis, prefix: 
         "dnsbl": lambda: DnsblCheck(settings.dnsbl, dns, redis_pipe, prefix),
         "spf": lambda: SpfCheck(settings.spf, dns, hostname, settings.trusted_networks, redis_pipe, prefix),
         "recipients": lambda: RecipientCheck(settings.recipients, redis_pipe, prefix),
-        "quota": lambda: QuotaCheck(settings.quota),
+        "quota": lambda: QuotaCheck(settings.quota, settings.trusted_networks, redis_pipe, prefix),
         "greylist": lambda: GreylistCheck(settings.greylist, settings.trusted_networks, redis_pipe, prefix, now,
                                           hostname),
     }

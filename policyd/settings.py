@@ -446,6 +446,27 @@ class RecipientSettings(Section):
         return None
 
 
+class QuotaNotifySettings(Section):
+    """At most one notice per interval to a user whose mail is being refused for a full mailbox."""
+
+    relay: str | None = None
+    """HOST:PORT of the SMTP server to send through, e.g. "127.0.0.1:25"; unset: no notices. The notice
+    itself skips the quota check (sender = ``sender``, from a trusted network), so it can reach the full
+    mailbox within the store's own grace (Dovecot's quota_grace)."""
+    sender: str = "postmaster@localhost"
+    interval: Duration = 86400
+    subject: str = "Your mailbox is full: mail to you is being refused"
+    text: str = (
+        "Your mailbox {mailbox} is full. Mail sent to you is being refused (the senders are told to try\n"
+        "again later) until you delete or archive some messages.\n"
+    )
+
+    @field_validator("relay")
+    @classmethod
+    def _relay(cls, relay: str | None) -> str | None:
+        return relay if relay is None else _listen_entry(relay)
+
+
 class QuotaSettings(Section):
     """Over-quota rejection at the border: a recipient whose mailbox is full gets a temporary 452 4.2.2
     (or a permanent 552 5.2.2) at RCPT, instead of a bounce from the back end later."""
@@ -463,6 +484,7 @@ class QuotaSettings(Section):
     """Answer 552 5.2.2 (the sender gives up) instead of 452 4.2.2 (the sender retries for days)."""
     timeout: Duration = 1.0
     text: str = "Mailbox is full"
+    notify: QuotaNotifySettings = Field(default_factory=lambda: QuotaNotifySettings())
 
     @field_validator("dovecot")
     @classmethod

@@ -136,12 +136,12 @@ def stack_factory(tmp_path: Path, sink: Sink, policyd_factory) -> Iterator[Calla
     need_postfix()
     instances: list[PostfixInstance] = []
 
-    def start(settings: dict) -> Stack:
+    def start(settings: dict, smtp_port: int | None = None, relay_domains: str = "example.test") -> Stack:
         policyd = policyd_factory(settings)
         # Postfix's own processes run as user postfix: its directory must not sit under pytest's 0700 tmp dir
         directory = Path(tempfile.mkdtemp(prefix="mw-postfix-"))
         directory.chmod(0o755)
-        postfix = PostfixInstance(directory, free_port(), sink.port, policyd.port)
+        postfix = PostfixInstance(directory, smtp_port or free_port(), sink.port, policyd.port, relay_domains)
         instances.append(postfix.start())
         wait_port(postfix.smtp_port)
         return Stack(postfix, policyd, sink)
