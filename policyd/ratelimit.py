@@ -10,18 +10,25 @@ END-OF-MESSAGE with ``recipient_count``). Each refusal is logged, counted and ad
 from __future__ import annotations
 
 import ipaddress
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pydantic import ValidationError
+
 from mailwarden.decision import Action
+from mailwarden.logs import get_logger, log_kv
 from mailwarden.redis_pipe import PipelinedRedis
 from mailwarden.units import format_duration
 from policyd import keys, metrics
 from policyd.check import Check
 from policyd.notify import LimitNotifier
 from policyd.request import PolicyRequest
-from policyd.settings import RateLimit, RateLimitSettings
+from policyd.settings import RateLimit, RateLimitSettings, RateOverride
 from policyd.verdict import Verdict, defer, reject
+
+log = get_logger("policyd.ratelimit")
 
 _COUNTED = "ratelimit.counted"
 
@@ -46,7 +53,11 @@ class RateLimitCheck(Check):
         self.now = now
         self.per_message = [limit for limit in settings.limits if limit.window == "message"]
         self.windowed = [limit for limit in settings.limits if limit.window != "message"]
-        self.overrides = {(o.limit, o.key.lower()): o for o in settings.overrides}
+        self.configured = {(o.limit, o.key.lower()): o for o in settings.overrides}
+        self.overrides = dict(self.configured)
+        self._file_stamp: object = None
+        self._file_checked = 0.0
+        self._read_overrides_file()
 
     async def on_rcpt(self, request: PolicyRequest) -> Verdict | None:
         for limit in self.per_message:
@@ -109,9 +120,51 @@ class RateLimitCheck(Check):
             self.notifier.limit_reached(use.limit, use.key_value, request, cap)
         return self._refuse(use.limit, f"{use.limit.key}={use.key_value} at {int(result[1])} of {cap}")
 
+    def _read_overrides_file(self) -> None:
+        """(Re-)read overrides_file when it changed; a bad line is skipped and logged, a missing file is
+        logged and leaves the overrides read before."""
+        path = self.settings.overrides_file
+        if path is None:
+            return
+        try:
+            st = path.stat()
+        except OSError as exc:
+            if self._file_stamp is not None or not self._file_checked:
+                log_kv(log, logging.ERROR, "rate-limit overrides file unreadable", file=str(path),
+                       error=exc.strerror)
+            self._file_stamp = None
+            return
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp == self._file_stamp:
+            return
+        names = {limit.name for limit in self.settings.limits}
+        overrides: dict[tuple[str, str], RateOverride] = {}
+        for number, raw in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+            fields = raw.split("#", 1)[0].split()
+            if not fields:
+                continue
+            try:
+                if len(fields) != 3 or fields[0] not in names:
+                    raise ValueError("expected LIMIT KEY MAX|exempt with a configured limit")
+                exempt = fields[2].lower() == "exempt"
+                override = RateOverride(limit=fields[0], key=fields[1], exempt=exempt,
+                                        max=None if exempt else int(fields[2]))
+            except (ValueError, ValidationError) as exc:
+                log_kv(log, logging.WARNING, "rate-limit override line skipped", file=str(path), line=number,
+                       error=str(exc).splitlines()[0])
+                continue
+            overrides[(override.limit, override.key.lower())] = override
+        self.overrides = {**overrides, **self.configured}
+        self._file_stamp = stamp
+        log_kv(log, logging.INFO, "rate-limit overrides loaded", file=str(path), overrides=len(overrides))
+
     def configured_max(self, limit: RateLimit, key_value: str) -> int | None:
-        """The limit's max for this key after the config's overrides; None when the key is exempt.
-        (Overrides set with the CLI live in Redis and are applied inside the script.)"""
+        """The limit's max for this key after the config's (and the overrides file's) overrides; None when
+        the key is exempt. (Overrides set with the CLI live in Redis and are applied inside the script.)"""
+        now = time.monotonic()
+        if self.settings.overrides_file is not None and now - self._file_checked > 5:
+            self._file_checked = now
+            self._read_overrides_file()
         override = self.overrides.get((limit.name, key_value))
         if override is None:
             return limit.max

@@ -240,6 +240,9 @@ class RateLimitSettings(Section):
     limits: list[RateLimit] = Field(default_factory=_default_limits)
     notify: NotifySettings = Field(default_factory=NotifySettings)
     overrides: list[RateOverride] = []
+    overrides_file: Path | None = None
+    """More overrides, one per line: ``LIMIT KEY MAX`` or ``LIMIT KEY exempt`` (# comments); re-read when
+    it changes. The config's own overrides win over the file's."""
     client_prefix_v4: Annotated[int, Field(ge=8, le=32)] = 32
     client_prefix_v6: Annotated[int, Field(ge=16, le=128)] = 64
     defer_text: str = "Sending limit reached; please try again later or contact the help desk"

@@ -195,3 +195,25 @@ def test_a_global_cap_stops_a_burst_spread_over_many_users(redis_server):
         assert sum(1 for a in answers if a is None) == 10
         assert await check.on_rcpt(req(user="")) is None  # unauthenticated mail is not counted
     with_check(redis_server.url, [HOURLY, cap], scenario)
+
+
+def test_overrides_file_is_read_and_reread_and_bad_lines_are_skipped(redis_server, tmp_path):
+    from policyd.settings import RateOverride
+
+    path = tmp_path / "overrides"
+    path.write_text("# site overrides\nmsgs newsletter 5\nmsgs backup exempt\nnosuch alice 9\nmsgs bob lots\n")
+
+    async def scenario(check, clock):
+        check.settings = check.settings.model_copy(update={"overrides_file": path})
+        check.configured = {("msgs", "carol"): RateOverride(limit="msgs", key="carol", max=1)}
+        check._read_overrides_file()
+        assert check.configured_max(check.windowed[0], "newsletter") == 5
+        assert check.configured_max(check.windowed[0], "backup") is None
+        assert check.configured_max(check.windowed[0], "bob") == 3  # the bad line is skipped
+        assert check.configured_max(check.windowed[0], "carol") == 1  # the config wins
+        path.write_text("msgs newsletter 50\nmsgs carol 100\n")
+        check._read_overrides_file()
+        assert check.configured_max(check.windowed[0], "newsletter") == 50
+        assert check.configured_max(check.windowed[0], "backup") == 3
+        assert check.configured_max(check.windowed[0], "carol") == 1
+    with_check(redis_server.url, [HOURLY], scenario)
