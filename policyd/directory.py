@@ -204,19 +204,22 @@ class LdapSource:
                 failures.append(f"{server.host}:{server.port}: {type(exc).__name__}")
         raise RuntimeError("no LDAP server answered (" + "; ".join(failures) + ")")
 
-    def _search(self, conn: Any, address: str) -> list[dict[str, Any]]:
+    def _search(self, conn: Any, address: str, template: str, attributes: list[str]) -> list[dict[str, Any]]:
         from ldap3.utils.conv import escape_filter_chars
 
         local, _, domain = address.rpartition("@")
-        search_filter = (self.settings.filter.replace("%s", escape_filter_chars(address))
-                         .replace("%u", escape_filter_chars(local)).replace("%d", escape_filter_chars(domain)))
-        ok, result, response, _ = conn.search(self.settings.base, search_filter, attributes=self.attributes,
-                                              size_limit=5)
+        search_filter = (template.replace("%s", escape_filter_chars(address))
+                         .replace("%u", escape_filter_chars(local or address))
+                         .replace("%d", escape_filter_chars(domain)))
+        ok, result, response, _ = conn.search(self.settings.base, search_filter, attributes=attributes, size_limit=5)
         if not ok and result.get("result") not in (0, 32):  # 32: no such object
             raise RuntimeError(f"LDAP search failed: {result.get('description')}")
         return [entry["attributes"] for entry in response if entry.get("type") == "searchResEntry"]
 
-    def _lookup(self, address: str) -> Lookup:
+    def entries(self, address: str, template: str | None = None, attributes: list[str] | None = None
+                ) -> list[dict[str, Any]]:
+        """The entries ``template`` (default: the recipient filter) finds for ``address``, synchronously;
+        raises BackendError("ldap") when no server can answer."""
         from ldap3.core.exceptions import LDAPException
 
         last: Exception | None = None
@@ -227,7 +230,7 @@ class LdapSource:
                 conn = None
             try:
                 conn = conn or self._connect()
-                entries = self._search(conn, address)
+                found = self._search(conn, address, template or self.settings.filter, attributes or self.attributes)
             except (LDAPException, OSError, RuntimeError) as exc:
                 last = exc
                 if conn is not None:
@@ -235,8 +238,15 @@ class LdapSource:
                 self.close()  # the idle connections went to the same dead server: the retry connects anew
                 continue
             self.idle.put(conn)
-            return self._interpret(address, entries)
+            return found
         raise BackendError(f"ldap lookup failed: {type(last).__name__}: {last}", backend="ldap")
+
+    def _lookup(self, address: str) -> Lookup:
+        return self._interpret(address, self.entries(address))
+
+    async def entries_async(self, address: str, template: str, attributes: list[str]) -> list[dict[str, Any]]:
+        return await _bounded(self.pool, lambda a: self.entries(a, template, attributes), address,  # type: ignore[arg-type]
+                              self.settings.timeout * 2 + 0.5, "ldap")
 
     def _interpret(self, address: str, entries: list[dict[str, Any]]) -> Lookup:
         if not entries:

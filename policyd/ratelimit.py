@@ -17,12 +17,14 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from mailwarden.backend import BackendError
 from mailwarden.decision import Action
 from mailwarden.logs import get_logger, log_kv
 from mailwarden.redis_pipe import PipelinedRedis
 from mailwarden.units import format_duration
 from policyd import keys, metrics
 from policyd.check import Check
+from policyd.directory import LdapSource
 from policyd.notify import LimitNotifier
 from policyd.request import PolicyRequest
 from policyd.settings import RateLimit, RateLimitSettings, RateOverride
@@ -30,6 +32,7 @@ from policyd.verdict import Verdict, defer, reject
 
 log = get_logger("policyd.ratelimit")
 
+_USER_OVERRIDES = "ratelimit.user_overrides"
 _COUNTED = "ratelimit.counted"
 
 
@@ -45,9 +48,12 @@ class RateLimitCheck(Check):
     name = "ratelimit"
 
     def __init__(self, settings: RateLimitSettings, redis_pipe: PipelinedRedis, prefix: str,
-                 now: Callable[[], float], notifier: LimitNotifier | None = None) -> None:
+                 now: Callable[[], float], notifier: LimitNotifier | None = None,
+                 directory: LdapSource | None = None) -> None:
         self.settings = settings
         self.notifier = notifier
+        self.directory = directory if settings.ldap_attribute else None
+        self._ldap_cache: dict[str, tuple[float, dict[str, RateOverride]]] = {}
         self.redis = redis_pipe
         self.prefix = prefix
         self.now = now
@@ -63,9 +69,10 @@ class RateLimitCheck(Check):
         for limit in self.per_message:
             if not _applies(limit, request) or (key_value := self.key_value(limit, request)) is None:
                 continue
-            cap = self.configured_max(limit, key_value)
+            cap = self.configured_max(limit, key_value, request.message.get(_USER_OVERRIDES))  # type: ignore[arg-type]
             if cap is not None and request.rcpt_number > cap:
                 return self._refuse(limit, f"{request.rcpt_number} recipients in one message")
+        await self._load_user_overrides(request)
         counted = bool(request.message.get(_COUNTED))
         uses = []
         for limit in self.windowed:
@@ -83,6 +90,7 @@ class RateLimitCheck(Check):
         return verdict
 
     async def on_eom(self, request: PolicyRequest) -> Verdict | None:
+        await self._load_user_overrides(request)
         uses = []
         for limit in self.windowed:
             if limit.stage != "end-of-message" or not _applies(limit, request):
@@ -96,7 +104,8 @@ class RateLimitCheck(Check):
     async def _run(self, uses: list[_Use], request: PolicyRequest) -> Verdict | None:
         if not uses:
             return None
-        uses = [use for use in uses if self.configured_max(use.limit, use.key_value) is not None]
+        extra = request.message.get(_USER_OVERRIDES) or {}
+        uses = [use for use in uses if self.configured_max(use.limit, use.key_value, extra) is not None]
         if not uses:
             return None
         script_keys = [keys.ratelimit_bucket(self.prefix, use.limit.name, use.key_value) for use in uses]
@@ -107,7 +116,7 @@ class RateLimitCheck(Check):
         for use in uses:
             window = use.limit.window
             assert isinstance(window, float)
-            args += [window, self.configured_max(use.limit, use.key_value) or 0, use.amount, int(use.commit),
+            args += [window, self.configured_max(use.limit, use.key_value, extra) or 0, use.amount, int(use.commit),
                      use.limit.name, use.key_value]
         result = await self.redis.run_script("ratelimit", script_keys, args)
         assert isinstance(result, list)
@@ -158,14 +167,65 @@ class RateLimitCheck(Check):
         self._file_stamp = stamp
         log_kv(log, logging.INFO, "rate-limit overrides loaded", file=str(path), overrides=len(overrides))
 
-    def configured_max(self, limit: RateLimit, key_value: str) -> int | None:
+    async def _load_user_overrides(self, request: PolicyRequest) -> None:
+        """The authenticated user's overrides from the directory attribute, cached; a directory that cannot
+        answer means no override (the limits as configured), logged."""
+        if self.directory is None or not request.sasl_username or _USER_OVERRIDES in request.message:
+            return
+        user = request.sasl_username.lower()
+        now = time.monotonic()
+        kept = self._ldap_cache.get(user)
+        if kept is not None and kept[0] > now:
+            request.message[_USER_OVERRIDES] = kept[1]
+            return
+        attribute = self.settings.ldap_attribute
+        assert attribute is not None
+        try:
+            entries = await self.directory.entries_async(user, self.settings.ldap_filter, [attribute])
+        except BackendError as exc:
+            log_kv(log, logging.WARNING, "rate-limit overrides from LDAP unavailable; limits as configured",
+                   user=user, error=str(exc))
+            request.message[_USER_OVERRIDES] = {}
+            return
+        found = self._parse_ldap_values(user, [value for entry in entries
+                                               for value in _values(entry.get(attribute))])
+        if len(self._ldap_cache) > 50_000:
+            self._ldap_cache.clear()
+        self._ldap_cache[user] = (now + self.settings.ldap_cache_ttl, found)
+        request.message[_USER_OVERRIDES] = found
+
+    def _parse_ldap_values(self, user: str, values: list[str]) -> dict[str, RateOverride]:
+        found: dict[str, RateOverride] = {}
+        user_limits = [limit.name for limit in self.settings.limits if limit.key == "sasl_user"]
+        for value in values:
+            name, eq, amount = value.strip().partition("=")
+            targets = [name] if eq else user_limits
+            amount = amount if eq else name
+            for target in targets:
+                if target not in user_limits:
+                    continue
+                try:
+                    exempt = amount.strip().lower() == "exempt"
+                    found[target] = RateOverride(limit=target, key=user, exempt=exempt,
+                                                 max=None if exempt else int(amount))
+                except (ValueError, ValidationError):
+                    log_kv(log, logging.WARNING, "rate-limit override in LDAP not understood", user=user,
+                           value=value)
+        return found
+
+    def configured_max(self, limit: RateLimit, key_value: str,
+                       user_overrides: dict[str, RateOverride] | None = None) -> int | None:
         """The limit's max for this key after the config's (and the overrides file's) overrides; None when
         the key is exempt. (Overrides set with the CLI live in Redis and are applied inside the script.)"""
         now = time.monotonic()
         if self.settings.overrides_file is not None and now - self._file_checked > 5:
             self._file_checked = now
             self._read_overrides_file()
-        override = self.overrides.get((limit.name, key_value))
+        override = self.configured.get((limit.name, key_value))
+        if override is None and user_overrides and limit.key == "sasl_user":
+            override = user_overrides.get(limit.name)
+        if override is None:
+            override = self.overrides.get((limit.name, key_value))
         if override is None:
             return limit.max
         return None if override.exempt else override.max
@@ -196,6 +256,14 @@ class RateLimitCheck(Check):
             return None
         prefix = self.settings.client_prefix_v4 if request.client_ip.version == 4 else self.settings.client_prefix_v6
         return str(ipaddress.ip_network(f"{request.client_ip}/{prefix}", strict=False))
+
+
+def _values(raw: object) -> list[str]:
+    if raw is None:
+        return []
+    if isinstance(raw, list):
+        return [str(v) for v in raw]
+    return [str(raw)]
 
 
 def _applies(limit: RateLimit, request: PolicyRequest) -> bool:

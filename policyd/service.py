@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import socket
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from policyd import metrics
 from policyd.access import AccessCheck
 from policyd.blocklist import BlocklistCheck
 from policyd.check import Check, Pipeline
+from policyd.directory import LdapSource
 from policyd.dnsbl import DnsblCheck
 from policyd.greylist import GreylistCheck
 from policyd.notify import LimitNotifier
@@ -33,6 +35,14 @@ def load_scripts() -> list[Script]:
     return [Script(name, (folder / f"{name}.lua").read_text()) for name in ("greylist", "ratelimit")]
 
 
+def ratelimit_directory(settings: PolicydSettings) -> LdapSource | None:
+    """The directory that per-user rate-limit overrides are read from (the recipients' LDAP servers)."""
+    if not settings.ratelimit.ldap_attribute:
+        return None
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="ratelimit-ldap")
+    return LdapSource(settings.recipients.ldap, pool)
+
+
 def build_checks(settings: PolicydSettings, redis_pipe: PipelinedRedis, prefix: str, dns: DnsSettings,
                  now: Callable[[], float] = time.time) -> list[Check]:
     hostname = settings.hostname or socket.getfqdn()
@@ -40,7 +50,7 @@ def build_checks(settings: PolicydSettings, redis_pipe: PipelinedRedis, prefix: 
         "access": lambda: AccessCheck(settings.access.files, set(get_args(CheckName)), settings.access.check_interval),
         "blocklist": lambda: BlocklistCheck(settings.blocklist, redis_pipe, prefix),
         "ratelimit": lambda: RateLimitCheck(settings.ratelimit, redis_pipe, prefix, now,
-                                            LimitNotifier(settings.ratelimit.notify)),
+                                            LimitNotifier(settings.ratelimit.notify), ratelimit_directory(settings)),
         "dnsbl": lambda: DnsblCheck(settings.dnsbl, dns, redis_pipe, prefix),
         "spf": lambda: SpfCheck(settings.spf, dns, hostname, settings.trusted_networks, redis_pipe, prefix),
         "recipients": lambda: RecipientCheck(settings.recipients, redis_pipe, prefix),

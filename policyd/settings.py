@@ -240,6 +240,13 @@ class RateLimitSettings(Section):
     limits: list[RateLimit] = Field(default_factory=_default_limits)
     notify: NotifySettings = Field(default_factory=NotifySettings)
     overrides: list[RateOverride] = []
+    ldap_attribute: str | None = None
+    """An attribute of the user's directory entry (found with ldap_filter through [policyd.recipients.ldap])
+    holding overrides for limits keyed by sasl_user: "exempt", a number (every such limit), or
+    "LIMIT=N" / "LIMIT=exempt" (one limit); multi-valued."""
+    ldap_filter: str = "(|(uid=%u)(mail=%s))"
+    """%s is the SASL user name, %u its local part (the whole name when it has no @)."""
+    ldap_cache_ttl: Duration = 300
     overrides_file: Path | None = None
     """More overrides, one per line: ``LIMIT KEY MAX`` or ``LIMIT KEY exempt`` (# comments); re-read when
     it changes. The config's own overrides win over the file's."""
@@ -592,6 +599,8 @@ class PolicydSettings(Section):
             raise ValueError(missing)
         if "quota" in self.checks and (missing := self.quota.missing()):
             raise ValueError(missing)
+        if self.ratelimit.ldap_attribute and not self.recipients.ldap.servers:
+            raise ValueError("ratelimit.ldap_attribute is read through [policyd.recipients.ldap]: set its servers")
         return self
 
     def fail_modes(self, dependency: str) -> FailModes:

@@ -217,3 +217,28 @@ def test_overrides_file_is_read_and_reread_and_bad_lines_are_skipped(redis_serve
         assert check.configured_max(check.windowed[0], "backup") == 3
         assert check.configured_max(check.windowed[0], "carol") == 1
     with_check(redis_server.url, [HOURLY], scenario)
+
+
+def test_overrides_from_an_ldap_attribute(policyd_factory, redis_server, slapd):
+    from conftest import base_settings
+    from ldap3 import MODIFY_REPLACE
+
+    admin = slapd.admin_connection()
+    admin.modify("uid=alice,ou=people,dc=example,dc=org", {"employeeType": [(MODIFY_REPLACE, ["user-msgs=5"])]})
+    admin.modify("uid=carol,ou=people,dc=example,dc=org", {"employeeType": [(MODIFY_REPLACE, ["exempt"])]})
+    limits = [{"name": "user-msgs", "key": "sasl_user", "count": "messages", "max": 2, "window": "1h"}]
+    daemon = policyd_factory(base_settings(redis_server.url, checks=["ratelimit"], ratelimit={
+        "limits": limits, "ldap_attribute": "employeeType", "ldap_filter": "(uid=%u)"},
+        recipients={"ldap": {"servers": [slapd.url], "base": "dc=example,dc=org"}}))
+
+    def sent(user: str, count: int) -> int:
+        with daemon.connect() as c:
+            return sum(c.ask(sasl_username=user, instance=f"{user}{n}") == "DUNNO" for n in range(count))
+
+    assert sent("alice", 8) == 5
+    assert sent("carol", 8) == 8
+    assert sent("dave", 4) == 2  # no entry: the limit as configured
+    slapd.stop()
+    assert sent("erin", 4) == 2  # the directory is down: the limit as configured, and the log says so
+    assert sent("alice", 1) == 0  # alice's override is cached; she is still at 5 of 5
+    assert "rate-limit overrides from LDAP unavailable; limits as configured" in daemon.log_text()
