@@ -36,6 +36,7 @@ from policyd.whitelist import IPNetwork
 log = get_logger("policyd.quota")
 
 _NOT_FULL = ("DUNNO", "OK", "PERMIT")
+_MAILBOXES = "quota.mailboxes"
 _NO_SUCH_USER = re.compile(r"5\.1\.1|unknown user|no such user|user unknown", re.IGNORECASE)
 
 
@@ -162,9 +163,20 @@ class QuotaCheck(Check):
         if len(mailboxes) != 1 or "@" not in mailboxes[0]:
             return None  # an alias to several mailboxes is not refused because one of them is full
         mailbox = mailboxes[0]
+        request.message.setdefault(_MAILBOXES, []).append(mailbox)  # type: ignore[union-attr]
         if self._is_our_notice(request):
             return Verdict.accept("our own over-quota notice")
-        size = _size(request)
+        return await self._judge(mailbox, _size(request))
+
+    async def on_eom(self, request: PolicyRequest) -> Verdict | None:
+        """At END-OF-MESSAGE Postfix knows the real size, also when the client announced none: a message to
+        one mailbox that does not fit is refused now (with several recipients, none is refused for one)."""
+        mailboxes = request.message.get(_MAILBOXES) or []
+        if len(mailboxes) != 1 or request.recipient_count > 1 or self._is_our_notice(request):  # type: ignore[arg-type]
+            return None
+        return await self._judge(mailboxes[0], _size(request))  # type: ignore[index]
+
+    async def _judge(self, mailbox: str, size: int) -> Verdict | None:
         for source in self.settings.sources:
             if source == "file" and self.file is not None:
                 if self.file.over(mailbox, size, self.settings.grace_percent):

@@ -71,3 +71,15 @@ def test_with_quota_status_stopped_mail_is_accepted_and_the_log_says_why(quota_s
     quota_stack.sink.wait_for(1)
     log = quota_stack.policyd.wait_log("backend failed; applying fail mode")
     assert "backend=quota" in log and "fail mode dunno" in log
+
+
+def test_a_message_without_announced_size_is_judged_at_end_of_data(quota_stack):
+    """Without SIZE= in MAIL FROM the RCPT check sees size 0; the END-OF-MESSAGE check sees the real size."""
+    body = message("unannounced", "sender@example.net", "three@example.org") + ("x" * 998 + "\r\n") * 5000
+    with quota_stack.smtp() as conn:
+        conn.mail("sender@example.net")  # no SIZE= parameter
+        assert conn.rcpt("three@example.org")[0] == 250
+        code, text = conn.data(body.encode())
+    assert code == 452 and text.startswith(b"4.2.2")
+    time.sleep(0.5)
+    assert quota_stack.sink.with_subject("unannounced") == []
