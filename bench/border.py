@@ -84,6 +84,9 @@ EXPECTED = {
     "disabled-rcpt": b"action=550 5.2.1 Mailbox disabled\n",
     "over-quota": b"action=452 4.2.2 Mailbox is full\n",
     "greylisted": b"action=DEFER_IF_PERMIT Greylisted, please try again in ",
+    # an allow-listed client skips greylisting (skip_dnswl): accepted, with the Received-SPF header
+    "allow-listed": b"action=PREPEND Received-SPF: ",
+    "allow-listed-no-spf": b"action=DUNNO\n",
 }
 OUTCOMES = tuple(EXPECTED)
 
@@ -110,6 +113,8 @@ def outcome_of(client_kind: str, sender_kind: str, recipient_kind: str, without:
         return "disabled-rcpt"
     if recipient_kind == "over-quota" and "quota" not in without:
         return "over-quota"
+    if "wl.test" in client_kind.split("+") and "dnsbl" not in without:
+        return "allow-listed" if "spf" not in without else "allow-listed-no-spf"
     return "greylisted"
 
 
