@@ -99,7 +99,9 @@ class DnsblCheck(Check):
         if score < self.settings.threshold:
             return Verdict.accept(f"score {score:g} below {self.settings.threshold:g}: {detail}")
         lists = ", ".join(answer.label for answer in listed if answer.weight > 0)
-        text = self.settings.text.format(client=request.client_address, lists=lists)
+        lookup = f"; see {self.settings.lookup_url.format(client=request.client_address)}" \
+            if self.settings.lookup_url else ""
+        text = self.settings.text.format(client=request.client_address, lists=lists, lookup=lookup)
         reason = f"score {score:g} reached {self.settings.threshold:g}: {detail}"
         if self.settings.action == "defer":
             return Verdict.refuse(Action.DEFER, reason, f"450 4.7.1 {text}")

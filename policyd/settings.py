@@ -326,12 +326,25 @@ class DnsblSettings(Section):
     """How long a "not listed" answer is cached (listed answers: the answer's own TTL)."""
     max_ttl: Duration = 3600
     action: Literal["reject", "defer"] = "reject"
-    text: str = "Service unavailable; client [{client}] blocked using {lists}"
+    text: str = "Service unavailable; client [{client}] blocked using {lists}{lookup}"
+    """Placeholders: {client}, {lists} (the public names of the lists that list it), {lookup}."""
+    lookup_url: str | None = None
+    """Where a refused sender can look its address up, e.g. "https://mx.example.org/blocked?ip={client}";
+    {lookup} is then "; see <url>", else empty."""
 
     @field_validator("text")
     @classmethod
     def _text(cls, text: str) -> str:
-        return _check_template(text, {"client", "lists"})
+        return _check_template(text, {"client", "lists", "lookup"})
+
+    @field_validator("lookup_url")
+    @classmethod
+    def _url(cls, url: str | None) -> str | None:
+        if url is not None:
+            if not url.startswith(("https://", "http://")):
+                raise ValueError("lookup_url must be an http(s) URL")
+            _check_template(url, {"client"})
+        return url
 
 
 SpfAction = Literal["reject", "defer", "header", "ignore"]

@@ -113,3 +113,11 @@ def test_an_access_rule_skips_the_dnsbl(policyd_factory, redis_server, dns_serve
     with daemon.connect() as c:
         assert c.ask(client_address="192.0.2.99") == "DUNNO"
     assert not [q for q in dns_server.queries if q.name.endswith("bl.test")]
+
+
+def test_a_lookup_url_is_offered_only_when_the_site_sets_one(policyd_factory, redis_server, dns_server):
+    daemon = policyd_factory(settings(redis_server.url, dns_server,
+                                      lookup_url="https://mx.example.org/blocked?ip={client}"))
+    with daemon.connect() as c:
+        assert c.ask(client_address="192.0.2.99") == ("550 5.7.1 Service unavailable; client [192.0.2.99] blocked "
+                                                      "using bl.test; see https://mx.example.org/blocked?ip=192.0.2.99")
