@@ -6,13 +6,16 @@ Output is for people by default and for scripts with ``--json``. Exit codes: 0 o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import click
+import redis
 
 from mailwarden.capability import installed_capabilities
 from mailwarden.config import Config, ConfigError, load_config
@@ -39,6 +42,18 @@ class CliContext:
 def fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"mailwarden: {message}", err=True)
     sys.exit(code)
+
+
+@contextlib.contextmanager
+def backend_errors() -> Iterator[None]:
+    """For commands that talk to a backend: a bad argument exits 2, an unreachable Redis 69, both with a
+    message instead of a traceback."""
+    try:
+        yield
+    except ValueError as exc:
+        fail(str(exc), 2)
+    except redis.RedisError as exc:
+        fail(f"cannot reach Redis: {exc}", EX_UNAVAILABLE)
 
 
 def emit(data: Any, as_json: bool, human: str) -> None:

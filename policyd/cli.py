@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import get_args
 
 import click
-import redis
 
-from mailwarden.cli import EX_CONFIG, EX_UNAVAILABLE, CliContext, emit, fail, serve
+from mailwarden.cli import EX_CONFIG, CliContext, backend_errors, emit, fail, serve
 from mailwarden.config import ConfigError
 from mailwarden.redis_sync import sync_client
 from mailwarden.units import format_duration, parse_duration
@@ -61,10 +60,8 @@ def _target(user: str | None, client: str | None) -> tuple[str, str]:
 @click.pass_obj
 def block_list(ctx: CliContext, as_json: bool) -> None:
     """List blocked accounts and addresses."""
-    try:
+    with backend_errors():
         entries = _blocklist(ctx).entries()
-    except redis.RedisError as exc:
-        fail(f"cannot reach Redis: {exc}", EX_UNAVAILABLE)
     lines = [
         f"{e.kind:6} {e.value:40} since {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.at))} by {e.by or '-'}"
         f" expires {format_duration(e.expires_in) if e.expires_in else 'never'}: {e.reason}"
@@ -88,12 +85,8 @@ def block_add(ctx: CliContext, user: str | None, client: str | None, reason: str
         seconds = parse_duration(expires) if expires else None
     except ValueError as exc:
         fail(f"--expires: {exc}", 2)
-    try:
+    with backend_errors():
         entry = _blocklist(ctx).add(kind, value, reason, by=getpass.getuser(), expires=seconds)
-    except ValueError as exc:
-        fail(str(exc), 2)
-    except redis.RedisError as exc:
-        fail(f"cannot reach Redis: {exc}", EX_UNAVAILABLE)
     emit(BlockList.as_dict(entry), as_json, f"blocked {kind} {entry.value}")
 
 
@@ -105,12 +98,8 @@ def block_add(ctx: CliContext, user: str | None, client: str | None, reason: str
 def block_remove(ctx: CliContext, user: str | None, client: str | None, as_json: bool) -> None:
     """Lift a block."""
     kind, value = _target(user, client)
-    try:
+    with backend_errors():
         removed = _blocklist(ctx).remove(kind, value)
-    except ValueError as exc:
-        fail(str(exc), 2)
-    except redis.RedisError as exc:
-        fail(f"cannot reach Redis: {exc}", EX_UNAVAILABLE)
     emit({"kind": kind, "value": value, "removed": removed}, as_json,
          f"unblocked {kind} {value}" if removed else f"{kind} {value} was not blocked")
     if not removed:
@@ -188,10 +177,8 @@ def _describe(info: TripletInfo) -> str:
 @click.pass_obj
 def greylist_show(ctx: CliContext, as_json: bool, **given: str | None) -> None:
     """Show triplets (all of them without a selector) and what their next attempt would get."""
-    try:
+    with backend_errors():
         found = _admin(ctx).find(_selector(**given))
-    except redis.RedisError as exc:
-        fail(f"cannot reach Redis: {exc}", EX_UNAVAILABLE)
     emit([asdict(info) for info in found], as_json,
          "\n".join(_describe(info) for info in found) or "no such triplet")
 
@@ -204,10 +191,8 @@ def greylist_pass(ctx: CliContext, as_json: bool, **given: str | None) -> None:
     selector = _selector(**given)
     if selector.empty():
         fail("give at least one of --client, --network, --sender, --sender-domain, --recipient", 2)
-    try:
+    with backend_errors():
         passed = _admin(ctx).pass_(selector)
-    except redis.RedisError as exc:
-        fail(f"cannot reach Redis: {exc}", EX_UNAVAILABLE)
     emit([asdict(info) for info in passed], as_json, f"{len(passed)} triplet(s) will pass")
     if not passed:
         raise SystemExit(1)
@@ -221,10 +206,8 @@ def greylist_flush(ctx: CliContext, as_json: bool, **given: str | None) -> None:
     selector = _selector(**given)
     if selector.empty():
         fail("give at least one of --client, --network, --sender, --sender-domain, --recipient", 2)
-    try:
+    with backend_errors():
         removed = _admin(ctx).flush(selector)
-    except redis.RedisError as exc:
-        fail(f"cannot reach Redis: {exc}", EX_UNAVAILABLE)
     emit({"removed": removed}, as_json, f"{removed} key(s) removed")
 
 
@@ -242,10 +225,8 @@ def greylist_expect(ctx: CliContext, sender_domain: str, recipient: str | None, 
         seconds = parse_duration(duration)
     except ValueError as exc:
         fail(f"--for: {exc}", 2)
-    try:
+    with backend_errors():
         window = _admin(ctx).expect(sender_domain, recipient, seconds, reason)
-    except redis.RedisError as exc:
-        fail(f"cannot reach Redis: {exc}", EX_UNAVAILABLE)
     emit(window, as_json, f"mail from {window['domain']} to {recipient or 'anyone'} is not greylisted for "
                           f"{format_duration(seconds)}")
 
@@ -255,10 +236,8 @@ def greylist_expect(ctx: CliContext, sender_domain: str, recipient: str | None, 
 @click.pass_obj
 def greylist_windows(ctx: CliContext, as_json: bool) -> None:
     """List the open expect windows."""
-    try:
+    with backend_errors():
         windows = _admin(ctx).expectations()
-    except redis.RedisError as exc:
-        fail(f"cannot reach Redis: {exc}", EX_UNAVAILABLE)
     lines = [f"{w.get('domain')} -> {w.get('recipient') or 'anyone'}: {w.get('expires_in')}s left, by "
              f"{w.get('by')}: {w.get('reason') or '-'}" for w in windows]
     emit(windows, as_json, "\n".join(lines) or "no open window")
@@ -298,12 +277,8 @@ def _ratelimit_admin(ctx: CliContext) -> RateLimitAdmin:
 @click.pass_obj
 def ratelimit_show(ctx: CliContext, key: str, name: str | None, as_json: bool) -> None:
     """Where KEY stands against each limit now."""
-    try:
+    with backend_errors():
         standings = _ratelimit_admin(ctx).show(key, name)
-    except ValueError as exc:
-        fail(str(exc), 2)
-    except redis.RedisError as exc:
-        fail(f"cannot reach Redis: {exc}", EX_UNAVAILABLE)
     lines = [f"{s.limit}: {s.key} at {s.count} of {s.max if s.max is not None else 'unlimited'} per {s.window}"
              + (f" (override {s.override}" + (f", {s.override_expires_in}s left)" if s.override_expires_in else ")")
                 if s.override else "") for s in standings]
@@ -317,12 +292,8 @@ def ratelimit_show(ctx: CliContext, key: str, name: str | None, as_json: bool) -
 @click.pass_obj
 def ratelimit_reset(ctx: CliContext, key: str, name: str | None, as_json: bool) -> None:
     """Forget KEY's counters: it may send again at once."""
-    try:
+    with backend_errors():
         removed = _ratelimit_admin(ctx).reset(key, name)
-    except ValueError as exc:
-        fail(str(exc), 2)
-    except redis.RedisError as exc:
-        fail(f"cannot reach Redis: {exc}", EX_UNAVAILABLE)
     emit({"key": key, "counters_removed": removed}, as_json, f"{removed} counter(s) of {key} reset")
 
 
@@ -340,7 +311,7 @@ def ratelimit_override(ctx: CliContext, key: str, name: str, max_value: int | No
     """Raise, lift or restore one key's limit (on every MX host at once)."""
     if sum((max_value is not None, exempt, remove)) != 1:
         fail("give exactly one of --max N, --exempt, --remove", 2)
-    try:
+    with backend_errors():
         seconds = parse_duration(duration) if duration else None
         admin = _ratelimit_admin(ctx)
         if remove:
@@ -349,10 +320,6 @@ def ratelimit_override(ctx: CliContext, key: str, name: str, max_value: int | No
                  f"override of {key} for {name} removed" if removed else f"{key} had no override for {name}")
             return
         value = admin.override(key, name, max_value, exempt, seconds)
-    except ValueError as exc:
-        fail(str(exc), 2)
-    except redis.RedisError as exc:
-        fail(f"cannot reach Redis: {exc}", EX_UNAVAILABLE)
     emit({"key": key, "limit": name, "override": value, "expires_in": int(seconds) if seconds else None}, as_json,
          f"{key}: {name} is now {value}" + (f" for {format_duration(seconds)}" if seconds else ""))
 

@@ -10,7 +10,7 @@ import string
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 
 from mailwarden.section import Section
 from mailwarden.units import Duration, parse_duration
@@ -20,6 +20,16 @@ CheckName = Literal["access", "blocklist", "ratelimit", "dnsbl", "spf", "recipie
 FailAction = Literal["dunno", "defer_if_permit", "defer"]
 """What to answer when a dependency fails: ``dunno`` lets the next check and Postfix decide (fail open),
 ``defer_if_permit`` and ``defer`` give the client a temporary failure (fail closed)."""
+
+
+def _check_sql_query(query: str) -> str:
+    if not any(p in query for p in (":address", ":local", ":domain")):
+        raise ValueError("the query must use :address (or :local / :domain)")
+    return query
+
+
+SqlQuery = Annotated[str, AfterValidator(_check_sql_query)]
+"""An SQL query asked about one address, with the parameters :address, :local and :domain."""
 
 
 def _check_template(text: str, allowed: set[str]) -> str:
@@ -43,18 +53,12 @@ class FailModes(Section):
 class OptOutSqlSettings(Section):
     url: str
     """SQLAlchemy URL, e.g. "mysql+pymysql://mailwarden:secret@db.example.org/mail"."""
-    query: str = "SELECT 1 FROM greylist_opt_out WHERE address = :address"
+    query: SqlQuery = "SELECT 1 FROM greylist_opt_out WHERE address = :address"
     """Returns a row when the recipient opted out. Parameters: :address, :local, :domain."""
     timeout: Duration = 1.0
     cache_ttl: Duration = 300
     """Answers are kept in memory this long (opt-outs change rarely; the table is not asked per message)."""
 
-    @field_validator("query")
-    @classmethod
-    def _parameter(cls, query: str) -> str:
-        if not any(p in query for p in (":address", ":local", ":domain")):
-            raise ValueError("the query must use :address (or :local / :domain)")
-        return query
 
 
 class GreylistSettings(Section):
@@ -388,17 +392,11 @@ class FileSourceSettings(Section):
 class SqlSourceSettings(Section):
     url: str | None = None
     """SQLAlchemy URL, e.g. "mysql+pymysql://user:password@db.example.org/mail" or "sqlite:////var/lib/x.db"."""
-    query: str = "SELECT address, active FROM recipients WHERE address = :address"
+    query: SqlQuery = "SELECT address, active FROM recipients WHERE address = :address"
     """Returns a row when the address exists: first column the mailbox it delivers to, optional second column
     true/false for an active/disabled account. Parameters: :address, :local, :domain."""
     timeout: Duration = 2.0
 
-    @field_validator("query")
-    @classmethod
-    def _parameter(cls, query: str) -> str:
-        if not any(p in query for p in (":address", ":local", ":domain")):
-            raise ValueError("the query must use :address (or :local / :domain)")
-        return query
 
 
 class LdapSourceSettings(Section):
