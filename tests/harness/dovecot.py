@@ -32,8 +32,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
+from harness.lifecycle import ServerLifecycle
 from harness.net import free_port
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
@@ -148,7 +148,7 @@ def quota_status_request(port: int, recipient: str, size: int | None = None, hos
 
 
 @dataclass
-class DovecotInstance:
+class DovecotInstance(ServerLifecycle):
     directory: Path | None = None
     imap_port: int = field(default_factory=free_port)
     quota_port: int = field(default_factory=free_port)
@@ -264,30 +264,14 @@ class DovecotInstance:
                 os.killpg(pgid, signal.SIGKILL)
             time.sleep(0.05)
 
-    def restart(self) -> DovecotInstance:
-        self.stop()
-        return self.start()
 
-    def cleanup(self) -> None:
-        self.stop()
-        if self._owns_directory and self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
 
     def log_text(self) -> str:
         parts = [p.read_text(errors="replace") for p in (self.workdir / "dovecot.stderr",
                                                          self.workdir / "dovecot.log") if p.exists()]
         return "\n".join(parts)
 
-    def __enter__(self) -> DovecotInstance:
-        try:
-            return self.start()
-        except BaseException:
-            self.cleanup()
-            raise
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.cleanup()
 
     def _wait_ready(self, timeout: float) -> None:
         """Ready = the IMAP greeting was read and quota-status answered a real policy request. A bare

@@ -29,19 +29,18 @@ import functools
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import pymysql
 from pymysql.constants import CLIENT
 
+from harness.lifecycle import ServerLifecycle
 from harness.net import free_port
 
 MARIADBD = shutil.which("mariadbd") or "/usr/sbin/mariadbd"
@@ -62,7 +61,7 @@ SERVER_OPTIONS = (
 
 
 @dataclass
-class MariaDbInstance:
+class MariaDbInstance(ServerLifecycle):
     """``start()`` builds the datadir once and runs mariadbd; ``stop()``/``start()`` again (or ``restart()``)
     keeps port and data, so tests can take the database away and bring it back.
 
@@ -201,39 +200,15 @@ class MariaDbInstance:
             self.proc.kill()
             self.proc.wait(10)
 
-    def restart(self) -> MariaDbInstance:
-        self.stop()
-        return self.start()
 
-    def pause(self) -> None:
-        """Freeze mariadbd (SIGSTOP): connections are accepted by the kernel but nothing is answered."""
-        assert self.proc
-        self.proc.send_signal(signal.SIGSTOP)
 
-    def resume(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
 
-    def cleanup(self) -> None:
-        """Stop, and remove the directory if we created it."""
-        self.stop()
-        if self._owns_directory and self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
 
     def log_text(self) -> str:
         parts = [p.read_text(errors="replace") for p in (self.workdir / "mariadbd.out", self.log_path) if p.exists()]
         return "".join(parts)
 
-    def __enter__(self) -> MariaDbInstance:
-        try:
-            return self.start()
-        except BaseException:
-            self.cleanup()
-            raise
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.cleanup()
 
     # --- internals -----------------------------------------------------------------------------------------
 

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 from ldap3 import SAFE_SYNC, Connection, Server
 from ldap3.core.exceptions import LDAPException
 
+from harness.lifecycle import ServerLifecycle
 from harness.net import free_port
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "ldap"
@@ -52,7 +51,7 @@ access to * by * read
 
 
 @dataclass
-class SlapdInstance:
+class SlapdInstance(ServerLifecycle):
     """``start()`` builds the database once and runs slapd; ``stop()``/``start()`` again (or ``restart()``)
     keeps port and data, so tests can take LDAP away and bring it back."""
 
@@ -135,39 +134,15 @@ class SlapdInstance:
             self.proc.kill()
             self.proc.wait(5)
 
-    def restart(self) -> SlapdInstance:
-        self.stop()
-        return self.start()
 
-    def pause(self) -> None:
-        """Freeze slapd (SIGSTOP): connections are accepted by the kernel but nothing is answered."""
-        assert self.proc
-        self.proc.send_signal(signal.SIGSTOP)
 
-    def resume(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
 
-    def cleanup(self) -> None:
-        """Stop, and remove the directory if we created it."""
-        self.stop()
-        if self._owns_directory and self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
 
     def log_text(self) -> str:
         path = self.workdir / "slapd.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def __enter__(self) -> SlapdInstance:
-        try:
-            return self.start()
-        except BaseException:
-            self.cleanup()
-            raise
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.cleanup()
 
     def _wait_ready(self, timeout: float) -> None:
         """Ready = an anonymous bind and a root DSE search answer (not just an open port)."""
