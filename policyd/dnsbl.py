@@ -6,7 +6,8 @@ asked at once and the whole lookup is bounded by ``budget``: a list that has not
 answers with an error or with a code outside its filter, counts as "not listed" and the log says so.
 Answers are cached in Redis for the answer's TTL (negative answers for ``negative_ttl``), so a client
 that retries, or that several MX hosts see, costs one query per list. The result of one mail
-transaction is kept for its other recipients.
+transaction is kept for its other recipients. SASL-authenticated clients are not looked up unless
+``check_authenticated`` is set (a user at home is on a list of dynamic addresses, and is no spammer).
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ class DnsblCheck(Check):
             return None
         if request.client_ip.is_loopback:
             return None
+        if request.authenticated and not self.settings.check_authenticated:
+            return Verdict.accept("authenticated client, not looked up")
         kept = request.message.get(DNSBL_RESULT)
         if kept is not None and kept[0] == request.client_ip:  # type: ignore[index]
             result = kept[1]  # type: ignore[index]

@@ -335,6 +335,9 @@ class DnsblSettings(Section):
     lookup_url: str | None = None
     """Where a refused sender can look its address up, e.g. "https://mx.example.org/blocked?ip={client}";
     {lookup} is then "; see <url>", else empty."""
+    check_authenticated: bool = False
+    """Look SASL-authenticated clients up too. Off by default: a user sending from home is often on a
+    list of dynamic addresses (Spamhaus PBL) and must not be refused for it; they skip greylisting too."""
 
     @field_validator("text")
     @classmethod

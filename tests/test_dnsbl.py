@@ -121,3 +121,21 @@ def test_a_lookup_url_is_offered_only_when_the_site_sets_one(policyd_factory, re
     with daemon.connect() as c:
         assert c.ask(client_address="192.0.2.99") == ("550 5.7.1 Service unavailable; client [192.0.2.99] blocked "
                                                       "using bl.test; see https://mx.example.org/blocked?ip=192.0.2.99")
+
+
+def test_an_authenticated_client_is_not_looked_up_by_default(daemon, dns_server):
+    """A user sending from a home address on a list of dynamic addresses (Spamhaus PBL) is not refused:
+    policyd runs before permit_sasl_authenticated, and authenticated clients skip the DNSBL check."""
+    with daemon.connect() as c:
+        assert c.ask(client_address="192.0.2.99", sasl_method="PLAIN", sasl_username="alice") == "DUNNO"
+        assert c.ask(client_address="192.0.2.99", instance="x2").startswith("550 5.7.1")  # not logged in: refused
+    log = daemon.wait_log("authenticated client, not looked up")
+    assert "check=dnsbl action=accept" in log
+    assert len([q for q in dns_server.queries if q.name.endswith("99.2.0.192.bl.test")]) == 1  # the second only
+
+
+def test_check_authenticated_looks_authenticated_clients_up_too(policyd_factory, redis_server, dns_server):
+    daemon = policyd_factory(settings(redis_server.url, dns_server, check_authenticated=True))
+    with daemon.connect() as c:
+        assert c.ask(client_address="192.0.2.99", sasl_method="PLAIN", sasl_username="alice") == (
+            "550 5.7.1 Service unavailable; client [192.0.2.99] blocked using bl.test")
