@@ -107,9 +107,9 @@ def sink() -> Iterator[Sink]:
 
 def need_postfix() -> None:
     if os.geteuid() != 0:
-        pytest.fail("end-to-end tests run a private Postfix and need root (run them through `make test`)")
+        pytest.fail("end-to-end tests run a private Postfix and need root (run them through `bash tools/test.sh`)")
     if not shutil.which("postfix"):
-        pytest.fail("Debian's postfix is not installed (`make test` installs it)")
+        pytest.fail("Debian's postfix is not installed (`bash tools/test.sh` installs it)")
 
 
 @dataclass

@@ -4,9 +4,13 @@
 # their own and never use a system instance the packages may have started; `make run` starts what it uses.
 set -euo pipefail
 
-# postfix, redis-server: the policy path end to end; slapd, dovecot, mariadb-server: directory, quota and
-# SQL sources the border checks ask in the tests; swaks: the quick start's client.
-PACKAGES=(postfix redis-server swaks ca-certificates slapd dovecot-core dovecot-imapd mariadb-server)
+# python3, python3-venv: the venv the README's commands build (Debian's own python3 is enough);
+# postfix, redis-server: the policy path end to end; libsasl2-modules: Postfix's smtpd refuses to start
+# with SASL enabled and no mechanism ("fatal: no SASL authentication mechanisms"), and it is only a
+# Recommends of libsasl2-2, which --no-install-recommends leaves out; slapd, dovecot, mariadb-server:
+# directory, quota and SQL sources the border checks ask in the tests; swaks: the quick start's client.
+PACKAGES=(python3 python3-venv ca-certificates postfix libsasl2-modules redis-server swaks slapd dovecot-core
+          dovecot-imapd mariadb-server)
 [ "${WITH_BENCH:-0}" = 1 ] && PACKAGES+=(postgrey)
 
 SUDO=""
@@ -19,8 +23,6 @@ missing=()
 for pkg in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
-# python3 -m venv needs Debian's python3-venv when python3 is Debian's own
-if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then missing+=(python3-venv); fi
 
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "install-system-deps: installing ${missing[*]}"

@@ -1,13 +1,41 @@
 #!/usr/bin/env bash
-# `make run`: Redis (if none answers on 127.0.0.1:6379), an SMTP sink on 127.0.0.1:2500 that keeps what it
-# receives in run/sink/, a private Postfix on 127.0.0.1:2525 wired to policyd on 127.0.0.1:10023, and the
-# suite itself in the foreground (Ctrl-C stops it all). Run it again at any time: it cleans up first.
+# The README's run command. Installs what is missing (Debian packages, the locked venv), then starts
+# Redis (if none answers on 127.0.0.1:6379), an SMTP sink on 127.0.0.1:2500 that keeps what it receives in
+# run/sink/, a private Postfix on 127.0.0.1:2525 wired to policyd on 127.0.0.1:10023, and the suite itself
+# in the foreground (Ctrl-C stops it all). Everything it keeps is under run/, config included
+# (run/mailwarden.toml, unless $MAILWARDEN_CONFIG names another). Run again while it runs, it says so and
+# leaves the running one alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=$PWD/run
-VENV=${VENV:-.venv}
+export VENV=$(realpath -m "${VENV:-.venv}")
+mkdir -p "$RUN"
+
+if [ -f "$RUN/quickstart.pid" ]; then
+  pid=$(cat "$RUN/quickstart.pid")
+  if [ -n "$pid" ] && [ "$pid" != "$$" ] && kill -0 "$pid" 2>/dev/null \
+     && grep -qs quickstart "/proc/$pid/cmdline"; then
+    echo "quickstart: already running (pid $pid): Postfix on 127.0.0.1:2525, policyd on 127.0.0.1:10023."
+    echo "quickstart: left it alone; stop it with Ctrl-C in its terminal, or: kill $pid"
+    exit 0
+  fi
+fi
+echo $$ > "$RUN/quickstart.pid"
+
+bash tools/bootstrap.sh
+
 mkdir -p "$RUN/sink"
 chown nobody "$RUN/sink"
+if [ -z "${MAILWARDEN_CONFIG:-}" ]; then
+  export MAILWARDEN_CONFIG=$RUN/mailwarden.toml
+  [ -f "$MAILWARDEN_CONFIG" ] || cat > "$MAILWARDEN_CONFIG" <<TOML
+# The quick start's config (tools/quickstart.sh wrote it; edit it freely, it is kept between runs).
+# Every key, with its default: etc/mailwarden.toml.
+[policyd.greylist]
+# 'mailwarden greylist whitelist-update' writes here, not under /var/lib/mailwarden
+managed_whitelist = "$RUN/whitelist_clients"
+TOML
+fi
 
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   echo "quickstart: starting redis-server on 127.0.0.1:6379"
@@ -16,7 +44,7 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   for _ in $(seq 50); do redis-cli -p 6379 ping >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 
-# a previous run's leftovers
+# a previous run's leftovers (one that was killed before it could clean up)
 "$VENV/bin/python" tests/harness/postfix.py stop "$RUN/postfix" 2>/dev/null || true
 [ -f "$RUN/sink.pid" ] && kill "$(cat "$RUN/sink.pid")" 2>/dev/null || true
 
@@ -26,10 +54,14 @@ mkdir -p "$RUN/postfix" && chmod 755 "$RUN" "$RUN/postfix"
 "$VENV/bin/python" tests/harness/postfix.py start "$RUN/postfix" --smtp-port 2525 --sink-port 2500 --policy-port 10023
 
 cleanup() {
+  [ -n "${suite:-}" ] && kill -TERM "$suite" 2>/dev/null && wait "$suite" 2>/dev/null
   "$VENV/bin/python" tests/harness/postfix.py stop "$RUN/postfix" || true
   kill "$(cat "$RUN/sink.pid")" 2>/dev/null || true
+  rm -f "$RUN/quickstart.pid"
 }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 cat <<MSG
 
@@ -37,5 +69,12 @@ cat <<MSG
   Try:   swaks --server 127.0.0.1:2525 --from a@example.org --to user@example.test --xclient-addr 192.0.2.20
   (the first attempt is greylisted; accepted mail lands in $RUN/sink/, Postfix's log is $RUN/postfix/maillog)
 
+  The command line, in another terminal, with this run's config:
+         export PATH=$VENV/bin:\$PATH MAILWARDEN_CONFIG=$MAILWARDEN_CONFIG
+         mailwarden greylist show --client 192.0.2.20
+
 MSG
-"$VENV/bin/mailwarden" ${MAILWARDEN_CONFIG:+--config "$MAILWARDEN_CONFIG"} run
+# in the background, so that a SIGTERM to this script reaches it too (through cleanup)
+"$VENV/bin/mailwarden" run &
+suite=$!
+wait "$suite"

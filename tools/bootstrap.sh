@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Everything the two README commands need before they run: the Debian packages (tools/install-system-deps.sh)
+# and the virtualenv .venv with the locked Python dependencies (requirements/test.txt, every pin hashed).
+# Idempotent: the venv is rebuilt only when the lock or pyproject.toml changed since it was built.
+#
+# Works with Debian 12's own /usr/bin/python3 and its pip; needs no make and no compiler (every locked
+# package with C code has a wheel for CPython 3.11 on Linux).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+LOCK=${LOCK:-requirements/test.txt}
+
+bash tools/install-system-deps.sh
+
+# This machine's pip settings (a site constraints file, local wheel folders) must not change what is
+# installed: the lock says which versions, PyPI's files and the lock's hashes say which bytes.
+export PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+
+stamp=$(cat "$LOCK" pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ -f "$VENV/.installed" ] && [ "$(cat "$VENV/.installed")" = "$stamp" ] && [ -x "$VENV/bin/mailwarden" ]; then
+  exit 0
+fi
+echo "bootstrap: building $VENV from $LOCK"
+rm -rf "$VENV"
+python3 -m venv "$VENV"
+"$VENV/bin/pip" install -q --require-hashes --no-deps -r "$LOCK"
+"$VENV/bin/pip" install -q --no-deps -e .
+"$VENV/bin/pip" check >/dev/null || { "$VENV/bin/pip" check; echo "bootstrap: the lock is inconsistent" >&2; exit 1; }
+echo "$stamp" > "$VENV/.installed"
