@@ -20,6 +20,7 @@ from mailwarden.units import format_duration, parse_duration
 from policyd.access import load_rules
 from policyd.blocklist import BlockList
 from policyd.greylist_admin import GreylistAdmin, Selector, TripletInfo, update_whitelist
+from policyd.postgrey_import import import_postgrey_command
 from policyd.ratelimit_admin import RateLimitAdmin
 from policyd.settings import CheckName
 
@@ -328,5 +329,6 @@ def register_cli(group: click.Group) -> None:
     group.add_command(policyd_command)
     group.add_command(block_group)
     group.add_command(access_group)
+    greylist_group.add_command(import_postgrey_command)
     group.add_command(greylist_group)
     group.add_command(ratelimit_group)
