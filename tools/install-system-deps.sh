@@ -8,10 +8,11 @@ set -euo pipefail
 # postfix, redis-server: the policy path end to end; libsasl2-modules: Postfix's smtpd refuses to start
 # with SASL enabled and no mechanism ("fatal: no SASL authentication mechanisms"), and it is only a
 # Recommends of libsasl2-2, which --no-install-recommends leaves out; slapd, dovecot, mariadb-server:
-# directory, quota and SQL sources the border checks ask in the tests; swaks: the quick start's client.
+# directory, quota and SQL sources the border checks ask in the tests; swaks: the quick start's client;
+# postgrey: the test of `mailwarden greylist import-postgrey` (and the bench) runs the real one privately;
+# db-util: db_dump, which that command reads Postgrey's Berkeley DB files with.
 PACKAGES=(python3 python3-venv ca-certificates postfix libsasl2-modules redis-server swaks slapd dovecot-core
-          dovecot-imapd mariadb-server)
-[ "${WITH_BENCH:-0}" = 1 ] && PACKAGES+=(postgrey)
+          dovecot-imapd mariadb-server postgrey db-util)
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
@@ -30,6 +31,20 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
   # slapd likewise: no system directory; the tests run private instances
   echo "slapd slapd/no_configuration boolean true" | $SUDO debconf-set-selections
+  # Debian's postgrey would start a system instance on port 10023, where the quick start's policyd listens:
+  # a policy-rc.d (unless the host has one, as containers do) forbids starting it while it is installed
+  policy_rc=/usr/sbin/policy-rc.d
+  if [ ! -e "$policy_rc" ]; then
+    printf '#!/bin/sh\n# install-system-deps: no system postgrey\ncase "$1" in postgrey*) exit 101;; esac\nexit 0\n' \
+      | $SUDO tee "$policy_rc" >/dev/null
+    $SUDO chmod 755 "$policy_rc"
+    trap '$SUDO rm -f "$policy_rc"' EXIT
+  fi
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [[ " ${missing[*]} " == *" postgrey "* ]]; then
+    # ... and at boot: the tests run their own postgrey
+    $SUDO deb-systemd-helper disable postgrey.service >/dev/null 2>&1 || true
+    $SUDO update-rc.d postgrey disable >/dev/null 2>&1 || true
+  fi
 fi
