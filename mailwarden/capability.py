@@ -11,14 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
     import click
 
-    from mailwarden.config import Config
+    from mailwarden.config import Config, Problem
     from mailwarden.logs import DecisionLog
 
 
@@ -41,6 +41,9 @@ class Capability:
     register_cli: Callable[[click.Group], None]
     make_service: Callable[[Config, DecisionLog], Service] | None = None
     """Builds the capability's daemon; ``mailwarden run`` starts every one of them."""
+    preflight: Callable[[Any], list[Problem]] | None = None
+    """Given its validated section: what start-up would refuse or misread beyond the schema (missing
+    files, a self-defeating order), as full keys; ``config check`` reports them, start-up refuses errors."""
 
 
 @cache

@@ -18,7 +18,7 @@ import click
 import redis
 
 from mailwarden.capability import installed_capabilities
-from mailwarden.config import Config, ConfigError, load_config
+from mailwarden.config import Config, ConfigError, load_config, preflight, redacted, require_startable, to_toml
 from mailwarden.logs import DecisionLog, setup_logging
 from mailwarden.metrics import start_metrics_server
 from mailwarden.service import run_event_loop, run_until_signalled
@@ -72,6 +72,7 @@ def serve(config: Config, names: list[str] | None = None) -> None:
     if not caps:
         fail("no service to run")
     try:
+        require_startable(config, [cap.name for cap in caps])  # what `config check` reports, refused alike
         services = {cap.name: cap.make_service(config, decisions) for cap in caps}  # type: ignore[misc]
     except ConfigError as exc:
         fail(str(exc), EX_CONFIG)
@@ -102,24 +103,46 @@ def config_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
 def config_check(ctx: CliContext, as_json: bool) -> None:
-    """Validate the config file (and its drop-ins) without starting anything."""
+    """Validate the config file and its drop-ins, and every file they name, as start-up would, without
+    starting anything: exit 78 on what start-up would refuse; warnings are printed, exit 0."""
     try:
         config = load_config(ctx.config_path, ctx.overrides)
     except ConfigError as exc:
         if as_json:
-            click.echo(json.dumps({"ok": False, "error": str(exc)}, indent=2))
+            click.echo(json.dumps({"ok": False, "error": str(exc), "warnings": []}, indent=2))
             sys.exit(EX_CONFIG)
         fail(str(exc), EX_CONFIG)
+    problems = preflight(config)
+    errors = [problem for problem in problems if not problem.warning]
+    warnings = [config.describe_warning(problem) for problem in problems if problem.warning]
     source = str(config.source) if config.source else "built-in defaults"
-    emit({"ok": True, "source": source}, as_json, f"{source}: configuration is valid")
+    report: dict[str, Any] = {"ok": not errors, "source": source, "dropins": [str(p) for p in config.dropins],
+                              "warnings": warnings}
+    if as_json:
+        if errors:
+            report["error"] = config.describe(errors)
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for warning in warnings:
+            click.echo(f"mailwarden: {warning}", err=True)
+        if errors:
+            click.echo(f"mailwarden: {config.describe(errors)}", err=True)
+        else:
+            dropins = f" (and {len(config.dropins)} drop-in(s))" if config.dropins else ""
+            click.echo(f"{source}{dropins}: configuration is valid")
+    if errors:
+        sys.exit(EX_CONFIG)
 
 
 @config_group.command("show")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of TOML.")
 @click.pass_obj
-def config_show(ctx: CliContext) -> None:
-    """Print the effective configuration (file, drop-ins and defaults) as JSON."""
+def config_show(ctx: CliContext, as_json: bool) -> None:
+    """Print the effective configuration (file, drop-ins and defaults) as TOML, or JSON with --json;
+    passwords (``*password`` keys, the password in URLs) are shown as ***."""
     config = ctx.load()
-    click.echo(json.dumps(config.settings.model_dump(mode="json"), indent=2))
+    data = redacted(config.settings.model_dump(mode="json"))
+    click.echo(json.dumps(data, indent=2) if as_json else to_toml(data), nl=as_json)
 
 
 @cli.command("run")

@@ -7,13 +7,26 @@ core only serves the registry.
 from __future__ import annotations
 
 import prometheus_client
+from pydantic import field_validator
 
 from mailwarden.section import Section
 
 
 class MetricsSettings(Section):
     listen: str | None = None
-    """host:port of the /metrics HTTP endpoint, e.g. "127.0.0.1:9745"; unset means no endpoint."""
+    """host:port of the /metrics HTTP endpoint, e.g. "127.0.0.1:9745" or "[::1]:9745" (the host is
+    needed: "0.0.0.0:9745" to listen everywhere); unset means no endpoint."""
+
+    @field_validator("listen")
+    @classmethod
+    def _host_and_port(cls, listen: str | None) -> str | None:
+        if listen is None:
+            return None
+        host, _, port = listen.rpartition(":")
+        if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError('expected HOST:PORT or [IPV6]:PORT, e.g. "127.0.0.1:9745"')
+        return listen
+
 
 
 def start_metrics_server(settings: MetricsSettings) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
@@ -29,9 +29,20 @@ class RedisSettings(Section):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, url: str) -> str:
-        scheme = urlsplit(url).scheme
-        if scheme not in ("redis", "unix"):
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "unix"):
             raise ValueError("must start with redis:// or unix://")
+        db = parse_qs(parts.query).get("db", ["0"])[0]
+        if parts.scheme == "redis":
+            db = parts.path.strip("/") or db
+            try:
+                port = parts.port
+            except ValueError:
+                port = 0
+            if port == 0:
+                raise ValueError("the port must be a number from 1 to 65535")
+        if not db.isdigit():
+            raise ValueError(f"the database must be a number (got {db!r})")
         return url
 
     @field_validator("sentinels")

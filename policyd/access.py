@@ -8,7 +8,7 @@ DUNNO, so Postfix's own restrictions (reject_unauth_destination ...) still apply
 an open relay.
 
 The file is re-read on SIGHUP and when it changes on disk. A file that does not parse or validate keeps
-the rules in use, and the log line says which file, rule and key is wrong.
+the rules in use, and the log line says which file, rule (by its name) and key is wrong.
 
     [[rule]]
     name = "campus"                         # shown in the log line
@@ -26,33 +26,31 @@ the rules in use, and the log line says which file, rule and key is wrong.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from mailwarden.config import ConfigError, format_errors
+from mailwarden.config import ConfigError, Loc, dotted, format_errors
 from mailwarden.decision import Action
 from mailwarden.logs import get_logger, log_kv
 from mailwarden.section import Section
 from policyd.check import ALL_CHECKS, Check
 from policyd.request import PolicyRequest
+from policyd.settings import CheckName, IPNetwork, Network
 from policyd.verdict import Verdict, defer, reject
 
 log = get_logger("policyd.access")
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
 
 class AccessRule(Section):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
-    client: list[IPNetwork] = []
+    client: list[Network] = []
     """Client address in any of these networks (a bare address is a /32 or /128)."""
     client_name: list[str] = []
     """Verified client hostname: ``host.example``, ``*.example`` (subdomains), or ``/regex/``."""
@@ -67,8 +65,8 @@ class AccessRule(Section):
     authenticated: bool | None = None
     """true: only authenticated clients; false: only unauthenticated ones."""
     action: Literal["permit", "reject", "defer", "skip"]
-    skip: list[str] = []
-    """With action = "skip": the checks to leave out (e.g. ["dnsbl", "greylist"])."""
+    skip: list[CheckName] = []
+    """With action = "skip": the checks to leave out (e.g. ["dnsbl", "greylist"]); only names of checks."""
     text: str | None = None
     """Reply text for reject/defer; default "Access denied" / "Try again later"."""
     code: Annotated[str, Field(pattern=r"^[45]\d\d [45]\.\d{1,3}\.\d{1,3}$")] | None = None
@@ -185,13 +183,26 @@ def load_rules(path: Path, known_checks: set[str]) -> list[CompiledRule]:
     try:
         parsed = AccessRulesFile.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_errors(str(path), exc, AccessRulesFile)) from None
-    for number, rule in enumerate(parsed.rule):
+        raise ConfigError(format_errors(str(path), exc, AccessRulesFile,
+                                        key_of=lambda loc: rule_key(data, loc))) from None
+    for rule in parsed.rule:
         unknown = set(rule.skip) - known_checks
         if unknown:
-            raise ConfigError(f"{path}: rule.{number} ({rule.name}): skip names unknown check(s) "
+            raise ConfigError(f'{path}: rule "{rule.name}": skip names unknown check(s) '
                               f"{', '.join(sorted(unknown))}; known: {', '.join(sorted(known_checks))}")
     return [CompiledRule.build(rule) for rule in parsed.rule]
+
+
+def rule_key(data: Any, loc: Loc) -> str:
+    """A key in a rules file with the rule named as the file names it: ``rule "campus".client.0``
+    (``rule.3`` only for a rule without a usable name)."""
+    if len(loc) >= 2 and loc[0] == "rule" and isinstance(loc[1], int):
+        rules = data.get("rule") if isinstance(data, dict) else None
+        entry = rules[loc[1]] if isinstance(rules, list) and loc[1] < len(rules) else None
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if isinstance(name, str) and name:
+            return dotted((f'rule "{name}"', *loc[2:]))
+    return dotted(loc)
 
 
 class AccessCheck(Check):

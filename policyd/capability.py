@@ -2,8 +2,9 @@
 
 from mailwarden.capability import Capability
 from policyd.cli import register_cli
+from policyd.preflight import preflight
 from policyd.service import make_service
 from policyd.settings import PolicydSettings
 
 CAPABILITY = Capability(name="policyd", settings_model=PolicydSettings, register_cli=register_cli,
-                        make_service=make_service)
+                        make_service=make_service, preflight=preflight)

@@ -209,7 +209,8 @@ class QuotaCheck(Check):
             return  # no notice rather than one per message
         if first:
             text = notify.text.format(mailbox=mailbox)
-            send_later(notify.relay, [compose(notify.sender, mailbox, notify.subject, text)], "over-quota notice",
+            subject = notify.subject.format(mailbox=mailbox)
+            send_later(notify.relay, [compose(notify.sender, mailbox, subject, text)], "over-quota notice",
                        mailbox=mailbox)
 
     @staticmethod

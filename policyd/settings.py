@@ -10,7 +10,7 @@ import string
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, PlainValidator, field_validator, model_validator
 
 from mailwarden.section import Section
 from mailwarden.units import Duration, parse_duration
@@ -32,13 +32,38 @@ SqlQuery = Annotated[str, AfterValidator(_check_sql_query)]
 """An SQL query asked about one address, with the parameters :address, :local and :domain."""
 
 
-def _check_template(text: str, allowed: set[str]) -> str:
-    for _literal, field, _spec, _conv in string.Formatter().parse(text):
-        if field is not None and field not in allowed:
+def _check_template(text: str, allowed: set[str], one_line: bool = True) -> str:
+    """The one check of every str.format text (reply texts, notice subjects and bodies): only the
+    placeholders the code fills in, so a typo fails at start-up instead of at the first refusal."""
+    try:
+        fields = [field for _literal, field, _spec, _conv in string.Formatter().parse(text) if field is not None]
+    except ValueError as exc:  # a lone "{" or "}": write "{{" or "}}" for a brace
+        raise ValueError(f"{exc}; write {{{{ or }}}} for a literal brace") from None
+    for field in fields:
+        if field not in allowed:
             raise ValueError(f"unknown placeholder {{{field}}}; allowed: {', '.join(sorted(allowed))}")
-    if "\n" in text or "\r" in text:
-        raise ValueError("a reply text must be one line")
+    if one_line and ("\n" in text or "\r" in text):
+        raise ValueError("a reply text or subject must be one line")
     return text
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _network(value: object) -> IPNetwork:
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return value
+    if not isinstance(value, str):
+        raise ValueError('expected a network as a string, e.g. "192.0.2.0/24" or "2001:db8::/32"')
+    try:
+        return ipaddress.ip_network(value.strip())
+    except ValueError as exc:
+        raise ValueError(f"not a network: {exc}") from None
+
+
+Network = Annotated[IPNetwork, PlainValidator(_network)]
+"""An IPv4 or IPv6 network (a bare address is a /32 or /128); a bad one is one error, not one per IP
+version."""
 
 
 class FailModes(Section):
@@ -233,6 +258,20 @@ class NotifySettings(Section):
     )
     admin_subject: str = "Rate limit {name} reached by {key}"
     admin_text: str = "{key} reached the rate limit {name} ({max} {count} per {window}); its mail is being {done}.\n"
+    """Subjects and texts are templates; placeholders: {name} (the limit), {key} (who reached it), {max},
+    {count} (messages or recipients), {window}, {done} (deferred, refused, held for review)."""
+
+    _fields = {"name", "key", "max", "count", "window", "done"}
+
+    @field_validator("user_subject", "admin_subject")
+    @classmethod
+    def _subjects(cls, text: str) -> str:
+        return _check_template(text, cls._fields.default)  # type: ignore[attr-defined]
+
+    @field_validator("user_text", "admin_text")
+    @classmethod
+    def _texts(cls, text: str) -> str:
+        return _check_template(text, cls._fields.default, one_line=False)  # type: ignore[attr-defined]
 
     @field_validator("relay")
     @classmethod
@@ -484,6 +523,17 @@ class QuotaNotifySettings(Section):
         "Your mailbox {mailbox} is full. Mail sent to you is being refused (the senders are told to try\n"
         "again later) until you delete or archive some messages.\n"
     )
+    """Subject and text are templates; placeholder: {mailbox}."""
+
+    @field_validator("subject")
+    @classmethod
+    def _subject(cls, text: str) -> str:
+        return _check_template(text, {"mailbox"})
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, text: str) -> str:
+        return _check_template(text, {"mailbox"}, one_line=False)
 
     @field_validator("relay")
     @classmethod
@@ -564,7 +614,7 @@ class PolicydSettings(Section):
     """The pipeline, in order; the first decisive answer wins. Leave a check out to turn it off. The
     default is Postgrey's behaviour plus the site's rules, blocks and rate limits; the border checks
     (dnsbl, spf) are added by the site, in this order: access, blocklist, ratelimit, dnsbl, spf, greylist."""
-    trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
+    trusted_networks: list[Network] = [
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
     ]
@@ -603,6 +653,9 @@ class PolicydSettings(Section):
     @field_validator("checks")
     @classmethod
     def _no_repeats(cls, checks: list[str]) -> list[str]:
+        if not checks:
+            raise ValueError('at least one check is needed (an empty list would answer DUNNO to everything), '
+                             'e.g. ["access", "greylist"]')
         if len(checks) != len(set(checks)):
             raise ValueError("a check may appear only once")
         return checks

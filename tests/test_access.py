@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from conftest import base_settings
@@ -14,6 +15,7 @@ from mailwarden.config import ConfigError
 from policyd.access import AccessCheck, load_rules
 from policyd.check import ALL_CHECKS
 from policyd.request import PolicyRequest
+from policyd.settings import CheckName
 
 CHECKS = {"access", "blocklist", "ratelimit", "greylist"}
 
@@ -100,12 +102,13 @@ def test_skip_rules_accumulate_and_a_later_reject_still_applies(check):
 
 @pytest.mark.parametrize(("text", "error"), [
     ('[[rule]]\nname = "x"\naction = "skip"\n', 'needs skip = ["check", ...]'),
-    ('[[rule]]\nname = "x"\naction = "nuke"\n', "rule.0.action"),
-    ('[[rule]]\nname = "x"\nclient = ["300.1.1.1"]\naction = "permit"\n', "rule.0.client.0"),
+    ('[[rule]]\nname = "x"\naction = "nuke"\n', 'rule "x".action'),
+    ('[[rule]]\nname = "x"\nclient = ["300.1.1.1"]\naction = "permit"\n', 'rule "x".client.0'),
     ('[[rule]]\nname = "x"\nhelo = ["/[oops/"]\naction = "permit"\n', "bad regular expression"),
-    ('[[rule]]\nname = "x"\naction = "skip"\nskip = ["spamassassin"]\n', "unknown check(s) spamassassin"),
+    ('[[rule]]\nname = "x"\naction = "skip"\nskip = ["spamassassin"]\n', 'rule "x".skip.0: Input should be'),
     ('[[rule]]\nname = "x"\naction = "reject"\ncode = "450 4.7.1"\n', "does not fit action"),
-    ('[[rule]]\nname = "x"\naction = "permit"\nsendr = ["a@b"]\n', "rule.0.sendr: unknown key"),
+    ('[[rule]]\nname = "x"\naction = "permit"\nsendr = ["a@b"]\n', 'rule "x".sendr: unknown key'),
+    ('[[rule]]\naction = "permit"\n', "rule.0.name: Field required"),
     ("[[rule]\n", "not valid TOML"),
 ])
 def test_bad_rules_are_explained(tmp_path, text, error):
@@ -114,6 +117,26 @@ def test_bad_rules_are_explained(tmp_path, text, error):
     with pytest.raises(ConfigError, match=None) as err:
         load_rules(path, CHECKS)
     assert error in str(err.value) and str(path) in str(err.value)
+
+
+def test_errors_name_the_rule_by_its_name_and_a_bad_network_once(tmp_path):
+    path = tmp_path / "access.toml"
+    path.write_text('[[rule]]\nname = "campus"\nclient = ["10.0.0.0/8"]\naction = "permit"\n'
+                    '[[rule]]\nname = "lab"\nclient = ["10.1.0.0/33"]\naction = "skip"\nskip = ["greylist", "nope"]\n')
+    with pytest.raises(ConfigError) as err:
+        load_rules(path, CHECKS)
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"{path}: invalid configuration (2 problem(s)):"
+    assert lines[1].startswith('  rule "lab".client.0: not a network: ')
+    assert lines[2].startswith('  rule "lab".skip.1: Input should be ')
+    assert "rule.1" not in str(err.value)
+
+
+def test_skip_names_only_checks_that_exist(tmp_path):
+    path = tmp_path / "access.toml"
+    path.write_text('[[rule]]\nname = "partners"\nclient = ["192.0.2.0/24"]\naction = "skip"\nskip = ["grey"]\n')
+    with pytest.raises(ConfigError, match=r'rule "partners"\.skip\.0: Input should be .*\'greylist\''):
+        load_rules(path, set(get_args(CheckName)))
 
 
 def test_changed_file_is_reloaded_and_a_broken_one_keeps_the_old_rules(check, tmp_path):
@@ -169,4 +192,4 @@ def test_bad_rules_file_stops_start_up(tmp_path, redis_server):
     config.write_text(render_toml(base_settings(redis_server.url, access={"files": [str(rules)]})))
     result = subprocess.run([sys.executable, "-m", "mailwarden.cli", "--config", str(config), "policyd"],
                             capture_output=True, text=True, timeout=30)
-    assert result.returncode == 78 and "rule.0.client.0" in result.stderr
+    assert result.returncode == 78 and 'rule "x".client.0' in result.stderr

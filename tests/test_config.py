@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -160,3 +161,219 @@ def test_window_error_is_one_clear_line(tmp_path):
     lines = str(err.value).splitlines()
     assert len(lines) == 2
     assert lines[1].startswith("  policyd.ratelimit.limits.0.window: '1 hour' is neither a duration")
+
+
+# -- config check reports what start-up would refuse ---------------------------------------------------
+
+
+def mailwarden(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mailwarden.cli", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_config_check_reports_missing_and_unreadable_files_by_key(tmp_path):
+    path = write(tmp_path, f'''
+[policyd]
+checks = ["access", "recipients", "quota", "ratelimit", "greylist"]
+[policyd.access]
+files = ["{tmp_path}/no-access.toml"]
+[policyd.greylist]
+whitelist_clients = ["{tmp_path}"]
+whitelist_recipients = ["{tmp_path}/no-recipients"]
+[policyd.recipients]
+sources = ["file"]
+file.paths = ["{tmp_path}/no-map"]
+[policyd.quota]
+sources = ["file"]
+file = "{tmp_path}/no-overquota"
+[policyd.ratelimit]
+overrides_file = "{tmp_path}/no-overrides"
+''')
+    result = mailwarden("--config", str(path), "config", "check")
+    assert result.returncode == 78, result.stderr
+    errors = result.stderr
+    assert f"{path}: invalid configuration" in errors
+    assert f"policyd.access.files.0: {tmp_path}/no-access.toml: no such file" in errors
+    assert f"policyd.greylist.whitelist_clients.0: {tmp_path}: cannot read" in errors
+    assert "policyd.greylist.whitelist_recipients.0:" in errors
+    assert "policyd.recipients.file.paths.0:" in errors
+    # tolerated at start-up (read later, a missing file is logged): warnings, not errors
+    assert "warning: policyd.ratelimit.overrides_file:" in errors
+    assert "warning: policyd.quota.file:" in errors
+    assert "problem(s)" in errors and "4 problem(s)" in errors
+
+
+def test_config_check_reads_the_access_rules_as_start_up_does(tmp_path):
+    rules = tmp_path / "access.toml"
+    rules.write_text('[[rule]]\nname = "campus"\nclient = ["10.0.0.0/8"]\naction = "skip"\nskip = ["spamassassin"]\n')
+    path = write(tmp_path, f'[policyd.access]\nfiles = ["{rules}"]\n')
+    result = mailwarden("--config", str(path), "config", "check", "--json")
+    assert result.returncode == 78
+    assert "campus" in result.stdout and "spamassassin" in result.stdout
+
+
+def test_policyd_refuses_to_start_on_a_missing_recipient_map(tmp_path):
+    path = write(tmp_path, f'[redis]\nurl = "redis://127.0.0.1:1/0"\n[policyd]\nchecks = ["recipients"]\n'
+                           f'[policyd.recipients.file]\npaths = ["{tmp_path}/absent"]\n')
+    result = mailwarden("--config", str(path), "policyd")
+    assert result.returncode == 78, result.stderr
+    assert "policyd.recipients.file.paths.0" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_warnings_leave_the_exit_code_at_zero_and_go_under_warnings_in_json(tmp_path):
+    path = write(tmp_path, '[policyd]\nchecks = ["greylist", "access", "ratelimit"]\n')
+    human = mailwarden("--config", str(path), "config", "check")
+    assert human.returncode == 0, human.stderr
+    assert "warning: policyd.checks: greylist runs before access" in human.stderr
+    as_json = mailwarden("--config", str(path), "config", "check", "--json")
+    report = json.loads(as_json.stdout)
+    assert as_json.returncode == 0 and report["ok"] is True
+    assert any("greylist runs before access" in w for w in report["warnings"])
+
+
+@pytest.mark.parametrize(("checks", "warning"), [
+    (["recipients", "greylist"], None),
+    (["greylist", "recipients"], "greylist runs before recipients"),
+    (["quota", "recipients"], "quota runs before recipients"),
+    (["blocklist", "access"], "blocklist runs before access"),
+    (["greylist", "dnsbl"], "greylist runs before dnsbl"),
+    (["access", "blocklist", "ratelimit", "dnsbl", "spf", "recipients", "quota", "greylist"], None),
+])
+def test_self_defeating_check_orders_are_warned_about(tmp_path, checks, warning):
+    from policyd.preflight import order_warnings
+
+    text = f'[policyd]\nchecks = {json.dumps(checks)}\n[policyd.recipients.file]\npaths = ["{tmp_path}/map"]\n'
+    settings = load_config(write(tmp_path, text)).section("policyd")
+    found = order_warnings(settings)
+    if warning is None:
+        assert found == []
+    else:
+        assert any(warning in problem.message for problem in found), found
+        assert all(problem.key == ("policyd", "checks") for problem in found)
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:99999/0", "redis://127.0.0.1:0/0", "redis://127.0.0.1:sixty/0",
+                                 "redis://127.0.0.1:6379/zero", "redis://127.0.0.1:6379/-1",
+                                 "unix:///run/redis.sock?db=x"])
+def test_bad_redis_port_or_database_is_refused(tmp_path, url):
+    with pytest.raises(ConfigError, match=r"redis\.url: .*(port|database)"):
+        load_config(write(tmp_path, f'[redis]\nurl = "{url}"\n'))
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "redis://:pw@[::1]:6380/15", "redis://localhost",
+                                 "unix:///run/redis/redis.sock?db=2", "unix:///run/redis/redis.sock"])
+def test_good_redis_urls_pass(tmp_path, url):
+    assert load_config(write(tmp_path, f'[redis]\nurl = "{url}"\n')).section("redis").url == url
+
+
+@pytest.mark.parametrize("listen", [":9745", "9745", "localhost", "127.0.0.1:", "127.0.0.1:70000"])
+def test_metrics_listen_needs_host_and_port(tmp_path, listen):
+    with pytest.raises(ConfigError, match=r"metrics\.listen: .*HOST:PORT"):
+        load_config(write(tmp_path, f'[metrics]\nlisten = "{listen}"\n'))
+
+
+def test_empty_check_list_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"policyd\.checks: at least one check"):
+        load_config(write(tmp_path, "[policyd]\nchecks = []\n"))
+
+
+# -- drop-ins -----------------------------------------------------------------------------------------
+
+
+def test_an_error_set_in_a_dropin_names_the_dropin(tmp_path):
+    path = write(tmp_path, '[policyd.greylist]\ndelay = "5m"\n[redis]\nurl = "redis://127.0.0.1:6379/0"\n')
+    dropins = tmp_path / "mailwarden.d"
+    dropins.mkdir()
+    site = dropins / "10-site.toml"
+    site.write_text('[policyd.greylist]\ndelay = "five"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{site}: invalid configuration (1 problem(s)):\n  policyd.greylist.delay:")
+    site.write_text('[policyd.greylist]\ndelay = "3d"\n')  # a model-level error caused by the drop-in's value
+    with pytest.raises(ConfigError, match=re.escape(f"{site}: invalid configuration")):
+        load_config(path)
+    site.write_text("[policyd.greylist\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{site}: not valid TOML")):
+        load_config(path)
+
+
+def test_errors_in_main_file_and_dropin_are_each_named(tmp_path):
+    path = write(tmp_path, '[policyd]\nlisten = ["nowhere"]\n')
+    (tmp_path / "mailwarden.d").mkdir()
+    (tmp_path / "mailwarden.d" / "20-x.toml").write_text('[metrics]\nlisten = "9745"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = str(err.value)
+    assert f"{path}: invalid configuration (1 problem(s)):\n  policyd.listen" in text
+    assert f"{tmp_path / 'mailwarden.d' / '20-x.toml'}: invalid configuration (1 problem(s)):\n  metrics.listen" in text
+
+
+def test_dropins_apply_without_the_main_file(monkeypatch, tmp_path):
+    monkeypatch.setattr("mailwarden.config.DEFAULT_PATH", tmp_path / "mailwarden.toml")
+    monkeypatch.delenv("MAILWARDEN_CONFIG", raising=False)
+    (tmp_path / "mailwarden.d").mkdir()
+    dropin = tmp_path / "mailwarden.d" / "10-site.toml"
+    dropin.write_text('[policyd.greylist]\ndelay = "1m"\n')
+    config = load_config()
+    assert config.section("policyd").greylist.delay == 60
+    assert config.source is None and config.dropins == (dropin,)
+
+
+# -- config show ---------------------------------------------------------------------------------------
+
+
+def test_config_show_masks_secrets_and_has_json(tmp_path):
+    path = write(tmp_path, '''
+[redis]
+url = "redis://:redis-secret@127.0.0.1:6379/0"
+sentinel_password = "sentinel-secret"
+[policyd.recipients.sql]
+url = "mysql+pymysql://mail:sql-secret@db.example.org/mail"
+[policyd.recipients.ldap]
+servers = ["ldaps://ldap.example.org"]
+bind_dn = "cn=mw,dc=example,dc=org"
+bind_password = "ldap-secret"
+[policyd.greylist.opt_out_sql]
+url = "postgresql://u:optout-secret@db/x?sslmode=require"
+''')
+    human = mailwarden("--config", str(path), "config", "show")
+    as_json = mailwarden("--config", str(path), "config", "show", "--json")
+    for result in (human, as_json):
+        assert result.returncode == 0, result.stderr
+        assert "secret" not in result.stdout
+    data = json.loads(as_json.stdout)
+    assert data["redis"]["url"] == "redis://:***@127.0.0.1:6379/0"
+    assert data["redis"]["sentinel_password"] == "***"
+    assert data["policyd"]["recipients"]["sql"]["url"] == "mysql+pymysql://mail:***@db.example.org/mail"
+    assert data["policyd"]["recipients"]["ldap"]["bind_password"] == "***"
+    assert data["policyd"]["recipients"]["ldap"]["bind_dn"] == "cn=mw,dc=example,dc=org"
+    assert "[policyd.greylist]" in human.stdout and 'url = "redis://:***@127.0.0.1:6379/0"' in human.stdout
+
+
+# -- templates ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("section", "key", "text"), [
+    ("policyd.ratelimit.notify", "user_text", "You sent more than {limt} messages.\\nStop.\\n"),
+    ("policyd.ratelimit.notify", "user_subject", "Limit {nam}"),
+    ("policyd.ratelimit.notify", "admin_subject", "Limit {name} reached by {user}"),
+    ("policyd.ratelimit.notify", "admin_text", "{key} hit {0}\\n"),
+    ("policyd.quota.notify", "text", "Mailbox {mailbox} full; {used} used\\n"),
+    ("policyd.quota.notify", "subject", "Your mailbox {mbox} is full"),
+    ("policyd.ratelimit", "hold_text", "held {name} {limt}"),
+])
+def test_notice_templates_with_unknown_placeholders_are_refused(tmp_path, section, key, text):
+    with pytest.raises(ConfigError, match=rf"{re.escape(section)}\.{key}: unknown placeholder"):
+        load_config(write(tmp_path, f'[{section}]\n{key} = "{text}"\n'))
+
+
+def test_notice_templates_may_span_lines_and_use_every_field(tmp_path):
+    config = load_config(write(tmp_path, '''
+[policyd.ratelimit.notify]
+user_text = "{name} {key} {max} {count} {window} {done}\\nsecond line\\n"
+admin_subject = "{name} by {key}"
+[policyd.quota.notify]
+subject = "{mailbox} is full"
+text = "{mailbox}\\nis full\\n"
+'''))
+    assert config.section("policyd").quota.notify.subject == "{mailbox} is full"
