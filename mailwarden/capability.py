@@ -32,6 +32,11 @@ class Service(Protocol):
     def reload(self) -> None:
         """Re-read what can change without a restart (SIGHUP); on error keep the old state and log why."""
 
+    def reconfigure(self, config: Config) -> None:
+        """SIGHUP with the config file read again and valid: apply what changed (and re-read files, as
+        ``reload``); keys in ``Capability.restart_keys`` arrive with their old values. On error keep the
+        config in use and log why."""
+
 
 @dataclass(frozen=True)
 class Capability:
@@ -41,6 +46,9 @@ class Capability:
     register_cli: Callable[[click.Group], None]
     make_service: Callable[[Config, DecisionLog], Service] | None = None
     """Builds the capability's daemon; ``mailwarden run`` starts every one of them."""
+    restart_keys: tuple[str, ...] = ()
+    """Keys of its section (``listen``, ``greylist.x`` ...) that only a restart can change: on SIGHUP they
+    keep their old values and the log names them."""
     preflight: Callable[[Any], list[Problem]] | None = None
     """Given its validated section: what start-up would refuse or misread beyond the schema (missing
     files, a self-defeating order), as full keys; ``config check`` reports them, start-up refuses errors."""

@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -19,12 +19,18 @@ import redis
 
 from mailwarden.capability import installed_capabilities
 from mailwarden.config import Config, ConfigError, load_config, preflight, redacted, require_startable, to_toml
-from mailwarden.logs import DecisionLog, setup_logging
+from mailwarden.listen import ListenError, exit_code_for
+from mailwarden.logs import DecisionLog, get_logger, setup_logging
 from mailwarden.metrics import start_metrics_server
+from mailwarden.reload import ConfigReloader
 from mailwarden.service import run_event_loop, run_until_signalled
 
 EX_UNAVAILABLE = os.EX_UNAVAILABLE
+EX_SOFTWARE = os.EX_SOFTWARE
 EX_CONFIG = os.EX_CONFIG
+
+log = get_logger("cli")
+
 
 
 @dataclass
@@ -37,6 +43,12 @@ class CliContext:
             return load_config(self.config_path, self.overrides)
         except ConfigError as exc:
             fail(str(exc), EX_CONFIG)
+
+    def reread(self) -> Config:
+        """The config read again as at start-up (same file, same command-line overrides), for SIGHUP;
+        raises ConfigError."""
+        return load_config(self.config_path, self.overrides)
+
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -65,23 +77,49 @@ def start_logging(config: Config) -> DecisionLog:
     return setup_logging(config.section("logging"))
 
 
-def serve(config: Config, names: list[str] | None = None) -> None:
-    """Run the services of the named capabilities (all of them when None) in the foreground."""
-    decisions = start_logging(config)
+@contextlib.contextmanager
+def startup_errors() -> Iterator[None]:
+    """Around a daemon's start and run: every failure is one line on stderr and a documented exit code,
+    never a traceback (that is logged at debug level for an unexpected error)."""
+    try:
+        yield
+    except ListenError as exc:
+        fail(str(exc), exc.exit_code)
+    except ConfigError as exc:
+        fail(str(exc), EX_CONFIG)
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        fail(f"cannot start: {where}{(exc.strerror or str(exc)).lower()}", exit_code_for(exc))
+    except Exception as exc:
+        log.debug("unexpected error", exc_info=True)
+        fail(f"cannot start: {type(exc).__name__}: {exc}", EX_SOFTWARE)
+
+
+def serve(config: Config, names: list[str] | None = None, reread: Callable[[], Config] | None = None) -> None:
+    """Run the services of the named capabilities (all of them when None) in the foreground. With
+    ``reread`` (CliContext.reread), SIGHUP reads the config file again and applies what it can."""
     caps = [cap for cap in installed_capabilities() if cap.make_service and (names is None or cap.name in names)]
     if not caps:
         fail("no service to run")
-    try:
+    with startup_errors():
+        decisions = start_logging(config)
         require_startable(config, [cap.name for cap in caps])  # what `config check` reports, refused alike
         services = {cap.name: cap.make_service(config, decisions) for cap in caps}  # type: ignore[misc]
-    except ConfigError as exc:
-        fail(str(exc), EX_CONFIG)
-    start_metrics_server(config.section("metrics"))
+        start_metrics_server(config.section("metrics"))
+        restart_keys = [f"{cap.name}.{key}" for cap in caps for key in cap.restart_keys]
+        reloader = None
+        if reread is not None:
+            def read_startable() -> Config:  # SIGHUP refuses what start-up would refuse
+                new = reread()
+                require_startable(new, [cap.name for cap in caps])
+                return new
 
-    async def main() -> None:
-        await run_until_signalled(services)
+            reloader = ConfigReloader(config, read_startable, restart_keys)
 
-    run_event_loop(main())
+        async def main() -> None:
+            await run_until_signalled(services, reloader)
+
+        run_event_loop(main())
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -149,7 +187,7 @@ def config_show(ctx: CliContext, as_json: bool) -> None:
 @click.pass_obj
 def run(ctx: CliContext) -> None:
     """Start every service of the suite in the foreground (the quick start)."""
-    serve(ctx.load())
+    serve(ctx.load(), reread=ctx.reread)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import prometheus_client
 from pydantic import field_validator
 
+from mailwarden.listen import ListenError
 from mailwarden.section import Section
 
 
@@ -33,4 +34,9 @@ def start_metrics_server(settings: MetricsSettings) -> None:
     if not settings.listen:
         return
     host, _, port = settings.listen.rpartition(":")
-    prometheus_client.start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1")
+    try:
+        prometheus_client.start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1")
+    except OSError as exc:
+        raise ListenError(settings.listen, exc, listener="the metrics listener, [metrics] listen",
+                          in_use_by="another mailwarden service, or another exporter: "
+                                    f"ss -ltnp 'sport = :{port}' shows which") from None

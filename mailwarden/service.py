@@ -12,6 +12,7 @@ from typing import Any
 
 from mailwarden.capability import Service
 from mailwarden.logs import get_logger, log_kv
+from mailwarden.reload import ConfigReloader
 
 log = get_logger("service")
 
@@ -30,18 +31,19 @@ def sd_notify(message: str) -> None:
         log_kv(log, logging.WARNING, "could not notify systemd", error=str(exc))
 
 
-async def run_until_signalled(services: dict[str, Service]) -> None:
-    """Start every service, report ready, wait for SIGTERM/SIGINT, then stop them (each bounds its time)."""
+async def run_until_signalled(services: dict[str, Service], reloader: ConfigReloader | None = None) -> None:
+    """Start every service, report ready, wait for SIGTERM/SIGINT, then stop them (each bounds its time).
+    SIGHUP reads the config file again when there is a ``reloader``, and re-reads the services' files."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload_all, services)
+    loop.add_signal_handler(signal.SIGHUP, _reload_all, services, reloader)
     started: list[tuple[str, Service]] = []
     try:
         for name, service in services.items():
+            started.append((name, service))  # stopped too if its start fails half-way (listeners, Redis)
             await service.start()
-            started.append((name, service))
         sd_notify("READY=1")
         log_kv(log, logging.INFO, "ready", services=",".join(services), pid=os.getpid())
         await stopping.wait()
@@ -52,11 +54,15 @@ async def run_until_signalled(services: dict[str, Service]) -> None:
             await service.stop()
 
 
-def _reload_all(services: dict[str, Service]) -> None:
+def _reload_all(services: dict[str, Service], reloader: ConfigReloader | None = None) -> None:
     log_kv(log, logging.INFO, "SIGHUP: reloading", services=",".join(services))
+    config = reloader.reread() if reloader is not None else None
     for name, service in services.items():
         try:
-            service.reload()
+            if config is not None:
+                service.reconfigure(config)
+            else:
+                service.reload()
         except Exception:
             log.exception("reload failed; the service keeps its previous state", extra={"kv": {"service": name}})
 

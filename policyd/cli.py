@@ -36,7 +36,7 @@ def policyd_command(ctx: CliContext, listen: tuple[str, ...], redis_url: str | N
         ctx.overrides["policyd.listen"] = list(listen)
     if redis_url:
         ctx.overrides["redis.url"] = redis_url
-    serve(ctx.load(), ["policyd"])
+    serve(ctx.load(), ["policyd"], reread=ctx.reread)
 
 
 @click.group("block")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailwarden.decision import Action, Decision, Stage
+from mailwarden.listen import ListenError
 from mailwarden.logs import DecisionLog, get_logger, log_kv
 from policyd import metrics
 from policyd.check import Outcome, Pipeline, fail_verdict
@@ -35,6 +36,8 @@ _STAGES = {
 DEADLINE_TICK = 0.05
 """How often requests are checked against ``answer_within``: answers in the fail mode come at most this late."""
 INTERNAL_ERROR_TEXT = "4.3.0 Temporary local problem, please try again later"
+POSTGREY_PORT = 10023
+"""Where Debian's postgrey listens by default: the likely owner of our default address."""
 
 
 @dataclass(slots=True)
@@ -190,21 +193,33 @@ class PolicyServer:
         self._decision_counters: dict[tuple[str, Action], Any] = {}
 
     async def start(self, listen: list[str]) -> None:
-        loop = asyncio.get_running_loop()
+        """Open every listener; raises ListenError (one line for the postmaster) when one cannot be opened."""
         for entry in listen:
-            if entry.startswith("unix:"):
-                path = entry[5:]
-                if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
-                    os.unlink(path)  # stale socket of a previous run
-                server = await loop.create_unix_server(lambda e=entry: PolicyConnection(self, e), path)
-                os.chmod(path, 0o666)  # noqa: S103 - Postfix's smtpd (another user) must connect
-            else:
-                host, _, port = entry.rpartition(":")
-                server = await loop.create_server(lambda e=entry: PolicyConnection(self, e), host.strip("[]"),
-                                                  int(port), reuse_address=True, backlog=1024)
+            try:
+                server = await self._listen(entry)
+            except OSError as exc:
+                raise ListenError(entry, exc, in_use_by=_in_use_by(entry)) from None
             self.servers.append(server)
             log_kv(log, logging.INFO, "policyd listening", listen=entry)
-        self._sweeper = loop.call_later(DEADLINE_TICK, self._sweep)
+        self._sweeper = asyncio.get_running_loop().call_later(DEADLINE_TICK, self._sweep)
+
+    async def _listen(self, entry: str) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        if entry.startswith("unix:"):
+            path = entry[5:]
+            if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
+                os.unlink(path)  # stale socket of a previous run
+            server = await loop.create_unix_server(lambda: PolicyConnection(self, entry), path)
+            os.chmod(path, 0o666)  # noqa: S103 - Postfix's smtpd (another user) must connect
+            return server
+        host, _, port = entry.rpartition(":")
+        return await loop.create_server(lambda: PolicyConnection(self, entry), host.strip("[]"), int(port),
+                                        reuse_address=True, backlog=1024)
+
+    def swap(self, settings: PolicydSettings, pipeline: Pipeline) -> None:
+        """Use new settings and a new pipeline for the requests that start from now on (SIGHUP); a request
+        in flight finishes with the pipeline it started with."""
+        self.settings, self.pipeline = settings, pipeline
 
     def _sweep(self) -> None:
         """Every tick: answer requests past ``answer_within`` in the fail mode (one timer for all requests
@@ -275,3 +290,12 @@ class PolicyServer:
             if conn.transport:
                 conn.transport.close()
         self.decisions.flush()
+
+
+def _in_use_by(entry: str) -> str:
+    """Who probably holds a TCP address policyd wants, for the start-up error."""
+    port = entry.rpartition(":")[2]
+    if port == str(POSTGREY_PORT):
+        return ("another policyd, or Debian's postgrey, which listens there by default: systemctl stop postgrey "
+                "and systemctl disable postgrey")
+    return f"another policyd, or another program: ss -ltnp 'sport = :{port}' shows which"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import logging
 import socket
 import time
 from collections.abc import Callable
@@ -11,7 +13,7 @@ from typing import get_args
 
 from mailwarden.config import Config
 from mailwarden.dns import DnsSettings
-from mailwarden.logs import DecisionLog
+from mailwarden.logs import DecisionLog, get_logger, log_kv
 from mailwarden.redis_pipe import PipelinedRedis, Script
 from mailwarden.redis_settings import RedisSettings
 from policyd import metrics
@@ -29,6 +31,10 @@ from policyd.server import PolicyServer
 from policyd.settings import CheckName, PolicydSettings
 from policyd.spf import SpfCheck
 
+log = get_logger("policyd.service")
+
+RESTART_KEYS = ("listen", "max_connections")
+"""Keys of [policyd] that a SIGHUP cannot change: the listeners stay open as they are."""
 
 def load_scripts() -> list[Script]:
     folder = resources.files("policyd") / "scripts"
@@ -65,11 +71,14 @@ class PolicyDaemon:
     def __init__(self, settings: PolicydSettings, redis_settings: RedisSettings, dns: DnsSettings,
                  decisions: DecisionLog) -> None:
         self.settings = settings
+        self.dns = dns
         self.redis = PipelinedRedis(redis_settings, load_scripts(),
                                     on_state=lambda up: metrics.REDIS_UP.set(1 if up else 0))
         checks = build_checks(settings, self.redis, redis_settings.key_prefix, dns)
         self.checks = checks
         self.server = PolicyServer(settings, Pipeline(settings, checks), decisions)
+        self._retired: list[Check] = []
+        self._retire_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         for check in self.checks:
@@ -82,8 +91,49 @@ class PolicyDaemon:
         for check in self.checks:
             check.reload()
 
+    def reconfigure(self, config: Config) -> None:
+        """SIGHUP with a valid config: build the checks and the pipeline from the new settings and swap
+        them in for new requests, keeping Redis and the listeners (``RESTART_KEYS`` arrive unchanged).
+        Requests in flight finish with the old checks, which stop once they have had time to answer."""
+        settings, dns = config.section("policyd"), config.section("dns")
+        if settings == self.settings and dns == self.dns:
+            self.reload()  # the same config: re-read the files only
+            return
+        checks: list[Check] = []
+        try:
+            checks = build_checks(settings, self.redis, self.redis.settings.key_prefix, dns)
+            pipeline = Pipeline(settings, checks)
+            for check in checks:
+                check.start()
+        except Exception as exc:
+            for check in checks:
+                check.stop()
+            log_kv(log, logging.ERROR, "SIGHUP: new policyd settings not applied; keeping those in use",
+                   error=f"{type(exc).__name__}: {exc}")
+            log.debug("reconfigure failed", exc_info=True)
+            return
+        self._retire(self.checks, grace=max(self.settings.answer_within, settings.answer_within) + 1)
+        self.settings, self.dns, self.checks = settings, dns, checks
+        self.server.swap(settings, pipeline)
+        log_kv(log, logging.INFO, "SIGHUP: policyd settings applied", checks=",".join(settings.checks))
+
+    def _retire(self, checks: list[Check], grace: float) -> None:
+        self._retired += checks
+        if self._retire_timer is not None:
+            self._retire_timer.cancel()  # the newest retired checks get their full grace too
+        self._retire_timer = asyncio.get_running_loop().call_later(grace, self._stop_retired)
+
+    def _stop_retired(self) -> None:
+        self._retire_timer = None
+        retired, self._retired = self._retired, []
+        for check in retired:
+            check.stop()
+
     async def stop(self) -> None:
         await self.server.stop(drain_seconds=self.settings.answer_within + 1)
+        if self._retire_timer is not None:
+            self._retire_timer.cancel()
+        self._stop_retired()
         for check in self.checks:
             check.stop()
         await self.redis.close()
