@@ -4,6 +4,7 @@ file keeps the config in use)."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import subprocess
@@ -146,3 +147,40 @@ def _log_line(log: str, text: str, number: int) -> str | None:
 def test_systemd_unit_reloads_with_sighup():
     unit = Path(__file__).parent.parent / "systemd" / "mailwarden-policyd.service"
     assert "ExecReload=/bin/kill -HUP $MAINPID" in unit.read_text()
+
+
+@pytest.fixture
+def mailwarden_log(caplog) -> Iterator[pytest.LogCaptureFixture]:
+    """caplog for the ``mailwarden`` logger even when an earlier test's setup_logging stopped propagation."""
+    logger = logging.getLogger("mailwarden")
+    level = logger.level
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.INFO)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.setLevel(level)
+
+
+def test_reloader_keeps_restart_keys_and_applies_the_rest(tmp_path, mailwarden_log):
+    from mailwarden.config import load_config
+    from mailwarden.reload import ConfigReloader
+
+    path = tmp_path / "mw.toml"
+    path.write_text(render_toml(greylist_settings("redis://127.0.0.1:6379/0", "Old {retry_in}")))
+    reloader = ConfigReloader(load_config(path), lambda: load_config(path), ["policyd.listen"])
+    changed = greylist_settings("redis://127.0.0.1:6380/1", "New {retry_in}", listen=["127.0.0.1:10099"])
+    changed["logging"] = {"level": "debug"}
+    changed["metrics"] = {"listen": "127.0.0.1:9999"}
+    path.write_text(render_toml(changed))
+    config = reloader.reread()
+    assert config is not None
+    settings = config.settings
+    assert settings.policyd.greylist.text == "New {retry_in}" and settings.logging.level == "debug"
+    assert settings.redis.url == "redis://127.0.0.1:6379/0" and settings.policyd.listen == ["127.0.0.1:10023"]
+    assert settings.metrics.listen is None
+    assert ("SIGHUP: these keys need a restart: redis.url, metrics.listen, policyd.listen; "
+            "they keep their old values until then") in mailwarden_log.messages
+
+    path.write_text("[policyd.greylist]\ntext = 42\n")
+    assert reloader.reread() is None and reloader.current is config  # nothing changes
+    assert any(f"{path}: invalid configuration" in str(r.__dict__.get("kv")) for r in mailwarden_log.records)
