@@ -377,3 +377,23 @@ subject = "{mailbox} is full"
 text = "{mailbox}\\nis full\\n"
 '''))
     assert config.section("policyd").quota.notify.subject == "{mailbox} is full"
+
+
+def test_quota_notice_subject_is_a_template_too(monkeypatch):
+    import asyncio
+
+    from policyd import quota
+    from policyd.settings import QuotaSettings
+
+    sent: list = []
+    monkeypatch.setattr(quota, "send_later", lambda relay, messages, what, **context: sent.extend(messages))
+
+    class FirstNotice:
+        async def call(self, *args: object) -> bool:
+            return True
+
+    settings = QuotaSettings(notify={"relay": "127.0.0.1:25", "subject": "{mailbox} is full"})
+    check = quota.QuotaCheck(settings, redis_pipe=FirstNotice(), prefix="t:")  # type: ignore[arg-type]
+    asyncio.run(check._notify("alice@example.org"))
+    assert sent[0]["Subject"] == "alice@example.org is full"
+    assert "Your mailbox alice@example.org is full" in sent[0].get_content()
