@@ -29,7 +29,6 @@ class MetricsSettings(Section):
         return listen
 
 
-
 def start_metrics_server(settings: MetricsSettings) -> None:
     if not settings.listen:
         return
