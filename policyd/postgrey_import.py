@@ -62,7 +62,7 @@ AMBIGUOUS = "ambiguous ('/' inside an address)"
 ALREADY_THERE = "already in mailwarden"
 AWL_OFF = "auto_whitelist_clients is 0 in mailwarden"
 
-_SCRIPT = (resources.files("policyd") / "scripts" / "greylist_import.lua").read_text()
+SCRIPT = "greylist_import.lua"
 
 
 class PostgreyError(Exception):
@@ -261,7 +261,7 @@ class PostgreyImport:
 
     def apply(self, client: redis.Redis, writes: Sequence[Write], report: ImportReport) -> None:
         """Write (or with dry_run only look up) each key; a key that exists is left as it is."""
-        script = client.register_script(_SCRIPT)
+        script = client.register_script((resources.files("policyd") / "scripts" / SCRIPT).read_text())
         for start in range(0, len(writes), BATCH):
             batch = writes[start:start + BATCH]
             pipe = client.pipeline(transaction=False)
