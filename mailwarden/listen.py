@@ -65,6 +65,8 @@ class ListenError(Exception):
             return "permission denied", ""
         if code in (errno.ENOENT, errno.ENOTDIR) and unix_path is not None:
             directory = os.path.dirname(unix_path) or "."
+            if os.path.isdir(directory):
+                return "cannot create the socket there", f"{directory} takes no new files"
             return "no such directory", f"{directory} does not exist; systemd's RuntimeDirectory= can create it"
         if code == errno.EADDRNOTAVAIL:
             return "the address is not on this host", "is the network up, or the address mistyped?"
