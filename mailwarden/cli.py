@@ -1,7 +1,8 @@
 """The ``mailwarden`` command. Each capability adds its own subcommands (``policyd``, ``block`` ...).
 
-Output is for people by default and for scripts with ``--json``. Exit codes: 0 ok, 1 a failed action,
-2 bad usage (click), 69 (EX_UNAVAILABLE) a backend could not be reached, 78 (EX_CONFIG) bad config.
+Output is for people by default and for scripts with ``--json`` (errors too: ``{"ok": false, "error": ...}``
+on stdout). Exit codes: 0 ok, 1 the action failed or nothing matched, 2 bad usage, 69 (EX_UNAVAILABLE) a
+backend could not be reached, 78 (EX_CONFIG) bad config.
 """
 
 from __future__ import annotations
@@ -51,8 +52,19 @@ class CliContext:
 
 
 
+def wants_json() -> bool:
+    """Whether the command being run was given ``--json`` (its ``as_json`` parameter)."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.params.get("as_json"))
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"mailwarden: {message}", err=True)
+    """The one way a command reports an error: on stderr for people, or ``{"ok": false, "error": ...}`` on
+    stdout when the command was given ``--json``; the exit code is the same either way."""
+    if wants_json():
+        click.echo(json.dumps({"ok": False, "error": message}, indent=2))
+    else:
+        click.echo(f"mailwarden: {message}", err=True)
     sys.exit(code)
 
 
@@ -193,7 +205,17 @@ def run(ctx: CliContext) -> None:
 def main() -> None:
     for cap in installed_capabilities():
         cap.register_cli(cli)
-    cli(prog_name="mailwarden")
+    try:
+        cli.main(prog_name="mailwarden", standalone_mode=False)
+    except click.ClickException as exc:  # bad usage (exit 2), as JSON too when --json was given
+        if "--json" in sys.argv[1:]:
+            click.echo(json.dumps({"ok": False, "error": exc.format_message()}, indent=2))
+        else:
+            exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import re
 from typing import Annotated
 
@@ -32,9 +33,37 @@ def parse_duration(value: object) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
+_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+
+
 def format_duration(seconds: float) -> str:
-    """Render seconds the way an operator would write them (for logs and reply texts)."""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
+    """Render seconds the way people read them: ``35d``, ``4h 12m``, ``5m 3s``, ``500ms``, never ``3.02e+06s``.
+
+    At most two units, the second rounded ("34d 23h 59m 10s" is "35d"); the one formatter for the CLI, the
+    logs and reply texts, and the output parses back with parse_duration when it has a single unit.
+    """
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    if seconds < 10 and seconds != int(seconds):
+        return f"{seconds:.1f}".rstrip("0").rstrip(".") + "s"
+
+    def largest(total: float) -> int:
+        return next(i for i, (_unit, size) in enumerate(_UNITS) if total >= size)
+
+    small = _UNITS[min(largest(round(seconds)) + 1, len(_UNITS) - 1)][1]
+    total = round(seconds / small) * small  # rounding may carry into the next unit (86390s is 1d)
+    big = largest(total)
+    (unit, size), (small_unit, small_size) = _UNITS[big], _UNITS[min(big + 1, len(_UNITS) - 1)]
+    count, rest = divmod(total, size)
+    text = f"{count}{unit}"
+    if big + 1 < len(_UNITS) and rest:
+        text += f" {rest // small_size}{small_unit}"
+    return text
+
+
+def format_time(epoch: float) -> str:
+    """A moment for people, in the local zone and naming it: ``2026-12-01 15:30:00 UTC``."""
+    moment = datetime.datetime.fromtimestamp(epoch).astimezone()
+    return moment.strftime("%Y-%m-%d %H:%M:%S ") + (moment.strftime("%Z") or moment.strftime("%z"))

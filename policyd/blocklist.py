@@ -1,13 +1,19 @@
-"""Snagged accounts: SASL users (and optionally client addresses) refused with 5.7.1.
+"""Snagged accounts: SASL users (and optionally client addresses and networks) refused with 5.7.1.
 
 The list lives in Redis so every MX host refuses at once; the phish detector (a later capability)
 writes to it through BlockList, and operators use ``mailwarden block``.
+
+A client network is blocked under its own key (``block:client:203.0.113.0/24``). To stay one round trip
+per request, ``block:nets`` names the prefix lengths in use ("4/24 6/48"); the check asks for it in the
+same MGET as the blocks, together with the client's covering networks of the lengths it last saw, and
+asks again (a second MGET) only on the request where that list changed.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 import time
 from dataclasses import asdict, dataclass
 
@@ -41,18 +47,52 @@ class BlocklistCheck(Check):
         self.settings = settings
         self.redis = redis_pipe
         self.prefix = prefix
+        self._nets_seen: bytes | None = None
+        self._lengths: dict[int, list[int]] = {}
+        """Prefix lengths of blocked networks by IP version, as ``block:nets`` last said."""
+
+    def _network_keys(self, ip: IPAddress) -> list[str]:
+        ip = ip.ipv4_mapped or ip if ip.version == 6 else ip  # type: ignore[union-attr]
+        number, bits = int(ip), ip.max_prefixlen
+        found = []
+        for length in self._lengths.get(ip.version, ()):
+            masked = number & (((1 << length) - 1) << (bits - length))
+            if ip.version == 4:
+                body = socket.inet_ntop(socket.AF_INET, masked.to_bytes(4, "big"))
+            else:
+                body = ipaddress.IPv6Address(masked).compressed
+            found.append(f"{self.prefix}{keys.BLOCK_CLIENT}{body}/{length}")
+        return found
+
+    def _learn_lengths(self, raw: bytes | None) -> None:
+        self._nets_seen = raw
+        self._lengths = {}
+        for item in (raw or b"").decode(errors="replace").split():
+            version, _, length = item.partition("/")
+            if version in ("4", "6") and length.isdigit():
+                self._lengths.setdefault(int(version), []).append(int(length))
 
     async def on_rcpt(self, request: PolicyRequest) -> Verdict | None:
         wanted = []
         if request.sasl_username:
             wanted.append(("user", keys.block_user(self.prefix, request.sasl_username)))
-        if self.settings.check_clients and request.client_ip is not None:
-            wanted.append(("client", f"{self.prefix}{keys.BLOCK_CLIENT}{request.client_ip.compressed}"))
+        ip = request.client_ip if self.settings.check_clients else None
+        if ip is not None:
+            wanted.append(("client", f"{self.prefix}{keys.BLOCK_CLIENT}{ip.compressed}"))
+            wanted.extend(("client", key) for key in self._network_keys(ip))
         if not wanted:
             return None
-        found = await self.redis.call("MGET", *(key for _kind, key in wanted))
+        nets_key = [f"{self.prefix}{keys.BLOCK_NETS}"] if ip is not None else []
+        found = await self.redis.call("MGET", *(key for _kind, key in wanted), *nets_key)
         assert isinstance(found, list)
-        for (kind, _key), raw in zip(wanted, found, strict=True):
+        if ip is not None and (nets := found.pop()) != self._nets_seen:
+            self._learn_lengths(nets)  # a network block was added or removed since the last request
+            more = [("client", key) for key in self._network_keys(ip)]
+            if more:
+                again = await self.redis.call("MGET", *(key for _kind, key in more))
+                assert isinstance(again, list)
+                wanted, found = wanted + more, found + again
+        for (kind, key), raw in zip(wanted, found, strict=True):
             if raw is None:
                 continue
             reason = _reason(raw)
@@ -60,8 +100,13 @@ class BlocklistCheck(Check):
                 text = self.settings.user_text.format(user=request.sasl_username, client=request.client_address)
                 return Verdict.refuse(Action.REJECT, f"account blocked: {reason}", reject(text))
             text = self.settings.client_text.format(user=request.sasl_username, client=request.client_address)
-            return Verdict.refuse(Action.REJECT, f"client blocked: {reason}", reject(text))
+            network = key.rpartition(keys.BLOCK_CLIENT)[2]
+            listed = f" ({network})" if "/" in network else ""
+            return Verdict.refuse(Action.REJECT, f"client blocked{listed}: {reason}", reject(text))
         return None
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def _reason(raw: object) -> str:
@@ -86,14 +131,37 @@ class BlockList:
         raise ValueError(f"unknown block kind {kind!r}: use user or client")
 
     def add(self, kind: str, value: str, reason: str, by: str, expires: float | None = None) -> BlockEntry:
+        """Block a SASL user, a client address or a client network (``203.0.113.0/24``)."""
+        if expires is not None and expires <= 0:
+            raise ValueError("a block cannot expire after 0 seconds; to lift a block, remove it")
         key = self._key(kind, value)
-        body = {"reason": reason, "by": by, "at": time.time()}
-        self.client.set(key, json.dumps(body), ex=int(expires) if expires else None)
-        return BlockEntry(kind, value.strip().lower() if kind == "user" else str(ipaddress.ip_address(value.strip())),
-                          reason, by, body["at"], int(expires) if expires else None)
+        at = time.time()
+        body = {"reason": reason, "by": by, "at": at}
+        ttl = max(1, round(expires)) if expires else None
+        self.client.set(key, json.dumps(body), ex=ttl)
+        if kind == "client":
+            self._write_lengths()
+        value = value.strip().lower() if kind == "user" else keys.block_client_body(value)
+        return BlockEntry(kind, value, reason, by, at, ttl)
 
     def remove(self, kind: str, value: str) -> bool:
-        return bool(self.client.delete(self._key(kind, value)))
+        removed = bool(self.client.delete(self._key(kind, value)))
+        if kind == "client":
+            self._write_lengths()
+        return removed
+
+    def _write_lengths(self) -> None:
+        """Rewrite ``block:nets`` from the network blocks present (after this command's own change, so of
+        two commands at once the later rewrite sees both)."""
+        lengths = set()
+        for key in self.client.scan_iter(match=f"{self.prefix}{keys.BLOCK_CLIENT}*/*", count=500):
+            body = key.decode()[len(self.prefix) + len(keys.BLOCK_CLIENT):]
+            lengths.add((6 if ":" in body else 4, int(body.rpartition("/")[2])))
+        target = f"{self.prefix}{keys.BLOCK_NETS}"
+        if lengths:
+            self.client.set(target, " ".join(f"{version}/{length}" for version, length in sorted(lengths)))
+        else:
+            self.client.delete(target)
 
     def entries(self) -> list[BlockEntry]:
         found = []

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import getpass
 import ipaddress
-import json
-import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -16,10 +14,10 @@ import click
 from mailwarden.cli import EX_CONFIG, CliContext, backend_errors, emit, fail, serve
 from mailwarden.config import ConfigError
 from mailwarden.redis_sync import sync_client
-from mailwarden.units import format_duration, parse_duration
+from mailwarden.units import format_duration, format_time, parse_duration
 from policyd.access import load_rules
 from policyd.blocklist import BlockList
-from policyd.greylist_admin import GreylistAdmin, Selector, TripletInfo, update_whitelist
+from policyd.greylist_admin import GreylistAdmin, Selector, TripletInfo, UnsupportedSource, update_whitelist
 from policyd.postgrey_import import import_postgrey_command
 from policyd.ratelimit_admin import RateLimitAdmin
 from policyd.settings import CheckName
@@ -64,8 +62,8 @@ def block_list(ctx: CliContext, as_json: bool) -> None:
     with backend_errors():
         entries = _blocklist(ctx).entries()
     lines = [
-        f"{e.kind:6} {e.value:40} since {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.at))} by {e.by or '-'}"
-        f" expires {format_duration(e.expires_in) if e.expires_in else 'never'}: {e.reason}"
+        f"{e.kind:6} {e.value:40} since {format_time(e.at)} by {e.by or '-'}"
+        f" expires {'in ' + format_duration(e.expires_in) if e.expires_in else 'never'}: {e.reason}"
         for e in entries
     ]
     emit([BlockList.as_dict(e) for e in entries], as_json, "\n".join(lines) or "block list is empty")
@@ -73,9 +71,9 @@ def block_list(ctx: CliContext, as_json: bool) -> None:
 
 @block_group.command("add")
 @click.option("--user", help="SASL user name to block.")
-@click.option("--client", help="Client IP address to block.")
+@click.option("--client", help="Client IP address or network (CIDR, e.g. 203.0.113.0/24) to block.")
 @click.option("--reason", required=True, help="Why (kept with the entry and shown in logs).")
-@click.option("--expires", help="Lift the block by itself after this long, e.g. 12h or 7d.")
+@click.option("--expires", help="Lift the block by itself after this long, e.g. 12h or 7d (not 0).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def block_add(ctx: CliContext, user: str | None, client: str | None, reason: str, expires: str | None,
@@ -83,9 +81,11 @@ def block_add(ctx: CliContext, user: str | None, client: str | None, reason: str
     """Block an account or a client address on every MX host at once."""
     kind, value = _target(user, client)
     try:
-        seconds = parse_duration(expires) if expires else None
+        seconds = parse_duration(expires) if expires is not None else None
     except ValueError as exc:
         fail(f"--expires: {exc}", 2)
+    if seconds is not None and seconds <= 0:
+        fail("--expires 0 would lift the block at once; to lift a block, use 'mailwarden block remove'", 2)
     with backend_errors():
         entry = _blocklist(ctx).add(kind, value, reason, by=getpass.getuser(), expires=seconds)
     emit(BlockList.as_dict(entry), as_json, f"blocked {kind} {entry.value}")
@@ -101,10 +101,9 @@ def block_remove(ctx: CliContext, user: str | None, client: str | None, as_json:
     kind, value = _target(user, client)
     with backend_errors():
         removed = _blocklist(ctx).remove(kind, value)
-    emit({"kind": kind, "value": value, "removed": removed}, as_json,
-         f"unblocked {kind} {value}" if removed else f"{kind} {value} was not blocked")
     if not removed:
-        raise SystemExit(1)
+        fail(f"{kind} {value} was not blocked", 1)
+    emit({"kind": kind, "value": value, "removed": removed}, as_json, f"unblocked {kind} {value}")
 
 
 @click.group("access")
@@ -122,9 +121,6 @@ def access_check(ctx: CliContext, files: tuple[Path, ...], as_json: bool) -> Non
     try:
         counts = {str(path): len(load_rules(path, set(get_args(CheckName)))) for path in paths}
     except ConfigError as exc:
-        if as_json:
-            click.echo(json.dumps({"ok": False, "error": str(exc)}, indent=2))
-            raise SystemExit(EX_CONFIG) from None
         fail(str(exc), EX_CONFIG)
     emit({"ok": True, "rules": counts}, as_json,
          "\n".join(f"{path}: {count} rule(s), valid" for path, count in counts.items()))
@@ -166,11 +162,12 @@ def _selector(**given: str | None) -> Selector:
 
 
 def _describe(info: TripletInfo) -> str:
-    last = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.last_seen))
-    first = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.first_seen))
     expires = format_duration(info.expires_in) if info.expires_in else "-"
-    return (f"{info.origin} {info.sender or '<>'} -> {info.recipient}\n    first seen {first}, last seen {last}, "
-            f"{'passed' if info.passed else 'not passed yet'}, forgotten in {expires}: next attempt {info.verdict}")
+    seen = (f"first seen {format_time(info.first_seen)}, last seen {format_time(info.last_seen)}"
+            if info.first_seen is not None and info.last_seen is not None else "not seen yet")
+    passed = "passed by hand" if info.passed_by_hand else "passed" if info.passed else "not passed yet"
+    return (f"{info.origin} {info.sender or '<>'} -> {info.recipient}\n    {seen}, {passed}, "
+            f"forgotten in {expires}: next attempt {info.verdict}")
 
 
 @greylist_group.command("show")
@@ -180,23 +177,33 @@ def greylist_show(ctx: CliContext, as_json: bool, **given: str | None) -> None:
     """Show triplets (all of them without a selector) and what their next attempt would get."""
     with backend_errors():
         found = _admin(ctx).find(_selector(**given))
-    emit([asdict(info) for info in found], as_json,
-         "\n".join(_describe(info) for info in found) or "no such triplet")
+    if not found:
+        fail("no triplet matches", 1)
+    emit([asdict(info) for info in found], as_json, "\n".join(_describe(info) for info in found))
 
 
 @greylist_group.command("pass")
 @_selector_options
 @click.pass_obj
 def greylist_pass(ctx: CliContext, as_json: bool, **given: str | None) -> None:
-    """Let the selected triplets through from their next attempt (a full triplet is created if unseen)."""
+    """Let the selected triplets through from their next attempt (a full triplet is created if unseen).
+
+    With --client alone, the client's network (the configured prefix) also passes for one day, triplets it
+    was never seen with included: a client pass, closed early by `greylist flush --client`."""
     selector = _selector(**given)
     if selector.empty():
         fail("give at least one of --client, --network, --sender, --sender-domain, --recipient", 2)
     with backend_errors():
-        passed = _admin(ctx).pass_(selector)
-    emit([asdict(info) for info in passed], as_json, f"{len(passed)} triplet(s) will pass")
-    if not passed:
-        raise SystemExit(1)
+        result = _admin(ctx).pass_(selector)
+    if not result.triplets and result.client is None:
+        fail("no triplet matches; give --client IP alone to let a client through, or --client, --sender and "
+             "--recipient for one triplet never seen", 1)
+    lines = [f"{len(result.triplets)} triplet(s) will pass"]
+    if result.client is not None:
+        lines.append(f"client network {result.client['network']} passes for "
+                     f"{format_duration(float(result.client['expires_in']))} (new triplets too)")  # type: ignore[arg-type]
+    emit({"triplets": [asdict(info) for info in result.triplets], "client": result.client}, as_json,
+         "\n".join(lines))
 
 
 @greylist_group.command("flush")
@@ -209,25 +216,35 @@ def greylist_flush(ctx: CliContext, as_json: bool, **given: str | None) -> None:
         fail("give at least one of --client, --network, --sender, --sender-domain, --recipient", 2)
     with backend_errors():
         removed = _admin(ctx).flush(selector)
+    if not removed:
+        fail("nothing to flush: no triplet matches", 1)
     emit({"removed": removed}, as_json, f"{removed} key(s) removed")
 
 
 @greylist_group.command("expect")
 @click.option("--sender-domain", required=True, metavar="DOMAIN", help="Mail from this domain ...")
 @click.option("--recipient", metavar="ADDRESS", help="... to this recipient (default: to anyone) ...")
-@click.option("--for", "duration", required=True, metavar="DURATION", help="... is not greylisted for this long.")
+@click.option("--for", "duration", required=True, metavar="DURATION",
+              help="... is not greylisted for this long (at most policyd.greylist.expect_max, default 7d).")
 @click.option("--reason", default="", help="Kept with the window, for the log and `greylist windows`.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def greylist_expect(ctx: CliContext, sender_domain: str, recipient: str | None, duration: str, reason: str,
                     as_json: bool) -> None:
-    """Open a window in which mail from a domain is not greylisted (it closes by itself)."""
+    """Open a window in which mail from a domain is not greylisted (it closes by itself, or with
+    `greylist unexpect`)."""
+    admin = _admin(ctx)
     try:
         seconds = parse_duration(duration)
     except ValueError as exc:
         fail(f"--for: {exc}", 2)
+    if seconds <= 0:
+        fail("--for 0 would close the window at once; to close a window, use 'mailwarden greylist unexpect'", 2)
+    if seconds > admin.settings.expect_max:
+        fail(f"--for {duration}: longer than policyd.greylist.expect_max "
+             f"({format_duration(admin.settings.expect_max)}); open a shorter window, or raise expect_max", 2)
     with backend_errors():
-        window = _admin(ctx).expect(sender_domain, recipient, seconds, reason)
+        window = admin.expect(sender_domain, recipient, seconds, reason)
     emit(window, as_json, f"mail from {window['domain']} to {recipient or 'anyone'} is not greylisted for "
                           f"{format_duration(seconds)}")
 
@@ -239,9 +256,33 @@ def greylist_windows(ctx: CliContext, as_json: bool) -> None:
     """List the open expect windows."""
     with backend_errors():
         windows = _admin(ctx).expectations()
-    lines = [f"{w.get('domain')} -> {w.get('recipient') or 'anyone'}: {w.get('expires_in')}s left, by "
-             f"{w.get('by')}: {w.get('reason') or '-'}" for w in windows]
+    lines = [f"{w.get('domain')} -> {w.get('recipient') or 'anyone'}: {_left(w.get('expires_in'))}, opened "
+             f"{_when(w.get('at'))} by {w.get('by') or '-'}: {w.get('reason') or '(no reason given)'}"
+             for w in windows]
     emit(windows, as_json, "\n".join(lines) or "no open window")
+
+
+def _left(seconds: object) -> str:
+    return f"{format_duration(float(seconds))} left" if isinstance(seconds, int | float) else "no expiry"
+
+
+def _when(epoch: object) -> str:
+    return format_time(float(epoch)) if isinstance(epoch, int | float) else "-"
+
+
+@greylist_group.command("unexpect")
+@click.option("--sender-domain", required=True, metavar="DOMAIN", help="The window of this domain ...")
+@click.option("--recipient", metavar="ADDRESS", help="... and this recipient (default: the one for anyone).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def greylist_unexpect(ctx: CliContext, sender_domain: str, recipient: str | None, as_json: bool) -> None:
+    """Close an expect window before its time: mail from the domain is greylisted again."""
+    with backend_errors():
+        window = _admin(ctx).unexpect(sender_domain, recipient)
+    if window is None:
+        fail(f"no open window for {sender_domain} to {recipient or 'anyone'}", 1)
+    emit(window, as_json, f"window for {window.get('domain')} to {recipient or 'anyone'} closed "
+                          f"(was: {window.get('reason') or 'no reason given'})")
 
 
 @greylist_group.command("whitelist-update")
@@ -249,15 +290,24 @@ def greylist_windows(ctx: CliContext, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def greylist_whitelist_update(ctx: CliContext, source: str, as_json: bool) -> None:
-    """Replace the managed client whitelist with SOURCE (a file or an http(s) URL), atomically."""
-    target = ctx.load().section("policyd").greylist.managed_whitelist
+    """Replace the managed client whitelist with SOURCE (a file path, file://, http:// or https:// URL),
+    atomically and only if every line parses."""
+    settings = ctx.load().section("policyd").greylist
+    target = settings.managed_whitelist
     try:
         result = update_whitelist(source, target)
+    except UnsupportedSource as exc:
+        fail(str(exc), 2)
     except ConfigError as exc:
-        fail(f"{source} is not a usable whitelist: {exc}", 1)
+        fail(f"not a usable whitelist, nothing replaced: {exc}", 1)
     except (OSError, ValueError) as exc:
         fail(f"cannot read {source}: {exc}", 1)
-    emit(result, as_json, f"{target}: {result['entries']} entries from {source}, dated {result['updated']}")
+    emit(result, as_json, f"{target}: {result['entries']} entries from {source}, list dated {result['dated']}")
+    age = float(result["age_seconds"])  # type: ignore[arg-type]
+    if age > settings.whitelist_max_age:
+        click.echo(f"mailwarden: warning: this list is {format_duration(age)} old, older than "
+                   f"policyd.greylist.whitelist_max_age ({format_duration(settings.whitelist_max_age)}); "
+                   "policyd keeps warning that the whitelist is out of date", err=True)
 
 
 @click.group("ratelimit")
@@ -281,7 +331,8 @@ def ratelimit_show(ctx: CliContext, key: str, name: str | None, as_json: bool) -
     with backend_errors():
         standings = _ratelimit_admin(ctx).show(key, name)
     lines = [f"{s.limit}: {s.key} at {s.count} of {s.max if s.max is not None else 'unlimited'} per {s.window}"
-             + (f" (override {s.override}" + (f", {s.override_expires_in}s left)" if s.override_expires_in else ")")
+             + (f" (override {s.override}"
+                + (f", {format_duration(s.override_expires_in)} left)" if s.override_expires_in else ")")
                 if s.override else "") for s in standings]
     emit([asdict(s) for s in standings], as_json, "\n".join(lines) or "no windowed limit")
 
@@ -295,6 +346,8 @@ def ratelimit_reset(ctx: CliContext, key: str, name: str | None, as_json: bool) 
     """Forget KEY's counters: it may send again at once."""
     with backend_errors():
         removed = _ratelimit_admin(ctx).reset(key, name)
+    if not removed:
+        fail(f"{key} has no counter to reset", 1)
     emit({"key": key, "counters_removed": removed}, as_json, f"{removed} counter(s) of {key} reset")
 
 
@@ -312,13 +365,18 @@ def ratelimit_override(ctx: CliContext, key: str, name: str, max_value: int | No
     """Raise, lift or restore one key's limit (on every MX host at once)."""
     if sum((max_value is not None, exempt, remove)) != 1:
         fail("give exactly one of --max N, --exempt, --remove", 2)
+    try:
+        seconds = parse_duration(duration) if duration is not None else None
+    except ValueError as exc:
+        fail(f"--for: {exc}", 2)
+    if seconds is not None and seconds <= 0:
+        fail("--for 0 would end the override at once; leave --for out for one without expiry, or use --remove", 2)
     with backend_errors():
-        seconds = parse_duration(duration) if duration else None
         admin = _ratelimit_admin(ctx)
         if remove:
-            removed = admin.remove_override(key, name)
-            emit({"key": key, "limit": name, "removed": removed}, as_json,
-                 f"override of {key} for {name} removed" if removed else f"{key} had no override for {name}")
+            if not admin.remove_override(key, name):
+                fail(f"{key} had no override for {name}", 1)
+            emit({"key": key, "limit": name, "removed": True}, as_json, f"override of {key} for {name} removed")
             return
         value = admin.override(key, name, max_value, exempt, seconds)
     emit({"key": key, "limit": name, "override": value, "expires_in": int(seconds) if seconds else None}, as_json,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import math
 import re
@@ -206,13 +207,17 @@ class GreylistCheck(Check):
     def triplet(self, request: PolicyRequest) -> tuple[str, str, str]:
         """(origin, normalised sender, recipient): the origin is the client network, or ``spf:domain``
         when SPF passed for the sender's domain, so the sender's whole pool counts as one."""
-        assert request.client_ip is not None
-        origin = client_network(request.client_ip, self.settings.ipv4_prefix, self.settings.ipv6_prefix)
+        origin = self.network(request)
         if self.settings.spf_domain_triplets and request.sender:
             spf = spf_result(request)
             if spf is not None and spf.result == "pass" and spf.identity == "mailfrom":
                 origin = f"spf:{spf.domain.lower()}"
         return origin, normalise_sender(request.sender).lower(), request.recipient.lower()
+
+    def network(self, request: PolicyRequest) -> str:
+        """The client's network of the configured prefix (what a client pass of ``greylist pass`` names)."""
+        assert request.client_ip is not None
+        return client_network(request.client_ip, self.settings.ipv4_prefix, self.settings.ipv6_prefix)
 
     async def on_rcpt(self, request: PolicyRequest) -> Verdict | None:
         if why := self.exemption(request):
@@ -226,19 +231,23 @@ class GreylistCheck(Check):
             f"{self.prefix}{keys.GREYLIST_CLIENT}{request.client_ip}",
             keys.greylist_expect(self.prefix, domain),
             keys.greylist_expect(self.prefix, domain, recipient),
+            keys.greylist_passed_client(self.prefix, self.network(request)),
         )
         result = await self.redis.run_script(
             "greylist", script_keys, (f"{self.now():.3f}", *self._static_args, origin, sender, recipient)
         )
         assert isinstance(result, list)
-        status, seconds = result[0].decode(), float(result[1])
+        status = result[0].decode()
+        if status == "expected":
+            return Verdict.accept(f"inside an expect window for {domain}{_window_reason(result[1])}")
+        if status == "client_pass":
+            return Verdict.accept("client let through by 'greylist pass'")
+        seconds = float(result[1])
         if status in ("new", "early"):
             text = self.settings.text.format(retry_in=human_wait(seconds), seconds=math.ceil(seconds),
                                              recipient_domain=request.recipient.rpartition("@")[2])
             reason = "new triplet" if status == "new" else f"early retry, {math.ceil(seconds)}s missing"
             return Verdict.refuse(Action.DEFER, reason, defer_if_permit(text))
-        if status == "expected":
-            return Verdict.accept(f"inside an expect window for {domain}")
         if status == "awl":
             return Verdict.accept(f"client auto-whitelisted after {int(seconds)} passes")
         if status == "pass":
@@ -250,3 +259,12 @@ class GreylistCheck(Check):
             header = f"X-Greylist: delayed {int(seconds)} seconds by mailwarden-policyd at {self.hostname}; {date}"
             return Verdict.accept(reason, prepend(header))
         return Verdict.accept(reason)
+
+
+def _window_reason(raw: bytes) -> str:
+    """``: why`` from an expect window's JSON (what `greylist expect --reason` said), or nothing."""
+    try:
+        reason = json.loads(raw).get("reason")
+    except (ValueError, AttributeError):
+        return ""
+    return f": {reason}" if reason else ""

@@ -5,12 +5,16 @@ to a fixed length so a hostile address cannot make a huge key; the block list ke
 because operators list and edit it, and other capabilities (the phish detector) write to it.
 
 - ``gl:t:<hash(origin/sender/rcpt)>`` hash, greylist: f = first seen, l = last seen (epoch seconds);
-  o, s, r = origin (client network or spf:domain), normalised sender, recipient (read by the CLI).
+  o, s, r = origin (client network or spf:domain), normalised sender, recipient (read by the CLI);
+  p = 1 when let through by hand (``greylist pass``), which keeps f the real first sighting.
   Lives retry_window; max_age once the triplet passed.
 - ``gl:x:<sender domain>`` and ``gl:x:<sender domain>/<recipient>`` strings, greylist: an expect window
   opened by ``mailwarden greylist expect`` (who opened it, why). Lives the window's length.
 - ``gl:c:<client address>`` hash, greylist: n = passes counted, l = when last counted.
   Lives max_age after the last count (the client auto-whitelist).
+- ``gl:p:<client network>`` string, greylist: a client pass set by ``mailwarden greylist pass --client IP``
+  (JSON: who, when): every triplet from the network (the configured prefix) passes, and is remembered as
+  passed. Lives GREYLIST_PASSED_CLIENT_TTL (one day).
 - ``rl:<limit>:<hash(key value)>`` hash, ratelimit: i = window index, c = count, p = previous window's count.
   Lives 2 x the window.
 - ``rlo:<limit>:<hash(key value)>`` string, ratelimit: "exempt" or a new max for one key (CLI override).
@@ -26,7 +30,11 @@ because operators list and edit it, and other capabilities (the phish detector) 
   Lives cache_ttl (temperror is not cached).
 - ``qn:<hash(mailbox)>`` string, quota: when the over-quota notice was sent. Lives notify.interval.
 - ``block:user:<sasl user>`` string, blocklist: JSON {reason, by, at}. No expiry, or the block's own.
-- ``block:client:<ip address>`` string, blocklist: JSON {reason, by, at}. No expiry, or the block's own.
+- ``block:client:<ip address>`` or ``block:client:<network>/<prefix length>`` string, blocklist: JSON
+  {reason, by, at}. No expiry, or the block's own.
+- ``block:nets`` string, blocklist: the prefix lengths of blocked networks in use, e.g. "4/24 6/48",
+  rewritten by every ``block add`` and ``block remove``; the check reads it in the same MGET as the
+  blocks and looks up the client's covering networks of those lengths only. No expiry.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ import ipaddress
 GREYLIST_TRIPLET = "gl:t:"
 GREYLIST_CLIENT = "gl:c:"
 GREYLIST_EXPECT = "gl:x:"
+GREYLIST_PASSED_CLIENT = "gl:p:"
+GREYLIST_PASSED_CLIENT_TTL = 86400
 RATELIMIT = "rl:"
 RATELIMIT_EVENTS = "ev:ratelimit"
 RATELIMIT_OVERRIDE = "rlo:"
@@ -47,6 +57,7 @@ SPF = "spf:"
 QUOTA_NOTIFIED = "qn:"
 BLOCK_USER = "block:user:"
 BLOCK_CLIENT = "block:client:"
+BLOCK_NETS = "block:nets"
 
 RATELIMIT_EVENTS_MAXLEN = 10_000
 
@@ -81,5 +92,20 @@ def block_user(prefix: str, user: str) -> str:
     return f"{prefix}{BLOCK_USER}{user.strip().lower()}"
 
 
+def greylist_passed_client(prefix: str, network: str) -> str:
+    return f"{prefix}{GREYLIST_PASSED_CLIENT}{network}"
+
+
 def block_client(prefix: str, address: str) -> str:
-    return f"{prefix}{BLOCK_CLIENT}{ipaddress.ip_address(address.strip()).compressed}"
+    """An address, or a network (``203.0.113.0/24``; host bits are dropped, a /32 or /128 is the address)."""
+    return f"{prefix}{BLOCK_CLIENT}{block_client_body(address)}"
+
+
+def block_client_body(address: str) -> str:
+    try:
+        network = ipaddress.ip_network(address.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"{address!r} does not appear to be an IPv4 or IPv6 address or network") from None
+    if network.prefixlen == network.max_prefixlen:
+        return network.network_address.compressed
+    return network.compressed

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import redis
 
+from mailwarden.units import format_duration
 from policyd import keys
 from policyd.settings import RateLimit, RateLimitSettings
 
@@ -24,6 +25,7 @@ class Standing:
     max: int | None
     """The max that applies to this key (after overrides); None when the key is exempt."""
     window: str
+    """The window as people write it (``1h``, ``1d``)."""
     override: str | None
     """``exempt``, a max set from the CLI, or ``config`` for an override in the config file; None if none."""
     override_expires_in: int | None
@@ -72,7 +74,7 @@ class RateLimitAdmin:
                 cap, label = (None, "exempt") if text == "exempt" else (int(float(text)), text)
             window = float(limit.window)  # type: ignore[arg-type]
             standings.append(Standing(limit.name, value, self._estimate(bucket, window), cap,
-                                      f"{window:g}s", label, ttl if ttl and ttl > 0 else None))
+                                      format_duration(window), label, ttl if ttl and ttl > 0 else None))
         return standings
 
     def _estimate(self, bucket: list[bytes | None], window: float) -> int:

@@ -113,6 +113,8 @@ class GreylistSettings(Section):
     retry go out of date, and a stale list greylists the mail of senders it was meant to spare."""
     whitelist_check_interval: Duration = 60
     """How often the whitelist files are checked for changes (and the warning repeated, at most daily)."""
+    expect_max: Duration = 7 * 86400
+    """The longest window ``mailwarden greylist expect --for`` may open; a longer one is refused."""
     greylist_authenticated: bool = False
     """Greylist SASL-authenticated clients too (never sensible for submission; kept for odd set-ups)."""
     add_header: bool = True

@@ -33,13 +33,17 @@ def _entries(path: Path) -> Iterable[tuple[int, str]]:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
         raise WhitelistError(f"{path}: cannot read: {exc.strerror}") from None
+    return _lines(text)
+
+
+def _lines(text: str) -> Iterable[tuple[int, str]]:
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()  # as postgrey: a '#' starts a comment, even inside /regex/
         if line:
             yield number, line
 
 
-def _regex(path: Path, number: int, line: str) -> re.Pattern[str]:
+def _regex(path: Path | str, number: int, line: str) -> re.Pattern[str]:
     try:
         return re.compile(line[1:-1], re.IGNORECASE)
     except re.error as exc:
@@ -66,7 +70,19 @@ class ClientWhitelist:
                names=len(found.name_suffixes), patterns=len(found.name_patterns))
         return found
 
-    def _add(self, path: Path, number: int, line: str) -> None:
+    @classmethod
+    def parse(cls, text: str, source: str) -> ClientWhitelist:
+        """A whitelist from text (``whitelist-update`` checks a download this way before it replaces
+        anything); errors name ``source`` and the line number in it."""
+        found = cls()
+        for number, line in _lines(text):
+            found._add(source, number, line)
+        return found
+
+    def entries(self) -> int:
+        return len(self.networks) + len(self.name_suffixes) + len(self.name_patterns)
+
+    def _add(self, path: Path | str, number: int, line: str) -> None:
         if line.startswith("/") and line.endswith("/") and len(line) > 2:
             self.name_patterns.append(_regex(path, number, line))
             return
@@ -159,22 +175,39 @@ class RecipientWhitelist:
         return None
 
 
-_DATE_LINE = re.compile(r"(?:updated|build date)[:\s]+(\d{4}-\d{2}-\d{2}(?:T\d{2}:\d{2}:\d{2}Z?)?)", re.IGNORECASE)
+_DATE = r"(\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}:\d{2})?)Z?"
+_LIST_DATED = re.compile(r"^#\s*list dated[:\s]+" + _DATE, re.IGNORECASE | re.MULTILINE)
+_DATE_LINE = re.compile(r"^#.*?\b(?:updated|build date|last modified|dated|generated)[:\s]+" + _DATE,
+                        re.IGNORECASE | re.MULTILINE)
 
 
-def whitelist_date(path: Path) -> float | None:
-    """When a whitelist file was last brought up to date: the ``updated:`` line whitelist-update writes, the
-    ``build date:`` of Postgrey's shipped list, else the file's modification time; None if it is missing."""
+def _epoch(text: str) -> float | None:
     import calendar
     import time
 
+    text = text.replace(" ", "T")
     try:
-        head = path.read_text(encoding="utf-8", errors="replace")[:2048]
+        return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%S" if "T" in text else "%Y-%m-%d")))
+    except ValueError:
+        return None
+
+
+def text_date(text: str) -> float | None:
+    """The date a list carries in a comment near its top (``# build date: 2016-09-22`` as Postgrey's,
+    ``# updated 2026-01-05``, ``# last modified: ...``, ``# generated ...``), or None."""
+    head = text[:4096]
+    match = _LIST_DATED.search(head) or _DATE_LINE.search(head)
+    return _epoch(match.group(1)) if match else None
+
+
+def whitelist_date(path: Path) -> float | None:
+    """How old the list in a whitelist file is: the ``# list dated:`` line whitelist-update writes (the
+    list's own date, not the day it was fetched), a date the list carries in a comment (Postgrey's
+    ``build date:``), else the file's modification time; None if it is missing."""
+    try:
+        head = path.read_text(encoding="utf-8", errors="replace")[:4096]
         mtime = path.stat().st_mtime
     except OSError:
         return None
-    if match := _DATE_LINE.search(head):
-        text = match.group(1).rstrip("Z")
-        layout = "%Y-%m-%dT%H:%M:%S" if "T" in text else "%Y-%m-%d"
-        return float(calendar.timegm(time.strptime(text, layout)))
-    return mtime
+    found = text_date(head)
+    return found if found is not None else mtime

@@ -37,7 +37,7 @@ def test_show_then_pass_lets_the_next_attempt_through(stack):
     human = cli(stack, "show", "--sender", "news@example.org")
     assert "198.51.100.0/24 news@example.org -> user@example.test" in human.stdout
     passed = cli(stack, "pass", "--client", "198.51.100.20", "--recipient", "user@example.test", "--json")
-    assert passed.returncode == 0 and len(json.loads(passed.stdout)) == 1
+    assert passed.returncode == 0 and len(json.loads(passed.stdout)["triplets"]) == 1
     assert send(stack, "first", client_address="198.51.100.20", sender="news@example.org") is None
     stack.sink.wait_for(1)
 

@@ -36,7 +36,7 @@ def test_block_cli_for_people_and_scripts(tmp_path, redis_server):
     removed = cli(config, "block", "remove", "--user", "mallory@example.org", "--json")
     assert removed.returncode == 0 and json.loads(removed.stdout)["removed"] is True
     again = cli(config, "block", "remove", "--user", "mallory@example.org")
-    assert again.returncode == 1 and "was not blocked" in again.stdout
+    assert again.returncode == 1 and "was not blocked" in again.stderr
 
 
 def test_block_cli_errors_are_clear(tmp_path, redis_server):

@@ -34,7 +34,7 @@ def test_show_then_reset_lets_the_user_send_again_at_once(stack):
     shown = json.loads(cli(stack, "show", "alice", "--json").stdout)
     assert {s["limit"]: (s["count"], s["max"]) for s in shown} == {"user-msgs": (2, 2), "all-users": (2, 6)}
     human = cli(stack, "show", "alice", "--limit", "user-msgs").stdout
-    assert human.strip() == "user-msgs: alice at 2 of 2 per 3600s"
+    assert human.strip() == "user-msgs: alice at 2 of 2 per 1h"
     reset = cli(stack, "reset", "alice", "--limit", "user-msgs", "--json")
     assert reset.returncode == 0 and json.loads(reset.stdout)["counters_removed"] == 1
     assert send(stack, "a4", login="alice") is None
