@@ -7,6 +7,8 @@
 #
 #   bash tools/lock.sh
 #
+# Resolve with Debian 12's own interpreter (/usr/bin/python3, 3.11.2), the one the README's commands
+# use: markers such as redis's `async-timeout; python_full_version < "3.11.3"` are decided for it.
 # It ignores this machine's pip settings (PIP_CONFIG_FILE=/dev/null) so that what is locked is what a
 # fresh server's pip finds on PyPI, not a local wheel or a site constraint.
 set -euo pipefail
@@ -14,7 +16,7 @@ cd "$(dirname "$0")/.."
 export PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-python3 -m venv "$work/venv"
+"${PYTHON:-/usr/bin/python3}" -m venv "$work/venv"
 "$work/venv/bin/pip" install -q 'pip-tools==7.*'
 compile=("$work/venv/bin/pip-compile" --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url
          --resolver=backtracking --upgrade)
