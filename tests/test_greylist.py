@@ -233,3 +233,31 @@ def test_only_suspicious_clients_are_greylisted_when_configured(redis_server, na
         verdict = await check.on_rcpt(r)
         assert verdict.decisive == greylisted, verdict
     run_check(redis_server.url, scenario, only_suspicious=True)
+
+
+def test_a_triplet_passed_by_hand_passes_and_keeps_its_first_sighting(redis_server):
+    from policyd import keys
+
+    async def scenario(check, clock):
+        assert (await check.on_rcpt(request())).reason == "new triplet"
+        key = keys.greylist_triplet("t:", *check.triplet(request()))
+        first = await check.redis.call("HGET", key, "f")
+        await check.redis.call("HSET", key, "p", "1")  # what `greylist pass` does
+        clock.now += 3 * 86400  # past the retry window: a triplet not passed would start over
+        assert (await check.on_rcpt(request(instance="i2"))).reason == "triplet passed before"
+        assert await check.redis.call("HGET", key, "f") == first
+        assert 35 * 86400 - 5 <= await check.redis.call("TTL", key) <= 35 * 86400
+    run_check(redis_server.url, scenario)
+
+
+def test_a_client_pass_lets_an_unseen_client_through_and_remembers_the_triplet(redis_server):
+    from policyd import keys
+
+    async def scenario(check, clock):
+        await check.redis.call("SET", keys.greylist_passed_client("t:", "192.0.2.0/24"), "{}", "EX", "60")
+        verdict = await check.on_rcpt(request(client="192.0.2.99"))
+        assert not verdict.decisive and verdict.reason == "client let through by 'greylist pass'"
+        await check.redis.call("DEL", keys.greylist_passed_client("t:", "192.0.2.0/24"))
+        assert (await check.on_rcpt(request(client="192.0.2.99", instance="i2"))).reason == "triplet passed before"
+        assert (await check.on_rcpt(request(client="192.0.2.99", sender="new@example.org"))).decisive
+    run_check(redis_server.url, scenario)
