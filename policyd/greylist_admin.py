@@ -232,7 +232,7 @@ class GreylistAdmin:
         return {k.decode(): v.decode() for k, v in self.redis.hgetall(key).items()}
 
 
-def _window(value: bytes, ttl: int | None) -> dict[str, object]:
+def _window(value: bytes | str, ttl: int | None) -> dict[str, object]:
     try:
         body = json.loads(value)
     except ValueError:
