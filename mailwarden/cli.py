@@ -33,7 +33,6 @@ EX_CONFIG = os.EX_CONFIG
 log = get_logger("cli")
 
 
-
 @dataclass
 class CliContext:
     config_path: str | None
@@ -49,7 +48,6 @@ class CliContext:
         """The config read again as at start-up (same file, same command-line overrides), for SIGHUP;
         raises ConfigError."""
         return load_config(self.config_path, self.overrides)
-
 
 
 def wants_json() -> bool:
