@@ -41,7 +41,14 @@ if [ "${#missing[@]}" -gt 0 ]; then
     trap '$SUDO rm -f "$policy_rc"' EXIT
   fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt_log=$(mktemp /tmp/install-system-deps.XXXXXX.log)
+  if ! DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+       >"$apt_log" 2>&1; then
+    tail -n 40 "$apt_log" >&2
+    echo "install-system-deps: apt-get install failed; its whole output: $apt_log" >&2
+    exit 1
+  fi
+  rm -f "$apt_log"
   if [[ " ${missing[*]} " == *" postgrey "* ]]; then
     # ... and at boot: the tests run their own postgrey
     $SUDO deb-systemd-helper disable postgrey.service >/dev/null 2>&1 || true
