@@ -31,11 +31,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
   # slapd likewise: no system directory; the tests run private instances
   echo "slapd slapd/no_configuration boolean true" | $SUDO debconf-set-selections
-  # Debian's postgrey would start a system instance on port 10023, where the quick start's policyd listens:
-  # a policy-rc.d (unless the host has one, as containers do) forbids starting it while it is installed
+  # Installing a server package starts a system instance (Dovecot on 143, MariaDB on 3306, postgrey on
+  # 10023 where the quick start's policyd listens ...). The suite and the quick start start private
+  # instances of what they use, so a policy-rc.d (unless the host has one, as containers do) forbids
+  # every start while the packages are installed.
   policy_rc=/usr/sbin/policy-rc.d
   if [ ! -e "$policy_rc" ]; then
-    printf '#!/bin/sh\n# install-system-deps: no system postgrey\ncase "$1" in postgrey*) exit 101;; esac\nexit 0\n' \
+    printf '#!/bin/sh\n# install-system-deps: start no system services while installing\nexit 101\n' \
       | $SUDO tee "$policy_rc" >/dev/null
     $SUDO chmod 755 "$policy_rc"
     trap '$SUDO rm -f "$policy_rc"' EXIT
@@ -49,9 +51,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
     exit 1
   fi
   rm -f "$apt_log"
-  if [[ " ${missing[*]} " == *" postgrey "* ]]; then
-    # ... and at boot: the tests run their own postgrey
-    $SUDO deb-systemd-helper disable postgrey.service >/dev/null 2>&1 || true
-    $SUDO update-rc.d postgrey disable >/dev/null 2>&1 || true
-  fi
+  # ... nor at boot, for the servers installed only for the tests (redis-server stays: the quick start
+  # uses the one on 127.0.0.1:6379 when it answers)
+  for pair in postgrey:postgrey dovecot-core:dovecot mariadb-server:mariadb slapd:slapd; do
+    package=${pair%%:*} service=${pair#*:}
+    if [[ " ${missing[*]} " == *" $package "* ]]; then
+      $SUDO deb-systemd-helper disable "$service.service" >/dev/null 2>&1 || true
+      $SUDO update-rc.d "$service" disable >/dev/null 2>&1 || true
+    fi
+  done
 fi
