@@ -23,6 +23,19 @@ from policyd.ratelimit_admin import RateLimitAdmin
 from policyd.settings import CheckName
 
 
+def _positive_duration(option: str, text: str | None, if_zero: str) -> float | None:
+    """A duration flag's value in seconds (None when not given); bad or zero values exit 2 with a hint."""
+    if text is None:
+        return None
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        fail(f"{option}: {exc}", 2)
+    if seconds <= 0:
+        fail(f"{option} {text} {if_zero}", 2)
+    return seconds
+
+
 @click.command("policyd")
 @click.option("--listen", "-l", multiple=True, metavar="HOST:PORT|unix:PATH",
               help="Listen here instead of [policyd] listen (repeatable).")
@@ -80,12 +93,8 @@ def block_add(ctx: CliContext, user: str | None, client: str | None, reason: str
               as_json: bool) -> None:
     """Block an account or a client address on every MX host at once."""
     kind, value = _target(user, client)
-    try:
-        seconds = parse_duration(expires) if expires is not None else None
-    except ValueError as exc:
-        fail(f"--expires: {exc}", 2)
-    if seconds is not None and seconds <= 0:
-        fail("--expires 0 would lift the block at once; to lift a block, use 'mailwarden block remove'", 2)
+    seconds = _positive_duration("--expires", expires, "would lift the block at once; to lift a block, use "
+                                 "'mailwarden block remove'")
     with backend_errors():
         entry = _blocklist(ctx).add(kind, value, reason, by=getpass.getuser(), expires=seconds)
     emit(BlockList.as_dict(entry), as_json, f"blocked {kind} {entry.value}")
@@ -234,12 +243,9 @@ def greylist_expect(ctx: CliContext, sender_domain: str, recipient: str | None, 
     """Open a window in which mail from a domain is not greylisted (it closes by itself, or with
     `greylist unexpect`)."""
     admin = _admin(ctx)
-    try:
-        seconds = parse_duration(duration)
-    except ValueError as exc:
-        fail(f"--for: {exc}", 2)
-    if seconds <= 0:
-        fail("--for 0 would close the window at once; to close a window, use 'mailwarden greylist unexpect'", 2)
+    seconds = _positive_duration("--for", duration, "would close the window at once; to close a window, use "
+                                 "'mailwarden greylist unexpect'")
+    assert seconds is not None  # --for is required
     if seconds > admin.settings.expect_max:
         fail(f"--for {duration}: longer than policyd.greylist.expect_max "
              f"({format_duration(admin.settings.expect_max)}); open a shorter window, or raise expect_max", 2)
@@ -365,12 +371,8 @@ def ratelimit_override(ctx: CliContext, key: str, name: str, max_value: int | No
     """Raise, lift or restore one key's limit (on every MX host at once)."""
     if sum((max_value is not None, exempt, remove)) != 1:
         fail("give exactly one of --max N, --exempt, --remove", 2)
-    try:
-        seconds = parse_duration(duration) if duration is not None else None
-    except ValueError as exc:
-        fail(f"--for: {exc}", 2)
-    if seconds is not None and seconds <= 0:
-        fail("--for 0 would end the override at once; leave --for out for one without expiry, or use --remove", 2)
+    seconds = _positive_duration("--for", duration, "would end the override at once; leave --for out for one "
+                                 "without expiry, or use --remove")
     with backend_errors():
         admin = _ratelimit_admin(ctx)
         if remove:
