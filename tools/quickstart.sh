@@ -7,7 +7,7 @@
 # leaves the running one alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUN=$PWD/run
+RUN=${MAILWARDEN_RUN:-$PWD/run}   # tests point it elsewhere
 export VENV=$(realpath -m "${VENV:-.venv}")
 mkdir -p "$RUN"
 
