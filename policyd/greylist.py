@@ -88,6 +88,7 @@ class GreylistCheck(Check):
         self.hostname = hostname
         self._loaded_stamps = self._stamps()
         self.clients = ClientWhitelist.load(self._client_files())
+        self.clients.log_loaded()
         self.recipients = RecipientWhitelist.load(settings.whitelist_recipients)
         self._warned = float("-inf")
         self.opt_out = SqlOptOut(settings.opt_out_sql) if settings.opt_out_sql is not None else None
@@ -124,6 +125,7 @@ class GreylistCheck(Check):
             self._loaded_stamps = stamps
             return
         self.clients, self.recipients, self._loaded_stamps = clients, recipients, stamps
+        clients.log_loaded()
         self.check_age(force=True)
 
     def check_age(self, force: bool = False) -> float | None:

@@ -66,9 +66,12 @@ class ClientWhitelist:
         for path in paths:
             for number, line in _entries(path):
                 found._add(path, number, line)
-        log_kv(log, logging.INFO, "client whitelist loaded", networks=len(found.networks),
-               names=len(found.name_suffixes), patterns=len(found.name_patterns))
         return found
+
+    def log_loaded(self) -> None:
+        """One line for the log when a daemon takes the list into use (not when a check only parses it)."""
+        log_kv(log, logging.INFO, "client whitelist loaded", networks=len(self.networks),
+               names=len(self.name_suffixes), patterns=len(self.name_patterns))
 
     @classmethod
     def parse(cls, text: str, source: str) -> ClientWhitelist:
