@@ -8,6 +8,7 @@ services get the result and apply the rest (reply texts, limits, lists, check se
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -93,7 +94,8 @@ class ConfigReloader:
             log_kv(log, logging.WARNING, f"SIGHUP: these keys need a restart: {', '.join(pending)}; "
                    "they keep their old values until then")
         settings: Any = with_old_values(self.current.settings, new.settings, pending)
-        self.current = Config(settings=settings, source=new.source)
+        # the new file's drop-ins and the record of which file set each key stay (errors name them)
+        self.current = dataclasses.replace(new, settings=settings)
         applied = [key for key in changed if key not in pending]
         if "logging.level" in applied:
             logging.getLogger(LOGGER_NAME).setLevel(settings.logging.level.upper())

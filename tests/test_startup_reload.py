@@ -184,3 +184,18 @@ def test_reloader_keeps_restart_keys_and_applies_the_rest(tmp_path, mailwarden_l
     path.write_text("[policyd.greylist]\ntext = 42\n")
     assert reloader.reread() is None and reloader.current is config  # nothing changes
     assert any(f"{path}: invalid configuration" in str(r.__dict__.get("kv")) for r in mailwarden_log.records)
+
+
+def test_reloaded_config_still_knows_which_drop_in_set_a_key(tmp_path):
+    from mailwarden.config import load_config
+    from mailwarden.reload import ConfigReloader
+
+    path = tmp_path / "mw.toml"
+    path.write_text(render_toml(greylist_settings("redis://127.0.0.1:6379/0", "Old {retry_in}")))
+    dropin = tmp_path / "mw.d" / "50-site.toml"
+    dropin.parent.mkdir()
+    dropin.write_text("[policyd.greylist]\ntext = \"Site {retry_in}\"\n")
+    reloader = ConfigReloader(load_config(path), lambda: load_config(path))
+    config = reloader.reread()
+    assert config is not None and config.settings.policyd.greylist.text == "Site {retry_in}"
+    assert config.where(("policyd", "greylist", "text")) == str(dropin)
