@@ -186,7 +186,9 @@ def format_errors(where: str, exc: ValidationError, model: type[BaseModel],
         else:
             message = err["msg"].removeprefix("Value error, ")
             got = err.get("input")  # a table (a check across its keys) would be a page of input: left out
-            line = f"  {key}: {message}" + ("" if isinstance(got, dict) else f" (got {got!r})")
+            # the value echoed back is masked as config show masks it: errors reach logs and journals
+            shown = redacted(got, str(loc[-1]) if loc else "")
+            line = f"  {key}: {message}" + ("" if isinstance(got, dict) else f" (got {shown!r})")
         blocks.setdefault(where_of(loc) if where_of else where, []).append(line)
     return _blocks(blocks)
 

@@ -397,3 +397,14 @@ def test_quota_notice_subject_is_a_template_too(monkeypatch):
     asyncio.run(check._notify("alice@example.org"))
     assert sent[0]["Subject"] == "alice@example.org is full"
     assert "Your mailbox alice@example.org is full" in sent[0].get_content()
+
+
+def test_a_validation_error_does_not_echo_a_secret(tmp_path):
+    path = write(tmp_path, '[redis]\nurl = "redis://:s3cret@127.0.0.1:99999/0"\n'
+                           '[policyd.recipients.ldap]\nbind_password = 5\n')
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    report = str(raised.value)
+    assert "redis.url: the port must be a number from 1 to 65535 (got 'redis://:***@127.0.0.1:99999/0')" in report
+    assert "policyd.recipients.ldap.bind_password" in report
+    assert "s3cret" not in report and "(got 5)" not in report
