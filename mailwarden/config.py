@@ -23,9 +23,11 @@ from mailwarden.capability import installed_capabilities
 from mailwarden.dns import DnsSettings
 from mailwarden.logs import LoggingSettings, get_logger, log_kv
 from mailwarden.metrics import MetricsSettings
+from mailwarden.paths import CONFIG_FILE, system_path
 from mailwarden.redis_settings import RedisSettings
 
-DEFAULT_PATH = Path("/etc/mailwarden/mailwarden.toml")
+DEFAULT_PATH = CONFIG_FILE
+"""Read when neither --config nor $MAILWARDEN_CONFIG names a file (under $MAILWARDEN_ROOT when set)."""
 ENV_VAR = "MAILWARDEN_CONFIG"
 COMMAND_LINE = "command line"
 """Where a key given by a command-line option (``--listen``, ``--redis``) comes from, in messages."""
@@ -132,7 +134,7 @@ def resolve_path(explicit: str | os.PathLike[str] | None) -> tuple[Path | None, 
         return Path(explicit), True
     if env := os.environ.get(ENV_VAR):
         return Path(env), True
-    return DEFAULT_PATH, False
+    return system_path(DEFAULT_PATH), False
 
 
 def load_config(explicit: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None) -> Config:

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, PlainValidator, field_validator, model_validator
 
+from mailwarden.paths import MANAGED_WHITELIST, system_path
 from mailwarden.section import Section
 from mailwarden.units import Duration, parse_duration
 from policyd.rules_files import shipped_rules_file
@@ -105,7 +106,7 @@ class GreylistSettings(Section):
         default_factory=lambda: [shipped_rules_file("postgrey_whitelist_recipients")]
     )
     """Files in Postgrey's whitelist_recipients format: user@, @domain, user@domain, domain, /regex/."""
-    managed_whitelist: Path = Path("/var/lib/mailwarden/whitelist_clients")
+    managed_whitelist: Path = Field(default_factory=lambda: system_path(MANAGED_WHITELIST))
     """The client whitelist that ``mailwarden greylist whitelist-update`` writes; read beside
     whitelist_clients when it exists."""
     whitelist_max_age: Duration = 180 * 86400

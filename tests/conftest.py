@@ -21,6 +21,25 @@ from harness.redis_server import RedisProcess, start_redis
 from harness.sink import Sink
 from harness.slapd import SlapdInstance
 
+from mailwarden.config import ENV_VAR
+from mailwarden.paths import ROOT_ENV_VAR
+
+SYSTEM_DIRS = (Path("/etc/mailwarden"), Path("/var/lib/mailwarden"))
+"""Where an installed mailwarden keeps its config, rules and managed whitelist: no test reads them."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_system_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every default system path (the config file and its drop-ins, /etc/mailwarden/rules, the managed
+    whitelist) moved under an empty temp dir, for this process and every daemon and CLI it starts: a host
+    where mailwarden is installed, or where `greylist whitelist-update` once ran, changes no answer.
+    $MAILWARDEN_CONFIG from the caller's shell is dropped for the same reason."""
+    root = tmp_path_factory.mktemp("system-root")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ROOT_ENV_VAR, str(root))
+        patch.delenv(ENV_VAR, raising=False)
+        yield root
+
 
 @pytest.fixture(scope="session")
 def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:

@@ -24,7 +24,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_no_file_gives_postgrey_like_defaults(monkeypatch, tmp_path):
-    monkeypatch.setattr("mailwarden.config.DEFAULT_PATH", tmp_path / "absent.toml")
+    monkeypatch.setenv("MAILWARDEN_ROOT", str(tmp_path))  # no etc/mailwarden/mailwarden.toml under it
     monkeypatch.delenv("MAILWARDEN_CONFIG", raising=False)
     config = load_config()
     assert config.source is None
@@ -309,10 +309,10 @@ def test_errors_in_main_file_and_dropin_are_each_named(tmp_path):
 
 
 def test_dropins_apply_without_the_main_file(monkeypatch, tmp_path):
-    monkeypatch.setattr("mailwarden.config.DEFAULT_PATH", tmp_path / "mailwarden.toml")
+    monkeypatch.setenv("MAILWARDEN_ROOT", str(tmp_path))
     monkeypatch.delenv("MAILWARDEN_CONFIG", raising=False)
-    (tmp_path / "mailwarden.d").mkdir()
-    dropin = tmp_path / "mailwarden.d" / "10-site.toml"
+    (tmp_path / "etc/mailwarden/mailwarden.d").mkdir(parents=True)
+    dropin = tmp_path / "etc/mailwarden/mailwarden.d" / "10-site.toml"
     dropin.write_text('[policyd.greylist]\ndelay = "1m"\n')
     config = load_config()
     assert config.section("policyd").greylist.delay == 60

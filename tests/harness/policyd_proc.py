@@ -56,7 +56,8 @@ class PolicydProcess:
     def config_path(self) -> Path:
         return self.workdir / f"policyd-{self.port}.toml"
 
-    def start(self) -> PolicydProcess:
+    def write_config(self) -> Path:
+        """The config file the daemon is started with: the test's settings plus the port to wait on."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         settings = {**self.settings}
         policyd = dict(settings.get("policyd", {}))
@@ -64,6 +65,10 @@ class PolicydProcess:
         policyd["listen"] = [f"127.0.0.1:{self.port}", *policyd.get("listen", [])]
         settings["policyd"] = policyd
         self.config_path.write_text(render_toml(settings))
+        return self.config_path
+
+    def start(self) -> PolicydProcess:
+        self.write_config()
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mailwarden.cli", "--config", str(self.config_path), "policyd"],
