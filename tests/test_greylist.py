@@ -175,6 +175,35 @@ def test_passed_triplet_is_forgotten_after_max_age(redis_server):
     run_check(redis_server.url, scenario)
 
 
+def test_a_triplet_never_retried_is_forgotten_after_the_retry_window(redis_server):
+    """A new triplet expires with the retry window, or the keys of senders that never retry pile up."""
+    from policyd import keys
+
+    async def scenario(check, clock):
+        key = keys.greylist_triplet("t:", *check.triplet(request()))
+        assert (await check.on_rcpt(request())).reason == "new triplet"
+        assert 3600 - 5 <= await check.redis.call("TTL", key) <= 3600
+        clock.now += 60
+        assert (await check.on_rcpt(request(instance="i2"))).reason.startswith("early retry")
+        assert 3600 - 5 <= await check.redis.call("TTL", key) <= 3600
+    run_check(redis_server.url, scenario, retry_window="1h")
+
+
+@pytest.mark.parametrize(("first", "retry"), [
+    ("prvs=1234abcd=user@example.org", "prvs=9876fedc=user@example.org"),  # BATV: a new tag per message
+    ("user+tag1@example.org", "user+tag2@example.org"),
+    ("list-bounces-123-user=example.com@lists.example.org",   # VERP: a new number per message
+     "list-bounces-456-user=example.com@lists.example.org"),
+])
+def test_a_retry_with_another_batv_or_verp_sender_is_the_same_triplet(redis_server, first, retry):
+    async def scenario(check, clock):
+        assert (await check.on_rcpt(request(sender=first))).reason == "new triplet"
+        clock.now += 300
+        passed = await check.on_rcpt(request(sender=retry, instance="i2"))
+        assert not passed.decisive and passed.reply.startswith("PREPEND X-Greylist: delayed 300 seconds by ")
+    run_check(redis_server.url, scenario)
+
+
 def test_client_is_auto_whitelisted_after_five_passes_an_hour_apart(redis_server):
     async def scenario(check, clock):
         for n in range(5):
