@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from mailwarden.redis_pipe import PipelinedRedis
 from mailwarden.redis_settings import RedisSettings
@@ -142,6 +143,57 @@ def test_a_refusal_is_recorded_in_the_event_stream(redis_server):
         fields = dict(zip(entries[0][1][::2], entries[0][1][1::2], strict=True))
         assert fields[b"limit"] == b"msgs" and fields[b"key"] == b"alice" and fields[b"count"] == b"3"
     with_check(redis_server.url, [HOURLY], scenario)
+
+
+class Notices:
+    """Stands in for the LimitNotifier: records each notice the check asks for."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, int]] = []
+
+    def limit_reached(self, limit, key_value: str, request: PolicyRequest, cap: int) -> None:
+        self.sent.append((limit.name, key_value, cap))
+
+
+def test_buckets_and_the_notice_marker_expire(redis_server):
+    """Every rate-limit key has a TTL: a bucket lives two windows (this one and the next one's 'previous'),
+    the once-per-window notice marker one window."""
+    from policyd import keys
+
+    async def scenario(check, clock):
+        check.notifier = Notices()
+        for _ in range(3):
+            assert await check.on_rcpt(req()) is None
+        bucket = keys.ratelimit_bucket("t:", "msgs", "alice")
+        assert 2 * 3600 - 5 <= await check.redis.call("TTL", bucket) <= 2 * 3600
+        assert (await check.on_rcpt(req())).decisive
+        marker = keys.ratelimit_notified("t:", "msgs", "alice")
+        assert 3600 - 5 <= await check.redis.call("TTL", marker) <= 3600
+        assert check.notifier.sent == [("msgs", "alice", 3)]
+    with_check(redis_server.url, [HOURLY], scenario)
+
+
+def test_the_first_refusal_of_each_window_notifies_once(redis_server):
+    """Told once per window, not once per message, and told again in a later window. Redis expires the
+    marker in real time: the window is one second and the test waits for the marker to go."""
+    from policyd import keys
+
+    async def scenario(check, clock):
+        check.notifier = Notices()
+        marker = keys.ratelimit_notified("t:", "msgs", "alice")
+        assert await check.on_rcpt(req()) is None
+        assert (await check.on_rcpt(req())).decisive
+        assert (await check.on_rcpt(req())).decisive
+        assert check.notifier.sent == [("msgs", "alice", 1)]
+        deadline = time.monotonic() + 5
+        while await check.redis.call("EXISTS", marker):
+            assert time.monotonic() < deadline, "the notice marker never expired"
+            await asyncio.sleep(0.05)
+        clock.now += 2  # a later window: the buckets are empty again
+        assert await check.on_rcpt(req()) is None
+        assert (await check.on_rcpt(req())).decisive
+        assert check.notifier.sent == [("msgs", "alice", 1), ("msgs", "alice", 1)]
+    with_check(redis_server.url, [{**HOURLY, "max": 1, "window": "1s"}], scenario)
 
 
 def test_two_connections_racing_never_exceed_the_limit(redis_server):
