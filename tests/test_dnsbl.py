@@ -49,12 +49,16 @@ def test_log_line_names_lists_and_score(daemon):
 
 
 def test_two_lists_add_up_and_an_allow_list_outweighs_them(policyd_factory, redis_server, dns_server):
-    zone = dns_server.zone_text + "\n77.2.0.192.bl.test. IN A 127.0.0.2\n98.2.0.192.bl.test. IN A 127.0.0.3\n"
+    # 192.0.2.98 and 192.0.2.77 both on bl.test and weak.test (2 + 1 = 3, the threshold); .77 also on wl.test
+    zone = dns_server.zone_text + "\n77.2.0.192.bl.test. IN A 127.0.0.2\n77.2.0.192.weak.test. IN A 127.0.0.5\n" \
+        "98.2.0.192.bl.test. IN A 127.0.0.3\n"
     dns_server.set_zone(zone)
     daemon = policyd_factory(settings(redis_server.url, dns_server, threshold=3))
     with daemon.connect() as c:
-        assert c.ask(client_address="192.0.2.98").startswith("550 5.7.1")  # 2 + 1 = 3
-        assert c.ask(client_address="192.0.2.77") == "DUNNO"  # 2 - 5
+        assert c.ask(client_address="192.0.2.98") == \
+            "550 5.7.1 Service unavailable; client [192.0.2.98] blocked using bl.test, Weak List"  # 2 + 1 = 3
+        assert c.ask(client_address="192.0.2.77") == "DUNNO"  # 2 + 1 - 5
+    daemon.wait_log("score -2 below 3: bl.test=127.0.0.2 (+2), Weak List=127.0.0.5 (+1), wl.test=127.0.10.1 (-5)")
 
 
 def test_return_code_filter(policyd_factory, redis_server, dns_server):
