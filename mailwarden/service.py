@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import socket
 from collections.abc import Coroutine
@@ -29,6 +30,33 @@ def sd_notify(message: str) -> None:
             sock.sendto(message.encode(), address)
     except OSError as exc:
         log_kv(log, logging.WARNING, "could not notify systemd", error=str(exc))
+
+
+NR_OPEN = "/proc/sys/fs/nr_open"
+"""The kernel's ceiling for RLIMIT_NOFILE, used when the hard limit is unlimited."""
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (systemd's LimitNOFILE=, ``ulimit -Hn``) and return the
+    soft limit in force. setrlimit is called only when the soft limit is lower: the unit sets both alike, and
+    its system-call filter (~@resources) would not let setrlimit through."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open(NR_OPEN) as file:
+                target = int(file.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as exc:
+            log_kv(log, logging.WARNING, "could not raise the open files limit", soft=soft, hard=hard, error=str(exc))
+            return soft
+        log_kv(log, logging.INFO, "open files limit raised", soft=soft, to=target)
+        return target
+    return soft
 
 
 async def run_until_signalled(services: dict[str, Service], reloader: ConfigReloader | None = None) -> None:

@@ -11,11 +11,12 @@ from collections.abc import Callable
 from importlib import resources
 from typing import get_args
 
-from mailwarden.config import Config
+from mailwarden.config import Config, ConfigError
 from mailwarden.dns import DnsSettings
 from mailwarden.logs import DecisionLog, get_logger, log_kv
 from mailwarden.redis_pipe import PipelinedRedis, Script
 from mailwarden.redis_settings import RedisSettings
+from mailwarden.service import raise_open_files_limit
 from policyd import metrics
 from policyd.access import AccessCheck
 from policyd.blocklist import BlocklistCheck
@@ -35,6 +36,25 @@ log = get_logger("policyd.service")
 
 RESTART_KEYS = ("listen", "max_connections")
 """Keys of [policyd] that a SIGHUP cannot change: the listeners stay open as they are."""
+DESCRIPTOR_RESERVE = 64
+"""File descriptors kept beside max_connections: listeners, Redis (and Sentinel), directory and SQL
+connections, DNS, the metrics endpoint, logs and the files the checks read."""
+
+
+def require_descriptors(max_connections: int) -> int:
+    """Raise the soft open files limit to the hard one, then refuse to start (a ConfigError: exit 78) when
+    max_connections clients plus DESCRIPTOR_RESERVE do not fit in it. Past that limit the kernel would
+    refuse the descriptor for a client (dropped without a word) or for a Redis reconnect; refusing over
+    max_connections is ours to count and log. Returns the limit."""
+    limit = raise_open_files_limit()
+    needed = max_connections + DESCRIPTOR_RESERVE
+    if needed > limit:
+        raise ConfigError(
+            f"policyd.max_connections = {max_connections} does not fit the open files limit of {limit}: it needs "
+            f"{needed} descriptors ({max_connections} clients + {DESCRIPTOR_RESERVE} for Redis, directories, "
+            f"metrics and logs); raise LimitNOFILE= in the unit (ulimit -n) or lower max_connections to at most "
+            f"{max(limit - DESCRIPTOR_RESERVE, 0)}")
+    return limit
 
 def load_scripts() -> list[Script]:
     folder = resources.files("policyd") / "scripts"
@@ -140,4 +160,5 @@ class PolicyDaemon:
 
 
 def make_service(config: Config, decisions: DecisionLog) -> PolicyDaemon:
+    require_descriptors(config.section("policyd").max_connections)
     return PolicyDaemon(config.section("policyd"), config.section("redis"), config.section("dns"), decisions)
