@@ -86,6 +86,35 @@ def log_kv(logger: logging.Logger, level: int, msg: str, **kv: object) -> None:
     logger.log(level, msg, extra={"kv": kv})
 
 
+class Throttled:
+    """A recurring warning logged at most once per ``interval`` per key: the first at once, the later ones
+    folded into ``count=`` (how many happened since the previous line, this one included)."""
+
+    def __init__(self, logger: logging.Logger, level: int, msg: str, interval: float = 10.0) -> None:
+        self.logger, self.level, self.msg, self.interval = logger, level, msg, interval
+        self._last: dict[str, float] = {}
+        self._count: dict[str, int] = {}
+        self._kv: dict[str, dict[str, object]] = {}
+
+    def hit(self, key: str = "", **kv: object) -> None:
+        self._count[key] = self._count.get(key, 0) + 1
+        self._kv[key] = kv
+        if time.monotonic() - self._last.get(key, -self.interval) >= self.interval:
+            self._emit(key)
+
+    def flush(self) -> None:
+        """Log the folded counts whose interval has passed (call it now and then: a timer, a sweeper)."""
+        now = time.monotonic()
+        for key, count in list(self._count.items()):
+            if count and now - self._last.get(key, 0.0) >= self.interval:
+                self._emit(key)
+
+    def _emit(self, key: str) -> None:
+        self._last[key] = time.monotonic()
+        count, self._count[key] = self._count.get(key, 0), 0
+        log_kv(self.logger, self.level, self.msg, **self._kv.get(key, {}), count=count)
+
+
 class DecisionLog:
     """Writes decision lines; to a stream in one write per event-loop tick, or through a logger (syslog)."""
 

@@ -4,14 +4,19 @@ Why not redis-py's asyncio client on the hot path: measured on this machine kind
 costs about 80 µs of CPU per request more than writing RESP straight to one shared connection, where the
 commands of every client connection are written once per event-loop tick and answered in order
 (../shared/PERF-NOTES.md). Redis answers in order on one connection, so a FIFO of futures is all the
-bookkeeping needed. redis-py is still used where it is the right tool: Sentinel discovery and the CLI.
+bookkeeping needed. redis-py is still used where it is the right tool: the CLI.
 
-Failure handling is the point of this module as much as speed:
-- while disconnected, every call fails at once with RedisUnavailable (the caller applies its fail mode);
-- a command unanswered for longer than ``timeout`` marks the connection dead: it is closed, every pending
-  call fails, and a reconnect starts (a hung or paused Redis must not hold requests);
-- reconnects back off from 50 ms to 1 s and, with Sentinel, ask the sentinels for the current master each
-  time, so a failover needs no restart; a READONLY reply (we reached a demoted master) forces the same.
+Failure handling is the point of this module as much as speed. It works as a circuit breaker:
+- the connection counts as up (``connected``, the gauge, the "redis connected" line) only once Redis has
+  answered PING (and, with Sentinel, ROLE says master): a port that accepts and never answers is down;
+- while down, every call fails at once with RedisUnavailable and the caller applies its fail mode: no
+  request waits out the timeout while Redis is known down;
+- a command unanswered for longer than ``timeout`` marks the connection down: it is closed, every pending
+  call fails, and the background probe starts: connect + PING (bounded by ``connect_timeout``), again
+  every 50 ms backing off to 0.5 s, until Redis answers;
+- with Sentinel each probe first asks the sentinels for the master (``redis_sentinel.py``: all at once,
+  bounded by ``sentinel_timeout``), so a failover needs no restart; a READONLY reply (we reached a demoted
+  master) forces the same.
 """
 
 from __future__ import annotations
@@ -28,10 +33,14 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import hiredis
 
 from mailwarden.backend import BackendError
-from mailwarden.logs import get_logger, log_kv
+from mailwarden.logs import Throttled, get_logger, log_kv
+from mailwarden.redis_sentinel import Address, SentinelLookup
 from mailwarden.redis_settings import RedisSettings
 
 log = get_logger("redis")
+
+PROBE_MAX_INTERVAL = 0.5
+"""While Redis is down, a probe (connect + PING) starts at most this long after the previous one failed."""
 
 Arg = str | bytes | int | float
 
@@ -111,7 +120,14 @@ class PipelinedRedis:
         self._connector: asyncio.Task[None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._closed = False
+        self._sentinels = SentinelLookup(settings) if settings.sentinels else None
+        self._target: Address | None = None
+        """The master a sentinel named for the current or last connection attempt."""
+        self._avoid: Address | None = None
+        """A master that just failed: a sentinel still naming it is believed only if no other names another."""
+        self._connect_failed = Throttled(log, logging.WARNING, "redis connect failed; retrying")
         self.connected = False
+        """True only while Redis answers: after PING (and ROLE) on this connection, until it fails."""
         self.address = ""
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -210,19 +226,21 @@ class PipelinedRedis:
         self._connector = asyncio.get_running_loop().create_task(self._connect_loop())
 
     async def _connect_loop(self) -> None:
+        """The probe: connect and PING until Redis answers (one warning line per interval, with a count)."""
         delay = 0.05
         loop = asyncio.get_running_loop()
         while not self._closed:
             try:
                 await self._connect_once(loop)
+                self._avoid = None
                 return
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log_kv(log, logging.WARNING, "redis connect failed; retrying", address=self.address or "-",
-                       error=str(exc) or type(exc).__name__, retry_in=f"{delay:.2f}s")
+                self._avoid = self._target
+                self._connect_failed.hit(address=self.address or "-", error=str(exc) or type(exc).__name__)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            delay = min(delay * 2, PROBE_MAX_INTERVAL)
 
     async def _connect_once(self, loop: asyncio.AbstractEventLoop) -> None:
         host, port, path = await self._locate()
@@ -235,7 +253,22 @@ class PipelinedRedis:
         _transport, proto = await asyncio.wait_for(coro, timeout)
         self._reader = hiredis.Reader()
         self._proto = proto
+        try:
+            await asyncio.wait_for(self._handshake(), timeout)
+        except BaseException as exc:
+            if self._proto is proto:
+                self._drop("no answer to PING" if isinstance(exc, TimeoutError) else "set-up failed")
+            if isinstance(exc, TimeoutError):
+                raise RedisUnavailable(f"no answer to PING within {timeout:g}s") from None
+            raise
         self.connected = True
+        log_kv(log, logging.INFO, "redis connected", address=self.address)
+        if self._on_state:
+            self._on_state(True)
+
+    async def _handshake(self) -> None:
+        """Log in, select, load the scripts; up only once PING answers (and ROLE says master, with Sentinel:
+        a sentinel may still name a master that was demoted)."""
         ep = self._endpoint
         if ep.password:
             auth = ("AUTH", ep.username, ep.password) if ep.username else ("AUTH", ep.password)
@@ -243,30 +276,27 @@ class PipelinedRedis:
         if ep.db:
             self._send(hiredis.pack_command(("SELECT", ep.db)), None)
         self._load_scripts()
-        if self.settings.sentinels:
-            # A sentinel may still name a master that was demoted; make sure this one takes writes.
-            role = await asyncio.wait_for(self.call("ROLE"), timeout)
+        await self._request("PING")
+        if self._sentinels:
+            role = await self._request("ROLE")
             if not isinstance(role, list) or role[0] != b"master":
-                self._drop("not a master")
-                raise RedisUnavailable(f"{self.address} is not a master yet")
-        log_kv(log, logging.INFO, "redis connected", address=self.address)
-        if self._on_state:
-            self._on_state(True)
+                raise RedisUnavailable(f"{self.address} is not a master (yet)")
+
+    def _request(self, *args: Arg) -> asyncio.Future[object]:
+        """A command on the connection being set up (``call`` refuses until it counts as up)."""
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._send(hiredis.pack_command(args), future)
+        return future
 
     async def _locate(self) -> tuple[str | None, int | None, str | None]:
-        if not self.settings.sentinels:
+        if self._sentinels is None:
             return self._endpoint.host, self._endpoint.port, self._endpoint.path
-        from redis.asyncio.sentinel import Sentinel
-
-        kwargs = {"password": self.settings.sentinel_password} if self.settings.sentinel_password else {}
-        sentinel = Sentinel(self.settings.sentinel_addresses(), socket_timeout=self.settings.connect_timeout,
-                            sentinel_kwargs={"socket_timeout": self.settings.connect_timeout, **kwargs})
+        self._target = None
         try:
-            host, port = await sentinel.discover_master(self.settings.sentinel_service)
-        finally:
-            for conn in sentinel.sentinels:
-                await conn.aclose()
-        return host, int(port), None
+            self._target = await self._sentinels.master(avoid=self._avoid)
+        except Exception as exc:
+            raise RedisUnavailable(str(exc)) from None
+        return self._target[0], self._target[1], None
 
     def _load_scripts(self) -> None:
         for script in self.scripts.values():
@@ -277,8 +307,8 @@ class PipelinedRedis:
 
     def _check_stalled(self) -> None:
         self._watchdog = None
-        if not self._pending:
-            return
+        if not self._pending or not self.connected:
+            return  # nothing waits, or a connection being set up: its handshake has its own time-out
         _future, sent = self._pending[0]
         if time.monotonic() - sent > self.settings.timeout:
             log_kv(log, logging.ERROR, "redis did not answer in time; reconnecting", address=self.address,
@@ -297,12 +327,14 @@ class PipelinedRedis:
         if proto is not self._proto:
             return
         self._proto = None
-        if not self._closed:
+        if not self._closed and self.connected:  # while being set up, the probe's own line says why
             log_kv(log, logging.ERROR, "redis connection lost", address=self.address, error=str(exc or "closed"))
         self._mark_down(RedisUnavailable(f"redis connection to {self.address} lost"))
 
     def _mark_down(self, exc: RedisUnavailable) -> None:
         was_connected, self.connected = self.connected, False
+        if was_connected:
+            self._avoid = self._target  # with Sentinel: the next lookup prefers another master if named
         self._wbuf.clear()
         self._fail_pending(exc)
         if was_connected and self._on_state:

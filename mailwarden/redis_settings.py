@@ -20,6 +20,9 @@ class RedisSettings(Section):
     a failover, with no restart."""
     sentinel_service: str = "mymaster"
     sentinel_password: str | None = None
+    sentinel_timeout: Duration = 1.0
+    """Finding the master takes at most this long, whatever state each Sentinel is in: all of them are
+    asked at once, the first to name a master wins, none is retried within one lookup."""
     timeout: Duration = 0.5
     """A command not answered within this time counts as a Redis failure (the fail mode applies)."""
     connect_timeout: Duration = 1.0
@@ -56,8 +59,8 @@ class RedisSettings(Section):
 
     @model_validator(mode="after")
     def _positive_timeouts(self) -> RedisSettings:
-        if self.timeout <= 0 or self.connect_timeout <= 0:
-            raise ValueError("timeout and connect_timeout must be greater than zero")
+        if self.timeout <= 0 or self.connect_timeout <= 0 or self.sentinel_timeout <= 0:
+            raise ValueError("timeout, connect_timeout and sentinel_timeout must be greater than zero")
         return self
 
     def sentinel_addresses(self) -> list[tuple[str, int]]:

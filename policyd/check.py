@@ -61,6 +61,9 @@ class Outcome:
     degraded: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     """What the checks before the deciding one found (``dnsbl: score 1 below 2``), for the log line."""
+    fail_mode: tuple[str, str] | None = None
+    """(dependency, mode) of the first check answered in its dependency's fail mode, or of the time bound;
+    counted once per answer in ``mailwarden_policyd_fail_mode_total`` when the answer is sent."""
 
 
 def fail_verdict(settings: PolicydSettings, dependency: str, request: PolicyRequest, why: str) -> Verdict:
@@ -73,6 +76,11 @@ def fail_verdict(settings: PolicydSettings, dependency: str, request: PolicyRequ
     if mode == "defer_if_permit":
         return Verdict.refuse(Action.DEFER, reason, defer_if_permit(f"4.3.0 {TEMPFAIL_TEXT}"))
     return Verdict.refuse(Action.DEFER, reason, defer(TEMPFAIL_TEXT, "451 4.3.0"))
+
+
+def failed_dependency(check: Check, exc: BackendError) -> str:
+    """The dependency whose fail mode covers ``exc`` raised in ``check``."""
+    return exc.backend if exc.backend != "backend" else (check.dependency or "backend")
 
 
 class Pipeline:
@@ -97,6 +105,8 @@ class Pipeline:
             except BackendError as exc:
                 verdict = self._backend_failed(check, request, exc)
                 outcome.degraded.append(check.name)
+                if outcome.fail_mode is None:
+                    outcome.fail_mode = (failed_dependency(check, exc), verdict.action.value)
             elapsed = time.perf_counter() - started
             outcome.timings.append((check.name, elapsed))
             self._latency[check.name].observe(elapsed)
@@ -128,12 +138,11 @@ class Pipeline:
         return outcome
 
     def _backend_failed(self, check: Check, request: PolicyRequest, exc: BackendError) -> Verdict:
-        dependency = exc.backend if exc.backend != "backend" else (check.dependency or "backend")
+        """Counted per failed check in ``backend_errors``; the answer is counted in ``fail_mode`` once sent."""
+        dependency = failed_dependency(check, exc)
         metrics.BACKEND_ERRORS.labels(dependency, check.name).inc()
         self._log_backend_error(dependency, check.name, exc)
-        verdict = fail_verdict(self.settings, dependency, request, f"{dependency} failed: {exc}")
-        metrics.FAIL_MODE.labels(dependency, verdict.action.value).inc()
-        return verdict
+        return fail_verdict(self.settings, dependency, request, f"{dependency} failed: {exc}")
 
     def _log_backend_error(self, dependency: str, check: str, exc: Exception) -> None:
         """At most one error line per dependency a second: an outage must not flood the log."""

@@ -10,8 +10,9 @@ CHECK_LATENCY = Histogram("mailwarden_policyd_check_seconds", "Time one check to
                           buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 BACKEND_ERRORS = Counter("mailwarden_policyd_backend_errors", "Failed backend calls by backend and check",
                          ["backend", "check"])
-FAIL_MODE = Counter("mailwarden_policyd_fail_mode", "Answers given in a dependency's fail mode",
-                    ["backend", "mode"])
+FAIL_MODE = Counter("mailwarden_policyd_fail_mode",
+                    "Answers sent with a check in its dependency's fail mode, or at the answer_within bound: one "
+                    "per answer, labelled by the first failed dependency and its mode", ["backend", "mode"])
 TIMEOUTS = Counter("mailwarden_policyd_answer_timeouts", "Requests answered at the answer_within bound")
 PROTOCOL_ERRORS = Counter("mailwarden_policyd_protocol_errors", "Connections closed for protocol errors",
                           ["kind"])

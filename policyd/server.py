@@ -20,7 +20,7 @@ from typing import Any
 
 from mailwarden.decision import Action, Decision, Stage
 from mailwarden.listen import ListenError
-from mailwarden.logs import DecisionLog, get_logger, log_kv
+from mailwarden.logs import DecisionLog, Throttled, get_logger, log_kv
 from policyd import metrics
 from policyd.check import Outcome, Pipeline, fail_verdict
 from policyd.request import PolicyRequest, ProtocolError, RequestReader
@@ -165,10 +165,11 @@ class PolicyConnection(asyncio.Protocol):
         metrics.TIMEOUTS.inc()
         bound = self.server.settings.answer_within
         dependency = flight.request.waiting_on
+        self.server.late_answers.hit(answer_within=f"{bound:g}s", waiting_on=dependency)
         verdict = fail_verdict(self.server.settings, dependency, flight.request,
                                f"no decision within {bound:g}s (waiting on {dependency})")
-        metrics.FAIL_MODE.labels(dependency, verdict.action.value).inc()
-        self._answer(flight, Outcome(verdict, "timeout", degraded=["timeout"]))
+        self._answer(flight, Outcome(verdict, "timeout", degraded=["timeout"],
+                                     fail_mode=(dependency, verdict.action.value)))
 
     def _answer(self, flight: _InFlight, outcome: Outcome) -> None:
         flight.answered = True
@@ -191,6 +192,9 @@ class PolicyServer:
         self._sweeper: asyncio.TimerHandle | None = None
         self._last_idle_sweep = 0.0
         self._decision_counters: dict[tuple[str, Action], Any] = {}
+        self.late_answers = Throttled(log, logging.WARNING, "requests answered at the answer_within bound in the "
+                                      "fail mode")
+        """One warning line per interval while answers hit ``answer_within``, with how many did."""
 
     async def start(self, listen: list[str]) -> None:
         """Open every listener; raises ListenError (one line for the postmaster) when one cannot be opened."""
@@ -232,6 +236,7 @@ class PolicyServer:
         if loop.time() - self._last_idle_sweep < 1.0:
             return
         self._last_idle_sweep = loop.time()
+        self.late_answers.flush()
         now = time.monotonic()
         for conn in list(self.connections):
             if conn.partial_since is not None and now - conn.partial_since > self.settings.request_timeout:
@@ -249,6 +254,8 @@ class PolicyServer:
             counter = metrics.DECISIONS.labels(outcome.check, verdict.action.value)
             self._decision_counters[(outcome.check, verdict.action)] = counter
         counter.inc()
+        if outcome.fail_mode is not None:
+            metrics.FAIL_MODE.labels(*outcome.fail_mode).inc()
         metrics.LATENCY.observe(elapsed)
         if not self.decisions.enabled:
             return
