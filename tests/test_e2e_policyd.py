@@ -68,8 +68,8 @@ def test_user_over_its_message_limit_is_deferred_while_another_user_gets_through
     assert code == 450 and "4.7.1" in text and "Sending limit reached" in text
     assert "user-msgs" not in text and "3" not in text.split("4.7.1", 1)[1]  # no internals for the client
     assert send(stack, "bob 0", login="bob") is None
-    stack.sink.wait_for(4)
-    assert [m.message["Subject"] for m in stack.sink.messages if "alice" in m.message["Subject"]] != []
+    delivered = stack.sink.wait_for_subjects("alice 0", "alice 1", "alice 2", "bob 0")
+    assert sorted(m.message["Subject"] for m in delivered) == ["alice 0", "alice 1", "alice 2", "bob 0"]
     assert stack.sink.with_subject("alice 3") == []
     assert "rate limit user-msgs reached: sasl_user=alice at 3 of 3" in stack.policyd.log_text()
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 from conftest import base_settings
-from harness.net import free_port
+from harness.net import free_port, wait_for
 
 
 @pytest.fixture
@@ -70,8 +70,8 @@ def test_over_quota_file_with_grace(policyd_factory, redis_server, dovecot, tmp_
         assert c.ask(recipient="three@example.org", size="1") == "452 4.2.2 Mailbox is full"
         assert c.ask(recipient="carol@example.org", size="1") == "DUNNO"
         over.write_text("carol@example.org\n")
-        time.sleep(0.05)
-        assert c.ask(recipient="carol@example.org", size="1") == "452 4.2.2 Mailbox is full"
+        wait_for(lambda: c.ask(recipient="carol@example.org", size="1") == "452 4.2.2 Mailbox is full", 5,
+                 what="the changed over-quota file re-read")
         assert c.ask(recipient="three@example.org", size="1") == "DUNNO"
 
 

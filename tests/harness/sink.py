@@ -56,6 +56,19 @@ class Sink:
                 raise TimeoutError(f"sink got {len(self.messages)} message(s), expected {count}")
             return list(self.messages)
 
+    def wait_for_subjects(self, *subjects: str, timeout: float = 15.0) -> list[Received]:
+        """Wait until a message with each of ``subjects`` arrived; return every message so far. To show that
+        something did not arrive, send a marker after it, wait for the marker, then assert: a positive
+        signal instead of a pause."""
+        def arrived() -> bool:
+            return set(subjects) <= {m.message["Subject"] for m in self.messages}
+
+        with self.cond:
+            if not self.cond.wait_for(arrived, timeout):
+                got = sorted(str(m.message["Subject"]) for m in self.messages)
+                raise TimeoutError(f"sink got {got}, not all of {sorted(subjects)}, in {timeout}s")
+            return list(self.messages)
+
     def with_subject(self, subject: str) -> list[Received]:
         with self.cond:
             return [m for m in self.messages if m.message["Subject"] == subject]
