@@ -17,6 +17,9 @@ TIMEOUTS = Counter("mailwarden_policyd_answer_timeouts", "Requests answered at t
 PROTOCOL_ERRORS = Counter("mailwarden_policyd_protocol_errors", "Connections closed for protocol errors",
                           ["kind"])
 CONNECTIONS = Gauge("mailwarden_policyd_connections", "Open client connections")
+CONNECTIONS_REFUSED = Counter("mailwarden_policyd_connections_refused",
+                              "Client connections closed at once: over max_connections, or while draining",
+                              ["reason"])
 REDIS_UP = Gauge("mailwarden_redis_connected", "1 while the shared Redis connection is up")
 RATELIMIT_HITS = Counter("mailwarden_policyd_ratelimit_hits", "Requests refused by a rate limit", ["limit"])
 WHITELIST_AGE = Gauge("mailwarden_policyd_greylist_whitelist_age_seconds",

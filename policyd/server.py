@@ -5,6 +5,17 @@ per request (../shared/PERF-NOTES.md). Every request gets an answer within ``ans
 pipeline has not decided by then (Redis hung, failing over), the fail mode of the dependency answers and
 the late result is dropped. A peer that breaks the protocol, exceeds a limit or stalls is logged and
 disconnected; nothing it does reaches the other connections.
+
+Two deadlines hold every connection whatever the peer trickles: a request must arrive whole within
+``request_timeout`` of its first byte (later bytes do not extend it), and a connection with nothing in
+flight is closed ``idle_timeout`` after its last answer. Both, and ``answer_within``, are enforced by one
+sweeper timer for all connections. Connections over ``max_connections`` are refused, counted, and logged
+once per interval with how many.
+
+On SIGTERM (``stop``) the listeners close and each connection drains: one busy with a request stops
+reading, gets its answers (within ``answer_within``: the sweeper runs to the end) and is closed right after
+the last one, its end of the connection shut at once so that the peer sees the close before it could
+write again; an idle one may still send one request (answered, then closed) for ``DRAIN_IDLE_GRACE``.
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ import asyncio
 import collections
 import logging
 import os
+import socket
 import stat
 import time
 from dataclasses import dataclass
@@ -36,6 +48,9 @@ _STAGES = {
 DEADLINE_TICK = 0.05
 """How often requests are checked against ``answer_within``: answers in the fail mode come at most this late."""
 INTERNAL_ERROR_TEXT = "4.3.0 Temporary local problem, please try again later"
+DRAIN_IDLE_GRACE = 0.5
+"""On SIGTERM, how long a connection with nothing in flight may still send a request before it is closed:
+a client that wrote its next request just before the signal gets the answer instead of a reset."""
 POSTGREY_PORT = 10023
 """Where Debian's postgrey listens by default: the likely owner of our default address."""
 
@@ -57,8 +72,11 @@ class PolicyConnection(asyncio.Protocol):
         self.peer = "-"
         self.queue: collections.deque[dict[str, str]] = collections.deque()
         self.current: _InFlight | None = None
-        self.last_activity = time.monotonic()
-        self.partial_since: float | None = None
+        self.idle_since = time.monotonic()
+        """When the connection last had nothing to do (opened, or its last answer written)."""
+        self.request_started: float | None = None
+        """When the first byte of the request being received arrived (None between requests)."""
+        self.draining = False
         self.instance = ""
         self.message: dict[str, object] = {}
         self.rcpt_number = 0
@@ -69,10 +87,9 @@ class PolicyConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  (uvloop's transports are not subclasses)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else self.listener
-        if len(self.server.connections) >= self.server.settings.max_connections:
-            log_kv(log, logging.WARNING, "too many connections; refusing one", peer=self.peer,
-                   max_connections=self.server.settings.max_connections)
+        if self.server.draining or len(self.server.connections) >= self.server.settings.max_connections:
             transport.close()
+            self.server.refused("draining" if self.server.draining else "max_connections")
             return
         self.server.connections.add(self)
         metrics.CONNECTIONS.inc()
@@ -81,18 +98,24 @@ class PolicyConnection(asyncio.Protocol):
         if self in self.server.connections:
             self.server.connections.discard(self)
             metrics.CONNECTIONS.dec()
+            if self.server.draining and not self.server.connections:
+                self.server.drained.set()
         self.queue.clear()
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = time.monotonic()
+        now = time.monotonic()
+        if self.request_started is None:
+            self.request_started = now  # the deadline runs from a request's first byte, whatever follows
         try:
             requests = self.reader.feed(data)
         except ProtocolError as exc:
             self.protocol_error(str(exc))
             return
-        self.partial_since = self.last_activity if self.reader.partial else None
         if requests:
+            self.request_started = now if self.reader.partial else None  # the rest began in this chunk
             self.queue.extend(requests)
+            if self.draining and self.transport is not None:
+                self.transport.pause_reading()  # the request that came in the grace is the last one
             if self.current is None:
                 self._next()
 
@@ -104,6 +127,50 @@ class PolicyConnection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def check_timeouts(self, now: float, settings: PolicydSettings, drain_started: float | None) -> None:
+        """Close the connection past its whole-request deadline, or idle past ``idle_timeout`` (past
+        ``DRAIN_IDLE_GRACE`` once draining)."""
+        if self.request_started is not None:
+            if now - self.request_started > settings.request_timeout:
+                metrics.PROTOCOL_ERRORS.labels("stalled").inc()
+                log_kv(log, logging.WARNING, "client stalled inside a request; closing", peer=self.peer,
+                       after=f"{settings.request_timeout:g}s", since="its first byte")
+                self.queue.clear()
+                self.close()
+        elif self.current is None and not self.queue:
+            if drain_started is not None:
+                if now - max(self.idle_since, drain_started) > DRAIN_IDLE_GRACE:
+                    self.close()
+            elif now - self.idle_since > settings.idle_timeout:
+                self.close()
+
+    def start_drain(self) -> None:
+        """SIGTERM: read no further request once one is in flight; close after its answer."""
+        self.draining = True
+        if (self.current is not None or self.queue) and self.transport is not None:
+            self.transport.pause_reading()
+
+    def _send_last(self, transport: asyncio.Transport, answer: bytes) -> None:
+        """The last answer on a draining connection, sent together with the FIN in this step rather than at
+        the end of the loop iteration (uvloop batches writes), so that a client reading the answer sees the
+        close before it could write another request. On TCP, MSG_MORE holds the answer back until the FIN
+        joins it in one segment: the client cannot wake up to the answer alone. Then the connection is
+        closed."""
+        sent = 0
+        sock = transport.get_extra_info("socket")
+        if sock is not None and not transport.get_write_buffer_size():  # nothing queued to overtake
+            more = socket.MSG_MORE if sock.family in (socket.AF_INET, socket.AF_INET6) else 0
+            try:
+                with socket.socket(fileno=os.dup(sock.fileno())) as dup:  # the transport keeps its own fd
+                    sent = dup.send(answer, more)
+                    if sent == len(answer):
+                        dup.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # a full socket buffer (the transport sends the answer) or a peer already gone
+        if sent < len(answer):
+            transport.write(answer[sent:])
+        transport.close()
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -175,11 +242,18 @@ class PolicyConnection(asyncio.Protocol):
         flight.answered = True
         elapsed = time.perf_counter() - flight.started
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(f"action={outcome.verdict.reply}\n\n".encode())
+            if self.draining and not self.queue:
+                self._send_last(self.transport, f"action={outcome.verdict.reply}\n\n".encode())
+            else:
+                self.transport.write(f"action={outcome.verdict.reply}\n\n".encode())
         self.server.record(flight.request, outcome, elapsed)
         self.current = None
         if self.queue:
             self._next()
+        elif self.draining:
+            self.close()
+        else:
+            self.idle_since = time.monotonic()
 
 
 class PolicyServer:
@@ -192,6 +266,12 @@ class PolicyServer:
         self._sweeper: asyncio.TimerHandle | None = None
         self._last_idle_sweep = 0.0
         self._decision_counters: dict[tuple[str, Action], Any] = {}
+        self.draining = False
+        self.drained = asyncio.Event()
+        """Set when the last connection closes while draining."""
+        self._drain_started: float | None = None
+        self.refusals = Throttled(log, logging.WARNING, "connections refused")
+        """One warning line per interval while connections are refused, with how many were."""
         self.late_answers = Throttled(log, logging.WARNING, "requests answered at the answer_within bound in the "
                                       "fail mode")
         """One warning line per interval while answers hit ``answer_within``, with how many did."""
@@ -227,25 +307,27 @@ class PolicyServer:
 
     def _sweep(self) -> None:
         """Every tick: answer requests past ``answer_within`` in the fail mode (one timer for all requests
-        instead of one per request); every second: disconnect peers that stall or sit idle too long."""
+        instead of one per request); every second (every tick while draining): disconnect peers past the
+        whole-request deadline or idle too long, and log what was throttled."""
         loop = asyncio.get_running_loop()
         self._sweeper = loop.call_later(DEADLINE_TICK, self._sweep)
         perf_now = time.perf_counter()
         for conn in list(self.connections):
             conn.check_deadline(perf_now)
-        if loop.time() - self._last_idle_sweep < 1.0:
+        if not self.draining and loop.time() - self._last_idle_sweep < 1.0:
             return
         self._last_idle_sweep = loop.time()
         self.late_answers.flush()
+        self.refusals.flush()
         now = time.monotonic()
         for conn in list(self.connections):
-            if conn.partial_since is not None and now - conn.partial_since > self.settings.request_timeout:
-                metrics.PROTOCOL_ERRORS.labels("stalled").inc()
-                log_kv(log, logging.WARNING, "client stalled inside a request; closing", peer=conn.peer,
-                       after=f"{self.settings.request_timeout:g}s")
-                conn.close()
-            elif conn.current is None and now - conn.last_activity > self.settings.idle_timeout:
-                conn.close()
+            conn.check_timeouts(now, self.settings, self._drain_started)
+
+    def refused(self, reason: str) -> None:
+        """A connection closed at once (over max_connections, or while draining): counted every time, logged
+        at once when none was in the last interval, else folded into the next line's count."""
+        metrics.CONNECTIONS_REFUSED.labels(reason).inc()
+        self.refusals.hit(reason, reason=reason, max_connections=self.settings.max_connections)
 
     def record(self, request: PolicyRequest, outcome: Outcome, elapsed: float) -> None:
         verdict = outcome.verdict
@@ -285,17 +367,30 @@ class PolicyServer:
         self.decisions.emit(decision.logfmt())
 
     async def stop(self, drain_seconds: float) -> None:
-        """Stop accepting, let requests in flight be answered (bounded), then close every connection."""
+        """Stop accepting; every connection stops reading once a request is in flight, gets its answers
+        (the sweeper keeps enforcing ``answer_within``) and is closed; idle ones after DRAIN_IDLE_GRACE.
+        Returns when the last connection is closed, or at ``drain_seconds``, closing what is left."""
         for server in self.servers:
             server.close()
+        self.draining = True
+        self._drain_started = time.monotonic()
+        busy = sum(1 for conn in self.connections if conn.current is not None or conn.queue)
+        log_kv(log, logging.INFO, "draining: answering requests in flight, then closing",
+               connections=len(self.connections), in_flight=busy, bound=f"{drain_seconds:g}s")
+        for conn in list(self.connections):
+            conn.start_drain()
+        if self.connections:
+            try:
+                await asyncio.wait_for(self.drained.wait(), drain_seconds)
+            except TimeoutError:
+                log_kv(log, logging.WARNING, "drain bound reached; closing the connections left",
+                       connections=len(self.connections), bound=f"{drain_seconds:g}s")
+        for conn in list(self.connections):
+            conn.close()
         if self._sweeper:
             self._sweeper.cancel()
-        deadline = time.monotonic() + drain_seconds
-        while any(conn.current or conn.queue for conn in self.connections) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for conn in list(self.connections):
-            if conn.transport:
-                conn.transport.close()
+            self._sweeper = None
+        self.refusals.flush()
         self.decisions.flush()
 
 

@@ -625,10 +625,14 @@ class PolicydSettings(Section):
     answer_within: Duration = 2.0
     """Every request is answered within this time; past it the fail mode of the dependency applies."""
     request_timeout: Duration = 30
-    """A client that stalls in the middle of a request for this long is disconnected."""
+    """A request must arrive whole within this of its first byte (later bytes do not extend it), else the
+    connection is closed."""
     idle_timeout: Duration = 600
-    """An idle connection is closed after this (Postfix's smtpd_policy_service_max_idle is 300s)."""
+    """A connection with nothing in flight is closed this long after its last answer (Postfix's
+    smtpd_policy_service_max_idle is 300s)."""
     max_connections: Annotated[int, Field(ge=1)] = 4096
+    """More are refused (counted, logged once per 10s); start-up refuses (exit 78) unless max_connections
+    plus 64 descriptors fit in the open files limit."""
     max_line_bytes: Annotated[int, Field(ge=256)] = 8192
     max_request_bytes: Annotated[int, Field(ge=1024)] = 65536
     on_error: dict[Literal["redis", "dns", "ldap", "sql", "file", "quota"], FailModes] = Field(default_factory=dict)
