@@ -42,7 +42,7 @@ from mailwarden.logs import get_logger, log_kv
 from mailwarden.section import Section
 from policyd.check import ALL_CHECKS, Check
 from policyd.request import PolicyRequest
-from policyd.settings import CheckName, IPNetwork, Network
+from policyd.settings_types import CheckName, IPNetwork, Network
 from policyd.verdict import Verdict, defer, reject
 
 log = get_logger("policyd.access")

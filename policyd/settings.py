@@ -6,65 +6,20 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import string
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field, PlainValidator, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from mailwarden.paths import MANAGED_WHITELIST, system_path
 from mailwarden.section import Section
 from mailwarden.units import Duration, parse_duration
 from policyd.rules_files import shipped_rules_file
+from policyd.settings_types import CheckName, Network, SqlQuery, check_template, listen_entry
 
-CheckName = Literal["access", "blocklist", "ratelimit", "dnsbl", "spf", "recipients", "quota", "greylist"]
 FailAction = Literal["dunno", "defer_if_permit", "defer"]
 """What to answer when a dependency fails: ``dunno`` lets the next check and Postfix decide (fail open),
 ``defer_if_permit`` and ``defer`` give the client a temporary failure (fail closed)."""
-
-
-def _check_sql_query(query: str) -> str:
-    if not any(p in query for p in (":address", ":local", ":domain")):
-        raise ValueError("the query must use :address (or :local / :domain)")
-    return query
-
-
-SqlQuery = Annotated[str, AfterValidator(_check_sql_query)]
-"""An SQL query asked about one address, with the parameters :address, :local and :domain."""
-
-
-def _check_template(text: str, allowed: set[str], one_line: bool = True) -> str:
-    """The one check of every str.format text (reply texts, notice subjects and bodies): only the
-    placeholders the code fills in, so a typo fails at start-up instead of at the first refusal."""
-    try:
-        fields = [field for _literal, field, _spec, _conv in string.Formatter().parse(text) if field is not None]
-    except ValueError as exc:  # a lone "{" or "}": write "{{" or "}}" for a brace
-        raise ValueError(f"{exc}; write {{{{ or }}}} for a literal brace") from None
-    for field in fields:
-        if field not in allowed:
-            raise ValueError(f"unknown placeholder {{{field}}}; allowed: {', '.join(sorted(allowed))}")
-    if one_line and ("\n" in text or "\r" in text):
-        raise ValueError("a reply text or subject must be one line")
-    return text
-
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def _network(value: object) -> IPNetwork:
-    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
-        return value
-    if not isinstance(value, str):
-        raise ValueError('expected a network as a string, e.g. "192.0.2.0/24" or "2001:db8::/32"')
-    try:
-        return ipaddress.ip_network(value.strip())
-    except ValueError as exc:
-        raise ValueError(f"not a network: {exc}") from None
-
-
-Network = Annotated[IPNetwork, PlainValidator(_network)]
-"""An IPv4 or IPv6 network (a bare address is a /32 or /128); a bad one is one error, not one per IP
-version."""
 
 
 class FailModes(Section):
@@ -149,7 +104,7 @@ class GreylistSettings(Section):
     @field_validator("text")
     @classmethod
     def _text(cls, text: str) -> str:
-        return _check_template(text, cls._text_fields.default)  # type: ignore[attr-defined]
+        return check_template(text, cls._text_fields.default)  # type: ignore[attr-defined]
 
     @field_validator("dynamic_patterns")
     @classmethod
@@ -269,17 +224,17 @@ class NotifySettings(Section):
     @field_validator("user_subject", "admin_subject")
     @classmethod
     def _subjects(cls, text: str) -> str:
-        return _check_template(text, cls._fields.default)  # type: ignore[attr-defined]
+        return check_template(text, cls._fields.default)  # type: ignore[attr-defined]
 
     @field_validator("user_text", "admin_text")
     @classmethod
     def _texts(cls, text: str) -> str:
-        return _check_template(text, cls._fields.default, one_line=False)  # type: ignore[attr-defined]
+        return check_template(text, cls._fields.default, one_line=False)  # type: ignore[attr-defined]
 
     @field_validator("relay")
     @classmethod
     def _relay(cls, relay: str | None) -> str | None:
-        return relay if relay is None else _listen_entry(relay)
+        return relay if relay is None else listen_entry(relay)
 
 
 class RateLimitSettings(Section):
@@ -308,7 +263,7 @@ class RateLimitSettings(Section):
     @field_validator("defer_text", "reject_text", "hold_text")
     @classmethod
     def _texts(cls, text: str) -> str:
-        return _check_template(text, {"name", "max", "count", "window"})
+        return check_template(text, {"name", "max", "count", "window"})
 
     @field_validator("limits")
     @classmethod
@@ -384,7 +339,7 @@ class DnsblSettings(Section):
     @field_validator("text")
     @classmethod
     def _text(cls, text: str) -> str:
-        return _check_template(text, {"client", "lists", "lookup"})
+        return check_template(text, {"client", "lists", "lookup"})
 
     @field_validator("lookup_url")
     @classmethod
@@ -392,7 +347,7 @@ class DnsblSettings(Section):
         if url is not None:
             if not url.startswith(("https://", "http://")):
                 raise ValueError("lookup_url must be an http(s) URL")
-            _check_template(url, {"client"})
+            check_template(url, {"client"})
         return url
 
 
@@ -424,7 +379,7 @@ class SpfSettings(Section):
     @field_validator("reject_text", "defer_text")
     @classmethod
     def _texts(cls, text: str) -> str:
-        return _check_template(text, {"domain", "client", "result"})
+        return check_template(text, {"domain", "client", "result"})
 
 
 class FileSourceSettings(Section):
@@ -531,17 +486,17 @@ class QuotaNotifySettings(Section):
     @field_validator("subject")
     @classmethod
     def _subject(cls, text: str) -> str:
-        return _check_template(text, {"mailbox"})
+        return check_template(text, {"mailbox"})
 
     @field_validator("text")
     @classmethod
     def _text(cls, text: str) -> str:
-        return _check_template(text, {"mailbox"}, one_line=False)
+        return check_template(text, {"mailbox"}, one_line=False)
 
     @field_validator("relay")
     @classmethod
     def _relay(cls, relay: str | None) -> str | None:
-        return relay if relay is None else _listen_entry(relay)
+        return relay if relay is None else listen_entry(relay)
 
 
 class QuotaSettings(Section):
@@ -566,7 +521,7 @@ class QuotaSettings(Section):
     @field_validator("dovecot")
     @classmethod
     def _address(cls, entry: str) -> str:
-        return _listen_entry(entry)
+        return listen_entry(entry)
 
     def missing(self) -> str | None:
         if "file" in self.sources and self.file is None:
@@ -596,18 +551,7 @@ class BlocklistSettings(Section):
     @field_validator("user_text", "client_text")
     @classmethod
     def _texts(cls, text: str) -> str:
-        return _check_template(text, {"user", "client"})
-
-
-def _listen_entry(entry: str) -> str:
-    if entry.startswith("unix:"):
-        if not entry[5:].startswith("/"):
-            raise ValueError(f"{entry!r}: a unix socket needs an absolute path, e.g. unix:/run/mailwarden/policyd.sock")
-        return entry
-    host, _, port = entry.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{entry!r}: expected HOST:PORT, [IPV6]:PORT or unix:/path")
-    return entry
+        return check_template(text, {"user", "client"})
 
 
 class PolicydSettings(Section):
@@ -655,7 +599,7 @@ class PolicydSettings(Section):
     def _listen(cls, entries: list[str]) -> list[str]:
         if not entries:
             raise ValueError("at least one listen address is needed")
-        return [_listen_entry(entry) for entry in entries]
+        return [listen_entry(entry) for entry in entries]
 
     @field_validator("checks")
     @classmethod
