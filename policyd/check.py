@@ -12,15 +12,17 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from mailwarden.backend import BackendError
 from mailwarden.decision import Action
 from mailwarden.logs import get_logger, log_kv
 from policyd import metrics
 from policyd.request import PolicyRequest
-from policyd.settings import PolicydSettings
 from policyd.verdict import DUNNO, Verdict, defer, defer_if_permit
+
+if TYPE_CHECKING:  # settings.py imports the check modules, which import this one
+    from policyd.settings import PolicydSettings
 
 log = get_logger("policyd.pipeline")
 

@@ -21,18 +21,109 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
 
 from mailwarden.decision import Action
 from mailwarden.logs import get_logger, log_kv
+from mailwarden.paths import MANAGED_WHITELIST, system_path
 from mailwarden.redis_pipe import PipelinedRedis
+from mailwarden.section import Section
+from mailwarden.units import Duration
 from policyd import keys, metrics
 from policyd.check import Check
-from policyd.optout import SqlOptOut
+from policyd.optout import OptOutSqlSettings, SqlOptOut
 from policyd.request import PolicyRequest
 from policyd.results import allow_listing, dnsbl_score, spf_result
-from policyd.settings import GreylistSettings
+from policyd.rules_files import shipped_rules_file
+from policyd.settings_types import check_template
 from policyd.verdict import Verdict, defer_if_permit, prepend
 from policyd.whitelist import ClientWhitelist, IPNetwork, RecipientWhitelist, WhitelistError, whitelist_date
+
+
+class GreylistSettings(Section):
+    """Greylisting with Postgrey's semantics (delay, retry window, max age, client auto-whitelist)."""
+
+    delay: Duration = 300
+    """Seconds a new triplet is deferred for; a retry inside the delay is deferred again."""
+    max_age: Duration = 35 * 86400
+    """A passed triplet (and an auto-whitelisted client) is forgotten this long after it was last seen."""
+    retry_window: Duration = 2 * 86400
+    """A triplet that is not retried successfully within this time is forgotten and starts over."""
+    auto_whitelist_clients: Annotated[int, Field(ge=0)] = 5
+    """A client network that passed greylisting this many times is no longer greylisted; 0 turns it off."""
+    ipv4_prefix: Annotated[int, Field(ge=8, le=32)] = 24
+    ipv6_prefix: Annotated[int, Field(ge=16, le=128)] = 64
+    whitelist_clients: list[Path] = Field(default_factory=lambda: [shipped_rules_file("postgrey_whitelist_clients")])
+    """Files in Postgrey's whitelist_clients format: hostnames (and their subdomains), /regex/, IPs, CIDRs."""
+    whitelist_recipients: list[Path] = Field(
+        default_factory=lambda: [shipped_rules_file("postgrey_whitelist_recipients")]
+    )
+    """Files in Postgrey's whitelist_recipients format: user@, @domain, user@domain, domain, /regex/."""
+    managed_whitelist: Path = Field(default_factory=lambda: system_path(MANAGED_WHITELIST))
+    """The client whitelist that ``mailwarden greylist whitelist-update`` writes; read beside
+    whitelist_clients when it exists."""
+    whitelist_max_age: Duration = 180 * 86400
+    """Warn (log and metric) when the client whitelist is older than this: lists of senders that do not
+    retry go out of date, and a stale list greylists the mail of senders it was meant to spare."""
+    whitelist_check_interval: Duration = 60
+    """How often the whitelist files are checked for changes (and the warning repeated, at most daily)."""
+    expect_max: Duration = 7 * 86400
+    """The longest window ``mailwarden greylist expect --for`` may open; a longer one is refused."""
+    greylist_authenticated: bool = False
+    """Greylist SASL-authenticated clients too (never sensible for submission; kept for odd set-ups)."""
+    add_header: bool = True
+    """PREPEND ``X-Greylist: delayed N seconds`` to a message that passed after being delayed."""
+    skip_dnswl: bool = True
+    """Clients listed on an allow list (a dnsbl list with a negative weight; dnsbl runs first) are not
+    greylisted."""
+    skip_spf_domains: list[str] = []
+    """Senders whose SPF passes for one of these domains (or a subdomain) are not greylisted: banks, the
+    university's own partners, whoever sends password resets and one-time codes (spf runs first)."""
+    opt_out_sql: OptOutSqlSettings | None = None
+    """Recipients who opted out of greylisting, from an SQL table (the file form: whitelist_recipients)."""
+    only_suspicious: bool = False
+    """Greylist only clients that look suspicious, as large providers do: no verified reverse DNS, a
+    hostname that looks dynamic (``dynamic_patterns``), or a DNSBL score above zero (dnsbl runs first)."""
+    dynamic_patterns: list[str] = [
+        r"(^|[.-])(dyn|dynamic|dhcp|dsl|adsl|vdsl|cable|pool|ppp|pppoe|dialup|dial|client|broadband|"
+        r"customer|user|host|ip)[.-]?\d",
+        r"\d{1,3}[.-]\d{1,3}[.-]\d{1,3}[.-]\d{1,3}",
+    ]
+    """Regular expressions (searched, case-insensitive) for hostnames of end-user access networks."""
+    spf_domain_triplets: bool = True
+    """When SPF passed for the sender's domain (the spf check runs before greylist), the triplet uses that
+    domain in place of the client network, so a retry from another host of the sender's pool (Outlook.com,
+    Gmail) counts as the same triplet."""
+    text: str = "Greylisted, please try again in {retry_in}"
+    """The defer text; placeholders: {retry_in} (e.g. "5 minutes"), {seconds}, {recipient_domain}."""
+
+    _text_fields = {"retry_in", "seconds", "recipient_domain"}
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, text: str) -> str:
+        return check_template(text, cls._text_fields.default)  # type: ignore[attr-defined]
+
+    @field_validator("dynamic_patterns")
+    @classmethod
+    def _patterns(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"bad regular expression {pattern!r}: {exc}") from None
+        return patterns
+
+    @model_validator(mode="after")
+    def _windows(self) -> GreylistSettings:
+        if self.retry_window <= self.delay:
+            raise ValueError("retry_window must be longer than delay, or no retry could ever pass")
+        if self.max_age < self.retry_window:
+            raise ValueError("max_age must be at least retry_window")
+        return self
+
 
 log = get_logger("policyd.greylist")
 

@@ -22,8 +22,7 @@ import redis
 
 from mailwarden.units import format_duration
 from policyd import keys
-from policyd.greylist import client_network, normalise_sender
-from policyd.settings import GreylistSettings
+from policyd.greylist import GreylistSettings, client_network, normalise_sender
 
 
 @dataclass(frozen=True)

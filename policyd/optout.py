@@ -13,7 +13,20 @@ import logging
 import time
 
 from mailwarden.logs import get_logger, log_kv
-from policyd.settings import OptOutSqlSettings
+from mailwarden.section import Section
+from mailwarden.units import Duration
+from policyd.settings_types import SqlQuery
+
+
+class OptOutSqlSettings(Section):
+    url: str
+    """SQLAlchemy URL, e.g. "mysql+pymysql://mailwarden:secret@db.example.org/mail"."""
+    query: SqlQuery = "SELECT 1 FROM greylist_opt_out WHERE address = :address"
+    """Returns a row when the recipient opted out. Parameters: :address, :local, :domain."""
+    timeout: Duration = 1.0
+    cache_ttl: Duration = 300
+    """Answers are kept in memory this long (opt-outs change rarely; the table is not asked per message)."""
+
 
 log = get_logger("policyd.optout")
 

@@ -42,8 +42,7 @@ from mailwarden.cli import CliContext, backend_errors, emit, fail
 from mailwarden.redis_sync import sync_client
 from mailwarden.units import format_duration
 from policyd import keys
-from policyd.greylist import client_network
-from policyd.settings import GreylistSettings
+from policyd.greylist import GreylistSettings, client_network
 
 DEFAULT_DBDIR = Path("/var/lib/postgrey")
 TRIPLETS_DB = "postgrey.db"

@@ -9,10 +9,9 @@ import pytest
 
 from mailwarden.redis_pipe import PipelinedRedis
 from mailwarden.redis_settings import RedisSettings
-from policyd.greylist import GreylistCheck, client_network, human_wait, normalise_sender
+from policyd.greylist import GreylistCheck, GreylistSettings, client_network, human_wait, normalise_sender
 from policyd.request import PolicyRequest
 from policyd.service import load_scripts
-from policyd.settings import GreylistSettings
 from policyd.whitelist import ClientWhitelist, RecipientWhitelist, WhitelistError
 
 

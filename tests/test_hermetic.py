@@ -15,7 +15,7 @@ from harness.policyd_proc import PolicydProcess
 from pydantic import BaseModel
 
 from mailwarden.config import load_config
-from policyd.settings import GreylistSettings
+from policyd.greylist import GreylistSettings
 
 
 def system_paths_in(value: object) -> list[str]:

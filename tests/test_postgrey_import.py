@@ -25,8 +25,8 @@ from conftest import base_settings
 from harness.net import free_port, wait_port
 from harness.policyd_proc import PolicyClient, render_toml
 
+from policyd.greylist import GreylistSettings
 from policyd.postgrey_import import ImportReport, PostgreyImport, parse_dump
-from policyd.settings import GreylistSettings
 
 POSTGREY = shutil.which("postgrey") or "/usr/sbin/postgrey"
 INSTALL_HINT = "Debian's postgrey is not installed: apt-get install postgrey db-util (tools/install-system-deps.sh)"
