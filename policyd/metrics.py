@@ -20,6 +20,9 @@ CONNECTIONS = Gauge("mailwarden_policyd_connections", "Open client connections")
 CONNECTIONS_REFUSED = Counter("mailwarden_policyd_connections_refused",
                               "Client connections closed at once: over max_connections, or while draining",
                               ["reason"])
+CONNECTIONS_EVICTED = Counter("mailwarden_policyd_connections_evicted",
+                              "Client connections closed to give their slot to a new client, by what they were "
+                              "doing (idle, or inside a request)", ["state"])
 REDIS_UP = Gauge("mailwarden_redis_connected", "1 while the shared Redis connection is up")
 RATELIMIT_HITS = Counter("mailwarden_policyd_ratelimit_hits", "Requests refused by a rate limit", ["limit"])
 WHITELIST_AGE = Gauge("mailwarden_policyd_greylist_whitelist_age_seconds",

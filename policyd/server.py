@@ -9,8 +9,11 @@ disconnected; nothing it does reaches the other connections.
 Two deadlines hold every connection whatever the peer trickles: a request must arrive whole within
 ``request_timeout`` of its first byte (later bytes do not extend it), and a connection with nothing in
 flight is closed ``idle_timeout`` after its last answer. Both, and ``answer_within``, are enforced by one
-sweeper timer for all connections. Connections over ``max_connections`` are refused, counted, and logged
-once per interval with how many.
+sweeper timer for all connections. When every slot is taken, a new client is not turned away while a
+connection is doing nothing useful: the one trickling a request for longest (else the one idle for longest,
+which Postfix simply reopens) is closed to make room, if it has been so for ``EVICTABLE_AFTER``. A
+connection with a request in flight is never closed for that. Only when none can be closed is the new one
+refused; refusals and evictions are counted, and logged once per interval with how many.
 
 On SIGTERM (``stop``) the listeners close and each connection drains: one busy with a request stops
 reading, gets its answers (within ``answer_within``: the sweeper runs to the end) and is closed right after
@@ -51,6 +54,13 @@ INTERNAL_ERROR_TEXT = "4.3.0 Temporary local problem, please try again later"
 DRAIN_IDLE_GRACE = 0.5
 """On SIGTERM, how long a connection with nothing in flight may still send a request before it is closed:
 a client that wrote its next request just before the signal gets the answer instead of a reset."""
+EVICTABLE_AFTER = 1.0
+"""How long a connection must have been idle, or inside one request, before a new client may take its slot.
+Postfix writes a request in one go and reuses an idle connection within milliseconds of its last answer;
+a peer trickling bytes is past this at once."""
+ROOM_SCAN_PAUSE = 0.1
+"""After a search for a slot to free found none, new clients are refused without searching for this long:
+under a connection flood with every slot busy, refusing stays O(1)."""
 POSTGREY_PORT = 10023
 """Where Debian's postgrey listens by default: the likely owner of our default address."""
 
@@ -87,7 +97,8 @@ class PolicyConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  (uvloop's transports are not subclasses)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else self.listener
-        if self.server.draining or len(self.server.connections) >= self.server.settings.max_connections:
+        if self.server.draining or (len(self.server.connections) >= self.server.settings.max_connections
+                                    and not self.server.make_room()):
             transport.close()
             self.server.refused("draining" if self.server.draining else "max_connections")
             return
@@ -144,6 +155,15 @@ class PolicyConnection(asyncio.Protocol):
                     self.close()
             elif now - self.idle_since > settings.idle_timeout:
                 self.close()
+
+    def evictable_since(self) -> tuple[int, float] | None:
+        """How it ranks for giving its slot to a new client: (1, since when it trickles a request) before
+        (0, since when it is idle), older first; None while a request is in flight or queued."""
+        if self.current is not None or self.queue or self.draining or self.transport is None:
+            return None
+        if self.request_started is not None:
+            return 1, self.request_started
+        return 0, self.idle_since
 
     def start_drain(self) -> None:
         """SIGTERM: read no further request once one is in flight; close after its answer."""
@@ -272,6 +292,9 @@ class PolicyServer:
         self._drain_started: float | None = None
         self.refusals = Throttled(log, logging.WARNING, "connections refused")
         """One warning line per interval while connections are refused, with how many were."""
+        self.evictions = Throttled(log, logging.WARNING, "connections closed to make room for new clients")
+        """One line per interval while slots are freed for new clients, with how many were."""
+        self._no_room_until = 0.0
         self.late_answers = Throttled(log, logging.WARNING, "requests answered at the answer_within bound in the "
                                       "fail mode")
         """One warning line per interval while answers hit ``answer_within``, with how many did."""
@@ -319,9 +342,35 @@ class PolicyServer:
         self._last_idle_sweep = loop.time()
         self.late_answers.flush()
         self.refusals.flush()
+        self.evictions.flush()
         now = time.monotonic()
         for conn in list(self.connections):
             conn.check_timeouts(now, self.settings, self._drain_started)
+
+    def make_room(self) -> bool:
+        """Every slot is taken: close the connection trickling a request for longest, else the one idle for
+        longest, if it has been so for ``EVICTABLE_AFTER``, so that the new client is served at once.
+        False when none can go (each busy with a request, or active just now)."""
+        now = time.monotonic()
+        if now < self._no_room_until:
+            return False
+        victim: PolicyConnection | None = None
+        best: tuple[int, float] = (-1, 0.0)
+        for conn in self.connections:
+            rank = conn.evictable_since()
+            if rank is not None and now - rank[1] >= EVICTABLE_AFTER and (rank[0], -rank[1]) > best:
+                victim, best = conn, (rank[0], -rank[1])
+        if victim is None:
+            self._no_room_until = now + ROOM_SCAN_PAUSE
+            return False
+        state = "inside a request" if best[0] else "idle"
+        self.connections.discard(victim)  # its slot is free now, not when the loop reports it closed
+        metrics.CONNECTIONS.dec()
+        metrics.CONNECTIONS_EVICTED.labels(state).inc()
+        self.evictions.hit(state, state=state, max_connections=self.settings.max_connections)
+        victim.queue.clear()
+        victim.close()
+        return True
 
     def refused(self, reason: str) -> None:
         """A connection closed at once (over max_connections, or while draining): counted every time, logged

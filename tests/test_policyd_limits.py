@@ -87,45 +87,66 @@ class Trickler:
                 stop.wait(0.5)
 
 
-def test_tricklers_filling_every_slot_are_cut_and_normal_clients_get_served(policyd_factory, redis_server):
-    """max_connections tricklers (one byte every 0.5 s) are cut at the whole-request deadline, counted from
-    their first byte; normal clients that keep trying get answers once they are."""
-    deadline = 2.0
-    daemon = policyd_factory(base_settings(redis_server.url, **GREYLIST_ONLY, max_connections=20,
-                                           request_timeout=f"{deadline:g}s", idle_timeout="60s"))
+def _trickle(tricklers: list[Trickler]) -> tuple[threading.Event, list[threading.Thread]]:
     stop = threading.Event()
-    tricklers = [Trickler(daemon.port) for _ in range(20)]
     threads = [threading.Thread(target=t.run, args=(stop,), daemon=True) for t in tricklers]
     for thread in threads:
         thread.start()
+    for trickler in tricklers:
+        assert trickler.connected.wait(10)
+    return stop, threads
+
+
+def test_a_trickled_request_is_cut_at_its_deadline_from_the_first_byte(policyd_factory, redis_server):
+    """A request sent one byte every 0.5 s is cut request_timeout after its first byte: the bytes that keep
+    coming do not extend it."""
+    deadline = 2.0
+    daemon = policyd_factory(base_settings(redis_server.url, **GREYLIST_ONLY, max_connections=100,
+                                           request_timeout=f"{deadline:g}s", idle_timeout="60s"))
+    tricklers = [Trickler(daemon.port) for _ in range(5)]
+    stop, threads = _trickle(tricklers)
     try:
-        for trickler in tricklers:
-            assert trickler.connected.wait(10)
-        attack = time.monotonic()
-        wait_for(lambda: not served(daemon.port), 10, what="every slot held by a trickler")
-        # a normal client keeps trying, as Postfix's smtpd does on its next request
-        wait_for(lambda: served(daemon.port), deadline + 1 + 10, interval=0.05, what="a normal client served")
-        first_served = time.monotonic() - attack
-        wait_for(lambda: all(t.cut_after is not None for t in tricklers), deadline + 1 + 10,
+        wait_for(lambda: all(t.cut_after is not None for t in tricklers), deadline + 10,
                  what="every trickler disconnected")
-        latencies = []
-        for n in range(20):
-            with daemon.connect() as client:
-                started = time.monotonic()
-                assert client.ask(sasl_username=f"n{n}") == "DUNNO"
-                latencies.append(time.monotonic() - started)
     finally:
         stop.set()
         for thread in threads:
             thread.join(5)
-    cut = sorted(t.cut_after for t in tricklers if t.cut_after is not None)
-    print(f"\ntricklers cut after {cut[0]:.2f}-{cut[-1]:.2f}s (request_timeout {deadline:g}s), having sent "
-          f"{min(t.bytes_sent for t in tricklers)}-{max(t.bytes_sent for t in tricklers)} bytes; first normal "
-          f"client served {first_served:.2f}s into the attack; afterwards a normal request took "
-          f"{1000 * max(latencies):.1f} ms at most")
     assert all(t.bytes_sent < len(encode_request()) - 1 for t in tricklers), "a trickler finished its request"
     log = daemon.log_text()
     assert 'client stalled inside a request; closing' in log and 'after=2s since="its first byte"' in log
+
+
+def test_tricklers_holding_every_slot_do_not_lock_out_normal_clients(policyd_factory, redis_server):
+    """max_connections tricklers (one byte every 0.5 s, a request deadline far away): a new client takes the
+    slot of the one trickling longest, so normal clients are served at once rather than after the deadline."""
+    metrics_port = free_port()
+    settings = base_settings(redis_server.url, **GREYLIST_ONLY, max_connections=20, request_timeout="60s",
+                             idle_timeout="60s")
+    settings["metrics"] = {"listen": f"127.0.0.1:{metrics_port}"}
+    daemon = policyd_factory(settings)
+    tricklers = [Trickler(daemon.port) for _ in range(20)]
+    stop, threads = _trickle(tricklers)
+    try:
+        wait_for(lambda: not served(daemon.port), 10, interval=0.01, what="every slot held by a trickler")
+        # once a trickler has been at it for EVICTABLE_AFTER (1 s), its slot goes to the next new client
+        wait_for(lambda: served(daemon.port), 5, interval=0.05, what="a normal client served")
+        latencies = []
+        for _ in range(15):
+            started = time.monotonic()
+            # within 5 s (the client's time-out): long before a trickler's 60 s deadline frees a slot
+            assert served(daemon.port)
+            latencies.append(time.monotonic() - started)
+        evicted = metric(metrics_port, "mailwarden_policyd_connections_evicted_total", '{state="inside a request"}')
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(5)
+    latencies.sort()
+    print(f"\nnormal clients beside 20 tricklers at max_connections=20: p50 {1000 * latencies[7]:.1f} ms, "
+          f"max {1000 * latencies[-1]:.1f} ms; {evicted:g} tricklers evicted")
+    assert evicted >= 1
+    assert 'msg="connections closed to make room for new clients" state="inside a request"' in daemon.log_text()
 
 
 # -- refusals over max_connections ----------------------------------------------------------------
@@ -136,9 +157,20 @@ def test_refusals_are_logged_once_per_interval_with_a_count_and_all_counted(poli
     settings["metrics"] = {"listen": f"127.0.0.1:{metrics_port}"}
     daemon = policyd_factory(settings)
     held = [daemon.connect() for _ in range(5)]
+    # the five slots are busy (a request every 0.2 s each), so none may be freed for a newcomer
+    stop = threading.Event()
+    answers: list[str | None] = []
+
+    def keep_busy(client: PolicyClient) -> None:
+        while not stop.is_set():
+            answers.append(client.ask(sasl_username="held"))
+            stop.wait(0.2)
+
+    threads = [threading.Thread(target=keep_busy, args=(client,), daemon=True) for client in held]
     try:
-        for client in held:
-            assert client.ask(sasl_username="held") == "DUNNO"
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: len(answers) >= 5, 10, what="the held connections answered")
         for _ in range(200):
             with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as sock:
                 assert sock.recv(100) == b""  # refused: closed without a word
@@ -149,8 +181,12 @@ def test_refusals_are_logged_once_per_interval_with_a_count_and_all_counted(poli
         wait_for(lambda: sum(_refusals_logged(daemon.log_text())) == 200, 15, what="200 refusals in the log")
         lines = _refusals_logged(daemon.log_text())
         assert lines == [1, 199], lines
-        assert held[0].ask(sasl_username="held") == "DUNNO"
+        stop.set()
+        for thread in threads:
+            thread.join(5)
+        assert set(answers) == {"DUNNO"}
     finally:
+        stop.set()
         for client in held:
             client.close()
 
