@@ -19,11 +19,67 @@ import threading
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
+
+from pydantic import Field, field_validator
 
 from mailwarden.backend import BackendError
 from mailwarden.logs import get_logger, log_kv
-from policyd.settings import FileSourceSettings, LdapSourceSettings, SqlSourceSettings
+from mailwarden.section import Section
+from mailwarden.units import Duration
+from policyd.settings_types import SqlQuery
+
+
+class FileSourceSettings(Section):
+    """A recipient map: one address per line; ``@domain`` (every address of the domain exists); aliases
+    as ``alias@domain: target@domain, other@domain``; ``#`` comments. Re-read when it changes."""
+
+    paths: list[Path] = []
+
+
+class SqlSourceSettings(Section):
+    url: str | None = None
+    """SQLAlchemy URL, e.g. "mysql+pymysql://user:password@db.example.org/mail" or "sqlite:////var/lib/x.db"."""
+    query: SqlQuery = "SELECT address, active FROM recipients WHERE address = :address"
+    """Returns a row when the address exists: first column the mailbox it delivers to, optional second column
+    true/false for an active/disabled account. Parameters: :address, :local, :domain."""
+    timeout: Duration = 2.0
+
+
+class LdapSourceSettings(Section):
+    servers: list[str] = []
+    """ldap:// or ldaps:// URLs, tried in order: the second takes over when the first is down."""
+    bind_dn: str | None = None
+    bind_password: str | None = None
+    base: str = ""
+    filter: str = "(|(mail=%s)(mailAlternateAddress=%s))"
+    """%s is the address (escaped), %u its local part, %d its domain."""
+    mailbox_attribute: str = "mail"
+    """The attribute naming the mailbox an address delivers to (for the quota check)."""
+    status_attribute: str | None = "accountStatus"
+    """Account status attribute; None when the directory has none."""
+    active_values: list[str] = ["active"]
+    """Status values that mean the account takes mail; an entry without the attribute counts as active."""
+    timeout: Duration = 2.0
+    connections: Annotated[int, Field(ge=1, le=32)] = 4
+
+    @field_validator("servers")
+    @classmethod
+    def _urls(cls, servers: list[str]) -> list[str]:
+        for url in servers:
+            if not url.startswith(("ldap://", "ldaps://")):
+                raise ValueError(f"{url!r}: an LDAP server is an ldap:// or ldaps:// URL")
+        return servers
+
+    @field_validator("filter")
+    @classmethod
+    def _filter(cls, text: str) -> str:
+        if "%s" not in text and "%u" not in text:
+            raise ValueError("the filter must use %s (the address) or %u (its local part)")
+        if not (text.startswith("(") and text.endswith(")")):
+            raise ValueError("an LDAP filter is enclosed in parentheses")
+        return text
+
 
 log = get_logger("policyd.directory")
 

@@ -13,12 +13,61 @@ import logging
 import smtplib
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
+from typing import TYPE_CHECKING
+
+from pydantic import field_validator
 
 from mailwarden.logs import get_logger, log_kv
+from mailwarden.section import Section
 from mailwarden.units import format_duration
 from policyd import metrics
 from policyd.request import PolicyRequest
-from policyd.settings import NotifySettings, RateLimit
+from policyd.settings_types import check_template, listen_entry
+
+if TYPE_CHECKING:  # ratelimit.py imports this module
+    from policyd.ratelimit import RateLimit
+
+
+class NotifySettings(Section):
+    """One message to the user and one to the admin at a key's first refusal in a window (never one per
+    message), sent through an SMTP relay (normally the local Postfix)."""
+
+    relay: str | None = None
+    """HOST:PORT of the SMTP server to send through, e.g. "127.0.0.1:25"; unset: no notifications."""
+    sender: str = "postmaster@localhost"
+    admin: str | None = None
+    """Address of the postmaster or security team; unset: only the user is told."""
+    user_domain: str | None = None
+    """Domain for SASL user names that are not addresses (alice -> alice@user_domain); unset: the
+    envelope sender of the message that hit the limit is told."""
+    user_subject: str = "Your outgoing mail has been held back"
+    user_text: str = (
+        "You have sent more mail in a short time than this server allows ({max} {count} per {window}).\n"
+        "Further mail is being {done} for now. If you did not send this mail, your password may be known "
+        "to someone else: change it and contact the help desk.\n"
+    )
+    admin_subject: str = "Rate limit {name} reached by {key}"
+    admin_text: str = "{key} reached the rate limit {name} ({max} {count} per {window}); its mail is being {done}.\n"
+    """Subjects and texts are templates; placeholders: {name} (the limit), {key} (who reached it), {max},
+    {count} (messages or recipients), {window}, {done} (deferred, refused, held for review)."""
+
+    _fields = {"name", "key", "max", "count", "window", "done"}
+
+    @field_validator("user_subject", "admin_subject")
+    @classmethod
+    def _subjects(cls, text: str) -> str:
+        return check_template(text, cls._fields.default)  # type: ignore[attr-defined]
+
+    @field_validator("user_text", "admin_text")
+    @classmethod
+    def _texts(cls, text: str) -> str:
+        return check_template(text, cls._fields.default, one_line=False)  # type: ignore[attr-defined]
+
+    @field_validator("relay")
+    @classmethod
+    def _relay(cls, relay: str | None) -> str | None:
+        return relay if relay is None else listen_entry(relay)
+
 
 log = get_logger("policyd.notify")
 

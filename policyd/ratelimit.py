@@ -14,21 +14,141 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import ValidationError
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 
 from mailwarden.backend import BackendError
 from mailwarden.decision import Action
 from mailwarden.logs import get_logger, log_kv
 from mailwarden.redis_pipe import PipelinedRedis
-from mailwarden.units import format_duration
+from mailwarden.section import Section
+from mailwarden.units import Duration, format_duration, parse_duration
 from policyd import keys, metrics
 from policyd.check import Check
 from policyd.directory import LdapSource
-from policyd.notify import LimitNotifier
+from policyd.notify import LimitNotifier, NotifySettings
 from policyd.request import PolicyRequest
-from policyd.settings import RateLimit, RateLimitSettings, RateOverride
+from policyd.settings_types import check_template
 from policyd.verdict import Verdict, defer, reject
+
+
+def _parse_window(value: object) -> float | str:
+    if value == "message":
+        return "message"
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is neither a duration ('1h', '1d', 3600) nor \"message\"") from None
+
+
+RateKey = Literal["sasl_user", "sender", "sender_domain", "client_address", "global"]
+
+
+class RateLimit(Section):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    """Shown in the log, the metrics and the reply text; also part of the Redis key."""
+    key: RateKey
+    """What is counted against: the SASL user (the safe default for outbound), the envelope sender or its
+    domain (forgeable: an outsider can exhaust a victim's limit), the client address (network prefix
+    from client_prefix_v4/v6), or ``global``: one counter for all matching clients, a server-wide brake."""
+    count: Literal["messages", "recipients"] = "messages"
+    max: Annotated[int, Field(ge=1)]
+    window: Annotated[float | Literal["message"], BeforeValidator(_parse_window)]
+    """A sliding window in time ("1h", "1d"), or "message" for a cap on recipients of one message."""
+    action: Literal["defer", "reject", "hold"] = "defer"
+    """``hold``: Postfix accepts the message into its hold queue (nothing lost, nothing sent) for the
+    postmaster to release (postsuper -H) or delete."""
+    stage: Literal["rcpt", "end-of-message"] = "rcpt"
+    """``rcpt``: counted at RCPT (a message once, at its first recipient). ``end-of-message``: checked at
+    RCPT, counted at END-OF-MESSAGE with recipient_count, so only mail that was accepted counts (needs
+    check_policy_service in smtpd_end_of_data_restrictions too)."""
+    applies_to: Literal["authenticated", "unauthenticated", "all"] | None = None
+    """Which clients the limit applies to; by default authenticated clients for key=sasl_user, all others."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RateLimit:
+        if self.window == "message" and self.count != "recipients":
+            raise ValueError('window = "message" only makes sense with count = "recipients"')
+        if self.window == "message" and self.stage != "rcpt":
+            raise ValueError('window = "message" is enforced at RCPT; set stage = "rcpt"')
+        if isinstance(self.window, float) and self.window < 1:
+            raise ValueError("window must be at least 1s")
+        return self
+
+    @property
+    def clients(self) -> str:
+        return self.applies_to or ("authenticated" if self.key in ("sasl_user", "global") else "all")
+
+
+def _default_limits() -> list[RateLimit]:
+    return [
+        RateLimit(name="user-messages-per-hour", key="sasl_user", count="messages", max=200, window=3600),
+        RateLimit(name="user-recipients-per-day", key="sasl_user", count="recipients", max=1000, window=86400),
+    ]
+
+
+class RateOverride(Section):
+    """A per-key exception: the newsletter account, a mailing-list server."""
+
+    limit: str
+    key: str
+    """The key value as counted: a SASL user name, an address, a domain or a client network."""
+    max: Annotated[int, Field(ge=1)] | None = None
+    exempt: bool = False
+
+    @model_validator(mode="after")
+    def _one(self) -> RateOverride:
+        if self.exempt == (self.max is not None):
+            raise ValueError("give either max = N or exempt = true")
+        return self
+
+
+class RateLimitSettings(Section):
+    limits: list[RateLimit] = Field(default_factory=_default_limits)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
+    overrides: list[RateOverride] = []
+    ldap_attribute: str | None = None
+    """An attribute of the user's directory entry (found with ldap_filter through [policyd.recipients.ldap])
+    holding overrides for limits keyed by sasl_user: "exempt", a number (every such limit), or
+    "LIMIT=N" / "LIMIT=exempt" (one limit); multi-valued."""
+    ldap_filter: str = "(|(uid=%u)(mail=%s))"
+    """%s is the SASL user name, %u its local part (the whole name when it has no @)."""
+    ldap_cache_ttl: Duration = 300
+    overrides_file: Path | None = None
+    """More overrides, one per line: ``LIMIT KEY MAX`` or ``LIMIT KEY exempt`` (# comments); re-read when
+    it changes. The config's own overrides win over the file's."""
+    client_prefix_v4: Annotated[int, Field(ge=8, le=32)] = 32
+    client_prefix_v6: Annotated[int, Field(ge=16, le=128)] = 64
+    defer_text: str = "Sending limit reached; please try again later or contact the help desk"
+    """What the client is told; by default no limit name or number (those are in the log line).
+    Placeholders: {name}, {max}, {count}, {window}."""
+    reject_text: str = "Sending limit reached; please contact the help desk"
+    hold_text: str = "held: sending limit reached"
+    """Logged by Postfix with the held message (the client is told nothing: the message is accepted)."""
+
+    @field_validator("defer_text", "reject_text", "hold_text")
+    @classmethod
+    def _texts(cls, text: str) -> str:
+        return check_template(text, {"name", "max", "count", "window"})
+
+    @field_validator("limits")
+    @classmethod
+    def _unique(cls, limits: list[RateLimit]) -> list[RateLimit]:
+        names = [limit.name for limit in limits]
+        if len(names) != len(set(names)):
+            raise ValueError("limit names must be unique")
+        return limits
+
+    @model_validator(mode="after")
+    def _overrides_name_limits(self) -> RateLimitSettings:
+        names = {limit.name for limit in self.limits}
+        for override in self.overrides:
+            if override.limit not in names:
+                raise ValueError(f"override for unknown limit {override.limit!r}; limits: {', '.join(sorted(names))}")
+        return self
+
 
 log = get_logger("policyd.ratelimit")
 

@@ -13,7 +13,7 @@ import redis
 
 from mailwarden.units import format_duration
 from policyd import keys
-from policyd.settings import RateLimit, RateLimitSettings
+from policyd.ratelimit import RateLimit, RateLimitSettings
 
 
 @dataclass(frozen=True)

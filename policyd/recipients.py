@@ -12,17 +12,65 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+from typing import Literal
+
+from pydantic import Field, field_validator
 
 from mailwarden.backend import BackendError
 from mailwarden.decision import Action
 from mailwarden.logs import get_logger, log_kv
 from mailwarden.redis_pipe import PipelinedRedis
+from mailwarden.section import Section
+from mailwarden.units import Duration
 from policyd import keys
 from policyd.check import Check
-from policyd.directory import FileSource, LdapSource, Lookup, Source, SqlSource, Status
+from policyd.directory import (
+    FileSource,
+    FileSourceSettings,
+    LdapSource,
+    LdapSourceSettings,
+    Lookup,
+    Source,
+    SqlSource,
+    SqlSourceSettings,
+    Status,
+)
 from policyd.request import PolicyRequest
-from policyd.settings import RecipientSettings
 from policyd.verdict import Verdict, reject
+
+
+class RecipientSettings(Section):
+    """Recipient verification: unknown recipients of our domains refused at RCPT, before any content."""
+
+    domains: list[str] = []
+    """Our domains; recipients elsewhere are not checked. Empty: every recipient is checked."""
+    sources: list[Literal["file", "sql", "ldap"]] = ["file"]
+    """Asked in order; the first that knows the address decides."""
+    file: FileSourceSettings = Field(default_factory=FileSourceSettings)
+    sql: SqlSourceSettings = Field(default_factory=SqlSourceSettings)
+    ldap: LdapSourceSettings = Field(default_factory=LdapSourceSettings)
+    recipient_delimiter: str = "+"
+    """user+tag@domain is looked up as user@domain ("" to turn off)."""
+    cache_ttl: Duration = 600
+    negative_cache_ttl: Duration = 60
+    unknown_text: str = "User unknown"
+    disabled_text: str = "Mailbox disabled"
+
+    @field_validator("domains")
+    @classmethod
+    def _lower(cls, domains: list[str]) -> list[str]:
+        return [domain.lower().strip(".") for domain in domains]
+
+    def missing(self) -> str | None:
+        """What a configured source lacks (checked only when the recipients check is on)."""
+        if "sql" in self.sources and not self.sql.url:
+            return "recipients.sources names sql: set [policyd.recipients.sql] url"
+        if "ldap" in self.sources and not self.ldap.servers:
+            return "recipients.sources names ldap: set [policyd.recipients.ldap] servers"
+        if "file" in self.sources and not self.file.paths:
+            return "recipients.sources names file: set [policyd.recipients.file] paths"
+        return None
+
 
 log = get_logger("policyd.recipients")
 

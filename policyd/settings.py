@@ -8,13 +8,15 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from mailwarden.section import Section
-from mailwarden.units import Duration, parse_duration
+from mailwarden.units import Duration
 from policyd.greylist import GreylistSettings
+from policyd.ratelimit import RateLimitSettings
+from policyd.recipients import RecipientSettings
 from policyd.rules_files import shipped_rules_file
-from policyd.settings_types import CheckName, Network, SqlQuery, check_template, listen_entry
+from policyd.settings_types import CheckName, Network, check_template, listen_entry
 
 FailAction = Literal["dunno", "defer_if_permit", "defer"]
 """What to answer when a dependency fails: ``dunno`` lets the next check and Postfix decide (fail open),
@@ -28,163 +30,6 @@ class FailModes(Section):
     """Unauthenticated clients (mail from the Internet)."""
     authenticated: FailAction = "dunno"
     """SASL-authenticated submission."""
-
-
-def _parse_window(value: object) -> float | str:
-    if value == "message":
-        return "message"
-    try:
-        return parse_duration(value)
-    except ValueError:
-        raise ValueError(f"{value!r} is neither a duration ('1h', '1d', 3600) nor \"message\"") from None
-
-
-RateKey = Literal["sasl_user", "sender", "sender_domain", "client_address", "global"]
-
-
-class RateLimit(Section):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
-    """Shown in the log, the metrics and the reply text; also part of the Redis key."""
-    key: RateKey
-    """What is counted against: the SASL user (the safe default for outbound), the envelope sender or its
-    domain (forgeable: an outsider can exhaust a victim's limit), the client address (network prefix
-    from client_prefix_v4/v6), or ``global``: one counter for all matching clients, a server-wide brake."""
-    count: Literal["messages", "recipients"] = "messages"
-    max: Annotated[int, Field(ge=1)]
-    window: Annotated[float | Literal["message"], BeforeValidator(_parse_window)]
-    """A sliding window in time ("1h", "1d"), or "message" for a cap on recipients of one message."""
-    action: Literal["defer", "reject", "hold"] = "defer"
-    """``hold``: Postfix accepts the message into its hold queue (nothing lost, nothing sent) for the
-    postmaster to release (postsuper -H) or delete."""
-    stage: Literal["rcpt", "end-of-message"] = "rcpt"
-    """``rcpt``: counted at RCPT (a message once, at its first recipient). ``end-of-message``: checked at
-    RCPT, counted at END-OF-MESSAGE with recipient_count, so only mail that was accepted counts (needs
-    check_policy_service in smtpd_end_of_data_restrictions too)."""
-    applies_to: Literal["authenticated", "unauthenticated", "all"] | None = None
-    """Which clients the limit applies to; by default authenticated clients for key=sasl_user, all others."""
-
-    @model_validator(mode="after")
-    def _consistent(self) -> RateLimit:
-        if self.window == "message" and self.count != "recipients":
-            raise ValueError('window = "message" only makes sense with count = "recipients"')
-        if self.window == "message" and self.stage != "rcpt":
-            raise ValueError('window = "message" is enforced at RCPT; set stage = "rcpt"')
-        if isinstance(self.window, float) and self.window < 1:
-            raise ValueError("window must be at least 1s")
-        return self
-
-    @property
-    def clients(self) -> str:
-        return self.applies_to or ("authenticated" if self.key in ("sasl_user", "global") else "all")
-
-
-def _default_limits() -> list[RateLimit]:
-    return [
-        RateLimit(name="user-messages-per-hour", key="sasl_user", count="messages", max=200, window=3600),
-        RateLimit(name="user-recipients-per-day", key="sasl_user", count="recipients", max=1000, window=86400),
-    ]
-
-
-class RateOverride(Section):
-    """A per-key exception: the newsletter account, a mailing-list server."""
-
-    limit: str
-    key: str
-    """The key value as counted: a SASL user name, an address, a domain or a client network."""
-    max: Annotated[int, Field(ge=1)] | None = None
-    exempt: bool = False
-
-    @model_validator(mode="after")
-    def _one(self) -> RateOverride:
-        if self.exempt == (self.max is not None):
-            raise ValueError("give either max = N or exempt = true")
-        return self
-
-
-class NotifySettings(Section):
-    """One message to the user and one to the admin at a key's first refusal in a window (never one per
-    message), sent through an SMTP relay (normally the local Postfix)."""
-
-    relay: str | None = None
-    """HOST:PORT of the SMTP server to send through, e.g. "127.0.0.1:25"; unset: no notifications."""
-    sender: str = "postmaster@localhost"
-    admin: str | None = None
-    """Address of the postmaster or security team; unset: only the user is told."""
-    user_domain: str | None = None
-    """Domain for SASL user names that are not addresses (alice -> alice@user_domain); unset: the
-    envelope sender of the message that hit the limit is told."""
-    user_subject: str = "Your outgoing mail has been held back"
-    user_text: str = (
-        "You have sent more mail in a short time than this server allows ({max} {count} per {window}).\n"
-        "Further mail is being {done} for now. If you did not send this mail, your password may be known "
-        "to someone else: change it and contact the help desk.\n"
-    )
-    admin_subject: str = "Rate limit {name} reached by {key}"
-    admin_text: str = "{key} reached the rate limit {name} ({max} {count} per {window}); its mail is being {done}.\n"
-    """Subjects and texts are templates; placeholders: {name} (the limit), {key} (who reached it), {max},
-    {count} (messages or recipients), {window}, {done} (deferred, refused, held for review)."""
-
-    _fields = {"name", "key", "max", "count", "window", "done"}
-
-    @field_validator("user_subject", "admin_subject")
-    @classmethod
-    def _subjects(cls, text: str) -> str:
-        return check_template(text, cls._fields.default)  # type: ignore[attr-defined]
-
-    @field_validator("user_text", "admin_text")
-    @classmethod
-    def _texts(cls, text: str) -> str:
-        return check_template(text, cls._fields.default, one_line=False)  # type: ignore[attr-defined]
-
-    @field_validator("relay")
-    @classmethod
-    def _relay(cls, relay: str | None) -> str | None:
-        return relay if relay is None else listen_entry(relay)
-
-
-class RateLimitSettings(Section):
-    limits: list[RateLimit] = Field(default_factory=_default_limits)
-    notify: NotifySettings = Field(default_factory=NotifySettings)
-    overrides: list[RateOverride] = []
-    ldap_attribute: str | None = None
-    """An attribute of the user's directory entry (found with ldap_filter through [policyd.recipients.ldap])
-    holding overrides for limits keyed by sasl_user: "exempt", a number (every such limit), or
-    "LIMIT=N" / "LIMIT=exempt" (one limit); multi-valued."""
-    ldap_filter: str = "(|(uid=%u)(mail=%s))"
-    """%s is the SASL user name, %u its local part (the whole name when it has no @)."""
-    ldap_cache_ttl: Duration = 300
-    overrides_file: Path | None = None
-    """More overrides, one per line: ``LIMIT KEY MAX`` or ``LIMIT KEY exempt`` (# comments); re-read when
-    it changes. The config's own overrides win over the file's."""
-    client_prefix_v4: Annotated[int, Field(ge=8, le=32)] = 32
-    client_prefix_v6: Annotated[int, Field(ge=16, le=128)] = 64
-    defer_text: str = "Sending limit reached; please try again later or contact the help desk"
-    """What the client is told; by default no limit name or number (those are in the log line).
-    Placeholders: {name}, {max}, {count}, {window}."""
-    reject_text: str = "Sending limit reached; please contact the help desk"
-    hold_text: str = "held: sending limit reached"
-    """Logged by Postfix with the held message (the client is told nothing: the message is accepted)."""
-
-    @field_validator("defer_text", "reject_text", "hold_text")
-    @classmethod
-    def _texts(cls, text: str) -> str:
-        return check_template(text, {"name", "max", "count", "window"})
-
-    @field_validator("limits")
-    @classmethod
-    def _unique(cls, limits: list[RateLimit]) -> list[RateLimit]:
-        names = [limit.name for limit in limits]
-        if len(names) != len(set(names)):
-            raise ValueError("limit names must be unique")
-        return limits
-
-    @model_validator(mode="after")
-    def _overrides_name_limits(self) -> RateLimitSettings:
-        names = {limit.name for limit in self.limits}
-        for override in self.overrides:
-            if override.limit not in names:
-                raise ValueError(f"override for unknown limit {override.limit!r}; limits: {', '.join(sorted(names))}")
-        return self
 
 
 def code_range(text: str) -> tuple[int, int]:
@@ -285,90 +130,6 @@ class SpfSettings(Section):
     @classmethod
     def _texts(cls, text: str) -> str:
         return check_template(text, {"domain", "client", "result"})
-
-
-class FileSourceSettings(Section):
-    """A recipient map: one address per line; ``@domain`` (every address of the domain exists); aliases
-    as ``alias@domain: target@domain, other@domain``; ``#`` comments. Re-read when it changes."""
-
-    paths: list[Path] = []
-
-
-class SqlSourceSettings(Section):
-    url: str | None = None
-    """SQLAlchemy URL, e.g. "mysql+pymysql://user:password@db.example.org/mail" or "sqlite:////var/lib/x.db"."""
-    query: SqlQuery = "SELECT address, active FROM recipients WHERE address = :address"
-    """Returns a row when the address exists: first column the mailbox it delivers to, optional second column
-    true/false for an active/disabled account. Parameters: :address, :local, :domain."""
-    timeout: Duration = 2.0
-
-
-class LdapSourceSettings(Section):
-    servers: list[str] = []
-    """ldap:// or ldaps:// URLs, tried in order: the second takes over when the first is down."""
-    bind_dn: str | None = None
-    bind_password: str | None = None
-    base: str = ""
-    filter: str = "(|(mail=%s)(mailAlternateAddress=%s))"
-    """%s is the address (escaped), %u its local part, %d its domain."""
-    mailbox_attribute: str = "mail"
-    """The attribute naming the mailbox an address delivers to (for the quota check)."""
-    status_attribute: str | None = "accountStatus"
-    """Account status attribute; None when the directory has none."""
-    active_values: list[str] = ["active"]
-    """Status values that mean the account takes mail; an entry without the attribute counts as active."""
-    timeout: Duration = 2.0
-    connections: Annotated[int, Field(ge=1, le=32)] = 4
-
-    @field_validator("servers")
-    @classmethod
-    def _urls(cls, servers: list[str]) -> list[str]:
-        for url in servers:
-            if not url.startswith(("ldap://", "ldaps://")):
-                raise ValueError(f"{url!r}: an LDAP server is an ldap:// or ldaps:// URL")
-        return servers
-
-    @field_validator("filter")
-    @classmethod
-    def _filter(cls, text: str) -> str:
-        if "%s" not in text and "%u" not in text:
-            raise ValueError("the filter must use %s (the address) or %u (its local part)")
-        if not (text.startswith("(") and text.endswith(")")):
-            raise ValueError("an LDAP filter is enclosed in parentheses")
-        return text
-
-
-class RecipientSettings(Section):
-    """Recipient verification: unknown recipients of our domains refused at RCPT, before any content."""
-
-    domains: list[str] = []
-    """Our domains; recipients elsewhere are not checked. Empty: every recipient is checked."""
-    sources: list[Literal["file", "sql", "ldap"]] = ["file"]
-    """Asked in order; the first that knows the address decides."""
-    file: FileSourceSettings = Field(default_factory=FileSourceSettings)
-    sql: SqlSourceSettings = Field(default_factory=SqlSourceSettings)
-    ldap: LdapSourceSettings = Field(default_factory=LdapSourceSettings)
-    recipient_delimiter: str = "+"
-    """user+tag@domain is looked up as user@domain ("" to turn off)."""
-    cache_ttl: Duration = 600
-    negative_cache_ttl: Duration = 60
-    unknown_text: str = "User unknown"
-    disabled_text: str = "Mailbox disabled"
-
-    @field_validator("domains")
-    @classmethod
-    def _lower(cls, domains: list[str]) -> list[str]:
-        return [domain.lower().strip(".") for domain in domains]
-
-    def missing(self) -> str | None:
-        """What a configured source lacks (checked only when the recipients check is on)."""
-        if "sql" in self.sources and not self.sql.url:
-            return "recipients.sources names sql: set [policyd.recipients.sql] url"
-        if "ldap" in self.sources and not self.ldap.servers:
-            return "recipients.sources names ldap: set [policyd.recipients.ldap] servers"
-        if "file" in self.sources and not self.file.paths:
-            return "recipients.sources names file: set [policyd.recipients.file] paths"
-        return None
 
 
 class QuotaNotifySettings(Section):

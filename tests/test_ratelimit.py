@@ -7,10 +7,9 @@ import time
 
 from mailwarden.redis_pipe import PipelinedRedis
 from mailwarden.redis_settings import RedisSettings
-from policyd.ratelimit import RateLimitCheck
+from policyd.ratelimit import RateLimit, RateLimitCheck, RateLimitSettings
 from policyd.request import PolicyRequest
 from policyd.service import load_scripts
-from policyd.settings import RateLimit, RateLimitSettings
 
 
 class Clock:
@@ -206,7 +205,7 @@ def test_two_connections_racing_never_exceed_the_limit(redis_server):
 
 
 def test_config_overrides_raise_or_lift_one_key(redis_server):
-    from policyd.settings import RateOverride
+    from policyd.ratelimit import RateOverride
 
     async def scenario(check, clock):
         check.overrides = {("msgs", "newsletter"): RateOverride(limit="msgs", key="newsletter", max=5),
@@ -250,7 +249,7 @@ def test_a_global_cap_stops_a_burst_spread_over_many_users(redis_server):
 
 
 def test_overrides_file_is_read_and_reread_and_bad_lines_are_skipped(redis_server, tmp_path):
-    from policyd.settings import RateOverride
+    from policyd.ratelimit import RateOverride
 
     path = tmp_path / "overrides"
     path.write_text("# site overrides\nmsgs newsletter 5\nmsgs backup exempt\nnosuch alice 9\nmsgs bob lots\n")
