@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import tomllib
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mailwarden.config import ConfigError, Loc, dotted, format_errors
 from mailwarden.decision import Action
+from mailwarden.filewatch import FileWatch
 from mailwarden.logs import get_logger, log_kv
 from mailwarden.section import Section
 from policyd.check import ALL_CHECKS, Check
@@ -213,19 +213,9 @@ class AccessCheck(Check):
         self.files = files
         self.known_checks = known_checks
         self.check_interval = check_interval
-        self._stamps = self._file_stamps()
-        self.rules = self._load_all()
+        self.watch = FileWatch(files)
+        self.rules = self.watch.read(self._load_all)
         self._watcher: asyncio.TimerHandle | None = None
-
-    def _file_stamps(self) -> tuple[tuple[float, int] | None, ...]:
-        stamps = []
-        for path in self.files:
-            try:
-                st = os.stat(path)
-                stamps.append((st.st_mtime, st.st_size))
-            except OSError:
-                stamps.append(None)
-        return tuple(stamps)
 
     def _load_all(self) -> list[CompiledRule]:
         rules: list[CompiledRule] = []
@@ -236,15 +226,14 @@ class AccessCheck(Check):
 
     def reload(self) -> None:
         """SIGHUP, or a changed file: a broken file keeps the rules in use, and the log says where."""
-        self._stamps = self._file_stamps()
-        try:
-            self.rules = self._load_all()
-        except ConfigError as exc:
-            log_kv(log, logging.ERROR, "access rules not reloaded; keeping the rules in use", error=str(exc))
+        rules = self.watch.reread(self._load_all, ConfigError, log,
+                                  "access rules not reloaded; keeping the rules in use")
+        if rules is not None:
+            self.rules = rules
 
     def poll(self) -> bool:
         """Re-read the files if one changed on disk; True if they had."""
-        if self._file_stamps() == self._stamps:
+        if not self.watch.changed():
             return False
         self.reload()
         return True

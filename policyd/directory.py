@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import queue
 import threading
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Annotated, Any, Protocol
 from pydantic import Field, field_validator
 
 from mailwarden.backend import BackendError
+from mailwarden.filewatch import FileWatch
 from mailwarden.logs import get_logger, log_kv
 from mailwarden.section import Section
 from mailwarden.units import Duration
@@ -118,32 +118,26 @@ class FileSource:
 
     def __init__(self, settings: FileSourceSettings) -> None:
         self.paths = list(settings.paths)
-        self._stamps: tuple[object, ...] = ()
+        self.watch = FileWatch(self.paths)
         self._addresses: dict[str, tuple[str, ...]] = {}
         self._domains: set[str] = set()
         self._lock = threading.Lock()
         self._refresh()
 
-    def _stamp(self) -> tuple[object, ...]:
-        stamps: list[object] = []
-        for path in self.paths:
-            try:
-                st = os.stat(path)
-                stamps.append((st.st_mtime_ns, st.st_size))
-            except OSError:
-                stamps.append(None)
-        return tuple(stamps)
-
-    def _refresh(self) -> None:
-        stamp = self._stamp()
-        if stamp == self._stamps:
-            return
+    def _read(self) -> tuple[dict[str, tuple[str, ...]], set[str]]:
         addresses: dict[str, tuple[str, ...]] = {}
         domains: set[str] = set()
         for path in self.paths:
             _read_map(Path(path), addresses, domains)
+        return addresses, domains
+
+    def _refresh(self) -> None:
+        """Re-read the maps if one changed; one that cannot be read raises BackendError (and is tried again)."""
+        if not self.watch.changed():
+            return
+        addresses, domains = self.watch.read(self._read)
         with self._lock:
-            self._addresses, self._domains, self._stamps = addresses, domains, stamp
+            self._addresses, self._domains = addresses, domains
         log_kv(log, logging.INFO, "recipient map loaded", addresses=len(addresses), domains=len(domains))
 
     async def lookup(self, address: str) -> Lookup:

@@ -26,6 +26,7 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 
 from mailwarden.decision import Action
+from mailwarden.filewatch import FileWatch
 from mailwarden.logs import get_logger, log_kv
 from mailwarden.paths import MANAGED_WHITELIST, system_path
 from mailwarden.redis_pipe import PipelinedRedis
@@ -177,10 +178,10 @@ class GreylistCheck(Check):
         self.prefix = prefix
         self.now = now
         self.hostname = hostname
-        self._loaded_stamps = self._stamps()
-        self.clients = ClientWhitelist.load(self._client_files())
+        self.watch = FileWatch(dict.fromkeys([*settings.whitelist_clients, settings.managed_whitelist,
+                                              *settings.whitelist_recipients]))
+        self.clients, self.recipients = self.watch.read(self._load_lists)
         self.clients.log_loaded()
-        self.recipients = RecipientWhitelist.load(settings.whitelist_recipients)
         self._warned = float("-inf")
         self.opt_out = SqlOptOut(settings.opt_out_sql) if settings.opt_out_sql is not None else None
         self._watcher: asyncio.TimerHandle | None = None
@@ -194,29 +195,18 @@ class GreylistCheck(Check):
             files.append(self.settings.managed_whitelist)
         return files
 
-    def _stamps(self) -> tuple[object, ...]:
-        stamps: list[object] = []
-        for path in [*self._client_files(), *self.settings.whitelist_recipients]:
-            try:
-                st = path.stat()
-                stamps.append((str(path), st.st_mtime_ns, st.st_size))
-            except OSError:
-                stamps.append((str(path), None))
-        return tuple(stamps)
+    def _load_lists(self) -> tuple[ClientWhitelist, RecipientWhitelist]:
+        return ClientWhitelist.load(self._client_files()), RecipientWhitelist.load(self.settings.whitelist_recipients)
 
     def reload(self) -> None:
         """Re-read the whitelist files (SIGHUP, or a change on disk); a broken file keeps the lists in use
         and the log says where it broke."""
-        stamps = self._stamps()
-        try:
-            clients = ClientWhitelist.load(self._client_files())
-            recipients = RecipientWhitelist.load(self.settings.whitelist_recipients)
-        except WhitelistError as exc:
-            log_kv(log, logging.ERROR, "whitelist reload failed; keeping the previous lists", error=str(exc))
-            self._loaded_stamps = stamps
+        loaded = self.watch.reread(self._load_lists, WhitelistError, log,
+                                   "whitelist reload failed; keeping the previous lists")
+        if loaded is None:
             return
-        self.clients, self.recipients, self._loaded_stamps = clients, recipients, stamps
-        clients.log_loaded()
+        self.clients, self.recipients = loaded
+        self.clients.log_loaded()
         self.check_age(force=True)
 
     def check_age(self, force: bool = False) -> float | None:
@@ -239,7 +229,7 @@ class GreylistCheck(Check):
         loop = asyncio.get_running_loop()
 
         def tick() -> None:
-            if self._stamps() != self._loaded_stamps:
+            if self.watch.changed():
                 self.reload()
             else:
                 self.check_age()

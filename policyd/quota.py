@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from mailwarden.backend import BackendError
 from mailwarden.decision import Action
+from mailwarden.filewatch import FileWatch
 from mailwarden.logs import get_logger, log_kv
 from mailwarden.redis_pipe import PipelinedRedis
 from policyd import keys
@@ -51,17 +51,20 @@ class QuotaFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._stamp: object = None
+        self.watch = FileWatch([path])
         self.users: dict[str, Usage] = {}
 
     def refresh(self) -> None:
+        """Re-read the file if it changed; one that cannot be read fails the check (its fail mode answers)."""
+        if not self.watch.changed():
+            return
         try:
-            st = os.stat(self.path)
+            self.users = self.watch.read(self._read)
         except OSError as exc:
             raise BackendError(f"over-quota file {self.path}: {exc.strerror}", backend="quota") from None
-        stamp = (st.st_mtime_ns, st.st_size)
-        if stamp == self._stamp:
-            return
+        log_kv(log, logging.INFO, "over-quota file loaded", file=str(self.path), users=len(self.users))
+
+    def _read(self) -> dict[str, Usage]:
         users: dict[str, Usage] = {}
         for number, raw in enumerate(self.path.read_text(errors="replace").splitlines(), start=1):
             fields = raw.split("#", 1)[0].split()
@@ -73,8 +76,7 @@ class QuotaFile:
                 log_kv(log, logging.WARNING, "over-quota file line ignored", file=str(self.path), line=number)
                 continue
             users[fields[0].lower()] = usage
-        self.users, self._stamp = users, stamp
-        log_kv(log, logging.INFO, "over-quota file loaded", file=str(self.path), users=len(users))
+        return users
 
     def over(self, mailbox: str, size: int, grace_percent: float) -> bool:
         self.refresh()

@@ -21,6 +21,7 @@ from pydantic import BeforeValidator, Field, ValidationError, field_validator, m
 
 from mailwarden.backend import BackendError
 from mailwarden.decision import Action
+from mailwarden.filewatch import FileWatch
 from mailwarden.logs import get_logger, log_kv
 from mailwarden.redis_pipe import PipelinedRedis
 from mailwarden.section import Section
@@ -181,7 +182,7 @@ class RateLimitCheck(Check):
         self.windowed = [limit for limit in settings.limits if limit.window != "message"]
         self.configured = {(o.limit, o.key.lower()): o for o in settings.overrides}
         self.overrides = dict(self.configured)
-        self._file_stamp: object = None
+        self._file_watch = FileWatch([settings.overrides_file] if settings.overrides_file is not None else [])
         self._file_checked = 0.0
         self._read_overrides_file()
 
@@ -255,17 +256,18 @@ class RateLimitCheck(Check):
         path = self.settings.overrides_file
         if path is None:
             return
-        try:
-            st = path.stat()
-        except OSError as exc:
-            if self._file_stamp is not None or not self._file_checked:
-                log_kv(log, logging.ERROR, "rate-limit overrides file unreadable", file=str(path),
-                       error=exc.strerror)
-            self._file_stamp = None
+        if self._file_watch.paths != (path,):  # settings swapped in place (tests): watch the file they name
+            self._file_watch = FileWatch([path])
+        if not self._file_watch.changed():
             return
-        stamp = (st.st_mtime_ns, st.st_size)
-        if stamp == self._file_stamp:
+        overrides = self._file_watch.reread(lambda: self._parse_overrides_file(path), OSError, log,
+                                            "rate-limit overrides file unreadable", file=str(path))
+        if overrides is None:
             return
+        self.overrides = {**overrides, **self.configured}
+        log_kv(log, logging.INFO, "rate-limit overrides loaded", file=str(path), overrides=len(overrides))
+
+    def _parse_overrides_file(self, path: Path) -> dict[tuple[str, str], RateOverride]:
         names = {limit.name for limit in self.settings.limits}
         overrides: dict[tuple[str, str], RateOverride] = {}
         for number, raw in enumerate(path.read_text(errors="replace").splitlines(), start=1):
@@ -283,9 +285,7 @@ class RateLimitCheck(Check):
                        error=str(exc).splitlines()[0])
                 continue
             overrides[(override.limit, override.key.lower())] = override
-        self.overrides = {**overrides, **self.configured}
-        self._file_stamp = stamp
-        log_kv(log, logging.INFO, "rate-limit overrides loaded", file=str(path), overrides=len(overrides))
+        return overrides
 
     async def _load_user_overrides(self, request: PolicyRequest) -> None:
         """The authenticated user's overrides from the directory attribute, cached; a directory that cannot
