@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import Field, field_validator
 from pydnsbl import DNSBLIpChecker
 from pydnsbl.providers import Provider
 
@@ -25,12 +26,84 @@ from mailwarden.decision import Action
 from mailwarden.dns import DnsSettings, aiodns_resolver
 from mailwarden.logs import get_logger, log_kv
 from mailwarden.redis_pipe import PipelinedRedis
+from mailwarden.section import Section
+from mailwarden.units import Duration
 from policyd import keys
 from policyd.check import Check
 from policyd.request import PolicyRequest
 from policyd.results import DNSBL_RESULT, ListAnswer
-from policyd.settings import DnsblSettings, DnsList, code_range
+from policyd.settings_types import check_template
 from policyd.verdict import Verdict, reject
+
+
+def code_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    first = int(ipaddress.IPv4Address(low.strip()))
+    last = int(ipaddress.IPv4Address(high.strip())) if high else first
+    if last < first:
+        raise ValueError(f"{text!r}: the range ends before it starts")
+    return first, last
+
+
+class DnsList(Section):
+    zone: Annotated[str, Field(max_length=200, pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+\.?$")]
+    weight: float = 1.0
+    """Added when the list lists the client; negative for allow lists (DNSWL)."""
+    codes: list[str] = []
+    """Return codes that count, as addresses or ranges ("127.0.0.2", "127.0.0.2-127.0.0.11"); empty: any
+    code in 127.0.0.0/8 except 127.255.255.0/24 (the codes lists use to say "query refused")."""
+    name: str | None = None
+    """Shown in the reply text and the log; the zone by default."""
+
+    @field_validator("codes")
+    @classmethod
+    def _codes(cls, codes: list[str]) -> list[str]:
+        for code in codes:
+            try:
+                code_range(code)
+            except ValueError as exc:
+                raise ValueError(f"bad return code {code!r}: {exc}") from None
+        return codes
+
+    @property
+    def label(self) -> str:
+        return self.name or self.zone.rstrip(".")
+
+
+class DnsblSettings(Section):
+    lists: list[DnsList] = []
+    """The lists to ask. None by default: a site chooses lists whose terms it meets."""
+    threshold: float = 1.0
+    """Refuse when the weights of the listing lists add up to at least this."""
+    budget: Duration = 1.5
+    """Total time for all lookups of one request; a list not answered by then counts as not listed."""
+    negative_ttl: Duration = 300
+    """How long a "not listed" answer is cached (listed answers: the answer's own TTL)."""
+    max_ttl: Duration = 3600
+    action: Literal["reject", "defer"] = "reject"
+    text: str = "Service unavailable; client [{client}] blocked using {lists}{lookup}"
+    """Placeholders: {client}, {lists} (the public names of the lists that list it), {lookup}."""
+    lookup_url: str | None = None
+    """Where a refused sender can look its address up, e.g. "https://mx.example.org/blocked?ip={client}";
+    {lookup} is then "; see <url>", else empty."""
+    check_authenticated: bool = False
+    """Look SASL-authenticated clients up too. Off by default: a user sending from home is often on a
+    list of dynamic addresses (Spamhaus PBL) and must not be refused for it; they skip greylisting too."""
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, text: str) -> str:
+        return check_template(text, {"client", "lists", "lookup"})
+
+    @field_validator("lookup_url")
+    @classmethod
+    def _url(cls, url: str | None) -> str | None:
+        if url is not None:
+            if not url.startswith(("https://", "http://")):
+                raise ValueError("lookup_url must be an http(s) URL")
+            check_template(url, {"client"})
+        return url
+
 
 log = get_logger("policyd.dnsbl")
 
