@@ -16,21 +16,56 @@ import ipaddress
 import logging
 import re
 from collections.abc import Sequence
+from typing import Annotated, Literal
 
 import spf
+from pydantic import Field, field_validator
 
 from mailwarden.backend import BackendError
 from mailwarden.decision import Action
 from mailwarden.dns import DnsSettings, dnspython_resolver
 from mailwarden.logs import get_logger, log_kv
 from mailwarden.redis_pipe import PipelinedRedis
+from mailwarden.section import Section
+from mailwarden.units import Duration
 from policyd import keys
 from policyd.check import Check
 from policyd.request import PolicyRequest
 from policyd.results import SPF_RESULT, SpfResult, spf_result
-from policyd.settings import SpfSettings
+from policyd.settings_types import check_template
 from policyd.verdict import Verdict, prepend
 from policyd.whitelist import IPNetwork
+
+SpfAction = Literal["reject", "defer", "header", "ignore"]
+
+
+class SpfSettings(Section):
+    """What each SPF result does: reject (550 5.7.23), defer (451 4.7.24), header (PREPEND Received-SPF)
+    or ignore. Authenticated clients and trusted networks are not checked."""
+
+    on_pass: SpfAction = "header"  # noqa: S105 - an SPF result, not a password
+    on_fail: SpfAction = "reject"
+    on_softfail: SpfAction = "header"
+    on_neutral: SpfAction = "header"
+    on_none: SpfAction = "header"
+    on_temperror: SpfAction = "header"
+    """A DNS problem at the sender's side; "defer" is the strict choice (the sender retries later)."""
+    on_permerror: SpfAction = "header"
+    timeout: Duration = 2.0
+    """Time for the whole evaluation (all its DNS lookups); past it the result is temperror."""
+    threads: Annotated[int, Field(ge=1, le=64)] = 8
+    """pyspf is synchronous: evaluations run in this many worker threads."""
+    cache_ttl: Duration = 300
+    """Results are cached in Redis per client address and sender domain (or HELO name) this long; 0: off.
+    pyspf is the costliest check per request: the cache takes it off every repeat sender."""
+    reject_text: str = "SPF: {domain} does not allow {client} to send its mail"
+    defer_text: str = "SPF: temporary error evaluating the policy of {domain}, please try again later"
+
+    @field_validator("reject_text", "defer_text")
+    @classmethod
+    def _texts(cls, text: str) -> str:
+        return check_template(text, {"domain", "client", "result"})
+
 
 log = get_logger("policyd.spf")
 
