@@ -14,6 +14,7 @@ from mailwarden.section import Section
 from mailwarden.units import Duration
 from policyd.dnsbl import DnsblSettings
 from policyd.greylist import GreylistSettings
+from policyd.quota import QuotaSettings
 from policyd.ratelimit import RateLimitSettings
 from policyd.recipients import RecipientSettings
 from policyd.rules_files import shipped_rules_file
@@ -32,68 +33,6 @@ class FailModes(Section):
     """Unauthenticated clients (mail from the Internet)."""
     authenticated: FailAction = "dunno"
     """SASL-authenticated submission."""
-
-
-class QuotaNotifySettings(Section):
-    """At most one notice per interval to a user whose mail is being refused for a full mailbox."""
-
-    relay: str | None = None
-    """HOST:PORT of the SMTP server to send through, e.g. "127.0.0.1:25"; unset: no notices. The notice
-    itself skips the quota check (sender = ``sender``, from a trusted network), so it can reach the full
-    mailbox within the store's own grace (Dovecot's quota_grace)."""
-    sender: str = "postmaster@localhost"
-    interval: Duration = 86400
-    subject: str = "Your mailbox is full: mail to you is being refused"
-    text: str = (
-        "Your mailbox {mailbox} is full. Mail sent to you is being refused (the senders are told to try\n"
-        "again later) until you delete or archive some messages.\n"
-    )
-    """Subject and text are templates; placeholder: {mailbox}."""
-
-    @field_validator("subject")
-    @classmethod
-    def _subject(cls, text: str) -> str:
-        return check_template(text, {"mailbox"})
-
-    @field_validator("text")
-    @classmethod
-    def _text(cls, text: str) -> str:
-        return check_template(text, {"mailbox"}, one_line=False)
-
-    @field_validator("relay")
-    @classmethod
-    def _relay(cls, relay: str | None) -> str | None:
-        return relay if relay is None else listen_entry(relay)
-
-
-class QuotaSettings(Section):
-    """Over-quota rejection at the border: a recipient whose mailbox is full gets a temporary 452 4.2.2
-    (or a permanent 552 5.2.2) at RCPT, instead of a bounce from the back end later."""
-
-    sources: list[Literal["dovecot", "file"]] = ["dovecot"]
-    dovecot: str = "127.0.0.1:12340"
-    """Dovecot's quota-status service (``service quota-status { executable = quota-status -p postfix }``):
-    HOST:PORT or unix:/path. Set its quota_status_success and quota_status_nouser to DUNNO."""
-    file: Path | None = None
-    """Over-quota users, one per line: ``address`` (over quota), or ``address used_bytes limit_bytes``
-    (judged with the message size and the grace). Re-read when it changes."""
-    grace_percent: Annotated[float, Field(ge=0, le=100)] = 0
-    """For the file source: mail is still taken until usage passes the limit by this much."""
-    permanent: bool = False
-    """Answer 552 5.2.2 (the sender gives up) instead of 452 4.2.2 (the sender retries for days)."""
-    timeout: Duration = 1.0
-    text: str = "Mailbox is full"
-    notify: QuotaNotifySettings = Field(default_factory=lambda: QuotaNotifySettings())
-
-    @field_validator("dovecot")
-    @classmethod
-    def _address(cls, entry: str) -> str:
-        return listen_entry(entry)
-
-    def missing(self) -> str | None:
-        if "file" in self.sources and self.file is None:
-            return "quota.sources names file: set [policyd.quota] file"
-        return None
 
 
 class AccessSettings(Section):

@@ -383,7 +383,7 @@ def test_quota_notice_subject_is_a_template_too(monkeypatch):
     import asyncio
 
     from policyd import quota
-    from policyd.settings import QuotaSettings
+    from policyd.quota import QuotaSettings
 
     sent: list = []
     monkeypatch.setattr(quota, "send_later", lambda relay, messages, what, **context: sent.extend(messages))
