@@ -40,10 +40,22 @@ from mailwarden.decision import Action
 from mailwarden.filewatch import FileWatch
 from mailwarden.logs import get_logger, log_kv
 from mailwarden.section import Section
+from mailwarden.units import Duration
 from policyd.check import ALL_CHECKS, Check
 from policyd.request import PolicyRequest
+from policyd.rules_files import shipped_rules_file
 from policyd.settings_types import CheckName, IPNetwork, Network
 from policyd.verdict import Verdict, defer, reject
+
+
+class AccessSettings(Section):
+    """The site's access rules (see rules/access.toml for the format)."""
+
+    files: list[Path] = Field(default_factory=lambda: [shipped_rules_file("access.toml")])
+    """Rules files, read in order; their rules are tried in that order."""
+    check_interval: Duration = 5
+    """How often the files are checked for changes (they are also re-read on SIGHUP)."""
+
 
 log = get_logger("policyd.access")
 

@@ -18,14 +18,32 @@ import time
 from dataclasses import asdict, dataclass
 
 import redis
+from pydantic import field_validator
 
 from mailwarden.decision import Action
 from mailwarden.redis_pipe import PipelinedRedis
+from mailwarden.section import Section
 from policyd import keys
 from policyd.check import Check
 from policyd.request import PolicyRequest
-from policyd.settings import BlocklistSettings
+from policyd.settings_types import check_template
 from policyd.verdict import Verdict, reject
+
+
+class BlocklistSettings(Section):
+    """Snagged accounts (and, optionally, client addresses) refused with 5.7.1."""
+
+    check_clients: bool = True
+    """Also refuse client addresses on the block list (one more key in the same Redis round trip)."""
+    user_text: str = (
+        "Your account has been blocked for security reasons; please contact the help desk"
+    )
+    client_text: str = "Mail from your address is blocked; please contact the postmaster"
+
+    @field_validator("user_text", "client_text")
+    @classmethod
+    def _texts(cls, text: str) -> str:
+        return check_template(text, {"user", "client"})
 
 
 @dataclass(frozen=True)

@@ -5,20 +5,20 @@ check and each dependency behaves. Every field says its unit and default; the an
 from __future__ import annotations
 
 import ipaddress
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from mailwarden.section import Section
 from mailwarden.units import Duration
+from policyd.access import AccessSettings
+from policyd.blocklist import BlocklistSettings
 from policyd.dnsbl import DnsblSettings
 from policyd.greylist import GreylistSettings
 from policyd.quota import QuotaSettings
 from policyd.ratelimit import RateLimitSettings
 from policyd.recipients import RecipientSettings
-from policyd.rules_files import shipped_rules_file
-from policyd.settings_types import CheckName, Network, check_template, listen_entry
+from policyd.settings_types import CheckName, Network, listen_entry
 from policyd.spf import SpfSettings
 
 FailAction = Literal["dunno", "defer_if_permit", "defer"]
@@ -33,31 +33,6 @@ class FailModes(Section):
     """Unauthenticated clients (mail from the Internet)."""
     authenticated: FailAction = "dunno"
     """SASL-authenticated submission."""
-
-
-class AccessSettings(Section):
-    """The site's access rules (see rules/access.toml for the format)."""
-
-    files: list[Path] = Field(default_factory=lambda: [shipped_rules_file("access.toml")])
-    """Rules files, read in order; their rules are tried in that order."""
-    check_interval: Duration = 5
-    """How often the files are checked for changes (they are also re-read on SIGHUP)."""
-
-
-class BlocklistSettings(Section):
-    """Snagged accounts (and, optionally, client addresses) refused with 5.7.1."""
-
-    check_clients: bool = True
-    """Also refuse client addresses on the block list (one more key in the same Redis round trip)."""
-    user_text: str = (
-        "Your account has been blocked for security reasons; please contact the help desk"
-    )
-    client_text: str = "Mail from your address is blocked; please contact the postmaster"
-
-    @field_validator("user_text", "client_text")
-    @classmethod
-    def _texts(cls, text: str) -> str:
-        return check_template(text, {"user", "client"})
 
 
 class PolicydSettings(Section):

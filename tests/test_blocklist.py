@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import base_settings
 
-from policyd.blocklist import BlockList
-from policyd.settings import BlocklistSettings
+from policyd.blocklist import BlockList, BlocklistSettings
 
 USER_TEXT = BlocklistSettings().user_text
 CLIENT_TEXT = BlocklistSettings().client_text
