@@ -20,7 +20,7 @@ from policyd.blocklist import BlockList
 from policyd.greylist_admin import GreylistAdmin, Selector, TripletInfo, UnsupportedSource, update_whitelist
 from policyd.postgrey_import import import_postgrey_command
 from policyd.ratelimit_admin import RateLimitAdmin
-from policyd.settings import CheckName
+from policyd.settings_types import CheckName
 
 
 def _positive_duration(option: str, text: str | None, if_zero: str) -> float | None:

@@ -30,7 +30,8 @@ from typing import get_args
 
 from mailwarden.config import ConfigError, Loc, Problem
 from policyd.access import load_rules
-from policyd.settings import CheckName, PolicydSettings
+from policyd.settings import PolicydSettings
+from policyd.settings_types import CheckName
 from policyd.whitelist import ClientWhitelist, RecipientWhitelist
 
 ORDER: tuple[tuple[str, str, str], ...] = (

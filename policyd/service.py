@@ -29,7 +29,8 @@ from policyd.quota import QuotaCheck
 from policyd.ratelimit import RateLimitCheck
 from policyd.recipients import RecipientCheck
 from policyd.server import PolicyServer
-from policyd.settings import CheckName, PolicydSettings
+from policyd.settings import PolicydSettings
+from policyd.settings_types import CheckName
 from policyd.spf import SpfCheck
 
 log = get_logger("policyd.service")

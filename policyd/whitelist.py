@@ -18,10 +18,9 @@ from pathlib import Path
 
 from mailwarden.config import ConfigError
 from mailwarden.logs import get_logger, log_kv
+from policyd.settings_types import IPNetwork
 
 log = get_logger("policyd.whitelist")
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class WhitelistError(ConfigError):

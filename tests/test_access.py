@@ -15,7 +15,7 @@ from mailwarden.config import ConfigError
 from policyd.access import AccessCheck, load_rules
 from policyd.check import ALL_CHECKS
 from policyd.request import PolicyRequest
-from policyd.settings import CheckName
+from policyd.settings_types import CheckName
 
 CHECKS = {"access", "blocklist", "ratelimit", "greylist"}
 
