@@ -33,7 +33,6 @@ STAGE_HOOKS = {"RCPT": "on_rcpt", "END-OF-MESSAGE": "on_eom"}
 
 ALL_CHECKS = "*"
 """In ``request.skip``: every remaining check is skipped (an access rule's ``permit``)."""
-PENDING_HEADERS = "pipeline.headers"
 
 TEMPFAIL_TEXT = "Temporary local problem, please try again later"
 
@@ -119,7 +118,7 @@ class Pipeline:
             outcome.verdict, outcome.check = verdict, check.name
             if verdict.decisive:
                 # headers found for this recipient still belong to the message if a later recipient is taken
-                request.message.setdefault(PENDING_HEADERS, []).extend(h.reply for h in headers)  # type: ignore[union-attr]
+                request.transaction.pending_headers.extend(h.reply for h in headers)
                 return outcome
             if verdict.reply.startswith("PREPEND "):
                 headers.append(verdict)
@@ -130,7 +129,7 @@ class Pipeline:
         """Postfix takes one action per answer, so one PREPEND: the first now, the others kept for the next
         answers of the same transaction (a later RCPT, or DATA when check_policy_service is in
         smtpd_data_restrictions)."""
-        pending: list[str] = request.message.setdefault(PENDING_HEADERS, [])  # type: ignore[assignment]
+        pending = request.transaction.pending_headers
         pending.extend(verdict.reply for verdict in headers)
         if not pending:
             return outcome

@@ -31,7 +31,7 @@ from mailwarden.units import Duration
 from policyd import keys
 from policyd.check import Check
 from policyd.request import PolicyRequest
-from policyd.results import DNSBL_RESULT, ListAnswer
+from policyd.results import ListAnswer, dnsbl_answers
 from policyd.settings_types import check_template
 from policyd.verdict import Verdict, reject
 
@@ -155,12 +155,10 @@ class DnsblCheck(Check):
             return None
         if request.authenticated and not self.settings.check_authenticated:
             return Verdict.accept("authenticated client, not looked up")
-        kept = request.message.get(DNSBL_RESULT)
-        if kept is not None and kept[0] == request.client_ip:  # type: ignore[index]
-            result = kept[1]  # type: ignore[index]
-        else:
+        result = dnsbl_answers(request)
+        if result is None:
             result = await self.lookup(request.client_ip)
-            request.message[DNSBL_RESULT] = (request.client_ip, result)
+            request.transaction.dnsbl = (request.client_ip, result)
         return self._verdict(request, result)
 
     def _verdict(self, request: PolicyRequest, answers: list[ListAnswer]) -> Verdict | None:

@@ -128,7 +128,6 @@ class GreylistSettings(Section):
 
 log = get_logger("policyd.greylist")
 
-_HEADER_SENT = "greylist.header"
 _BATV_TAG = re.compile(r"^[0-9a-z]{10}")
 _NUMBER = re.compile(r"\b\d+\b")
 
@@ -336,8 +335,8 @@ class GreylistCheck(Check):
         if status == "pass":
             return Verdict.accept("triplet passed before")
         reason = f"retried after {int(seconds)}s"
-        if self.settings.add_header and not request.message.get(_HEADER_SENT):
-            request.message[_HEADER_SENT] = True
+        if self.settings.add_header and not request.transaction.greylist_header_sent:
+            request.transaction.greylist_header_sent = True
             date = time.strftime("%a, %d %b %Y %H:%M:%S %z", time.localtime())
             header = f"X-Greylist: delayed {int(seconds)} seconds by mailwarden-policyd at {self.hostname}; {date}"
             return Verdict.accept(reason, prepend(header))

@@ -104,7 +104,6 @@ class QuotaSettings(Section):
 log = get_logger("policyd.quota")
 
 _NOT_FULL = ("DUNNO", "OK", "PERMIT")
-_MAILBOXES = "quota.mailboxes"
 _NO_SUCH_USER = re.compile(r"5\.1\.1|unknown user|no such user|user unknown", re.IGNORECASE)
 
 
@@ -233,7 +232,7 @@ class QuotaCheck(Check):
         if len(mailboxes) != 1 or "@" not in mailboxes[0]:
             return None  # an alias to several mailboxes is not refused because one of them is full
         mailbox = mailboxes[0]
-        request.message.setdefault(_MAILBOXES, []).append(mailbox)  # type: ignore[union-attr]
+        request.transaction.quota_mailboxes += (mailbox,)
         if self._is_our_notice(request):
             return Verdict.accept("our own over-quota notice")
         return await self._judge(mailbox, _size(request))
@@ -241,10 +240,10 @@ class QuotaCheck(Check):
     async def on_eom(self, request: PolicyRequest) -> Verdict | None:
         """At END-OF-MESSAGE Postfix knows the real size, also when the client announced none: a message to
         one mailbox that does not fit is refused now (with several recipients, none is refused for one)."""
-        mailboxes = request.message.get(_MAILBOXES) or []
-        if len(mailboxes) != 1 or request.recipient_count > 1 or self._is_our_notice(request):  # type: ignore[arg-type]
+        mailboxes = request.transaction.quota_mailboxes
+        if len(mailboxes) != 1 or request.recipient_count > 1 or self._is_our_notice(request):
             return None
-        return await self._judge(mailboxes[0], _size(request))  # type: ignore[index]
+        return await self._judge(mailboxes[0], _size(request))
 
     async def _judge(self, mailbox: str, size: int) -> Verdict | None:
         for source in self.settings.sources:

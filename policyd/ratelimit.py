@@ -153,9 +153,6 @@ class RateLimitSettings(Section):
 
 log = get_logger("policyd.ratelimit")
 
-_USER_OVERRIDES = "ratelimit.user_overrides"
-_COUNTED = "ratelimit.counted"
-
 
 @dataclass(frozen=True, slots=True)
 class _Use:
@@ -190,11 +187,11 @@ class RateLimitCheck(Check):
         for limit in self.per_message:
             if not _applies(limit, request) or (key_value := self.key_value(limit, request)) is None:
                 continue
-            cap = self.configured_max(limit, key_value, request.message.get(_USER_OVERRIDES))  # type: ignore[arg-type]
+            cap = self.configured_max(limit, key_value, request.transaction.ratelimit_user_overrides)
             if cap is not None and request.rcpt_number > cap:
                 return self._refuse(limit, f"{request.rcpt_number} recipients in one message")
         await self._load_user_overrides(request)
-        counted = bool(request.message.get(_COUNTED))
+        counted = request.transaction.ratelimit_counted
         uses = []
         for limit in self.windowed:
             if not _applies(limit, request) or (key_value := self.key_value(limit, request)) is None:
@@ -207,7 +204,7 @@ class RateLimitCheck(Check):
                 uses.append(_Use(limit, key_value, 0 if counted else 1, commit=not counted))
         verdict = await self._run(uses, request)
         if verdict is None and any(use.commit and use.limit.count == "messages" for use in uses):
-            request.message[_COUNTED] = True
+            request.transaction.ratelimit_counted = True
         return verdict
 
     async def on_eom(self, request: PolicyRequest) -> Verdict | None:
@@ -225,7 +222,7 @@ class RateLimitCheck(Check):
     async def _run(self, uses: list[_Use], request: PolicyRequest) -> Verdict | None:
         if not uses:
             return None
-        extra = request.message.get(_USER_OVERRIDES) or {}
+        extra = request.transaction.ratelimit_user_overrides or {}
         uses = [use for use in uses if self.configured_max(use.limit, use.key_value, extra) is not None]
         if not uses:
             return None
@@ -290,13 +287,14 @@ class RateLimitCheck(Check):
     async def _load_user_overrides(self, request: PolicyRequest) -> None:
         """The authenticated user's overrides from the directory attribute, cached; a directory that cannot
         answer means no override (the limits as configured), logged."""
-        if self.directory is None or not request.sasl_username or _USER_OVERRIDES in request.message:
+        if (self.directory is None or not request.sasl_username
+                or request.transaction.ratelimit_user_overrides is not None):
             return
         user = request.sasl_username.lower()
         now = time.monotonic()
         kept = self._ldap_cache.get(user)
         if kept is not None and kept[0] > now:
-            request.message[_USER_OVERRIDES] = kept[1]
+            request.transaction.ratelimit_user_overrides = kept[1]
             return
         attribute = self.settings.ldap_attribute
         assert attribute is not None
@@ -305,14 +303,14 @@ class RateLimitCheck(Check):
         except BackendError as exc:
             log_kv(log, logging.WARNING, "rate-limit overrides from LDAP unavailable; limits as configured",
                    user=user, error=str(exc))
-            request.message[_USER_OVERRIDES] = {}
+            request.transaction.ratelimit_user_overrides = {}
             return
         found = self._parse_ldap_values(user, [value for entry in entries
                                                for value in _values(entry.get(attribute))])
         if len(self._ldap_cache) > 50_000:
             self._ldap_cache.clear()
         self._ldap_cache[user] = (now + self.settings.ldap_cache_ttl, found)
-        request.message[_USER_OVERRIDES] = found
+        request.transaction.ratelimit_user_overrides = found
 
     def _parse_ldap_values(self, user: str, values: list[str]) -> dict[str, RateOverride]:
         found: dict[str, RateOverride] = {}

@@ -15,6 +15,8 @@ import re
 import socket
 from dataclasses import dataclass, field
 
+from policyd.results import TransactionState
+
 _NAME = re.compile(rb"^[a-z0-9_]{1,64}$")
 _PAIR = re.compile(r"([a-z0-9_]+)=([^\n]*)")
 
@@ -61,8 +63,8 @@ class PolicyRequest:
     queue_id: str
     instance: str
     recipient_count: int
-    message: dict[str, object] = field(default_factory=dict)
-    """Scratch space shared by the requests of one mail transaction on one connection (set by the
+    transaction: TransactionState = field(default_factory=TransactionState)
+    """Scratch space shared by the requests of one mail transaction on one connection (given by the
     connection from ``instance``): lets a check count a message once, not once per recipient."""
     skip: set[str] = field(default_factory=set)
     """Checks not to run for this request (set by access rules)."""
@@ -74,7 +76,7 @@ class PolicyRequest:
     """1 for the first RCPT request of the transaction, 2 for the second... (set by the connection)."""
 
     @classmethod
-    def from_attrs(cls, attrs: dict[str, str]) -> PolicyRequest:
+    def from_attrs(cls, attrs: dict[str, str], transaction: TransactionState | None = None) -> PolicyRequest:
         address = attrs.get("client_address", "")
         ip = parse_ip(address)
         if ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
@@ -96,6 +98,7 @@ class PolicyRequest:
             queue_id=attrs.get("queue_id", ""),
             instance=attrs.get("instance", ""),
             recipient_count=count,
+            transaction=TransactionState() if transaction is None else transaction,
         )
 
     @property

@@ -39,6 +39,7 @@ from mailwarden.logs import DecisionLog, Throttled, get_logger, log_kv
 from policyd import metrics
 from policyd.check import Outcome, Pipeline, fail_verdict
 from policyd.request import PolicyRequest, ProtocolError, RequestReader
+from policyd.results import TransactionState
 from policyd.settings import PolicydSettings
 from policyd.verdict import Verdict, defer_if_permit
 
@@ -88,7 +89,7 @@ class PolicyConnection(asyncio.Protocol):
         """When the first byte of the request being received arrived (None between requests)."""
         self.draining = False
         self.instance = ""
-        self.message: dict[str, object] = {}
+        self.transaction = TransactionState()
         self.rcpt_number = 0
 
     # -- transport callbacks ------------------------------------------------------------------
@@ -206,7 +207,7 @@ class PolicyConnection(asyncio.Protocol):
         if not self.queue or self.transport is None or self.transport.is_closing():
             self.current = None
             return
-        request = PolicyRequest.from_attrs(self.queue.popleft())
+        request = PolicyRequest.from_attrs(self.queue.popleft(), self.transaction)
         self._track_transaction(request)
         loop = asyncio.get_running_loop()
         flight = _InFlight(request, time.perf_counter())
@@ -216,14 +217,14 @@ class PolicyConnection(asyncio.Protocol):
         task.add_done_callback(lambda done: self._decided(flight, done))
 
     def _track_transaction(self, request: PolicyRequest) -> None:
-        """Give the request its transaction's scratch space, keyed by Postfix's ``instance``."""
+        """Give the request its transaction's scratch space, keyed by Postfix's ``instance`` (it was made
+        with the connection's current one; the first request of a transaction gets a new one)."""
         if not request.instance or request.instance != self.instance:
             self.instance = request.instance
-            self.message = {}
+            self.transaction = request.transaction = TransactionState()
             self.rcpt_number = 0
         if request.protocol_state == "RCPT":
             self.rcpt_number += 1
-        request.message = self.message
         request.rcpt_number = max(self.rcpt_number, 1)
 
     def _decided(self, flight: _InFlight, task: asyncio.Task[Outcome]) -> None:

@@ -31,7 +31,7 @@ from mailwarden.units import Duration
 from policyd import keys
 from policyd.check import Check
 from policyd.request import PolicyRequest
-from policyd.results import SPF_RESULT, SpfResult, spf_result
+from policyd.results import SpfResult, spf_result
 from policyd.settings_types import check_template
 from policyd.verdict import Verdict, prepend
 from policyd.whitelist import IPNetwork
@@ -69,7 +69,6 @@ class SpfSettings(Section):
 
 log = get_logger("policyd.spf")
 
-_HEADER_SENT = "spf.header"
 _COMMENTS = {
     "pass": "domain of {domain} designates {ip} as permitted sender",
     "fail": "domain of {domain} does not designate {ip} as permitted sender",
@@ -142,7 +141,7 @@ class SpfCheck(Check):
         result = spf_result(request)
         if result is None:
             result = await self._cached(request) or await self._evaluate(request)
-            request.message[SPF_RESULT] = result
+            request.transaction.spf = result
         return self._verdict(result, request)
 
     def _cache_key(self, request: PolicyRequest, helo: str) -> str:
@@ -204,8 +203,8 @@ class SpfCheck(Check):
             text = self.settings.defer_text.format(domain=result.domain, client=request.client_address,
                                                    result=result.result)
             return Verdict.refuse(Action.DEFER, reason, f"451 4.7.24 {text}")
-        if action == "header" and result.domain and not request.message.get(_HEADER_SENT):
-            request.message[_HEADER_SENT] = True
+        if action == "header" and result.domain and not request.transaction.spf_header_sent:
+            request.transaction.spf_header_sent = True
             header = received_spf(result, _helo(request), self.receiver)
             return Verdict.accept(reason, prepend(" ".join(header.split())))
         return Verdict.accept(reason)

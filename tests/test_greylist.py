@@ -11,6 +11,7 @@ from mailwarden.redis_pipe import PipelinedRedis
 from mailwarden.redis_settings import RedisSettings
 from policyd.greylist import GreylistCheck, GreylistSettings, client_network, human_wait, normalise_sender
 from policyd.request import PolicyRequest
+from policyd.results import TransactionState
 from policyd.service import load_scripts
 from policyd.whitelist import ClientWhitelist, RecipientWhitelist, WhitelistError
 
@@ -139,7 +140,7 @@ def test_delay_early_retry_pass_and_header_once(redis_server):
 
 def test_header_is_added_once_per_message(redis_server):
     async def scenario(check, clock):
-        shared: dict[str, object] = {}
+        shared = TransactionState()
         for rcpt in ("a@example.test", "b@example.test"):
             r = request(rcpt=rcpt)
             assert (await check.on_rcpt(r)).decisive
@@ -147,7 +148,7 @@ def test_header_is_added_once_per_message(redis_server):
         replies = []
         for rcpt in ("a@example.test", "b@example.test"):
             r = request(rcpt=rcpt)
-            r.message = shared
+            r.transaction = shared
             replies.append((await check.on_rcpt(r)).reply)
         assert replies[0].startswith("PREPEND X-Greylist") and replies[1] == "DUNNO"
     run_check(redis_server.url, scenario)
@@ -257,7 +258,7 @@ def test_only_suspicious_clients_are_greylisted_when_configured(redis_server, na
         r = request()
         r.client_name = name
         if listed:
-            r.message["dnsbl.result"] = (r.client_ip, [ListAnswer("weak.test", 1.0, ("127.0.0.5",))])
+            r.transaction.dnsbl = (r.client_ip, [ListAnswer("weak.test", 1.0, ("127.0.0.5",))])
         verdict = await check.on_rcpt(r)
         assert verdict.decisive == greylisted, verdict
     run_check(redis_server.url, scenario, only_suspicious=True)

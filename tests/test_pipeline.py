@@ -13,6 +13,7 @@ from mailwarden.decision import Action
 from mailwarden.logs import DecisionLog
 from policyd.check import Check, Pipeline
 from policyd.request import PolicyRequest
+from policyd.results import TransactionState
 from policyd.server import PolicyServer
 from policyd.settings import PolicydSettings
 from policyd.verdict import Verdict, prepend
@@ -97,10 +98,8 @@ def test_a_header_found_for_a_refused_recipient_goes_out_with_the_next_answer():
     header = Fixed("h", Verdict.accept("tagged", prepend("X-Test: 1")))
     refuse_first = Fixed("r", Verdict.refuse(Action.REJECT, "no", "550 5.1.1 no"))
     pipeline = Pipeline(PolicydSettings(), [header, refuse_first])
-    shared: dict[str, object] = {}
-    first = PolicyRequest.from_attrs({"protocol_state": "RCPT", "client_address": "192.0.2.1"})
-    first.message = shared
+    shared = TransactionState()
+    first = PolicyRequest.from_attrs({"protocol_state": "RCPT", "client_address": "192.0.2.1"}, shared)
     assert asyncio.run(pipeline.decide(first)).verdict.reply == "550 5.1.1 no"
-    data = PolicyRequest.from_attrs({"protocol_state": "DATA", "client_address": "192.0.2.1"})
-    data.message = shared
+    data = PolicyRequest.from_attrs({"protocol_state": "DATA", "client_address": "192.0.2.1"}, shared)
     assert asyncio.run(pipeline.decide(data)).verdict.reply == "PREPEND X-Test: 1"

@@ -9,6 +9,7 @@ from mailwarden.redis_pipe import PipelinedRedis
 from mailwarden.redis_settings import RedisSettings
 from policyd.ratelimit import RateLimit, RateLimitCheck, RateLimitSettings
 from policyd.request import PolicyRequest
+from policyd.results import TransactionState
 from policyd.service import load_scripts
 
 
@@ -24,7 +25,7 @@ def req(user: str = "alice", rcpt: str = "r@example.test", state: str = "RCPT", 
         **attrs: str) -> PolicyRequest:
     r = PolicyRequest.from_attrs({"protocol_state": state, "sasl_username": user, "recipient": rcpt,
                                   "sender": f"{user}@example.org", "client_address": "192.0.2.10", **attrs})
-    r.message = {} if message is None else message
+    r.transaction = TransactionState() if message is None else message
     r.rcpt_number = rcpt_number
     return r
 
@@ -52,7 +53,7 @@ HOURLY = {"name": "msgs", "key": "sasl_user", "count": "messages", "max": 3, "wi
 def test_message_counted_once_at_its_first_recipient(redis_server):
     async def scenario(check, clock):
         for _message in range(3):
-            shared: dict[str, object] = {}
+            shared = TransactionState()
             for n in range(1, 6):  # five recipients each
                 assert await check.on_rcpt(req(message=shared, rcpt_number=n)) is None
         refused = await check.on_rcpt(req())
@@ -68,7 +69,7 @@ def test_refused_first_recipient_does_not_let_the_next_one_through(redis_server)
     async def scenario(check, clock):
         for _ in range(3):
             assert await check.on_rcpt(req()) is None
-        shared: dict[str, object] = {}
+        shared = TransactionState()
         assert (await check.on_rcpt(req(message=shared))).decisive
         assert (await check.on_rcpt(req(message=shared, rcpt_number=2))).decisive
     with_check(redis_server.url, [HOURLY], scenario)
@@ -90,7 +91,7 @@ def test_recipient_limit_counts_each_recipient(redis_server):
     limit = {"name": "rcpts", "key": "sasl_user", "count": "recipients", "max": 4, "window": "1d", "action": "reject"}
 
     async def scenario(check, clock):
-        shared: dict[str, object] = {}
+        shared = TransactionState()
         for n in range(1, 5):
             assert await check.on_rcpt(req(message=shared, rcpt_number=n)) is None
         refused = await check.on_rcpt(req(message=shared, rcpt_number=5))
