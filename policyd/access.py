@@ -45,7 +45,7 @@ from policyd.check import ALL_CHECKS, Check
 from policyd.request import PolicyRequest
 from policyd.rules_files import shipped_rules_file
 from policyd.settings_types import CheckName, IPNetwork, Network
-from policyd.verdict import Verdict, defer, reject
+from policyd.verdict import DEFER_POLICY, REJECT_POLICY, Verdict, defer, reject
 
 
 class AccessSettings(Section):
@@ -285,10 +285,10 @@ class AccessCheck(Check):
             if rule.action == "reject":
                 text = rule.text or "Access denied"
                 return Verdict.refuse(Action.REJECT, f"access rule {rule.name}: reject",
-                                      reject(text, rule.code or "550 5.7.1"))
+                                      reject(text, rule.code or REJECT_POLICY))
             text = rule.text or "Try again later"
             return Verdict.refuse(Action.DEFER, f"access rule {rule.name}: defer",
-                                  defer(text, rule.code or "450 4.7.1"))
+                                  defer(text, rule.code or DEFER_POLICY))
         if skipped:
             return Verdict.accept(f"access rule {','.join(skipped)}: skip {','.join(sorted(request.skip))}")
         return None

@@ -19,7 +19,7 @@ from mailwarden.decision import Action
 from mailwarden.logs import get_logger, log_kv
 from policyd import metrics
 from policyd.request import PolicyRequest
-from policyd.verdict import DUNNO, Verdict, defer, defer_if_permit
+from policyd.verdict import DUNNO, PREPEND_PREFIX, TEMPFAIL, TEMPFAIL_STATUS, Verdict, defer, defer_if_permit
 
 if TYPE_CHECKING:  # settings.py imports the check modules, which import this one
     from policyd.settings import PolicydSettings
@@ -75,8 +75,8 @@ def fail_verdict(settings: PolicydSettings, dependency: str, request: PolicyRequ
     if mode == "dunno":
         return Verdict(Action.FAIL_OPEN, reason, DUNNO, decisive=False)
     if mode == "defer_if_permit":
-        return Verdict.refuse(Action.DEFER, reason, defer_if_permit(f"4.3.0 {TEMPFAIL_TEXT}"))
-    return Verdict.refuse(Action.DEFER, reason, defer(TEMPFAIL_TEXT, "451 4.3.0"))
+        return Verdict.refuse(Action.DEFER, reason, defer_if_permit(f"{TEMPFAIL_STATUS} {TEMPFAIL_TEXT}"))
+    return Verdict.refuse(Action.DEFER, reason, defer(TEMPFAIL_TEXT, TEMPFAIL))
 
 
 def failed_dependency(check: Check, exc: BackendError) -> str:
@@ -120,7 +120,7 @@ class Pipeline:
                 # headers found for this recipient still belong to the message if a later recipient is taken
                 request.transaction.pending_headers.extend(h.reply for h in headers)
                 return outcome
-            if verdict.reply.startswith("PREPEND "):
+            if verdict.reply.startswith(PREPEND_PREFIX):
                 headers.append(verdict)
         return self._with_header(request, outcome, headers)
 

@@ -33,7 +33,7 @@ from policyd.check import Check
 from policyd.request import PolicyRequest
 from policyd.results import ListAnswer, dnsbl_answers
 from policyd.settings_types import check_template
-from policyd.verdict import Verdict, reject
+from policyd.verdict import Verdict, defer, reject
 
 
 def code_range(text: str) -> tuple[int, int]:
@@ -178,7 +178,7 @@ class DnsblCheck(Check):
         text = self.settings.text.format(client=request.client_address, lists=lists, lookup=lookup)
         reason = f"score {score:g} reached {self.settings.threshold:g}: {detail}"
         if self.settings.action == "defer":
-            return Verdict.refuse(Action.DEFER, reason, f"450 4.7.1 {text}")
+            return Verdict.refuse(Action.DEFER, reason, defer(text))
         return Verdict.refuse(Action.REJECT, reason, reject(text))
 
     async def lookup(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[ListAnswer]:

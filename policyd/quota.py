@@ -35,7 +35,7 @@ from policyd.check import Check
 from policyd.notify import compose, send_later
 from policyd.request import PolicyRequest
 from policyd.settings_types import check_template, listen_entry
-from policyd.verdict import Verdict
+from policyd.verdict import DEFER_MAILBOX_FULL, DUNNO, OK, PERMIT, REJECT_MAILBOX_FULL, Verdict, defer, reject
 from policyd.whitelist import IPNetwork
 
 
@@ -103,7 +103,7 @@ class QuotaSettings(Section):
 
 log = get_logger("policyd.quota")
 
-_NOT_FULL = ("DUNNO", "OK", "PERMIT")
+_NOT_FULL = (DUNNO, OK, PERMIT)
 _NO_SUCH_USER = re.compile(r"5\.1\.1|unknown user|no such user|user unknown", re.IGNORECASE)
 
 
@@ -290,10 +290,12 @@ class QuotaCheck(Check):
     async def _refuse(self, mailbox: str, detail: str, full: bool, size: int) -> Verdict:
         if full:
             await self._notify(mailbox)
-        code = "552 5.2.2" if self.settings.permanent else "452 4.2.2"
-        action = Action.REJECT if self.settings.permanent else Action.DEFER
+        if self.settings.permanent:
+            action, reply = Action.REJECT, reject(self.settings.text, REJECT_MAILBOX_FULL)
+        else:
+            action, reply = Action.DEFER, defer(self.settings.text, DEFER_MAILBOX_FULL)
         what = "over quota" if full else f"has no room for {size} bytes"
-        return Verdict.refuse(action, f"mailbox {mailbox} {what} ({detail})", f"{code} {self.settings.text}")
+        return Verdict.refuse(action, f"mailbox {mailbox} {what} ({detail})", reply)
 
 
 def _size(request: PolicyRequest) -> int:

@@ -32,7 +32,7 @@ from policyd.directory import LdapSource
 from policyd.notify import LimitNotifier, NotifySettings
 from policyd.request import PolicyRequest
 from policyd.settings_types import check_template
-from policyd.verdict import Verdict, defer, reject
+from policyd.verdict import Verdict, defer, hold, reject
 
 
 def _parse_window(value: object) -> float | str:
@@ -357,7 +357,7 @@ class RateLimitCheck(Check):
             return Verdict.refuse(Action.REJECT, reason, reject(self.settings.reject_text.format(**fields)))
         if limit.action == "hold":
             # Postfix takes the message into its hold queue: nothing lost, nothing sent, the postmaster decides
-            return Verdict.refuse(Action.HOLD, reason, f"HOLD {self.settings.hold_text.format(**fields)}")
+            return Verdict.refuse(Action.HOLD, reason, hold(self.settings.hold_text.format(**fields)))
         return Verdict.refuse(Action.DEFER, reason, defer(self.settings.defer_text.format(**fields)))
 
     def key_value(self, limit: RateLimit, request: PolicyRequest) -> str | None:

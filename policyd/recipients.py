@@ -36,7 +36,7 @@ from policyd.directory import (
     Status,
 )
 from policyd.request import PolicyRequest
-from policyd.verdict import Verdict, reject
+from policyd.verdict import REJECT_BAD_ADDRESS, REJECT_DISABLED_MAILBOX, REJECT_UNKNOWN_USER, Verdict, reject
 
 
 class RecipientSettings(Section):
@@ -119,7 +119,7 @@ class RecipientCheck(Check):
         recipient = request.recipient
         if len(recipient) > MAX_ADDRESS or len(recipient.rpartition("@")[0]) > MAX_LOCAL_PART:
             return Verdict.refuse(Action.REJECT, "recipient address too long",
-                                  reject("Bad recipient address syntax", "550 5.1.3"))
+                                  reject("Bad recipient address syntax", REJECT_BAD_ADDRESS))
         address = lookup_key(recipient, self.settings.recipient_delimiter)
         if address is None:
             return Verdict.accept("recipient is not a full address; not checked")
@@ -134,9 +134,9 @@ class RecipientCheck(Check):
             return Verdict.accept(f"recipient known ({found.source or 'cache'})")
         if found.status is Status.DISABLED:
             return Verdict.refuse(Action.REJECT, f"recipient account disabled ({found.source or 'cache'})",
-                                  reject(self.settings.disabled_text, "550 5.2.1"))
+                                  reject(self.settings.disabled_text, REJECT_DISABLED_MAILBOX))
         return Verdict.refuse(Action.REJECT, f"recipient unknown ({found.source or 'cache'})",
-                              reject(self.settings.unknown_text, "550 5.1.1"))
+                              reject(self.settings.unknown_text, REJECT_UNKNOWN_USER))
 
     async def lookup(self, address: str) -> Lookup:
         failure: BackendError | None = None

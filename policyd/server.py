@@ -41,7 +41,7 @@ from policyd.check import Outcome, Pipeline, fail_verdict
 from policyd.request import PolicyRequest, ProtocolError, RequestReader
 from policyd.results import TransactionState
 from policyd.settings import PolicydSettings
-from policyd.verdict import Verdict, defer_if_permit
+from policyd.verdict import TEMPFAIL_STATUS, Verdict, defer_if_permit
 
 log = get_logger("policyd.server")
 
@@ -51,7 +51,7 @@ _STAGES = {
 }
 DEADLINE_TICK = 0.05
 """How often requests are checked against ``answer_within``: answers in the fail mode come at most this late."""
-INTERNAL_ERROR_TEXT = "4.3.0 Temporary local problem, please try again later"
+INTERNAL_ERROR_TEXT = f"{TEMPFAIL_STATUS} Temporary local problem, please try again later"
 DRAIN_IDLE_GRACE = 0.5
 """On SIGTERM, how long a connection with nothing in flight may still send a request before it is closed:
 a client that wrote its next request just before the signal gets the answer instead of a reset."""

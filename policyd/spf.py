@@ -33,7 +33,7 @@ from policyd.check import Check
 from policyd.request import PolicyRequest
 from policyd.results import SpfResult, spf_result
 from policyd.settings_types import check_template
-from policyd.verdict import Verdict, prepend
+from policyd.verdict import DEFER_SPF_ERROR, REJECT_SPF_FAIL, Verdict, defer, prepend, reject
 from policyd.whitelist import IPNetwork
 
 SpfAction = Literal["reject", "defer", "header", "ignore"]
@@ -198,11 +198,11 @@ class SpfCheck(Check):
         if action == "reject":
             text = self.settings.reject_text.format(domain=result.domain, client=request.client_address,
                                                     result=result.result)
-            return Verdict.refuse(Action.REJECT, reason, f"550 5.7.23 {text}")
+            return Verdict.refuse(Action.REJECT, reason, reject(text, REJECT_SPF_FAIL))
         if action == "defer":
             text = self.settings.defer_text.format(domain=result.domain, client=request.client_address,
                                                    result=result.result)
-            return Verdict.refuse(Action.DEFER, reason, f"451 4.7.24 {text}")
+            return Verdict.refuse(Action.DEFER, reason, defer(text, DEFER_SPF_ERROR))
         if action == "header" and result.domain and not request.transaction.spf_header_sent:
             request.transaction.spf_header_sent = True
             header = received_spf(result, _helo(request), self.receiver)
