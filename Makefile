@@ -11,7 +11,7 @@ test:
 	@bash tools/test.sh
 
 lint:
-	@bash tools/bootstrap.sh && .venv/bin/ruff check .
+	@bash tools/bootstrap.sh && .venv/bin/ruff check . && .venv/bin/mypy
 
 lock:
 	@bash tools/lock.sh

@@ -70,9 +70,9 @@ class Decision:
             if value:
                 parts += (" ", key, "=", logfmt_value(value))
         parts.append(f" ms={self.seconds * 1000:.2f}")
-        for key, value in self.extra.items():
-            if value is not None and value != "":
-                parts += (" ", key, "=", logfmt_value(value))
+        for key, extra in self.extra.items():
+            if extra is not None and extra != "":
+                parts += (" ", key, "=", logfmt_value(extra))
         if self.reply:
             parts += (" reply=", logfmt_value(self.reply))
         return "".join(parts)

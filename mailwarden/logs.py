@@ -58,17 +58,15 @@ def _timestamp(created: float) -> str:
 def setup_logging(settings: LoggingSettings, stream: TextIO | None = None) -> DecisionLog:
     """Configure the ``mailwarden`` logger tree and return the decision sink that goes with it."""
     root = logging.getLogger(LOGGER_NAME)
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for old in list(root.handlers):
+        root.removeHandler(old)
     root.setLevel(settings.level.upper())
     root.propagate = False
     if settings.destination == "syslog":
-        handler: logging.Handler = logging.handlers.SysLogHandler(
-            address=settings.syslog_socket, facility=settings.syslog_facility
-        )
-        handler.ident = f"mailwarden[{os.getpid()}]: "  # the syslog tag, so the line can be found and filtered
-        handler.setFormatter(LogfmtFormatter(with_time=False))
-        root.addHandler(handler)
+        syslog = logging.handlers.SysLogHandler(address=settings.syslog_socket, facility=settings.syslog_facility)
+        syslog.ident = f"mailwarden[{os.getpid()}]: "  # the syslog tag, so the line can be found and filtered
+        syslog.setFormatter(LogfmtFormatter(with_time=False))
+        root.addHandler(syslog)
         return DecisionLog(enabled=settings.decisions, logger=logging.getLogger(f"{LOGGER_NAME}.decision"))
     out = stream or sys.stderr
     handler = logging.StreamHandler(out)

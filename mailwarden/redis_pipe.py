@@ -36,6 +36,7 @@ from mailwarden.backend import BackendError
 from mailwarden.logs import Throttled, get_logger, log_kv
 from mailwarden.redis_sentinel import Address, SentinelLookup
 from mailwarden.redis_settings import RedisSettings
+from mailwarden.resp import pack
 
 log = get_logger("redis")
 
@@ -96,7 +97,7 @@ class _Resp(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  (uvloop's transports are not subclasses)
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
 
     def data_received(self, data: bytes) -> None:
         self.owner._on_data(self, data)
@@ -161,7 +162,7 @@ class PipelinedRedis:
             future.set_exception(RedisUnavailable(f"not connected to redis {self.address or self.settings.url}"))
             self._ensure_connector()
             return future
-        self._send(hiredis.pack_command(args), future)
+        self._send(pack(args), future)
         return future
 
     def run_script(self, name: str, keys: Sequence[Arg], args: Sequence[Arg]) -> asyncio.Future[object]:
@@ -249,6 +250,7 @@ class PipelinedRedis:
         if path:
             coro = loop.create_unix_connection(lambda: _Resp(self), path)
         else:
+            assert host is not None and port is not None  # a TCP endpoint has both
             coro = loop.create_connection(lambda: _Resp(self), host, port)
         _transport, proto = await asyncio.wait_for(coro, timeout)
         self._reader = hiredis.Reader()
@@ -272,9 +274,9 @@ class PipelinedRedis:
         ep = self._endpoint
         if ep.password:
             auth = ("AUTH", ep.username, ep.password) if ep.username else ("AUTH", ep.password)
-            self._send(hiredis.pack_command(auth), None)
+            self._send(pack(auth), None)
         if ep.db:
-            self._send(hiredis.pack_command(("SELECT", ep.db)), None)
+            self._send(pack(("SELECT", ep.db)), None)
         self._load_scripts()
         await self._request("PING")
         if self._sentinels:
@@ -285,7 +287,7 @@ class PipelinedRedis:
     def _request(self, *args: Arg) -> asyncio.Future[object]:
         """A command on the connection being set up (``call`` refuses until it counts as up)."""
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self._send(hiredis.pack_command(args), future)
+        self._send(pack(args), future)
         return future
 
     async def _locate(self) -> tuple[str | None, int | None, str | None]:
@@ -300,7 +302,7 @@ class PipelinedRedis:
 
     def _load_scripts(self) -> None:
         for script in self.scripts.values():
-            self._send(hiredis.pack_command(("SCRIPT", "LOAD", script.source)), None)
+            self._send(pack(("SCRIPT", "LOAD", script.source)), None)
 
     def _arm_watchdog(self) -> None:
         self._watchdog = asyncio.get_running_loop().call_later(self.settings.timeout / 4, self._check_stalled)

@@ -18,6 +18,7 @@ import hiredis
 
 from mailwarden.logs import Throttled, get_logger
 from mailwarden.redis_settings import RedisSettings
+from mailwarden.resp import pack
 
 log = get_logger("redis")
 
@@ -78,10 +79,10 @@ class SentinelLookup:
     async def _ask(self, host: str, port: int) -> Address:
         reader, writer = await asyncio.open_connection(host, port)
         try:
-            commands = [("AUTH", self.password)] if self.password else []
+            commands: list[tuple[str, ...]] = [("AUTH", self.password)] if self.password else []
             commands.append(("SENTINEL", "get-master-addr-by-name", self.service))
-            writer.write(b"".join(hiredis.pack_command(command) for command in commands))
-            parser, replies = hiredis.Reader(), []
+            writer.write(b"".join(pack(command) for command in commands))
+            parser, replies = hiredis.Reader(), list[object]()
             while len(replies) < len(commands):
                 data = await reader.read(65536)
                 if not data:

@@ -70,7 +70,7 @@ class BlocklistCheck(Check):
         """Prefix lengths of blocked networks by IP version, as ``block:nets`` last said."""
 
     def _network_keys(self, ip: IPAddress) -> list[str]:
-        ip = ip.ipv4_mapped or ip if ip.version == 6 else ip  # type: ignore[union-attr]
+        ip = ip.ipv4_mapped or ip if ip.version == 6 else ip
         number, bits = int(ip), ip.max_prefixlen
         found = []
         for length in self._lengths.get(ip.version, ()):

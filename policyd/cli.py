@@ -161,10 +161,10 @@ def _admin(ctx: CliContext) -> GreylistAdmin:
 
 def _selector(**given: str | None) -> Selector:
     try:
-        if given.get("client"):
-            ipaddress.ip_address(given["client"])
-        if given.get("network"):
-            ipaddress.ip_network(given["network"], strict=False)
+        if client := given.get("client"):
+            ipaddress.ip_address(client)
+        if network := given.get("network"):
+            ipaddress.ip_network(network, strict=False)
     except ValueError as exc:
         fail(str(exc), 2)
     return Selector(**given)

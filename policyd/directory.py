@@ -15,10 +15,11 @@ import concurrent.futures
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Protocol, TypeVar
 
 from pydantic import Field, field_validator
 
@@ -80,6 +81,8 @@ class LdapSourceSettings(Section):
             raise ValueError("an LDAP filter is enclosed in parentheses")
         return text
 
+
+T = TypeVar("T")
 
 log = get_logger("policyd.directory")
 
@@ -295,7 +298,7 @@ class LdapSource:
         return self._interpret(address, self.entries(address))
 
     async def entries_async(self, address: str, template: str, attributes: list[str]) -> list[dict[str, Any]]:
-        return await _bounded(self.pool, lambda a: self.entries(a, template, attributes), address,  # type: ignore[arg-type]
+        return await _bounded(self.pool, lambda a: self.entries(a, template, attributes), address,
                               self.settings.timeout * 2 + 0.5, "ldap")
 
     def _interpret(self, address: str, entries: list[dict[str, Any]]) -> Lookup:
@@ -337,8 +340,8 @@ def _quietly_unbind(conn: Any) -> None:
         log.debug("unbind of a broken LDAP connection failed", exc_info=True)
 
 
-async def _bounded(pool: concurrent.futures.Executor, func: Any, address: str, timeout: float, backend: str
-                   ) -> Lookup:
+async def _bounded(pool: concurrent.futures.Executor, func: Callable[[str], T], address: str, timeout: float,
+                   backend: str) -> T:
     loop = asyncio.get_running_loop()
     try:
         return await asyncio.wait_for(loop.run_in_executor(pool, func, address), timeout)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import Field, field_validator
 from pydnsbl import DNSBLIpChecker
@@ -109,7 +109,7 @@ log = get_logger("policyd.dnsbl")
 
 
 
-class _ZoneProvider(Provider):  # type: ignore[misc]
+class _ZoneProvider(Provider):
     """pydnsbl's provider, with the list's return-code filter."""
 
     def __init__(self, dns_list: DnsList) -> None:
@@ -186,13 +186,13 @@ class DnsblCheck(Check):
         address = ip.compressed
         cache_keys = [f"{self.prefix}{keys.DNSBL}{p.host}:{address}" for p in self.providers]
         try:
-            cached = await self.redis.call("MGET", *cache_keys)
+            cached = cast("list[bytes | None]", await self.redis.call("MGET", *cache_keys))
         except BackendError as exc:  # a cache that fails is a miss, never a failed lookup
             log_kv(log, logging.WARNING, "dnsbl cache unavailable; asking DNS", error=str(exc))
             cached = [None] * len(cache_keys)
         answers: dict[int, ListAnswer] = {}
         missing = []
-        for index, (provider, raw) in enumerate(zip(self.providers, cached, strict=True)):  # type: ignore[arg-type]
+        for index, (provider, raw) in enumerate(zip(self.providers, cached, strict=True)):
             if raw is None:
                 missing.append(index)
                 continue
@@ -252,5 +252,5 @@ class DnsblCheck(Check):
 
 
 def _dns_error(exc: BaseException) -> str:
-    args = getattr(exc, "args", ())
+    args: tuple[Any, ...] = getattr(exc, "args", ())
     return str(args[1]) if len(args) > 1 else str(exc) or type(exc).__name__

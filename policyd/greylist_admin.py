@@ -228,7 +228,7 @@ class GreylistAdmin:
         return sorted(found, key=lambda w: (str(w.get("domain")), str(w.get("recipient") or "")))
 
     def _fields(self, key: str) -> dict[str, str]:
-        return {k.decode(): v.decode() for k, v in self.redis.hgetall(key).items()}
+        return {_text(k): _text(v) for k, v in self.redis.hgetall(key).items()}
 
 
 def _window(value: bytes | str, ttl: int | None) -> dict[str, object]:
@@ -350,3 +350,8 @@ def update_whitelist(source: str, target: Path, now: float | None = None) -> dic
         raise
     return {"file": str(target), "source": source, "updated": stamp, "dated": list_stamp,
             "age_seconds": max(0, round(now - dated)), "entries": loaded.entries()}
+
+
+def _text(value: bytes | str) -> str:
+    """A Redis reply as text (the CLI's client returns bytes; its type stub allows str too)."""
+    return value.decode() if isinstance(value, bytes) else value

@@ -70,14 +70,14 @@ class RateLimitAdmin:
             if configured is not None:
                 cap, label = (None if configured.exempt else configured.max), "config"
             if override is not None:
-                text = override.decode()
+                text = override.decode() if isinstance(override, bytes) else str(override)
                 cap, label = (None, "exempt") if text == "exempt" else (int(float(text)), text)
-            window = float(limit.window)  # type: ignore[arg-type]
+            window = float(limit.window)
             standings.append(Standing(limit.name, value, self._estimate(bucket, window), cap,
                                       format_duration(window), label, ttl if ttl and ttl > 0 else None))
         return standings
 
-    def _estimate(self, bucket: list[bytes | None], window: float) -> int:
+    def _estimate(self, bucket: list[bytes | str | None], window: float) -> int:
         """The script's two-bucket sliding-window estimate, read without changing anything."""
         index = math.floor(self.now / window)
         stored = int(bucket[0]) if bucket[0] is not None else None

@@ -98,7 +98,7 @@ class RecipientCheck(Check):
         self.redis = redis_pipe
         self.prefix = prefix
         self.domains = set(settings.domains)
-        self.dependency = settings.sources[0]  # type: ignore[misc]  (whose fail mode a time-out takes)
+        self.dependency = settings.sources[0]  # type: ignore[misc]  # whose fail mode a time-out takes
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=settings.ldap.connections + 2,
                                                           thread_name_prefix="directory")
         self.sources: list[Source] = []

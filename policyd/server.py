@@ -95,7 +95,7 @@ class PolicyConnection(asyncio.Protocol):
     # -- transport callbacks ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  (uvloop's transports are not subclasses)
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else self.listener
         if self.server.draining or (len(self.server.connections) >= self.server.settings.max_connections

@@ -104,7 +104,7 @@ class PolicydSettings(Section):
 
     def fail_modes(self, dependency: str) -> FailModes:
         if dependency in self.on_error:
-            return self.on_error[dependency]  # type: ignore[index]
+            return self.on_error[dependency]
         if dependency in ("ldap", "sql", "file"):
             return FailModes(inbound="defer_if_permit", authenticated="defer_if_permit")
         return FailModes()
