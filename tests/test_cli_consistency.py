@@ -102,7 +102,7 @@ def test_pass_of_an_unseen_client_lets_its_next_attempt_through(policyd_factory,
     with daemon.connect() as client:
         assert client.ask(client_address="198.51.100.21", sender="first@example.org") == "DUNNO"
         assert client.ask(client_address="203.0.113.5", sender="first@example.org").startswith("DEFER_IF_PERMIT")
-    assert "client let through by 'greylist pass'" in daemon.log_text()
+    daemon.wait_log("client let through by 'greylist pass'")
     # the triplet it let through is remembered as passed by hand, with its real first sighting
     [triplet] = json.loads(cli(daemon.config_path, "greylist", "show", "--client", CLIENT, "--json").stdout)
     assert triplet["passed"] and triplet["passed_by_hand"] and triplet["first_seen"] is not None
@@ -166,7 +166,7 @@ def test_expect_windows_are_bounded_closable_and_keep_their_reason(policyd_facto
         closed = cli(daemon.config_path, "greylist", "unexpect", "--sender-domain", "bank.example", "--json")
         assert closed.returncode == 0 and json.loads(closed.stdout)["reason"] == "OTP mails"
         assert client.ask(client_address="203.0.113.51", sender="otp2@bank.example").startswith("DEFER_IF_PERMIT")
-    assert 'reason="inside an expect window for bank.example: OTP mails"' in daemon.log_text()
+    daemon.wait_log('reason="inside an expect window for bank.example: OTP mails"')
 
 
 # -- block list: networks, expiry ------------------------------------------------------------------------
@@ -196,7 +196,7 @@ def test_blocked_network_refuses_every_address_in_it(policyd_factory, redis_serv
         assert "203.0.113.0/24" in listed and " UTC by " in listed and "expires in 12h: v6 spam" in listed
         assert cli(daemon.config_path, "block", "remove", "--client", "203.0.113.0/24").returncode == 0
         assert client.ask(client_address="203.0.113.77") == "DUNNO"
-    assert 'reason="client blocked (203.0.113.0/24): spam run"' in daemon.log_text()
+    daemon.wait_log('reason="client blocked (203.0.113.0/24): spam run"')
 
 
 # -- rate-limit controls -----------------------------------------------------------------------------------

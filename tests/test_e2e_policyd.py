@@ -44,9 +44,8 @@ def test_new_triplet_is_deferred_and_a_retry_after_the_delay_is_delivered_with_x
     header = delivered.message["X-Greylist"]
     assert header is not None and header.startswith("delayed ") and " seconds by mailwarden-policyd" in header
     assert int(header.split()[1]) >= 2
-    log = stack.policyd.log_text()
-    assert 'check=greylist action=defer reason="new triplet"' in log
-    assert "reason=\"retried after" in log
+    stack.policyd.wait_log('check=greylist action=defer reason="new triplet"')
+    stack.policyd.wait_log("reason=\"retried after")
 
 
 def test_authenticated_submission_is_not_greylisted(stack_factory, redis_server):
@@ -54,7 +53,7 @@ def test_authenticated_submission_is_not_greylisted(stack_factory, redis_server)
     assert send(stack, "from alice", login="alice") is None
     [delivered] = stack.sink.wait_for(1)
     assert delivered.message["X-Greylist"] is None
-    assert 'user=alice check=greylist action=accept reason="authenticated client"' in stack.policyd.log_text()
+    stack.policyd.wait_log('user=alice check=greylist action=accept reason="authenticated client"')
 
 
 def test_user_over_its_message_limit_is_deferred_while_another_user_gets_through(stack_factory, redis_server):
@@ -71,7 +70,7 @@ def test_user_over_its_message_limit_is_deferred_while_another_user_gets_through
     delivered = stack.sink.wait_for_subjects("alice 0", "alice 1", "alice 2", "bob 0")
     assert sorted(m.message["Subject"] for m in delivered) == ["alice 0", "alice 1", "alice 2", "bob 0"]
     assert stack.sink.with_subject("alice 3") == []
-    assert "rate limit user-msgs reached: sasl_user=alice at 3 of 3" in stack.policyd.log_text()
+    stack.policyd.wait_log("rate limit user-msgs reached: sasl_user=alice at 3 of 3")
 
 
 def test_message_to_many_recipients_counts_once_against_a_message_limit(stack_factory, redis_server):

@@ -113,8 +113,8 @@ def test_a_trickled_request_is_cut_at_its_deadline_from_the_first_byte(policyd_f
         for thread in threads:
             thread.join(5)
     assert all(t.bytes_sent < len(encode_request()) - 1 for t in tricklers), "a trickler finished its request"
-    log = daemon.log_text()
-    assert 'client stalled inside a request; closing' in log and 'after=2s since="its first byte"' in log
+    daemon.wait_log('client stalled inside a request; closing')
+    daemon.wait_log('after=2s since="its first byte"')
 
 
 def test_tricklers_holding_every_slot_do_not_lock_out_normal_clients(policyd_factory, redis_server):
@@ -146,7 +146,7 @@ def test_tricklers_holding_every_slot_do_not_lock_out_normal_clients(policyd_fac
     print(f"\nnormal clients beside 20 tricklers at max_connections=20: p50 {1000 * latencies[7]:.1f} ms, "
           f"max {1000 * latencies[-1]:.1f} ms; {evicted:g} tricklers evicted")
     assert evicted >= 1
-    assert 'msg="connections closed to make room for new clients" state="inside a request"' in daemon.log_text()
+    daemon.wait_log('msg="connections closed to make room for new clients" state="inside a request"')
 
 
 # -- refusals over max_connections ----------------------------------------------------------------
@@ -320,7 +320,7 @@ def test_sigterm_under_full_load_answers_every_request_and_exits(policyd_factory
     print(f"\nSIGTERM under load: exit after {exited:.2f}s, {sum(load.answered for load in loads)} answered, "
           f"{len(unanswered)} unanswered")
     assert not unanswered, unanswered
-    assert "draining" in daemon.log_text()
+    daemon.wait_log("draining")
 
 
 def test_answer_within_is_enforced_while_draining(policyd_factory, own_redis):

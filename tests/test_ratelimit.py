@@ -293,4 +293,4 @@ def test_overrides_from_an_ldap_attribute(policyd_factory, redis_server, slapd):
     slapd.stop()
     assert sent("erin", 4) == 2  # the directory is down: the limit as configured, and the log says so
     assert sent("alice", 1) == 0  # alice's override is cached; she is still at 5 of 5
-    assert "rate-limit overrides from LDAP unavailable; limits as configured" in daemon.log_text()
+    daemon.wait_log("rate-limit overrides from LDAP unavailable; limits as configured")

@@ -56,7 +56,7 @@ def test_override_raises_one_users_limit_and_nobody_elses(stack):
 def test_the_server_wide_cap_stops_a_burst_spread_over_many_users(stack):
     results = [send(stack, f"burst {n}", login=f"user{n}") for n in range(8)]
     assert [r is None for r in results] == [True] * 6 + [False] * 2
-    assert "rate limit all-users reached" in stack.policyd.log_text()
+    stack.policyd.wait_log("rate limit all-users reached")
 
 
 def test_usage_errors(stack):
@@ -89,7 +89,7 @@ def test_hold_action_parks_mail_and_notifies_user_and_admin_once(stack_factory, 
     admin = next(m for m in notices if m.rcpt_tos[0] == "postmaster@example.test").message
     assert admin["Subject"] == "Rate limit user-msgs reached by alice"
     assert "held for review" in admin.get_content()
-    assert 'action=hold reason="rate limit user-msgs reached' in stack.policyd.log_text()
+    stack.policyd.wait_log('action=hold reason="rate limit user-msgs reached')
     assert cli(stack, "reset", "alice").returncode == 0
     assert send(stack, "after reset", login="alice") is None
     after = stack.sink.wait_for_subjects("after reset")

@@ -76,8 +76,8 @@ def test_directory_outage_gives_a_temporary_failure_not_550_and_recovers(policyd
         slapd.start()  # the next lookup reconnects at once (no stale connection or server state is kept)
         assert c.ask(recipient="nobody@example.org") == "550 5.1.1 User unknown"
         assert c.ask(recipient="alice@example.org") == "DUNNO"
-    log = daemon.log_text()
-    assert "backend=ldap" in log and "fail mode defer_if_permit" in log
+    daemon.wait_log("backend=ldap")
+    daemon.wait_log("fail mode defer_if_permit")
 
 
 def test_a_paused_directory_is_bounded_too(policyd_factory, redis_server, slapd):
@@ -92,8 +92,13 @@ def test_a_paused_directory_is_bounded_too(policyd_factory, redis_server, slapd)
             assert time.monotonic() - started < 3.0
         finally:
             slapd.resume()
-    daemon.wait_log('recipient=carol@example.org check=recipients action=defer reason="ldap failed: ')
-    assert "fail mode defer_if_permit" in daemon.log_text()
+    # which bound ends it first depends on scheduling (the LDAP timeout and its one retry on a fresh connection,
+    # or answer_within): each is logged as an LDAP failure answered in ldap's fail mode
+    [line] = [line for line in daemon.wait_log("recipient=carol@example.org").splitlines()
+              if "recipient=carol@example.org" in line]
+    assert ('check=recipients action=defer reason="ldap failed: ' in line
+            or 'check=timeout action=defer reason="no decision within 2s (waiting on ldap); fail mode defer_if_permit"'
+            in line), line
 
 
 def test_second_server_takes_over_when_the_first_is_down(policyd_factory, redis_server, slapd):
@@ -205,4 +210,4 @@ def test_sql_source_with_mariadb_and_its_outage(policyd_factory, redis_server, m
         assert c.ask(recipient="nobody@example.org") == TEMPFAIL
         mariadb.start()
         assert c.ask(recipient="alice@example.org") == "DUNNO"
-    assert "backend=sql" in daemon.log_text()
+    daemon.wait_log("backend=sql")

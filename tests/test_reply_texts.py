@@ -51,9 +51,9 @@ def test_default_texts_carry_no_scores_and_no_internal_names(stack_factory, conf
     texts = " | ".join(text for _, text in replies)
     assert "Access denied" in texts and "Greylisted, please try again in 5 minutes" in texts
     assert "Sending limit reached" in texts and "does not allow 203.0.113.7" in texts
-    log = stack.policyd.log_text()  # the detail is in the log line
-    assert "access rule secret-rule-17: reject" in log and "rate limit internal-limit-9 reached" in log
-    assert "score 2.5 below 3" in log
+    # the detail is in the log line (written just after the answer: waited for)
+    for detail in ("access rule secret-rule-17: reject", "rate limit internal-limit-9 reached", "score 2.5 below 3"):
+        stack.policyd.wait_log(detail)
 
 
 def test_site_templates_replace_the_texts(stack_factory, config):
