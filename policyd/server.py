@@ -10,8 +10,9 @@ Two deadlines hold every connection whatever the peer trickles: a request must a
 ``request_timeout`` of its first byte (later bytes do not extend it), and a connection with nothing in
 flight is closed ``idle_timeout`` after its last answer. Both, and ``answer_within``, are enforced by one
 sweeper timer for all connections. When every slot is taken, a new client is not turned away while a
-connection is doing nothing useful: the one trickling a request for longest (else the one idle for longest,
-which Postfix simply reopens) is closed to make room, if it has been so for ``EVICTABLE_AFTER``. A
+connection is doing nothing useful: the one trickling a request for longest (past ``TRICKLING_AFTER``),
+else the one idle for longest (past ``IDLE_EVICTABLE_AFTER``; Postfix simply reopens it), is closed to
+make room. A
 connection with a request in flight is never closed for that. Only when none can be closed is the new one
 refused; refusals and evictions are counted, and logged once per interval with how many.
 
@@ -55,10 +56,12 @@ INTERNAL_ERROR_TEXT = f"{TEMPFAIL_STATUS} Temporary local problem, please try ag
 DRAIN_IDLE_GRACE = 0.5
 """On SIGTERM, how long a connection with nothing in flight may still send a request before it is closed:
 a client that wrote its next request just before the signal gets the answer instead of a reset."""
-EVICTABLE_AFTER = 1.0
-"""How long a connection must have been idle, or inside one request, before a new client may take its slot.
-Postfix writes a request in one go and reuses an idle connection within milliseconds of its last answer;
-a peer trickling bytes is past this at once."""
+TRICKLING_AFTER = 0.1
+"""How long a request may have been arriving before its connection counts as trickling, and a new client
+may take its slot: Postfix writes a request (under a kilobyte) in one go."""
+IDLE_EVICTABLE_AFTER = 1.0
+"""How long a connection must have been idle before a new client may take its slot: Postfix reuses an idle
+connection within milliseconds of its last answer while a transaction goes on."""
 ROOM_SCAN_PAUSE = 0.1
 """After a search for a slot to free found none, new clients are refused without searching for this long:
 under a connection flood with every slot busy, refusing stays O(1)."""
@@ -349,8 +352,8 @@ class PolicyServer:
             conn.check_timeouts(now, self.settings, self._drain_started)
 
     def make_room(self) -> bool:
-        """Every slot is taken: close the connection trickling a request for longest, else the one idle for
-        longest, if it has been so for ``EVICTABLE_AFTER``, so that the new client is served at once.
+        """Every slot is taken: close the connection trickling a request for longest (past ``TRICKLING_AFTER``),
+        else the one idle for longest (past ``IDLE_EVICTABLE_AFTER``), so that the new client is served at once.
         False when none can go (each busy with a request, or active just now)."""
         now = time.monotonic()
         if now < self._no_room_until:
@@ -359,7 +362,8 @@ class PolicyServer:
         best: tuple[int, float] = (-1, 0.0)
         for conn in self.connections:
             rank = conn.evictable_since()
-            if rank is not None and now - rank[1] >= EVICTABLE_AFTER and (rank[0], -rank[1]) > best:
+            if (rank is not None and now - rank[1] >= (TRICKLING_AFTER if rank[0] else IDLE_EVICTABLE_AFTER)
+                    and (rank[0], -rank[1]) > best):
                 victim, best = conn, (rank[0], -rank[1])
         if victim is None:
             self._no_room_until = now + ROOM_SCAN_PAUSE
