@@ -12,33 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.net import free_port, wait_for, wait_port
+from mailwarden.config import to_toml
 
 
-def toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(value)
-
-
-def render_toml(data: dict, prefix: str = "") -> str:
-    """Enough TOML for test configs: nested tables of scalars, lists and inline tables."""
-    scalars = [f"{k} = {toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    out = []
-    if scalars:
-        out.append(f"[{prefix}]" if prefix else "")
-        out += scalars
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.append(render_toml(value, f"{prefix}.{key}" if prefix else key))
-    return "\n".join(out) + "\n"
+def render_toml(data: dict) -> str:
+    """A test config as TOML, written by the product's own renderer (the one `config show` uses)."""
+    return to_toml(data)
 
 
 @dataclass
