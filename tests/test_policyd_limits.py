@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from conftest import base_settings
+from harness.lifecycle import terminate
 from harness.net import free_port, wait_for, wait_port
 from harness.policyd_proc import PolicyClient, encode_request, render_toml
 
@@ -212,22 +213,12 @@ def _start_limited(workdir: Path, settings: dict, soft: int, hard: int) -> tuple
     return proc, port
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
 def test_max_connections_beyond_the_descriptor_limit_refuses_to_start(tmp_path, redis_server):
     proc, _port = _start_limited(tmp_path, base_settings(redis_server.url, max_connections=256), 256, 256)
     try:
         assert proc.wait(15) == os.EX_CONFIG
     finally:
-        _stop(proc)
+        terminate(proc)
     lines = [line for line in (tmp_path / "policyd.log").read_text().splitlines() if "max_connections" in line]
     assert len(lines) == 1, lines
     assert "256" in lines[0] and "open files" in lines[0] and f"{256 + RESERVE}" in lines[0]
@@ -255,7 +246,7 @@ def test_soft_limit_raised_to_hard_and_redis_reconnects_with_every_slot_taken(tm
     finally:
         for client in clients:
             client.close()
-        _stop(proc)
+        terminate(proc)
     log = (tmp_path / "policyd.log").read_text()
     assert "Too many open files" not in log
     assert "open files limit raised" in log

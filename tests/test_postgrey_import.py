@@ -13,7 +13,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import base_settings
+from harness.lifecycle import terminate
 from harness.net import free_port, wait_port
 from harness.policyd_proc import PolicyClient, render_toml
 
@@ -58,13 +58,7 @@ class Postgrey:
 
     def stop(self) -> None:
         """SIGTERM: postgrey closes its databases (the pages reach postgrey.db)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc, 15)
 
 
 def start_postgrey(workdir: Path, *options: str) -> Postgrey:

@@ -10,6 +10,18 @@ from types import TracebackType
 from typing import Self
 
 
+def terminate(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
+    """SIGTERM (the process closes what it holds: a database, its listeners), KILL after ``grace`` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 class ServerLifecycle:
     """Restart, pause/resume (SIGSTOP: the kernel accepts connections, nothing answers), cleanup of a
     directory the instance created, and use as a context manager. Subclasses (dataclasses) provide
