@@ -286,10 +286,11 @@ class GreylistCheck(Check):
             return None
         return f"client not suspicious ({name})"
 
-    def triplet(self, request: PolicyRequest) -> tuple[str, str, str]:
-        """(origin, normalised sender, recipient): the origin is the client network, or ``spf:domain``
-        when SPF passed for the sender's domain, so the sender's whole pool counts as one."""
-        origin = self.network(request)
+    def triplet(self, request: PolicyRequest, network: str | None = None) -> tuple[str, str, str]:
+        """(origin, normalised sender, recipient): the origin is the client network (``network`` when the
+        caller has it already), or ``spf:domain`` when SPF passed for the sender's domain, so the sender's
+        whole pool counts as one."""
+        origin = network or self.network(request)
         if self.settings.spf_domain_triplets and request.sender:
             spf = spf_result(request)
             if spf is not None and spf.result == "pass" and spf.identity == "mailfrom":
@@ -306,14 +307,15 @@ class GreylistCheck(Check):
             return Verdict.accept(why)
         if self.opt_out is not None and await self.opt_out.opted_out(request.recipient):
             return Verdict.accept("recipient opted out of greylisting")
-        origin, sender, recipient = self.triplet(request)
+        network = self.network(request)  # once: the triplet's origin and the client-pass key both use it
+        origin, sender, recipient = self.triplet(request, network)
         domain = request.sender.rpartition("@")[2].lower() if "@" in request.sender else ""
         script_keys = (
             keys.greylist_triplet(self.prefix, origin, sender, recipient),
             f"{self.prefix}{keys.GREYLIST_CLIENT}{request.client_ip}",
             keys.greylist_expect(self.prefix, domain),
             keys.greylist_expect(self.prefix, domain, recipient),
-            keys.greylist_passed_client(self.prefix, self.network(request)),
+            keys.greylist_passed_client(self.prefix, network),
         )
         result = await self.redis.run_script(
             "greylist", script_keys, (f"{self.now():.3f}", *self._static_args, origin, sender, recipient)

@@ -253,8 +253,6 @@ class RateLimitCheck(Check):
         path = self.settings.overrides_file
         if path is None:
             return
-        if self._file_watch.paths != (path,):  # settings swapped in place (tests): watch the file they name
-            self._file_watch = FileWatch([path])
         if not self._file_watch.changed():
             return
         overrides = self._file_watch.reread(lambda: self._parse_overrides_file(path), OSError, log,

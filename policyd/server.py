@@ -12,9 +12,8 @@ flight is closed ``idle_timeout`` after its last answer. Both, and ``answer_with
 sweeper timer for all connections. When every slot is taken, a new client is not turned away while a
 connection is doing nothing useful: the one trickling a request for longest (past ``TRICKLING_AFTER``),
 else the one idle for longest (past ``IDLE_EVICTABLE_AFTER``; Postfix simply reopens it), is closed to
-make room. A
-connection with a request in flight is never closed for that. Only when none can be closed is the new one
-refused; refusals and evictions are counted, and logged once per interval with how many.
+make room. A connection with a request in flight is never closed for that. Only when none can be closed is
+the new one refused; refusals and evictions are counted, and logged once per interval with how many.
 
 On SIGTERM (``stop``) the listeners close and each connection drains: one busy with a request stops
 reading, gets its answers (within ``answer_within``: the sweeper runs to the end) and is closed right after
@@ -266,10 +265,11 @@ class PolicyConnection(asyncio.Protocol):
         flight.answered = True
         elapsed = time.perf_counter() - flight.started
         if self.transport is not None and not self.transport.is_closing():
+            answer = f"action={outcome.verdict.reply}\n\n".encode()
             if self.draining and not self.queue:
-                self._send_last(self.transport, f"action={outcome.verdict.reply}\n\n".encode())
+                self._send_last(self.transport, answer)
             else:
-                self.transport.write(f"action={outcome.verdict.reply}\n\n".encode())
+                self.transport.write(answer)
         self.server.record(flight.request, outcome, elapsed)
         self.current = None
         if self.queue:

@@ -30,15 +30,15 @@ def req(user: str = "alice", rcpt: str = "r@example.test", state: str = "RCPT", 
     return r
 
 
-def with_check(redis_url: str, limits: list[dict], scenario, clients: int = 1):
+def with_check(redis_url: str, limits: list[dict], scenario, clients: int = 1, **settings):
     async def main():
         pipes = [PipelinedRedis(RedisSettings(url=redis_url), load_scripts()) for _ in range(clients)]
         for pipe in pipes:
             pipe.start()
             assert await pipe.wait_connected(5)
         clock = Clock()
-        settings = RateLimitSettings(limits=[RateLimit(**limit) for limit in limits])
-        checks = [RateLimitCheck(settings, pipe, "t:", clock) for pipe in pipes]
+        checks = [RateLimitCheck(RateLimitSettings(limits=[RateLimit(**limit) for limit in limits], **settings),
+                                 pipe, "t:", clock) for pipe in pipes]
         try:
             return await scenario(checks if clients > 1 else checks[0], clock)
         finally:
@@ -250,15 +250,10 @@ def test_a_global_cap_stops_a_burst_spread_over_many_users(redis_server):
 
 
 def test_overrides_file_is_read_and_reread_and_bad_lines_are_skipped(redis_server, tmp_path):
-    from policyd.ratelimit import RateOverride
-
     path = tmp_path / "overrides"
     path.write_text("# site overrides\nmsgs newsletter 5\nmsgs backup exempt\nnosuch alice 9\nmsgs bob lots\n")
 
     async def scenario(check, clock):
-        check.settings = check.settings.model_copy(update={"overrides_file": path})
-        check.configured = {("msgs", "carol"): RateOverride(limit="msgs", key="carol", max=1)}
-        check._read_overrides_file()
         assert check.configured_max(check.windowed[0], "newsletter") == 5
         assert check.configured_max(check.windowed[0], "backup") is None
         assert check.configured_max(check.windowed[0], "bob") == 3  # the bad line is skipped
@@ -268,7 +263,8 @@ def test_overrides_file_is_read_and_reread_and_bad_lines_are_skipped(redis_serve
         assert check.configured_max(check.windowed[0], "newsletter") == 50
         assert check.configured_max(check.windowed[0], "backup") == 3
         assert check.configured_max(check.windowed[0], "carol") == 1
-    with_check(redis_server.url, [HOURLY], scenario)
+    with_check(redis_server.url, [HOURLY], scenario, overrides_file=path,
+               overrides=[{"limit": "msgs", "key": "carol", "max": 1}])
 
 
 def test_overrides_from_an_ldap_attribute(policyd_factory, redis_server, slapd):
