@@ -3,8 +3,8 @@
 # and the virtualenv .venv with the locked Python dependencies (requirements/test.txt, every pin hashed).
 # Idempotent: the venv is rebuilt only when the lock or pyproject.toml changed since it was built.
 #
-# Works with Debian 12's own /usr/bin/python3 and its pip; needs no make and no compiler (every locked
-# package with C code has a wheel for CPython 3.11 on Linux).
+# Works with Debian 12's own /usr/bin/python3 and its pip; needs no make. pymilter has no wheel on PyPI: pip
+# compiles it (hash-checked sdist) with the compiler and libmilter-dev that install-system-deps.sh installs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}

@@ -10,9 +10,12 @@ set -euo pipefail
 # Recommends of libsasl2-2, which --no-install-recommends leaves out; slapd, dovecot, mariadb-server:
 # directory, quota and SQL sources the border checks ask in the tests; swaks: the quick start's client;
 # postgrey: the test of `mailwarden greylist import-postgrey` (and the bench) runs the real one privately;
-# db-util: db_dump, which that command reads Postgrey's Berkeley DB files with.
+# db-util: db_dump, which that command reads Postgrey's Berkeley DB files with;
+# gcc, libc6-dev, python3-dev, libmilter-dev: pymilter has no wheel on PyPI, pip builds it against Debian's
+# libmilter; clamav-daemon: clamd, which the ClamAV milter streams messages to (the tests and the quick start
+# run private instances with local test signatures).
 PACKAGES=(python3 python3-venv ca-certificates postfix libsasl2-modules redis-server swaks slapd dovecot-core
-          dovecot-imapd mariadb-server postgrey db-util)
+          dovecot-imapd mariadb-server postgrey db-util gcc libc6-dev python3-dev libmilter-dev clamav-daemon)
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
@@ -53,7 +56,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
   rm -f "$apt_log"
   # ... nor at boot, for the servers installed only for the tests (redis-server stays: the quick start
   # uses the one on 127.0.0.1:6379 when it answers)
-  for pair in postgrey:postgrey dovecot-core:dovecot mariadb-server:mariadb slapd:slapd; do
+  for pair in postgrey:postgrey dovecot-core:dovecot mariadb-server:mariadb slapd:slapd \
+              clamav-daemon:clamav-daemon clamav-daemon:clamav-freshclam; do
     package=${pair%%:*} service=${pair#*:}
     if [[ " ${missing[*]} " == *" $package "* ]]; then
       $SUDO deb-systemd-helper disable "$service.service" >/dev/null 2>&1 || true
