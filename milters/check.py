@@ -1,0 +1,55 @@
+"""What a milter check sees and returns.
+
+A check looks at a whole message at end of data (``MessageCheck.check``) and returns a verdict for every
+recipient or one per recipient (milters/verdict.py). Checks run in libmilter's worker threads, one
+message at a time per connection and several connections at once: a check keeps no per-message state on
+itself, and what it shares (a connection pool, a rules table) is safe to use from several threads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from milters.spool import Spool
+from milters.verdict import CheckResult
+
+
+@dataclass
+class Message:
+    """One message as Postfix handed it to the milter."""
+
+    queue_id: str
+    """Postfix's queue id (macro ``i``), "" if Postfix did not send it."""
+    client_address: str
+    client_name: str
+    helo: str
+    sender: str
+    """The envelope sender without angle brackets; "" is the null sender."""
+    recipients: list[str]
+    """Envelope recipients without angle brackets, in the order Postfix gave them."""
+    auth_user: str
+    """The SASL login (macro ``{auth_authen}``); "" when the client did not authenticate."""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    """Header fields in order, as received (value without the leading space, folding kept)."""
+    spool: Spool = field(default_factory=lambda: Spool())
+    """The whole message (header and body), as bytes with CRLF line ends, in bounded memory."""
+
+    @property
+    def authenticated(self) -> bool:
+        return bool(self.auth_user)
+
+    def header(self, name: str) -> str | None:
+        """The first header field of that name (case-insensitive), or None."""
+        lowered = name.lower()
+        return next((value for key, value in self.headers if key.lower() == lowered), None)
+
+
+class MessageCheck(Protocol):
+    name: str
+    """Its name in config, logs and metrics: ``clamav``, ``banned`` ..."""
+
+    def check(self, message: Message) -> CheckResult: ...
+
+    def close(self) -> None:
+        """Release connections and threads; called once at shutdown."""
