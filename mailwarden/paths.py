@@ -25,3 +25,7 @@ def system_path(path: Path) -> Path:
     """``path`` (one of the absolute paths above), under ``$MAILWARDEN_ROOT`` when that is set."""
     root = os.environ.get(ROOT_ENV_VAR)
     return Path(root) / path.relative_to("/") if root else path
+QUARANTINE_DATABASE = Path("/var/lib/mailwarden/quarantine.sqlite")
+"""The quarantine catalogue when ``[quarantine] database_url`` is unset (SQLite, the embedded default)."""
+QUARANTINE_MESSAGES = Path("/var/lib/mailwarden/quarantine")
+"""Where held messages above ``[quarantine] inline_max_size`` are kept as files."""

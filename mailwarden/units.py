@@ -33,6 +33,33 @@ def parse_duration(value: object) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB|K|M|G)?\s*$", re.IGNORECASE)
+_BYTES = {"b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, None: 1}
+
+
+def parse_size(value: object) -> int:
+    """Return bytes for 1048576, "512KB", "10MB", "1.5GB" (powers of 1024, as Postfix and clamd count).
+
+    Raises ValueError with the accepted forms, which pydantic turns into an error naming the key.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 1048576, '512KB', '10MB'")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (match := _SIZE.match(value)):
+        unit = match.group(2).lower() if match.group(2) else None
+        size = int(float(match.group(1)) * _BYTES[unit])
+    else:
+        raise ValueError(f"{value!r} is not a size: use a number of bytes or '512KB', '10MB', '1GB'")
+    if size < 0:
+        raise ValueError("a size cannot be negative")
+    return size
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
 _UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
 
 

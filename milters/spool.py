@@ -15,7 +15,7 @@ CHUNK = 1 << 16
 
 class Spool:
     def __init__(self, memory_limit: int = DEFAULT_MEMORY_LIMIT, directory: str | None = None) -> None:
-        self._file: tempfile.SpooledTemporaryFile[bytes] = tempfile.SpooledTemporaryFile(
+        self._file: tempfile.SpooledTemporaryFile[bytes] = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed by close())
             max_size=memory_limit, mode="w+b", dir=directory)
         self.memory_limit = memory_limit
         self.size = 0

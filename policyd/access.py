@@ -39,11 +39,11 @@ from mailwarden.config import ConfigError, Loc, dotted, format_errors
 from mailwarden.decision import Action
 from mailwarden.filewatch import FileWatch
 from mailwarden.logs import get_logger, log_kv
+from mailwarden.rules_files import shipped_rules_file
 from mailwarden.section import Section
 from mailwarden.units import Duration
 from policyd.check import ALL_CHECKS, Check
 from policyd.request import PolicyRequest
-from policyd.rules_files import shipped_rules_file
 from policyd.settings_types import CheckName, IPNetwork, Network
 from policyd.verdict import DEFER_POLICY, REJECT_POLICY, Verdict, defer, reject
 

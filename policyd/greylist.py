@@ -30,6 +30,7 @@ from mailwarden.filewatch import FileWatch
 from mailwarden.logs import get_logger, log_kv
 from mailwarden.paths import MANAGED_WHITELIST, system_path
 from mailwarden.redis_pipe import PipelinedRedis
+from mailwarden.rules_files import shipped_rules_file
 from mailwarden.section import Section
 from mailwarden.units import Duration
 from policyd import keys, metrics
@@ -37,7 +38,6 @@ from policyd.check import Check
 from policyd.optout import OptOutSqlSettings, SqlOptOut
 from policyd.request import PolicyRequest
 from policyd.results import allow_listing, dnsbl_score, spf_result
-from policyd.rules_files import shipped_rules_file
 from policyd.settings_types import check_template
 from policyd.verdict import Verdict, defer_if_permit, prepend
 from policyd.whitelist import ClientWhitelist, IPNetwork, RecipientWhitelist, WhitelistError, whitelist_date

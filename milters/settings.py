@@ -1,0 +1,47 @@
+"""Settings every milter process shares; each milter's own section (``[milters.clamav]`` ...) extends
+them with its scanner's options."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import field_validator
+
+from mailwarden.section import Section
+from mailwarden.units import Duration
+
+_SOCKET = re.compile(r"^(?:unix:(?P<path>/\S+)|inet:(?P<host>\[[0-9a-fA-F:.]+\]|[\w.-]+):(?P<port>\d{1,5}))$")
+
+
+def libmilter_socket(spec: str) -> str:
+    """Postfix's form of a milter address (``inet:127.0.0.1:10030``, ``inet:[::1]:10030``,
+    ``unix:/run/mailwarden/clamav.sock``) in libmilter's (``inet:10030@127.0.0.1``, ``inet6:10030@::1``,
+    ``unix:/run/...``)."""
+    match = _SOCKET.match(spec)
+    if match is None:
+        raise ValueError(f"{spec!r}: expected inet:HOST:PORT or unix:/PATH")
+    if match["path"]:
+        return spec
+    host = match["host"]
+    if host.startswith("["):
+        return f"inet6:{match['port']}@{host.strip('[]')}"
+    return f"inet:{match['port']}@{host}"
+
+
+class MilterSettings(Section):
+    listen: str
+    """Where Postfix reaches this milter, in Postfix's own form (what ``smtpd_milters`` says):
+    ``inet:127.0.0.1:10030`` or ``unix:/run/mailwarden/clamav.sock``."""
+    checks: list[str]
+    """The checks this milter runs at end of message, in order (the first rejection stops the rest)."""
+    timeout: Duration = 600
+    """How long libmilter waits on Postfix for one step before dropping the connection."""
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, listen: str) -> str:
+        libmilter_socket(listen)
+        port = listen.rpartition(":")[2]
+        if listen.startswith("inet:") and not 0 < int(port) < 65536:
+            raise ValueError(f"port {port} out of range 1-65535")
+        return listen
