@@ -1,0 +1,355 @@
+"""The milter base: one instance per Postfix connection, the message spooled in bounded memory, the checks
+run at end of message, per-recipient verdicts turned into one answer, one decision line per recipient.
+
+Callbacks are negotiated to the minimum: no HELO, DATA or unknown-command callbacks, and no replies asked
+for connect, MAIL, RCPT, the header fields or the body chunks (``@Milter.noreply``): each round trip costs
+Postfix about 10 ms of wall time (../shared/PERF-NOTES.md), so only end of message waits for an answer.
+
+Nothing is lost: a check that raises, a store that cannot commit, anything unexpected at end of message
+answers 451 (Postfix keeps the message in the client's hands, who retries); a held message is committed
+before Postfix is told to discard it or to drop that recipient.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Protocol
+
+import Milter
+
+from mailwarden.decision import Action, Decision
+from mailwarden.logs import DecisionLog, get_logger
+from milters import metrics
+from milters.check import Message, MessageCheck
+from milters.spool import Spool
+from milters.verdict import (
+    TEMPFAIL_SCANNER,
+    TEMPFAIL_STORE,
+    Fate,
+    Reply,
+    Resolution,
+    Verdict,
+    for_recipient,
+    merge,
+    resolve,
+)
+
+log = get_logger("milter")
+
+ACTIONS = Milter.ADDHDRS | Milter.CHGHDRS | Milter.DELRCPT
+"""The only message changes a mailwarden milter makes: add its headers, remove forged copies of them, and
+remove held recipients."""
+
+ACTION_OF_FATE = {Fate.ACCEPT: Action.ACCEPT, Fate.TAG: Action.TAG, Fate.QUARANTINE: Action.QUARANTINE,
+                  Fate.REJECT: Action.REJECT, Fate.TEMPFAIL: Action.DEFER}
+
+
+class HoldFailed(Exception):
+    """The store could not commit a held message: the milter answers 451 and the client retries."""
+
+
+@dataclass(frozen=True, slots=True)
+class HeldCopy:
+    """What the milter asks the store to keep: the message (with the held-only headers in front) and, for
+    each held recipient, the verdict that held it."""
+
+    message: Message
+    raw: BinaryIO
+    size: int
+    holds: dict[str, Verdict]
+    mailboxes: dict[str, str]
+
+
+class Holder(Protocol):
+    """The quarantine store as the milter sees it; ``hold`` returns once the copy is committed and raises
+    HoldFailed otherwise."""
+
+    def hold(self, copy: HeldCopy) -> list[str]: ...
+
+    def close(self) -> None: ...
+
+
+def strip_brackets(address: str) -> str:
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1]
+    return address
+
+
+def default_mailbox(recipient: str) -> str:
+    """The mailbox a recipient's held mail belongs to when no directory says otherwise: the address in
+    lower case without its +extension."""
+    local, at, domain = recipient.lower().rpartition("@")
+    if at and "+" in local and not local.startswith('"'):
+        local = local.split("+", 1)[0] or local
+    return f"{local}{at}{domain}" if at else recipient.lower()
+
+
+@dataclass
+class MilterApp:
+    """What every connection of one milter process shares."""
+
+    name: str
+    checks: Sequence[MessageCheck]
+    decisions: DecisionLog
+    holder: Holder | None = None
+    spool_memory: int = 1 << 20
+    mailbox_of: Callable[[str], str] = default_mailbox
+    owned_headers: frozenset[str] = field(init=False)
+    """Lower-case names of the headers our checks set: incoming copies are removed before delivery, so a
+    sender cannot forge a verdict."""
+
+    def __post_init__(self) -> None:
+        self.owned_headers = frozenset(name.lower() for check in self.checks
+                                       for name in getattr(check, "owned_headers", ()))
+
+    def close(self) -> None:
+        for check in self.checks:
+            try:
+                check.close()
+            except Exception:
+                log.exception("closing a check failed", extra={"kv": {"check": check.name}})
+        if self.holder is not None:
+            self.holder.close()
+
+
+class PrefixedReader(io.RawIOBase):
+    """Bytes ``prefix`` followed by the rest of ``body``, read once (the held copy's own headers in front of
+    the spooled message), without copying the message."""
+
+    def __init__(self, prefix: bytes, body: BinaryIO) -> None:
+        self._prefix = memoryview(prefix)
+        self._body = body
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._prefix:
+            n = min(len(buffer), len(self._prefix))
+            buffer[:n] = self._prefix[:n]
+            self._prefix = self._prefix[n:]
+            return n
+        data = self._body.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
+class MessageMilter(Milter.Base):
+    """One Postfix connection. libmilter calls it from several threads in turn, never two at once, so the
+    per-message state lives here (never in thread-locals)."""
+
+    def __init__(self, app: MilterApp) -> None:
+        self.app = app
+        self.client_address = ""
+        self.client_name = ""
+        self.message: Message | None = None
+        self.owned_seen: dict[str, int] = {}
+
+    # --- callbacks ---------------------------------------------------------------------------------
+
+    @Milter.noreply
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        self.client_address = hostaddr[0] if isinstance(hostaddr, tuple) else str(hostaddr or "")
+        self.client_name = hostname or ""
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def envfrom(self, sender: str, *params: str) -> int:
+        self._discard_message()
+        self.message = Message(queue_id="", client_address=self.client_address, client_name=self.client_name,
+                               helo="", sender=strip_brackets(sender), recipients=[],
+                               auth_user=self.getsymval("{auth_authen}") or "",
+                               spool=Spool(self.app.spool_memory))
+        self.owned_seen = {}
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def envrcpt(self, recipient: str, *params: str) -> int:
+        if self.message is not None:
+            self.message.recipients.append(strip_brackets(recipient))
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    @Milter.decode("bytes")
+    def header(self, name: str, value: bytes) -> int:
+        message = self.message
+        if message is None:
+            return Milter.CONTINUE
+        # Postfix sends continuation lines joined by bare LF; the spool keeps the message in wire form
+        raw = value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        message.spool.write(name.encode("ascii", "surrogateescape") + b": " + raw + b"\r\n")
+        message.headers.append((name, raw.decode("utf-8", "surrogateescape")))
+        lowered = name.lower()
+        if lowered in self.app.owned_headers:
+            self.owned_seen[lowered] = self.owned_seen.get(lowered, 0) + 1
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def eoh(self) -> int:
+        if self.message is not None:
+            self.message.spool.write(b"\r\n")
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def body(self, chunk: bytes) -> int:
+        if self.message is not None:
+            self.message.spool.write(chunk)
+        return Milter.CONTINUE
+
+    def eom(self) -> int:
+        message = self.message
+        if message is None:  # Postfix never skips MAIL; answer safely all the same
+            return Milter.TEMPFAIL
+        started = time.monotonic()
+        message.queue_id = self.getsymval("i") or ""
+        try:
+            verdicts = self._run_checks(message)
+            resolution = resolve(message.recipients, verdicts)
+            held_ids = self._hold(message, resolution)
+            result = self._answer(resolution)
+        except HoldFailed as exc:
+            resolution = Resolution(Fate.TEMPFAIL, TEMPFAIL_STORE)
+            self._log_failure(message, "the quarantine store could not keep the message", exc)
+            verdicts, held_ids = {}, []
+            result = self._answer(resolution)
+        except Exception as exc:  # a bug must not lose mail: the client retries
+            resolution = Resolution(Fate.TEMPFAIL, TEMPFAIL_SCANNER)
+            self._log_failure(message, "end of message failed", exc, traceback=True)
+            verdicts, held_ids = {}, []
+            result = self._answer(resolution)
+        self._record(message, verdicts, resolution, held_ids, time.monotonic() - started)
+        self._discard_message()
+        return result
+
+    def abort(self) -> int:
+        self._discard_message()
+        return Milter.CONTINUE
+
+    def close(self) -> int:
+        self._discard_message()
+        return Milter.CONTINUE
+
+    @Milter.nocallback
+    def hello(self, hostname: str) -> int:
+        return Milter.CONTINUE
+
+    @Milter.nocallback
+    def data(self) -> int:
+        return Milter.CONTINUE
+
+    @Milter.nocallback
+    def unknown(self, command: str) -> int:
+        return Milter.CONTINUE
+
+    # --- end of message ----------------------------------------------------------------------------
+
+    def _run_checks(self, message: Message) -> dict[str, Verdict | None]:
+        """Every check in order, merged per recipient; stops early once every recipient is rejected."""
+        merged: dict[str, Verdict | None] = dict.fromkeys(message.recipients)
+        for check in self.app.checks:
+            started = time.monotonic()
+            result = check.check(message)
+            metrics.CHECK_SECONDS.labels(self.app.name, check.name).observe(time.monotonic() - started)
+            for rcpt in message.recipients:
+                merged[rcpt] = merge(merged[rcpt], for_recipient(result, rcpt))
+            if all(v is not None and v.fate is Fate.REJECT for v in merged.values()):
+                break
+        return merged
+
+    def _hold(self, message: Message, resolution: Resolution) -> list[str]:
+        if not resolution.held or resolution.fate not in (Fate.ACCEPT, Fate.QUARANTINE):
+            return []
+        if self.app.holder is None:
+            raise HoldFailed("no quarantine store is configured for this milter")
+        prefix = b"".join(f"{name}: {value}\r\n".encode() for verdict in _unique(resolution.held.values())
+                          for name, value in verdict.held_headers)
+        copy = HeldCopy(message, io.BufferedReader(PrefixedReader(prefix, message.spool.reader())),
+                        message.spool.size + len(prefix), resolution.held,
+                        {rcpt: self.app.mailbox_of(rcpt) for rcpt in resolution.held})
+        return self.app.holder.hold(copy)
+
+    def _answer(self, resolution: Resolution) -> int:
+        if resolution.fate in (Fate.REJECT, Fate.TEMPFAIL):
+            self._reply(resolution.reply or TEMPFAIL_SCANNER)
+            return Milter.REJECT if resolution.fate is Fate.REJECT else Milter.TEMPFAIL
+        if resolution.fate is Fate.QUARANTINE:
+            return Milter.DISCARD  # every recipient held, and the copy committed
+        for rcpt in resolution.held:
+            self.delrcpt(f"<{rcpt}>")
+        for name, count in self.owned_seen.items():
+            for index in range(count, 0, -1):
+                self.chgheader(name, index, "")
+        for name, value in resolution.headers:
+            self.addheader(name, value)
+        return Milter.ACCEPT
+
+    def _reply(self, reply: Reply) -> None:
+        self.setreply(reply.code, reply.status, reply.text.replace("%", "%%"))
+
+    # --- logging -----------------------------------------------------------------------------------
+
+    def _record(self, message: Message, verdicts: dict[str, Verdict | None], resolution: Resolution,
+                held_ids: list[str], seconds: float) -> None:
+        """One decision line per recipient, and the metrics."""
+        app = self.app
+        held_id = iter(held_ids)
+        reply = f"{resolution.reply.code} {resolution.reply.status} {resolution.reply.text}" \
+            if resolution.reply and resolution.fate in (Fate.REJECT, Fate.TEMPFAIL) else ""
+        for rcpt in message.recipients:
+            verdict = verdicts.get(rcpt)
+            if resolution.fate in (Fate.REJECT, Fate.TEMPFAIL):
+                action = ACTION_OF_FATE[resolution.fate]
+            elif rcpt in resolution.held:
+                action = Action.QUARANTINE
+            else:
+                action = ACTION_OF_FATE[verdict.fate] if verdict else Action.ACCEPT
+            extra: dict[str, object] = {"milter": app.name, "size": message.spool.size}
+            if verdict is not None and verdict.kind:
+                extra["kind"] = verdict.kind
+            if rcpt in resolution.held:
+                extra["held_id"] = next(held_id, "")
+            app.decisions.emit(Decision(
+                service="milter", stage="eom", check=verdict.check if verdict else "",
+                action=action, reason=verdict.reason if verdict else "no check decided",
+                seconds=seconds, queue_id=message.queue_id, client=message.client_address,
+                sender=message.sender, recipient=rcpt, user=message.auth_user, reply=reply,
+                extra=extra).logfmt())
+            metrics.DECISIONS.labels(app.name, verdict.check if verdict else "", action.value).inc()
+        metrics.MESSAGE_SECONDS.labels(app.name).observe(seconds)
+        metrics.MESSAGE_BYTES.labels(app.name).observe(message.spool.size)
+
+    def _log_failure(self, message: Message, what: str, exc: BaseException, traceback: bool = False) -> None:
+        metrics.FAILURES.labels(self.app.name, type(exc).__name__).inc()
+        log.log(logging.ERROR, f"{what}; answered 451", exc_info=exc if traceback else None,
+                extra={"kv": {"milter": self.app.name, "queue_id": message.queue_id or "-", "error": str(exc)}})
+
+    def _discard_message(self) -> None:
+        if self.message is not None:
+            self.message.spool.close()
+            self.message = None
+
+
+def _unique(verdicts: Any) -> list[Verdict]:
+    seen: list[Verdict] = []
+    for verdict in verdicts:
+        if verdict not in seen:
+            seen.append(verdict)
+    return seen
+
+
+_factory_lock = threading.Lock()
+
+
+def install(app: MilterApp) -> None:
+    """Make libmilter create a MessageMilter of ``app`` for each Postfix connection. pymilter keeps the
+    factory in a module global; this is the one place that sets it, once per process."""
+    with _factory_lock:
+        Milter.factory = lambda: MessageMilter(app)
+        Milter.set_flags(ACTIONS)
+
