@@ -59,6 +59,26 @@ smtpd_recipient_restrictions = {policy}
 smtpd_data_restrictions = {policy}
 smtpd_end_of_data_restrictions = {policy}
 smtpd_policy_service_default_action = 451 4.3.5 Policy service unavailable
+# --- mailwarden milters: the lines the README tells operators to add ---
+smtpd_milters = {milters}
+non_smtpd_milters =
+# a milter that cannot be reached or dies mid-message: the client is told 451 and retries, nothing is lost
+milter_default_action = tempfail
+milter_protocol = 6
+milter_connect_macros = j {{daemon_name}} {{daemon_addr}} v _ {{client_addr}} {{client_name}}
+milter_mail_macros = i {{auth_type}} {{auth_authen}} {{auth_author}} {{mail_addr}} {{mail_host}} {{mail_mailer}} {{client_addr}}
+"""
+
+REINJECT_CF = """\
+# the quarantine's re-injection listener: no milters, no policy service, loopback only
+127.0.0.1:{reinject_port} inet n - n - - smtpd
+  -o syslog_name=postfix-{name}/reinject
+  -o smtpd_milters=
+  -o receive_override_options=no_milters
+  -o smtpd_recipient_restrictions=permit_mynetworks,reject
+  -o smtpd_relay_restrictions=permit_mynetworks,reject
+  -o smtpd_data_restrictions=
+  -o smtpd_end_of_data_restrictions=
 """
 
 MASTER_CF = """\
@@ -87,7 +107,9 @@ postlog    unix-dgram n  -       n       -       1       postlogd
 """
 
 
-def policy_restriction(policy_port: int) -> str:
+def policy_restriction(policy_port: int | None) -> str:
+    if not policy_port:
+        return ""
     return f"check_policy_service {{ inet:127.0.0.1:{policy_port}, timeout=10s, default_action=DUNNO }},"
 
 
@@ -96,8 +118,12 @@ class PostfixInstance:
     directory: Path
     smtp_port: int
     sink_port: int
-    policy_port: int
+    policy_port: int | None
     relay_domains: str = "example.test"
+    milters: str = ""
+    """smtpd_milters, e.g. ``inet:127.0.0.1:10030``; empty for none."""
+    reinject_port: int | None = None
+    """A second smtpd on this port that skips milters and policy (the quarantine's re-injection)."""
 
     @property
     def conf(self) -> Path:
@@ -115,8 +141,12 @@ class PostfixInstance:
         name = f"mw{self.smtp_port}"
         policy = policy_restriction(self.policy_port)
         (self.conf / "main.cf").write_text(MAIN_CF.format(d=d, name=name, sink_port=self.sink_port,
-                                                          relay_domains=self.relay_domains, policy=policy))
-        (self.conf / "master.cf").write_text(MASTER_CF.format(smtp_port=self.smtp_port))
+                                                          relay_domains=self.relay_domains, policy=policy,
+                                                          milters=self.milters))
+        master = MASTER_CF.format(smtp_port=self.smtp_port)
+        if self.reinject_port:
+            master += REINJECT_CF.format(reinject_port=self.reinject_port, name=name)
+        (self.conf / "master.cf").write_text(master)
         self._postfix("check")
 
     def start(self) -> PostfixInstance:
@@ -156,9 +186,11 @@ def main() -> None:
     parser.add_argument("--sink-port", type=int, default=2500)
     parser.add_argument("--policy-port", type=int, default=10023)
     parser.add_argument("--relay-domains", default="example.test")
+    parser.add_argument("--milters", default="", help="smtpd_milters, e.g. inet:127.0.0.1:10030")
+    parser.add_argument("--reinject-port", type=int, default=None)
     args = parser.parse_args()
     instance = PostfixInstance(args.directory.resolve(), args.smtp_port, args.sink_port, args.policy_port,
-                               args.relay_domains)
+                               args.relay_domains, args.milters, args.reinject_port)
     if args.command == "start":
         instance.start()
         print(f"postfix listening on 127.0.0.1:{args.smtp_port}, log {instance.maillog}")
