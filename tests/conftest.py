@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from harness.clamd import ClamdInstance
 from harness.dns_server import DnsServer
 from harness.dovecot import DovecotInstance
 from harness.mariadb import MariaDbInstance
@@ -115,6 +116,14 @@ def policyd_factory(tmp_path: Path) -> Iterator[Callable[..., PolicydProcess]]:
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture
+def clamd() -> Iterator[ClamdInstance]:
+    """A private clamd with the local test signatures only (unix socket and a loopback TCP port), started
+    for this test alone, so the test may stop, restart or pause it."""
+    with ClamdInstance() as instance:
+        yield instance
 
 
 @pytest.fixture
