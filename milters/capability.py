@@ -7,11 +7,13 @@ import click
 from mailwarden.capability import Capability
 from mailwarden.section import Section
 from mailwarden.units import Size
+from milters.clamav import ClamavSettings
 
 
 class MiltersSettings(Section):
     spool_memory: Size = 1 << 20
     """Bytes of a message kept in memory; the rest goes to an unlinked temporary file."""
+    clamav: ClamavSettings = ClamavSettings()
 
 
 def register_cli(group: click.Group) -> None:
