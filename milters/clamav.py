@@ -303,7 +303,7 @@ class ClamavCheck:
         return self.settings.on_error_submission if message.authenticated else self.settings.on_error_inbound
 
     def _verdict(self, scan: Scan, truncated: bool, sent: int) -> Verdict:
-        scanned = (X_VIRUS_SCANNED, f"{self.scanned_by()} via mailwarden")
+        scanned = None if scan.clamd_limit else (X_VIRUS_SCANNED, f"{self.scanned_by()} via mailwarden")
         if scan.finding is Finding.VIRUS:
             return self._finding(Fate(self.settings.virus), "virus", scan.name, INFECTED,
                                  f"{INFECTED} ({scan.name})", REJECT_VIRUS, scanned)
@@ -322,16 +322,19 @@ class ClamavCheck:
         if scan.finding is Finding.LIMITS:
             return self._finding(Fate(self.settings.limits), "limits", scan.name, UNSCANNED_LIMITS,
                                  f"Unscanned ({scan.name})", REJECT_CONTENT, scanned)
+        assert scanned is not None
         return Verdict(Fate.ACCEPT, self.name, "clean", headers=(scanned, (X_VIRUS_STATUS, CLEAN)))
 
-    def _heuristic(self, scan: Scan, scanned: tuple[str, str]) -> Verdict:
+    def _heuristic(self, scan: Scan, scanned: tuple[str, str] | None) -> Verdict:
         return self._finding(Fate(self.settings.heuristic), "heuristic", scan.name, INFECTED_HEURISTIC,
                              f"{INFECTED} ({scan.name})", REJECT_VIRUS, scanned)
 
     def _finding(self, fate: Fate, kind: str, reason: str, status: str, held_status: str, reply: Reply,
-                 scanned: tuple[str, str]) -> Verdict:
-        return Verdict(fate, self.name, reason, kind=kind, headers=(scanned, (X_VIRUS_STATUS, status)),
-                       held_headers=(scanned, (X_VIRUS_STATUS, held_status)), reply=reply)
+                 scanned: tuple[str, str] | None) -> Verdict:
+        """``scanned`` (X-Virus-Scanned) is None when clamd read nothing of the message."""
+        first = (scanned,) if scanned else ()
+        return Verdict(fate, self.name, reason, kind=kind, headers=(*first, (X_VIRUS_STATUS, status)),
+                       held_headers=(*first, (X_VIRUS_STATUS, held_status)), reply=reply)
 
     def _unscanned(self, message: Message, error: str) -> Verdict:
         reason = f"scanner unavailable: {error}"

@@ -382,6 +382,24 @@ def test_clamd_reloading_its_signatures_keeps_answering(make_check, clamd):
     assert check.check(message(clean_message())).fate is Fate.ACCEPT
 
 
+def test_concurrent_checks_each_get_their_own_answer(address, make_check):
+    """libmilter calls check from several worker threads at once: no answer may cross to another message."""
+    check = make_check(address)
+    builds = [eicar_plain, clean_message, eicar_zip, clean_message, eicar_attached, clean_message] * 4
+    results: dict[int, Verdict] = {}
+
+    def run(index: int) -> None:
+        results[index] = check.check(message(builds[index]()))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(builds))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    for index, build in enumerate(builds):
+        assert results[index].kind == ("" if build is clean_message else "virus"), (index, results[index])
+
+
 def test_version_is_cached_and_refreshed(make_check, clamd, monkeypatch):
     asked: list[str] = []
     original = clamd_client.ClamdNetworkSocket.version
@@ -404,7 +422,7 @@ def test_version_is_cached_and_refreshed(make_check, clamd, monkeypatch):
 # --- clamd answers that are no answer -------------------------------------------------------------------------
 
 class FakeClamd:
-    """A unix socket that reads one INSTREAM and answers ``reply`` (or closes without a word)."""
+    """A unix socket that answers each INSTREAM with ``reply`` (or closes without a word), and VERSION."""
 
     def __init__(self, path: Path, reply: bytes) -> None:
         self.path, self.reply = path, reply
@@ -421,7 +439,10 @@ class FakeClamd:
             except OSError:
                 return
             with conn:
-                data = b""
+                data = conn.recv(65536)
+                if data.startswith(b"nVERSION\n"):
+                    conn.sendall(b"ClamAV 0.0.0-fake\n")
+                    continue
                 while not data.endswith(b"\0\0\0\0") and (chunk := conn.recv(65536)):
                     data += chunk
                 conn.sendall(self.reply)
@@ -443,5 +464,19 @@ def test_a_reply_that_is_no_verdict_is_a_failure(tmp_path, make_check, reply):
         assert len(pauses) == 1
         submission = check.check(message(clean_message(), auth_user="alice"))
         assert header(submission, "X-Virus-Status") == "Unscanned (scanner unavailable)"
+    finally:
+        fake.close()
+
+
+def test_clamd_refusing_the_stream_as_too_long_is_limits_unscanned(tmp_path, make_check, caplog):
+    """clamd's own StreamMaxLength below ours, when its refusal arrives (``BufferTooLongError``): limits,
+    nothing scanned (no X-Virus-Scanned), and the log says which setting to lower."""
+    fake = FakeClamd(tmp_path / "fake.sock", b"INSTREAM size limit exceeded. ERROR\n")
+    try:
+        with caplog.at_level(logging.WARNING, logger="mailwarden"):
+            verdict = make_check(f"unix:{fake.path}").check(message(clean_message()))
+        assert (verdict.fate, verdict.kind) == (Fate.TAG, "limits")
+        assert verdict.headers == (("X-Virus-Status", "Unscanned (larger than the scanner's limit)"),)
+        assert any("StreamMaxLength" in r.getMessage() for r in caplog.records)
     finally:
         fake.close()
