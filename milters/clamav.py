@@ -5,7 +5,8 @@ What clamd says falls in one of four classes, each with its own fate in ``[milte
 - a signature name (``Win.Test.EICAR_HDB-1``, a local ``….UNOFFICIAL``): ``virus``, rejected by default;
 - ``Heuristics.*`` and ``PUA.*`` (an encrypted archive, a phishing heuristic, a packer): ``heuristic``,
   tagged by default, since these are guesses that hit legitimate mail too;
-- ``Heuristics.Limits.Exceeded.*`` (clamd's MaxFileSize, MaxScanSize ... with AlertExceedsMax), and a
+- ``Heuristics.Limits.Exceeded.*`` (clamd's MaxFileSize, MaxScanSize ...: only with ``AlertExceedsMax yes``
+  in clamd.conf; without it clamd answers OK for what it skipped, so set it), and a
   message larger than ``stream_max_length``, of which only the first ``stream_max_length`` bytes are sent
   (clamd's own StreamMaxLength closes a longer stream): ``limits``, tagged by default and never passed as
   clean. A signature found in the part that was sent still makes it a virus;
@@ -283,7 +284,7 @@ class ClamavCheck:
         return version
 
     def _refresh_version(self) -> None:
-        """Ask VERSION again with the next clean answer, keeping the old string in case that fails."""
+        """Ask VERSION again after the next answer, keeping the old string in case that fails."""
         cached = self._version
         if cached is not None:
             self._version = (float("-inf"), cached[1])
