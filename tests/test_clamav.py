@@ -17,11 +17,15 @@ from email.policy import SMTP
 from pathlib import Path
 
 import clamd as clamd_client
+import Milter
 import pytest
 from harness.clamd import FIXTURES, ClamdInstance
+from Milter.testctx import TestCtx as MilterTestCtx
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
+from mailwarden.logs import DecisionLog
+from milters.base import MessageMilter, MilterApp
 from milters.check import Message
 from milters.clamav import VERSION_REFRESH, ClamavCheck, ClamavSettings, Finding, classify
 from milters.spool import Spool
@@ -480,3 +484,52 @@ def test_clamd_refusing_the_stream_as_too_long_is_limits_unscanned(tmp_path, mak
         assert any("StreamMaxLength" in r.getMessage() for r in caplog.records)
     finally:
         fake.close()
+
+
+# --- inside the milter base ---------------------------------------------------------------------------------
+
+NO_REPLY_BITS = (Milter.P_NR_CONN | Milter.P_NR_HELO | Milter.P_NR_MAIL | Milter.P_NR_RCPT | Milter.P_NR_DATA
+                 | Milter.P_NR_UNKN | Milter.P_NR_EOH | Milter.P_NR_BODY | Milter.P_NR_HDR)
+
+
+def through_milter(check: ClamavCheck, raw: bytes, monkeypatch: pytest.MonkeyPatch,
+                   auth: str | None = None) -> tuple[int, MilterTestCtx, str]:
+    """The check in MessageMilter, driven by pymilter's TestCtx (as test_milter_base does): the answer, the
+    context (its ``_msg`` is the message as delivered, ``_reply`` the SMTP reply) and the decision lines."""
+    out = io.StringIO()
+    app = MilterApp("clamav", [check], DecisionLog(stream=out))
+    monkeypatch.setattr(Milter, "factory", lambda: MessageMilter(app))
+    monkeypatch.setattr(MilterTestCtx, "default_opts", [Milter.CURR_ACTS, 0x1FFFFF & ~NO_REPLY_BITS, 0, 0])
+    ctx = MilterTestCtx()
+    ctx._setsymval("i", "4XyZ12AB")
+    if auth:
+        ctx._setsymval("{auth_authen}", auth)
+    assert ctx._connect(ip="192.0.2.7") == Milter.CONTINUE
+    rc = ctx._feedFile(io.BytesIO(raw), "sender@example.org", "user@example.test")
+    return rc, ctx, out.getvalue()
+
+
+def test_in_the_milter_a_virus_is_rejected_generically_and_logged_by_name(clamd, make_check, monkeypatch):
+    rc, ctx, decisions = through_milter(make_check(clamd.unix_address), eicar_zip(), monkeypatch)
+    assert rc == Milter.REJECT
+    assert ctx._reply[:2] == ("554", "5.7.1") and "Eicar" not in " ".join(ctx._reply)
+    assert f"reason={EICAR_NAME}" in decisions and "action=reject" in decisions
+
+
+def test_in_the_milter_forged_verdict_headers_are_replaced_by_ours(clamd, make_check, monkeypatch):
+    forgery = b"X-Virus-Status: Clean\r\nX-Virus-Scanned: by nobody\r\n"
+    forged = eicar_attached().replace(b"Subject:", forgery + b"Subject:", 1)
+    rc, ctx, _ = through_milter(make_check(clamd.tcp_address, virus="tag"), forged, monkeypatch)
+    assert rc == Milter.ACCEPT
+    assert ctx._msg.get_all("X-Virus-Status") == ["Infected"]
+    assert ctx._msg["X-Virus-Scanned"].startswith("ClamAV 1.")
+
+
+def test_in_the_milter_clamd_down_tempfails_inbound_and_tags_submission(clamd, make_check, monkeypatch):
+    clamd.stop()
+    check = make_check(clamd.unix_address, sleep=lambda _pause: None)
+    rc, ctx, _ = through_milter(check, clean_message(), monkeypatch)
+    assert rc == Milter.TEMPFAIL and ctx._reply[:2] == ("451", "4.7.1")
+    rc, ctx, _ = through_milter(check, clean_message(), monkeypatch, auth="alice")
+    assert rc == Milter.ACCEPT
+    assert ctx._msg["X-Virus-Status"] == "Unscanned (scanner unavailable)"
