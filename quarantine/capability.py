@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import click
-
 from mailwarden.capability import Capability
-from mailwarden.section import Section
+from quarantine.cli import register_cli
+from quarantine.preflight import preflight
+from quarantine.store import QuarantineSettings
 
+__all__ = ["CAPABILITY", "QuarantineSettings"]
 
-class QuarantineSettings(Section):
-    """Filled in with the store."""
-
-
-def register_cli(group: click.Group) -> None:
-    """The ``quarantine`` commands arrive with the store."""
-
-
-CAPABILITY = Capability(name="quarantine", settings_model=QuarantineSettings, register_cli=register_cli)
+CAPABILITY = Capability(name="quarantine", settings_model=QuarantineSettings, register_cli=register_cli,
+                        preflight=preflight)

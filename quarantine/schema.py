@@ -1,0 +1,53 @@
+"""The catalogue's schema version: Alembic, configured in code (no alembic.ini needed by the product).
+
+``mailwarden quarantine migrate`` runs ``upgrade`` to the head revision; the store refuses a database behind
+it (``SchemaBehind``). An admin may also run Alembic itself: ``alembic -c <package>/quarantine/alembic.ini
+upgrade head`` (the URL comes from ``-x url=...`` or else from the mailwarden config, as the store finds it).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+VERSION_TABLE = "quarantine_alembic_version"
+"""Alembic's bookkeeping table, named for the quarantine so that a database shared with other
+applications keeps their own ``alembic_version`` apart."""
+
+
+def alembic_config(connection: sa.Connection | None = None) -> Config:
+    """An Alembic config for our migrations; with ``connection``, env.py migrates through it."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+@functools.cache
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None, f"no migration in {MIGRATIONS}"
+    return head
+
+
+def current_revision(connection: sa.Connection) -> str | None:
+    """The revision the database is at (None: never migrated)."""
+    return MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE}).get_current_revision()
+
+
+def upgrade(engine: sa.Engine, revision: str = "head") -> None:
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), revision)
+
+
+def downgrade(engine: sa.Engine, revision: str) -> None:
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), revision)
