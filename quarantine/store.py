@@ -440,11 +440,11 @@ class QuarantineStore:
         if limit is not None:
             query = query.limit(limit)
         with self._session("search the quarantine") as session:
-            return [_record(held, message) for held, message in session.execute(query).tuples()]
+            return [_record(held, message) for held, message in session.execute(query)]
 
     def get(self, public_id: str) -> HeldRecord | None:
         with self._session("read the quarantine") as session:
-            row = session.execute(self._select().where(Held.public_id == public_id)).tuples().first()
+            row = session.execute(self._select().where(Held.public_id == public_id)).first()
             return None if row is None else _record(*row)
 
     @contextmanager
