@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import secrets
-import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -259,47 +258,45 @@ class QuarantineStore:
         except Exception as exc:  # a bad URL or a missing driver: sa.exc.ArgumentError, ImportError ...
             raise StoreError(f"quarantine database_url {self.where}: {_first_line(exc)}") from None
         self._writer = self.engine.execution_options(quarantine_write=True)
-        self._ready_lock = threading.Lock()
         self._ready = False
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
     def check(self) -> None:
-        """Raise StoreError unless the database answers and is at the schema this version needs (each call
-        of the store does this once; a service may call it at start-up to fail early)."""
-        with self._ready_lock:
-            if self._ready:
-                return
-            with self._errors("open the catalogue"):
-                if self.engine.dialect.name == "sqlite":
-                    database = self.engine.url.database
-                    if database and database != ":memory:":
-                        Path(database).parent.mkdir(parents=True, exist_ok=True)
-                with self.engine.connect() as conn:
-                    revision = schema.current_revision(conn)
-            head = schema.head_revision()
-            if revision != head:
-                state = "empty (never migrated)" if revision is None else f"at revision {revision}"
-                raise SchemaBehind(f"quarantine database {self.where} is {state}, this version needs "
-                                   f"revision {head}: run 'mailwarden quarantine migrate'")
-            self._ready = True
+        """Raise StoreError unless the database answers and is at the schema this version needs. Each call
+        of the store does this until it succeeds once (without a lock: two threads may both look, which
+        is harmless); a service may call it at start-up to fail early."""
+        if self._ready:
+            return
+        with self._errors("open the catalogue"):
+            self._sqlite_directory()
+            with self.engine.connect() as conn:
+                revision = schema.current_revision(conn)
+        head = schema.head_revision()
+        if revision != head:
+            state = "empty (never migrated)" if revision is None else f"at revision {revision}"
+            raise SchemaBehind(f"quarantine database {self.where} is {state}, this version needs "
+                               f"revision {head}: run 'mailwarden quarantine migrate'")
+        self._ready = True
 
     def migrate(self) -> tuple[str | None, str]:
-        """Upgrade the catalogue to the head revision; returns (revision before, revision after)."""
+        """Create the catalogue or upgrade it to the head revision; returns (revision before, after)."""
         with self._errors("migrate the catalogue"):
-            if self.engine.dialect.name == "sqlite":
-                database = self.engine.url.database
-                if database and database != ":memory:":
-                    Path(database).parent.mkdir(parents=True, exist_ok=True)
+            self._sqlite_directory()
             with self.engine.connect() as conn:
                 before = schema.current_revision(conn)
             schema.upgrade(self.engine)
             with self.engine.connect() as conn:
                 after = schema.current_revision(conn)
-        with self._ready_lock:
-            self._ready = False
+        self._ready = False
         assert after is not None
         return before, after
+
+    def _sqlite_directory(self) -> None:
+        """SQLite creates the file, not its directory (/var/lib/mailwarden on a fresh host)."""
+        database = self.engine.url.database
+        if self.engine.dialect.name == "sqlite" and database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
 
     def close(self) -> None:
         self.engine.dispose()
