@@ -237,7 +237,8 @@ def purge_command(ctx: CliContext, older_than: str | None, as_json: bool) -> Non
                 fail(f"--older-than: {exc}", 2)
         purged = store.purge(store.now() - datetime.timedelta(seconds=seconds))
     emit({"older_than_seconds": seconds, **purged.__dict__}, as_json,
-         f"older than {format_duration(seconds)}: {purged.expired} expired, {purged.forgotten} record(s) "
+         f"older than {format_duration(seconds)}: {purged.expired} expired, {purged.unstuck} unfinished "
+         f"release(s) held again, {purged.forgotten} record(s) "
          f"forgotten, {purged.raw_removed} message(s) and {purged.orphans_removed} orphaned file(s) removed")
 
 

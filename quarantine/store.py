@@ -161,6 +161,8 @@ class HeldRecord:
 class Purged:
     expired: int
     """Held rows older than the cut-off, now expired."""
+    unstuck: int
+    """Rows left releasing for over an hour (a release killed before it finished), held again."""
     forgotten: int
     """Records of released, deleted and expired messages older than the cut-off, removed."""
     raw_removed: int
@@ -184,6 +186,8 @@ class UnknownMessage(LookupError):
 # -- the store -----------------------------------------------------------------------------------------
 
 CHUNK = 1 << 16
+STUCK_RELEASE = datetime.timedelta(hours=1)
+"""A row releasing for longer (its release was killed mid-way) is put back to held by purge."""
 ORPHAN_GRACE = 3600.0
 """Seconds (of real time: file ages) before purge removes a message file that no row names; a hold in
 progress writes its file before it commits, never an hour before."""
@@ -349,6 +353,7 @@ class QuarantineStore:
             raise ValueError("HeldEnvelope.received_at must be an aware datetime (UTC)")
         self.check()
         path: Path | None = None
+        committing = False
         try:
             with self._errors("hold the message"):
                 if size > self.settings.inline_max_size:
@@ -377,8 +382,11 @@ class QuarantineStore:
                          "reason": hold.reason, "held_at": now, "state": State.HELD.value, "state_by": hold.check,
                          "state_at": now, "released_queue_id": ""}
                         for public_id, hold in zip(ids, holds, strict=True)])
+                    committing = True  # leaving the block commits
         except BaseException:
-            if path is not None:
+            # A failed COMMIT may have committed all the same (the connection to MariaDB lost after the
+            # server got it): the file stays then, and purge removes it later if no row names it.
+            if path is not None and not committing:
                 _unlink_quietly(path)
             raise
         log_kv(log, logging.INFO, "held", queue_id=envelope.queue_id, ids=",".join(ids),
@@ -495,9 +503,9 @@ class QuarantineStore:
 
     def purge(self, older_than: datetime.datetime) -> Purged:
         """Expire rows held since before ``older_than``, forget records of finished rows (released, deleted,
-        expired) changed before it, remove the bytes of every message no row holds any more, and files
-        no row names (an hour old at least). Safe while holds run (they wait on SQLite's lock, or not at
-        all on MariaDB)."""
+        expired) changed before it, put rows releasing for over an hour back to held, remove the bytes of
+        every message no row holds any more, and files no row names (an hour old at least). Safe while
+        holds run (they wait on SQLite's lock, or not at all on MariaDB)."""
         now = self.now()
         live = [str(s) for s in LIVE_STATES]
         done = [str(s) for s in State if s not in LIVE_STATES]
@@ -506,6 +514,12 @@ class QuarantineStore:
                                    .values(state=State.EXPIRED.value, state_by="purge", state_at=now)).rowcount
             forgotten = conn.execute(sa.delete(Held).where(Held.state.in_(done), Held.state_at < older_than)
                                      ).rowcount
+            unstuck = conn.execute(sa.update(Held).where(Held.state == State.RELEASING.value,
+                                                         Held.state_at < now - STUCK_RELEASE)
+                                   .values(state=State.HELD.value, state_by="purge", state_at=now)).rowcount
+        if unstuck:
+            log_kv(log, logging.WARNING, "releases that never finished are held again: the message may have "
+                   "been delivered already (see the log of the re-injection listener)", count=unstuck)
         unheld = sa.not_(sa.exists().where(Held.message_id == Message.id, Held.state.in_(live)))
         with self._read("find unheld messages") as conn:
             candidates = conn.execute(sa.select(Message.id, Message.path)
@@ -527,7 +541,7 @@ class QuarantineStore:
                     _unlink_quietly(self.message_dir / path)
             removed += len(gone)
         orphans = self._remove_orphans()
-        result = Purged(expired, forgotten, removed, orphans)
+        result = Purged(expired, unstuck, forgotten, removed, orphans)
         log_kv(log, logging.INFO, "purged", older_than=older_than.isoformat(), **asdict(result))
         return result
 

@@ -356,6 +356,21 @@ def test_purge_expires_old_holds_and_removes_bytes_nobody_holds(store: Quarantin
         store.raw(kept[1])
 
 
+def test_purge_puts_a_release_that_never_finished_back_to_held(store: QuarantineStore, clock: Clock) -> None:
+    raw = message(100, "stuck")
+    stuck, recent = store.hold(io.BytesIO(raw), len(raw), envelope(), [hold_for("a@example.test"),
+                                                                       hold_for("b@example.test")])
+    assert store.transition(stuck, [State.HELD], State.RELEASING, "killed")
+    clock.advance(minutes=50)
+    assert store.transition(recent, [State.HELD], State.RELEASING, "running")
+    clock.advance(minutes=20)
+    assert store.purge(clock() - datetime.timedelta(days=30)).unstuck == 1
+    stuck_record, recent_record = store.get(stuck), store.get(recent)
+    assert stuck_record is not None and (stuck_record.state, stuck_record.state_by) == (State.HELD, "purge")
+    assert recent_record is not None and recent_record.state is State.RELEASING  # may still be sending
+    assert store.raw(stuck) == raw
+
+
 def test_purge_removes_only_old_orphaned_files(store: QuarantineStore) -> None:
     raw = message(INLINE_MAX * 2, "named")
     [public_id] = store.hold(io.BytesIO(raw), len(raw), envelope(), [hold_for("alice@example.test")])
