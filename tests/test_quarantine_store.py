@@ -503,3 +503,30 @@ def test_streaming_source_is_read_once(store: QuarantineStore) -> None:
         [public_id] = store.hold(source, len(raw), envelope(), [hold_for("a@example.test")])
     writer.join(10)
     assert store.raw(public_id) == raw
+
+
+def test_defaults_resolve_under_the_system_root_when_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = QuarantineSettings()  # nothing resolved yet: the root is read when the store needs a path
+    monkeypatch.setenv("MAILWARDEN_ROOT", str(tmp_path / "root"))
+    assert settings.resolved_database_url() == f"sqlite:///{tmp_path}/root/var/lib/mailwarden/quarantine.sqlite"
+    assert settings.resolved_message_dir() == tmp_path / "root" / "var/lib/mailwarden/quarantine"
+    quarantine = QuarantineStore(QuarantineSettings(inline_max_size=10))
+    try:
+        quarantine.migrate()  # creates /var/lib/mailwarden under the root
+        raw = message(100)
+        [public_id] = quarantine.hold(io.BytesIO(raw), len(raw), envelope(), [hold_for("a@example.test")])
+        assert quarantine.raw(public_id) == raw
+        assert len(list((tmp_path / "root/var/lib/mailwarden/quarantine").glob("*/*.eml"))) == 1
+    finally:
+        quarantine.close()
+
+
+@pytest.mark.parametrize(("value", "ok"), [("127.0.0.1:10026", True), ("[::1]:10026", True),
+                                           ("mx.example.org:25", True), ("127.0.0.1", False),
+                                           ("127.0.0.1:0", False), ("::1:10026", False)])
+def test_reinject_is_host_and_port(value: str, ok: bool) -> None:
+    if ok:
+        assert QuarantineSettings(reinject=value).reinject == value
+    else:
+        with pytest.raises(ValueError, match="reinject"):
+            QuarantineSettings(reinject=value)
