@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import io
+import random
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from harness.net import free_port
 from harness.sink import Sink
 
 from quarantine.models import State
-from quarantine.release import Failure, ReleaseError, release
+from quarantine.release import SEND_BUFFER, Failure, ReleaseError, dot_stuffed, release
 from quarantine.store import HeldEnvelope, Hold, QuarantineSettings, QuarantineStore
 
 T0 = datetime.datetime(2026, 11, 1, 8, 0, tzinfo=datetime.UTC)
@@ -236,3 +238,21 @@ def test_the_harness_sink_as_listener_without_a_queue_id(tmp_path: Path) -> None
             store.close()
     finally:
         sink.stop()
+
+
+def test_the_data_payload_is_dot_stuffed_in_bounded_blocks() -> None:
+    """What smtplib.sendmail would send (line ends made CRLF, leading dots doubled, the final dot), built
+    from the file in blocks of about 64 KB instead of two whole copies of a 50 MB message."""
+    def reference(data: bytes) -> bytes:
+        quoted = re.sub(rb"(?m)^\.", b"..", re.sub(rb"\r\n|\n|\r(?!\n)", b"\r\n", data))
+        return quoted + (b"\r\n" if quoted and not quoted.endswith(b"\r\n") else b"") + b".\r\n"
+
+    rng = random.Random(7)
+    for _ in range(3000):
+        data = bytes(rng.choice(b".\r\na") for _ in range(rng.randint(0, 14)))
+        for size in (1, 2, 3, 7, 100):
+            assert b"".join(dot_stuffed(io.BytesIO(data), size)) == reference(data), (data, size)
+    big = b"".join(b".%06d\r\n" % i for i in range(200000))  # 1.8 MB, one dot per line
+    blocks = list(dot_stuffed(io.BytesIO(big)))
+    assert b"".join(blocks) == reference(big)
+    assert max(len(block) for block in blocks) <= 2 * SEND_BUFFER

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import io
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -530,3 +531,31 @@ def test_reinject_is_host_and_port(value: str, ok: bool) -> None:
     else:
         with pytest.raises(ValueError, match="reinject"):
             QuarantineSettings(reinject=value)
+
+
+def test_sqlite_writes_take_the_write_lock_at_their_start(tmp_path: Path) -> None:
+    """BEGIN IMMEDIATE: a write transaction that reads first (purge's batches) never has to upgrade a read
+    snapshot that another writer made stale, which SQLite fails at once instead of waiting."""
+    quarantine = QuarantineStore(settings_for(f"sqlite:///{tmp_path / 'q.sqlite'}", tmp_path))
+    try:
+        quarantine.migrate()
+        with quarantine._writer.begin() as conn:
+            conn.execute(sa.text("SELECT COUNT(*) FROM quarantine_held"))  # only a read so far
+            other = sqlite3.connect(tmp_path / "q.sqlite", timeout=0, isolation_level=None)
+            try:
+                with pytest.raises(sqlite3.OperationalError, match="locked"):
+                    other.execute("BEGIN IMMEDIATE")
+            finally:
+                other.close()
+        with quarantine.engine.connect() as conn:  # reads do not take it
+            conn.execute(sa.text("SELECT COUNT(*) FROM quarantine_held"))
+            other = sqlite3.connect(tmp_path / "q.sqlite", timeout=0, isolation_level=None)
+            try:
+                other.execute("BEGIN IMMEDIATE")
+                other.execute("ROLLBACK")
+            finally:
+                other.close()
+        with quarantine.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        quarantine.close()
