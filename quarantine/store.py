@@ -191,6 +191,8 @@ STUCK_RELEASE = datetime.timedelta(hours=1)
 ORPHAN_GRACE = 3600.0
 """Seconds (of real time: file ages) before purge removes a message file that no row names; a hold in
 progress writes its file before it commits, never an hour before."""
+BATCH = 500
+"""Rows a purge changes per transaction."""
 ID_BYTES = 10
 """Public ids: 80 random bits, 16 characters of lower-case base32."""
 
@@ -205,7 +207,8 @@ def utcnow() -> datetime.datetime:
 
 def make_engine(url: str, timeout: float = 10.0) -> sa.Engine:
     """An Engine for the catalogue: pooled, with pre-ping (a restarted MariaDB costs no failed call), and
-    on SQLite WAL, a busy timeout and BEGIN IMMEDIATE for the writes (``write_options``)."""
+    on SQLite WAL, a busy timeout and BEGIN IMMEDIATE for the writes (connections of
+    ``engine.execution_options(quarantine_write=True)``)."""
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite":
         engine = sa.create_engine(url, connect_args={"timeout": timeout, "check_same_thread": False})
@@ -509,14 +512,14 @@ class QuarantineStore:
         now = self.now()
         live = [str(s) for s in LIVE_STATES]
         done = [str(s) for s in State if s not in LIVE_STATES]
-        with self._write("expire held messages") as conn:
-            expired = conn.execute(sa.update(Held).where(Held.state == State.HELD.value, Held.held_at < older_than)
-                                   .values(state=State.EXPIRED.value, state_by="purge", state_at=now)).rowcount
-            forgotten = conn.execute(sa.delete(Held).where(Held.state.in_(done), Held.state_at < older_than)
-                                     ).rowcount
-            unstuck = conn.execute(sa.update(Held).where(Held.state == State.RELEASING.value,
-                                                         Held.state_at < now - STUCK_RELEASE)
-                                   .values(state=State.HELD.value, state_by="purge", state_at=now)).rowcount
+        expired = self._batched("expire held messages", sa.update(Held).values(
+            state=State.EXPIRED.value, state_by="purge", state_at=now), Held.state == State.HELD.value,
+            Held.held_at < older_than)
+        forgotten = self._batched("forget old records", sa.delete(Held), Held.state.in_(done),
+                                  Held.state_at < older_than)
+        unstuck = self._batched("hold unfinished releases again", sa.update(Held).values(
+            state=State.HELD.value, state_by="purge", state_at=now), Held.state == State.RELEASING.value,
+            Held.state_at < now - STUCK_RELEASE)
         if unstuck:
             log_kv(log, logging.WARNING, "releases that never finished are held again: the message may have "
                    "been delivered already (see the log of the re-injection listener)", count=unstuck)
@@ -525,8 +528,8 @@ class QuarantineStore:
             candidates = conn.execute(sa.select(Message.id, Message.path)
                                       .where(Message.storage != Storage.PURGED.value, unheld)).all()
         removed = 0
-        for start in range(0, len(candidates), 500):
-            batch = candidates[start:start + 500]
+        for start in range(0, len(candidates), BATCH):
+            batch = candidates[start:start + BATCH]
             ids = [row[0] for row in batch]
             with self._write("remove unheld messages") as conn:
                 # the condition again, in the statement: a row that changed since the SELECT is kept
@@ -544,6 +547,18 @@ class QuarantineStore:
         result = Purged(expired, unstuck, forgotten, removed, orphans)
         log_kv(log, logging.INFO, "purged", older_than=older_than.isoformat(), **asdict(result))
         return result
+
+    def _batched(self, what: str, statement: sa.Update | sa.Delete, *condition: sa.ColumnElement[bool]) -> int:
+        """``statement`` on the rows of ``condition``, BATCH rows per transaction: each statement stays short
+        (within db_timeout, holding its locks briefly) however many rows a purge has to change. The
+        condition is applied again to each batch, so a row changed meanwhile is left alone."""
+        with self._read(what) as conn:
+            ids = list(conn.execute(sa.select(Held.id).where(*condition)).scalars())
+        changed = 0
+        for start in range(0, len(ids), BATCH):
+            with self._write(what) as conn:
+                changed += conn.execute(statement.where(Held.id.in_(ids[start:start + BATCH]), *condition)).rowcount
+        return changed
 
     def _remove_orphans(self) -> int:
         if not self.message_dir.is_dir():

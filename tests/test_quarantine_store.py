@@ -357,6 +357,20 @@ def test_purge_expires_old_holds_and_removes_bytes_nobody_holds(store: Quarantin
         store.raw(kept[1])
 
 
+def test_purge_works_in_batches(store: QuarantineStore, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("quarantine.store.BATCH", 3)
+    raw = message(INLINE_MAX * 2, "batch")
+    ids = [public_id for index in range(5)
+           for public_id in store.hold(io.BytesIO(raw), len(raw), envelope(), [hold_for(f"u{index}@example.test"),
+                                                                              hold_for(f"v{index}@example.test")])]
+    assert store.transition(ids[0], [State.HELD], State.DELETED, "u0")
+    clock.advance(days=31)
+    result = store.purge(clock() - datetime.timedelta(days=30))
+    assert (result.expired, result.forgotten, result.raw_removed) == (9, 1, 5)
+    assert [record.state for record in store.find()] == [State.EXPIRED] * 9
+    assert message_files(store) == []
+
+
 def test_purge_puts_a_release_that_never_finished_back_to_held(store: QuarantineStore, clock: Clock) -> None:
     raw = message(100, "stuck")
     stuck, recent = store.hold(io.BytesIO(raw), len(raw), envelope(), [hold_for("a@example.test"),
