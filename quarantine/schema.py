@@ -38,6 +38,14 @@ def head_revision() -> str:
     return head
 
 
+def known_revision(revision: str) -> bool:
+    """Whether ``revision`` is one of our migrations (a database written by a newer mailwarden is not)."""
+    try:
+        return ScriptDirectory.from_config(alembic_config()).get_revision(revision) is not None
+    except Exception:  # alembic.util.CommandError and its kin for an unknown id
+        return False
+
+
 def current_revision(connection: sa.Connection) -> str | None:
     """The revision the database is at (None: never migrated)."""
     return MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE}).get_current_revision()

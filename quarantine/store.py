@@ -280,6 +280,9 @@ class QuarantineStore:
             with self.engine.connect() as conn:
                 revision = schema.current_revision(conn)
         head = schema.head_revision()
+        if revision is not None and revision != head and not schema.known_revision(revision):
+            raise SchemaBehind(f"quarantine database {self.where} is at revision {revision}, which this version "
+                               f"of mailwarden does not know (it needs {head}): was it written by a newer one?")
         if revision != head:
             state = "empty (never migrated)" if revision is None else f"at revision {revision}"
             raise SchemaBehind(f"quarantine database {self.where} is {state}, this version needs "
@@ -292,6 +295,10 @@ class QuarantineStore:
             self._sqlite_directory()
             with self.engine.connect() as conn:
                 before = schema.current_revision(conn)
+            if before is not None and not schema.known_revision(before):
+                raise SchemaBehind(f"quarantine database {self.where} is at revision {before}, which this "
+                                   "version of mailwarden does not know: was it written by a newer one? Not "
+                                   "migrated")
             schema.upgrade(self.engine)
             with self.engine.connect() as conn:
                 after = schema.current_revision(conn)

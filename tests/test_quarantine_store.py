@@ -170,6 +170,20 @@ def test_the_store_refuses_a_database_behind_head(db_url: str, tmp_path: Path) -
         quarantine.close()
 
 
+def test_the_store_refuses_a_database_of_a_newer_version(db_url: str, tmp_path: Path) -> None:
+    quarantine = QuarantineStore(settings_for(db_url, tmp_path))
+    try:
+        quarantine.migrate()
+        with quarantine.engine.begin() as conn:
+            conn.execute(sa.text(f"UPDATE {schema.VERSION_TABLE} SET version_num = 'f00dcafe'"))
+        with pytest.raises(SchemaBehind, match="does not know"):
+            quarantine.find()
+        with pytest.raises(SchemaBehind, match="does not know"):
+            quarantine.migrate()
+    finally:
+        quarantine.close()
+
+
 def test_the_alembic_command_migrates_with_the_shipped_ini(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'admin.sqlite'}"
     result = subprocess.run([sys.executable, "-m", "alembic", "-c", str(QUARANTINE_DIR / "alembic.ini"),
