@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import getpass
-import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from mailwarden.cli import EX_UNAVAILABLE, CliContext, emit, fail
 from mailwarden.units import format_duration, parse_duration
 from quarantine.models import State
 from quarantine.release import Failure, ReleaseError, release
-from quarantine.store import HeldRecord, QuarantineStore, StoreError, UnknownMessage, log, utcnow
+from quarantine.store import HeldRecord, QuarantineStore, StoreError, UnknownMessage, utcnow
 
 EXIT_FOR = {Failure.UNKNOWN: 1, Failure.NOT_HELD: 1, Failure.ADMIN_ONLY: 1, Failure.SEND: EX_UNAVAILABLE,
             Failure.STORE: EX_UNAVAILABLE}
@@ -110,10 +109,7 @@ def _finish(results: list[dict[str, Any]], codes: list[int], as_json: bool) -> N
 
 @click.group("quarantine")
 def quarantine_group() -> None:
-    """Held messages: list, show, release, delete, purge; migrate the catalogue."""
-    # the outcome of each command is its output and exit code; the log lines the store writes for the
-    # services (a failed release ...) would repeat it on stderr through logging's last resort
-    logging.getLogger(log.name).addHandler(logging.NullHandler())
+    """The commands; ``mailwarden quarantine`` (capability.py) loads them when one of them runs."""
 
 
 @quarantine_group.command("list")
@@ -253,7 +249,3 @@ def migrate_command(ctx: CliContext, as_json: bool) -> None:
     human = (f"{store.where}: already at revision {after}" if before == after
              else f"{store.where}: upgraded from {before or 'empty'} to revision {after}")
     emit({"ok": True, "database": store.where, "before": before, "after": after}, as_json, human)
-
-
-def register_cli(group: click.Group) -> None:
-    group.add_command(quarantine_group)

@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import sqlalchemy as sa
-
 from mailwarden.config import Loc, Problem
 from quarantine.store import QuarantineSettings
 
@@ -18,6 +16,8 @@ def preflight(settings: QuarantineSettings) -> list[Problem]:
     why = writable_directory(settings.resolved_message_dir())
     if why:
         problems.append(Problem(("quarantine", "message_dir"), why))
+    import sqlalchemy as sa
+
     try:
         url = sa.make_url(settings.resolved_database_url())
     except sa.exc.ArgumentError as exc:
