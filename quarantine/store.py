@@ -69,6 +69,17 @@ class QuarantineSettings(Section):
     db_timeout: Duration = 10.0
     """Seconds to wait for the database: connecting and each reply on MariaDB, the write lock on SQLite."""
 
+    @field_validator("database_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                sa.make_url(value)
+            except sa.exc.ArgumentError:
+                raise ValueError("not an SQLAlchemy URL: use e.g. 'mysql+pymysql://user:password@host/database' "
+                                 "or 'sqlite:////var/lib/mailwarden/quarantine.sqlite'") from None
+        return value
+
     @field_validator("reinject")
     @classmethod
     def _host_port(cls, value: str) -> str:

@@ -587,3 +587,9 @@ def test_sqlite_writes_take_the_write_lock_at_their_start(tmp_path: Path) -> Non
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     finally:
         quarantine.close()
+
+
+def test_database_url_is_checked_with_the_settings() -> None:
+    with pytest.raises(ValueError, match="not an SQLAlchemy URL"):
+        QuarantineSettings(database_url="db.example.org/mail")
+    assert QuarantineSettings(database_url="mysql+pymysql://u:p@db.example.org/mail").database_url
