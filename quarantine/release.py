@@ -75,7 +75,7 @@ def _release(store: QuarantineStore, public_id: str, by: str, admin: bool) -> Re
     record = store.get(public_id)
     if record is None:
         raise ReleaseError(f"no quarantined message {public_id}", Failure.UNKNOWN)
-    if record.kind in ADMIN_ONLY_KINDS and not admin:
+    if record.kind.lower() in ADMIN_ONLY_KINDS and not admin:
         raise ReleaseError(f"{public_id} was held as {record.kind} ({record.reason}): only an admin releases it, "
                            "with --admin", Failure.ADMIN_ONLY)
     if not store.transition(public_id, [State.HELD], State.RELEASING, by):
@@ -95,9 +95,14 @@ def _release(store: QuarantineStore, public_id: str, by: str, admin: bool) -> Re
         log_kv(log, logging.WARNING, "release failed", id=public_id, recipient=record.recipient, by=by, error=why)
         failure = Failure.STORE if isinstance(exc, StoreError | UnknownMessage) else Failure.SEND
         raise ReleaseError(f"cannot release {public_id}: {why}; it stays held", failure) from None
-    if not store.transition(public_id, [State.RELEASING], State.RELEASED, by, released_queue_id=queue_id):
-        raise ReleaseError(f"{public_id} was re-injected (queue id {queue_id or '?'}) but was changed meanwhile: "
-                           "not marked released", Failure.STORE)
+    delivered = f"{public_id} was re-injected (queue id {queue_id or 'not given'})"
+    try:
+        marked = store.transition(public_id, [State.RELEASING], State.RELEASED, by, released_queue_id=queue_id)
+    except StoreError as exc:
+        raise ReleaseError(f"{delivered} but could not be marked released ({exc}): it stays 'releasing', and "
+                           "purge holds it again after an hour; do not release it again", Failure.STORE) from None
+    if not marked:
+        raise ReleaseError(f"{delivered} but its row was changed meanwhile: not marked released", Failure.STORE)
     log_kv(log, logging.INFO, "released", id=public_id, queue_id=record.queue_id, recipient=record.recipient,
            sender=record.sender, by=by, released_queue_id=queue_id)
     return Released(public_id, record.recipient, record.sender, queue_id, by)

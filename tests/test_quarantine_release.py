@@ -21,7 +21,7 @@ from harness.sink import Sink
 
 from quarantine.models import State
 from quarantine.release import SEND_BUFFER, Failure, ReleaseError, dot_stuffed, release
-from quarantine.store import HeldEnvelope, Hold, QuarantineSettings, QuarantineStore
+from quarantine.store import HeldEnvelope, Hold, QuarantineSettings, QuarantineStore, StoreError
 
 T0 = datetime.datetime(2026, 11, 1, 8, 0, tzinfo=datetime.UTC)
 RAW = (b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=s1; bh=abc; b=def\r\n"
@@ -256,3 +256,21 @@ def test_the_data_payload_is_dot_stuffed_in_bounded_blocks() -> None:
     blocks = list(dot_stuffed(io.BytesIO(big)))
     assert b"".join(blocks) == reference(big)
     assert max(len(block) for block in blocks) <= 2 * SEND_BUFFER
+
+
+def test_delivered_but_not_recorded_says_so(store, listener, monkeypatch) -> None:
+    [public_id] = hold(store)
+    real = store.transition
+
+    def failing(public_id, from_states, to_state, by, **kwargs):
+        if to_state is State.RELEASED:
+            raise StoreError("cannot change the state: quarantine database down")
+        return real(public_id, from_states, to_state, by, **kwargs)
+
+    monkeypatch.setattr(store, "transition", failing)
+    with pytest.raises(ReleaseError, match=r"re-injected .* do not release it again") as failed:
+        release(store, public_id, "postmaster")
+    assert failed.value.failure is Failure.STORE
+    assert len(listener.got) == 1
+    record = store.get(public_id)
+    assert record is not None and record.state is State.RELEASING  # not back to held: it was delivered
