@@ -26,6 +26,7 @@ from quarantine.release import Failure, ReleaseError, release
 from quarantine.store import HeldRecord, QuarantineStore, StoreError, UnknownMessage, utcnow
 
 EXIT_FOR = {Failure.UNKNOWN: 1, Failure.NOT_HELD: 1, Failure.ADMIN_ONLY: 1, Failure.SEND: EX_UNAVAILABLE,
+            Failure.OUTCOME_UNKNOWN: EX_UNAVAILABLE,
             Failure.STORE: EX_UNAVAILABLE}
 
 

@@ -13,6 +13,7 @@ Messages of a kind in ``ADMIN_ONLY_KINDS`` (a virus) are released only with ``ad
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import smtplib
@@ -43,8 +44,15 @@ class Failure(StrEnum):
     """A virus: needs ``admin=True``."""
     SEND = "send"
     """The re-injection listener could not be reached or refused it; the row is held again."""
+    OUTCOME_UNKNOWN = "outcome_unknown"
+    """The whole message was sent but the listener's reply never came: it may have been queued, so the row
+    stays releasing (purge holds it again after an hour, with a warning)."""
     STORE = "store"
     """The store failed (its message says what)."""
+
+
+class DeliveryUnknown(Exception):
+    """The end of data was sent, and the connection failed before the reply: Postfix may have queued it."""
 
 
 class ReleaseError(Exception):
@@ -85,6 +93,12 @@ def _release(store: QuarantineStore, public_id: str, by: str, admin: bool) -> Re
     try:
         with store.open_raw(public_id) as raw:
             queue_id = reinject(store.settings, record.sender, record.recipient, raw)
+    except DeliveryUnknown as exc:
+        log_kv(log, logging.WARNING, "release outcome unknown", id=public_id, recipient=record.recipient, by=by,
+               error=str(exc))
+        raise ReleaseError(f"{public_id}: the whole message was sent to the re-injection listener but its reply "
+                           f"never came ({exc}): it may have been queued, so it stays 'releasing' (see the "
+                           "listener's log; purge holds it again after an hour)", Failure.OUTCOME_UNKNOWN) from None
     except (OSError, smtplib.SMTPException, UnknownMessage, StoreError) as exc:
         why = _describe(exc)
         try:
@@ -126,9 +140,9 @@ def _describe(exc: BaseException) -> str:
 def reinject(settings: QuarantineSettings, sender: str, recipient: str, raw: BinaryIO) -> str:
     """Send ``raw`` from ``sender`` to ``recipient`` through the listener at ``settings.reinject``,
     streamed (a 50 MB message is never whole in memory); returns the queue id of the 250 reply ("" if
-    none). Raises OSError or smtplib.SMTPException."""
+    none). Raises OSError or smtplib.SMTPException (not sent), or DeliveryUnknown."""
     host, port = split_host_port(settings.reinject)
-    with smtplib.SMTP(host, port, timeout=settings.reinject_timeout) as smtp:
+    with contextlib.closing(smtplib.SMTP(host, port, timeout=settings.reinject_timeout)) as smtp:
         smtp.ehlo_or_helo_if_needed()
         options: list[str] = []
         if smtp.has_extn("8bitmime"):
@@ -149,9 +163,15 @@ def reinject(settings: QuarantineSettings, sender: str, recipient: str, raw: Bin
             raise smtplib.SMTPDataError(code, text)
         for block in dot_stuffed(raw):
             smtp.send(block)
-        code, text = smtp.getreply()
+        try:
+            code, text = smtp.getreply()
+        except (OSError, smtplib.SMTPServerDisconnected) as exc:
+            raise DeliveryUnknown(str(exc) or type(exc).__name__) from exc
         if code != 250:
             raise smtplib.SMTPDataError(code, text)
+        # delivered: whatever happens to the QUIT (smtplib's __exit__ would raise on a reset) changes nothing
+        with contextlib.suppress(OSError, smtplib.SMTPException):
+            smtp.quit()
     match = QUEUED_AS.search(text)
     return match.group(1).decode("ascii") if match else ""
 

@@ -9,6 +9,7 @@ import datetime
 import io
 import random
 import re
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -274,3 +275,67 @@ def test_delivered_but_not_recorded_says_so(store, listener, monkeypatch) -> Non
     assert len(listener.got) == 1
     record = store.get(public_id)
     assert record is not None and record.state is State.RELEASING  # not back to held: it was delivered
+
+
+class SilentAfterData:
+    """A listener that takes the whole message, then closes the connection without a reply (a crash of
+    Postfix's smtpd at the worst moment: whether it was queued is unknown), or with ``reply`` and then
+    without answering QUIT."""
+
+    def __init__(self, reply: bytes = b"") -> None:
+        self.reply = reply
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.received = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        conn, _ = self.server.accept()
+        with conn, conn.makefile("rb") as lines:
+            conn.sendall(b"220 silent ESMTP\r\n")
+            while line := lines.readline():
+                command = line[:4].upper()
+                if command == b"DATA":
+                    conn.sendall(b"354 go on\r\n")
+                    while lines.readline() not in (b".\r\n", b""):
+                        pass
+                    self.received.set()
+                    conn.sendall(self.reply)
+                    return  # the connection closes
+                conn.sendall(b"250 ok\r\n")
+
+    def close(self) -> None:
+        self.server.close()
+        self.thread.join(10)
+
+
+def test_no_reply_after_the_whole_message_leaves_it_releasing(tmp_path: Path) -> None:
+    listener = SilentAfterData()
+    store = make_store(tmp_path, listener.port)
+    try:
+        [public_id] = hold(store)
+        with pytest.raises(ReleaseError, match="may have been queued") as unknown:
+            release(store, public_id, "postmaster")
+        assert unknown.value.failure is Failure.OUTCOME_UNKNOWN and listener.received.is_set()
+        record = store.get(public_id)
+        assert record is not None and record.state is State.RELEASING  # not held: a retry could deliver twice
+        with pytest.raises(ReleaseError) as again:
+            release(store, public_id, "postmaster")
+        assert again.value.failure is Failure.NOT_HELD
+    finally:
+        store.close()
+        listener.close()
+
+
+def test_a_connection_lost_at_quit_after_the_250_is_released(tmp_path: Path) -> None:
+    listener = SilentAfterData(reply=b"250 2.0.0 Ok: queued as 4XYZ\r\n")
+    store = make_store(tmp_path, listener.port)
+    try:
+        [public_id] = hold(store)
+        assert release(store, public_id, "postmaster").queue_id == "4XYZ"
+        record = store.get(public_id)
+        assert record is not None and record.state is State.RELEASED
+    finally:
+        store.close()
+        listener.close()
