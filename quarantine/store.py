@@ -234,6 +234,9 @@ def make_engine(url: str, timeout: float = 10.0) -> sa.Engine:
                 cursor.execute("PRAGMA synchronous = FULL")  # committed means on disk: the milter drops its copy
             cursor.execute("PRAGMA foreign_keys = ON")
             cursor.close()
+            if parsed.database and parsed.database != ":memory:":
+                for suffix in ("", "-wal", "-shm"):
+                    adopt(Path(parsed.database + suffix))
 
         @sa.event.listens_for(engine, "begin")
         def _sqlite_begin(conn: sa.Connection) -> None:
@@ -248,6 +251,23 @@ def make_engine(url: str, timeout: float = 10.0) -> sa.Engine:
         return sa.create_engine(url, pool_pre_ping=True, pool_recycle=3600, connect_args=connect_args,
                                 isolation_level="READ COMMITTED")
     return sa.create_engine(url, pool_pre_ping=True, pool_recycle=3600)
+
+
+def adopt(path: Path) -> None:
+    """As root, give ``path`` (a file the store just created or opened) to the owner of its directory.
+
+    The milters run as the service user (systemd's StateDirectory makes /var/lib/mailwarden theirs); an
+    admin running ``mailwarden quarantine migrate`` or ``list`` as root would otherwise leave the SQLite
+    catalogue, its -wal and -shm files or a message file owned by root, and every later hold would fail."""
+    if os.geteuid() != 0:
+        return
+    try:
+        owner = path.parent.stat()
+        mine = path.stat()
+        if (mine.st_uid, mine.st_gid) != (owner.st_uid, owner.st_gid):
+            os.chown(path, owner.st_uid, owner.st_gid)
+    except FileNotFoundError:
+        pass
 
 
 def describe_url(url: str) -> str:
@@ -419,9 +439,12 @@ class QuarantineStore:
         """Stream ``raw`` to a new file under message_dir, fsynced with its directory; (path, bytes)."""
         name = secrets.token_hex(16)
         directory = self.message_dir / name[:2]
-        directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+        if not directory.is_dir():
+            directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+            adopt(directory)
         path = directory / f"{name}.eml"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        adopt(path)
         written = 0
         try:
             with os.fdopen(fd, "wb") as out:

@@ -593,3 +593,25 @@ def test_database_url_is_checked_with_the_settings() -> None:
     with pytest.raises(ValueError, match="not an SQLAlchemy URL"):
         QuarantineSettings(database_url="db.example.org/mail")
     assert QuarantineSettings(database_url="mysql+pymysql://u:p@db.example.org/mail").database_url
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root creates files for another user")
+def test_as_root_files_belong_to_the_directory_owner(tmp_path: Path) -> None:
+    """The CLI run by root must not leave the catalogue, its WAL or a message file the milters' user cannot
+    write (systemd's StateDirectory gives /var/lib/mailwarden to that user)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 65534, 65534)
+    (state / "messages").mkdir()
+    os.chown(state / "messages", 65534, 65534)
+    quarantine = QuarantineStore(QuarantineSettings(database_url=f"sqlite:///{state / 'q.sqlite'}",
+                                                    message_dir=state / "messages", inline_max_size=10))
+    try:
+        quarantine.migrate()
+        quarantine.hold(io.BytesIO(b"x" * 100), 100, envelope(), [hold_for("a@example.test")])
+        created = [state / "q.sqlite", state / "q.sqlite-wal", state / "q.sqlite-shm", *message_files(quarantine),
+                   *[p.parent for p in message_files(quarantine)]]
+        assert len(created) == 5
+        assert {(p.stat().st_uid, p.stat().st_gid) for p in created} == {(65534, 65534)}
+    finally:
+        quarantine.close()
