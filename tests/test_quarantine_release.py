@@ -78,8 +78,8 @@ def listener() -> Iterator[Listener]:
         yield server
 
 
-def make_store(tmp_path: Path, port: int, **extra: object) -> QuarantineStore:
-    settings = QuarantineSettings(database_url=f"sqlite:///{tmp_path / 'q.sqlite'}", message_dir=tmp_path / "m",
+def make_store(tmp_path: Path, port: int, url: str | None = None, **extra: object) -> QuarantineStore:
+    settings = QuarantineSettings(database_url=url or f"sqlite:///{tmp_path / 'q.sqlite'}", message_dir=tmp_path / "m",
                                   inline_max_size=1024, reinject=f"127.0.0.1:{port}", reinject_timeout="10s",
                                   **extra)
     store = QuarantineStore(settings, now=lambda: T0)
@@ -87,9 +87,11 @@ def make_store(tmp_path: Path, port: int, **extra: object) -> QuarantineStore:
     return store
 
 
-@pytest.fixture
-def store(tmp_path: Path, listener: Listener) -> Iterator[QuarantineStore]:
-    quarantine = make_store(tmp_path, listener.port)
+@pytest.fixture(params=["sqlite", "mariadb"])
+def store(request: pytest.FixtureRequest, tmp_path: Path, listener: Listener) -> Iterator[QuarantineStore]:
+    url = None if request.param == "sqlite" else request.getfixturevalue("mariadb").create_database(
+        "quarantine_release", drop=True)
+    quarantine = make_store(tmp_path, listener.port, url)
     yield quarantine
     quarantine.close()
 
