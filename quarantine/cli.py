@@ -73,9 +73,16 @@ def _when(moment: datetime.datetime) -> str:
     return moment.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def shown(text: str) -> str:
+    """Text from a message (a subject, a sender) made safe for a terminal: control characters (an escape
+    sequence in a hostile header) written as escapes."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 def _line(record: HeldRecord) -> str:
-    return (f"{record.public_id}  {_when(record.held_at)}  {record.state:9} {record.kind:9} {record.recipient}"
-            f"  <- {record.sender or '<>'}  {record.subject!r}  ({record.check}: {record.reason})")
+    return (f"{record.public_id}  {_when(record.held_at)}  {record.state:9} {shown(record.kind):9} "
+            f"{shown(record.recipient)}  <- {shown(record.sender) or '<>'}  {shown(record.subject)!r}  "
+            f"({shown(record.check)}: {shown(record.reason)})")
 
 
 def _details(record: HeldRecord) -> str:
@@ -88,7 +95,7 @@ def _details(record: HeldRecord) -> str:
             ("subject", record.subject), ("date", record.date), ("received", _when(record.received_at)),
             ("queue id", record.queue_id), ("client", record.client_address), ("sasl user", record.auth_user or "-"),
             ("size", f"{record.size} bytes ({record.storage})")]
-    return "\n".join(f"{name:10} {value}" for name, value in rows)
+    return "\n".join(f"{name:10} {shown(value)}" for name, value in rows)
 
 
 def _finish(results: list[dict[str, Any]], codes: list[int], as_json: bool) -> None:

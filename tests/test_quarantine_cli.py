@@ -45,10 +45,10 @@ def setup(tmp_path: Path, sink: Sink) -> tuple[Path, QuarantineSettings]:
 
 
 def hold(settings: QuarantineSettings, recipients: tuple[str, ...], kind: str = "banned",
-         sender: str = "sender@example.org", raw: bytes = RAW) -> list[str]:
+         sender: str = "sender@example.org", raw: bytes = RAW, subject: str = "held") -> list[str]:
     store = QuarantineStore(settings)
     try:
-        envelope = HeldEnvelope("4ZbQ000", sender, "192.0.2.10", "", "sender@example.org", "held", "",
+        envelope = HeldEnvelope("4ZbQ000", sender, "192.0.2.10", "", "sender@example.org", subject, "",
                                 datetime.datetime.now(datetime.UTC))
         return store.hold(io.BytesIO(raw), len(raw), envelope,
                           [Hold(r, r, "clamav" if kind == "virus" else "banned", kind, "why") for r in recipients])
@@ -179,3 +179,16 @@ def test_config_check_warns_of_an_unusable_message_dir(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "quarantine.message_dir" in result.stderr and "not a directory" in result.stderr
     assert "cannot be held" in result.stderr
+
+
+def test_hostile_headers_cannot_drive_the_terminal(setup) -> None:
+    config, settings = setup
+    assert cli(config, "migrate").returncode == 0
+    [public_id] = hold(settings, ("alice@example.test",), subject="\x1b]0;owned\x07\x1b[2J invoice",
+                       sender="x\x1b[31m@example.org")
+    for args in (["list"], ["show", public_id]):
+        result = cli(config, *args)
+        assert result.returncode == 0 and b"\x1b" not in result.stdout and b"\x07" not in result.stdout
+        assert b"invoice" in result.stdout and b"\\x1b" in result.stdout  # shown as an escape
+    raw_json = json.loads(cli(config, "show", public_id, "--json").stdout)
+    assert raw_json["subject"].startswith("\x1b]0;")  # JSON keeps the value (escaped by JSON itself)
