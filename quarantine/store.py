@@ -42,7 +42,7 @@ from mailwarden.paths import QUARANTINE_DATABASE, QUARANTINE_MESSAGES, system_pa
 from mailwarden.section import Section
 from mailwarden.units import Duration, Size
 from quarantine import schema
-from quarantine.models import LIVE_STATES, Held, Message, State, Storage
+from quarantine.models import ADDRESS, LIVE_STATES, Held, Message, State, Storage
 
 log = get_logger("quarantine")
 
@@ -253,6 +253,21 @@ def make_engine(url: str, timeout: float = 10.0) -> sa.Engine:
     return sa.create_engine(url, pool_pre_ping=True, pool_recycle=3600)
 
 
+TEXT = 8000
+"""Characters kept of a header or a reason: MariaDB's TEXT holds 64 KB, 4 bytes a character in utf8mb4."""
+
+
+def clip(value: str, limit: int) -> str:
+    """``value`` as the catalogue can keep it on every backend: at most ``limit`` characters (MariaDB in
+    strict mode refuses longer ones, and the hold would fail at every retry of the sender), and lone
+    surrogates (undecodable header bytes) replaced, which UTF-8 cannot encode."""
+    if not isinstance(value, str):
+        return value  # not ours to mend: the insert refuses it with a StoreError
+    if not value.isascii():
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value[:limit]
+
+
 def adopt(path: Path) -> None:
     """As root, give ``path`` (a file the store just created or opened) to the owner of its directory.
 
@@ -410,18 +425,20 @@ class QuarantineStore:
                 relative = str(path.relative_to(self.message_dir)) if path is not None else None
                 with self._writer.begin() as conn:
                     inserted = conn.execute(sa.insert(Message).values(
-                        received_at=envelope.received_at, queue_id=envelope.queue_id, sender=envelope.sender,
-                        client_address=envelope.client_address, auth_user=envelope.auth_user,
-                        header_from=envelope.header_from, subject=envelope.subject, date=envelope.date,
-                        size=size, storage=(Storage.FILE if path else Storage.INLINE).value, content=content,
+                        received_at=envelope.received_at, queue_id=clip(envelope.queue_id, 64),
+                        sender=clip(envelope.sender, ADDRESS), client_address=clip(envelope.client_address, 64),
+                        auth_user=clip(envelope.auth_user, ADDRESS), header_from=clip(envelope.header_from, TEXT),
+                        subject=clip(envelope.subject, TEXT), date=clip(envelope.date, 255), size=size,
+                        storage=(Storage.FILE if path else Storage.INLINE).value, content=content,
                         path=relative)).inserted_primary_key
                     assert inserted is not None
                     message_id = inserted[0]
                     conn.execute(sa.insert(Held), [
-                        {"public_id": public_id, "message_id": message_id, "recipient": hold.recipient,
-                         "mailbox": hold.mailbox.lower(), "check_name": hold.check, "kind": hold.kind,
-                         "reason": hold.reason, "held_at": now, "state": State.HELD.value, "state_by": hold.check,
-                         "state_at": now, "released_queue_id": ""}
+                        {"public_id": public_id, "message_id": message_id, "recipient": clip(hold.recipient, ADDRESS),
+                         "mailbox": clip(hold.mailbox.lower(), ADDRESS), "check_name": clip(hold.check, 64),
+                         "kind": clip(hold.kind, 64), "reason": clip(hold.reason, TEXT), "held_at": now,
+                         "state": State.HELD.value, "state_by": clip(hold.check, 255), "state_at": now,
+                         "released_queue_id": ""}
                         for public_id, hold in zip(ids, holds, strict=True)])
                     committing = True  # leaving the block commits
         except BaseException:

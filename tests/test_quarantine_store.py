@@ -244,6 +244,21 @@ def test_inline_message_is_compressed_in_bounded_reads(store: QuarantineStore) -
     assert store.raw(public_id) == raw and message_files(store) == []
 
 
+def test_oversized_and_undecodable_header_values_are_kept_clipped(store: QuarantineStore) -> None:
+    """A 100 KB subject (Postfix lets headers reach header_size_limit), a header with undecodable bytes
+    (lone surrogates) and an over-long sender must not make the hold fail at every retry of the sender."""
+    subject = "Invoice \udcff " + "x" * 100_000
+    sender = "a" * 400 + "@example.org"
+    env = HeldEnvelope(queue_id="4ZbQ", sender=sender, client_address="192.0.2.1", auth_user="",
+                       header_from="\udce9mile <e@example.org>", subject=subject, date="d", received_at=T0)
+    [public_id] = store.hold(io.BytesIO(b"x"), 1, env, [hold_for("a@example.test", reason="r" * 70_000)])
+    record = store.get(public_id)
+    assert record is not None
+    assert record.subject.startswith("Invoice ? xxx") and len(record.subject) == 8000
+    assert record.header_from == "?mile <e@example.org>" and len(record.sender) == 320
+    assert len(record.reason) == 8000
+
+
 def test_find_filters(store: QuarantineStore, clock: Clock) -> None:
     raw = message(500)
     virus = store.hold(io.BytesIO(raw), len(raw), envelope(sender="worm@bad.example"),
