@@ -22,6 +22,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
+from mailwarden.config import ENV_VAR
 from quarantine import schema
 from quarantine.models import Base, State, Storage
 from quarantine.store import (
@@ -182,6 +183,22 @@ def test_the_store_refuses_a_database_of_a_newer_version(db_url: str, tmp_path: 
             quarantine.migrate()
     finally:
         quarantine.close()
+
+
+def test_the_alembic_command_takes_the_url_of_the_mailwarden_config(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'configured.sqlite'}"
+    config = tmp_path / "mailwarden.toml"
+    config.write_text(f'[quarantine]\ndatabase_url = "{url}"\n')
+    result = subprocess.run([sys.executable, "-m", "alembic", "-c", str(QUARANTINE_DIR / "alembic.ini"),
+                             "upgrade", "head"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, ENV_VAR: str(config)})
+    assert result.returncode == 0, result.stderr
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert schema.current_revision(conn) == schema.head_revision()
+    finally:
+        engine.dispose()
 
 
 def test_the_alembic_command_migrates_with_the_shipped_ini(tmp_path: Path) -> None:
