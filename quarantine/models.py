@@ -1,0 +1,128 @@
+"""The quarantine catalogue's tables (SQLAlchemy 2 typed declarative), the same on SQLite and MariaDB.
+
+``quarantine_message``: one row per message as received: its envelope, its headers of interest and its
+raw bytes, stored once however many recipients it is held for: zlib-compressed in ``content``
+(``storage = "inline"``), or as a file under ``message_dir`` named by ``path`` (``storage = "file"``);
+``storage = "purged"`` once no recipient holds it any more and purge removed the bytes.
+
+``quarantine_held``: one row per recipient it is held for, with its own public id, reason and state, so
+releasing the message to one recipient leaves it held for the others.
+
+Every change here needs a migration in ``migrations/versions/`` (``tests/test_quarantine_store.py``
+compares the migrated schema with these models).
+"""
+
+from __future__ import annotations
+
+import datetime
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class State(StrEnum):
+    HELD = "held"
+    """Waiting: the recipient may have it released."""
+    RELEASING = "releasing"
+    """Claimed by a release that is re-injecting it now (back to held if the re-injection fails)."""
+    RELEASED = "released"
+    DELETED = "deleted"
+    EXPIRED = "expired"
+    """Held longer than the retention: purge expired it."""
+
+
+LIVE_STATES = (State.HELD, State.RELEASING)
+"""A message whose rows are all in other states is no longer needed: purge removes its bytes."""
+
+
+class Storage(StrEnum):
+    INLINE = "inline"
+    FILE = "file"
+    PURGED = "purged"
+
+
+class UtcDateTime(sa.TypeDecorator[datetime.datetime]):
+    """An aware UTC datetime in Python, a naive UTC one in the database (MariaDB's DATETIME has no zone;
+    microseconds kept, which MariaDB drops unless asked)."""
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(sa.DateTime())
+
+    def process_bind_param(self, value: datetime.datetime | None, dialect: sa.Dialect) -> datetime.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the quarantine stores UTC, give an aware datetime")
+        return value.astimezone(datetime.UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime.datetime | None, dialect: sa.Dialect
+                             ) -> datetime.datetime | None:
+        return None if value is None else value.replace(tzinfo=datetime.UTC)
+
+
+LongBlob = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+"""BLOB is 64 KB on MariaDB; a compressed message up to inline_max_size needs more."""
+
+ADDRESS = 320
+"""Characters of an address column (64 local part + @ + 255 domain)."""
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Message(Base):
+    __tablename__ = "quarantine_message"
+
+    id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    received_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime(), index=True)
+    queue_id: Mapped[str] = mapped_column(sa.String(64), default="")
+    sender: Mapped[str] = mapped_column(sa.String(ADDRESS), index=True)
+    """The envelope sender ("" for the null sender)."""
+    client_address: Mapped[str] = mapped_column(sa.String(64), default="")
+    auth_user: Mapped[str] = mapped_column(sa.String(ADDRESS), default="")
+    header_from: Mapped[str] = mapped_column(sa.Text(), default="")
+    subject: Mapped[str] = mapped_column(sa.Text(), default="")
+    date: Mapped[str] = mapped_column(sa.String(255), default="")
+    """The Date header as written by the sender (not parsed: it may be garbage)."""
+    size: Mapped[int] = mapped_column(sa.BigInteger())
+    storage: Mapped[str] = mapped_column(sa.String(16))
+    content: Mapped[bytes | None] = mapped_column(LongBlob, nullable=True)
+    """zlib-compressed raw message when storage is inline."""
+    path: Mapped[str | None] = mapped_column(sa.String(255), nullable=True)
+    """File name relative to message_dir when storage is file."""
+
+
+class Held(Base):
+    __tablename__ = "quarantine_held"
+    __table_args__ = (sa.Index("ix_quarantine_held_state_held_at", "state", "held_at"),
+                      sa.UniqueConstraint("public_id", name="uq_quarantine_held_public_id"))
+
+    id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    public_id: Mapped[str] = mapped_column(sa.String(32))
+    message_id: Mapped[int] = mapped_column(
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        sa.ForeignKey("quarantine_message.id", name="fk_quarantine_held_message", ondelete="CASCADE"), index=True)
+    recipient: Mapped[str] = mapped_column(sa.String(ADDRESS), index=True)
+    mailbox: Mapped[str] = mapped_column(sa.String(ADDRESS), index=True)
+    check: Mapped[str] = mapped_column("check_name", sa.String(64))
+    """The check that held it (``clamav``, ``banned``); the column avoids CHECK, reserved in SQL."""
+    kind: Mapped[str] = mapped_column(sa.String(64))
+    reason: Mapped[str] = mapped_column(sa.Text(), default="")
+    held_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime())
+    state: Mapped[str] = mapped_column(sa.String(16))
+    state_by: Mapped[str] = mapped_column(sa.String(255), default="")
+    """Who made the last change of state (a login name, ``purge``); the check that held it at first."""
+    state_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime())
+    released_queue_id: Mapped[str] = mapped_column(sa.String(64), default="")
+    """The Postfix queue id the re-injection listener gave the released copy."""
