@@ -181,14 +181,14 @@ def extract(f: IO[bytes], member: Member, limit: int) -> tuple[IO[bytes] | None,
             if not chunk:
                 break
             remaining -= len(chunk)
-            if inflater is not None:
-                data = inflater.decompress(chunk, limit + 1 - written)
+            if inflater is not None:  # in slices of _SCAN_CHUNK: a bomb's 64 KB could be 64 MB at once
+                data = inflater.decompress(chunk, min(_SCAN_CHUNK, limit + 1 - written))
                 while data:
                     out.write(data)
                     written += len(data)
                     if written > limit or not inflater.unconsumed_tail:
                         break
-                    data = inflater.decompress(inflater.unconsumed_tail, limit + 1 - written)
+                    data = inflater.decompress(inflater.unconsumed_tail, min(_SCAN_CHUNK, limit + 1 - written))
             else:
                 out.write(chunk)
                 written += len(chunk)

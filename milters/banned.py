@@ -424,7 +424,8 @@ class BannedCheck:
                            reply=REJECT_CONTENT)
         if not skipped:
             return Verdict(Fate.ACCEPT, self.name, "no banned attachment")
-        reason = f"no banned attachment in what was inspected; not inspected: {'; '.join(skipped)}"
+        more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        reason = f"no banned attachment in what was inspected; not inspected: {'; '.join(skipped[:3])}{more}"
         fate = Fate(self.settings.on_limits)
         return Verdict(fate, self.name, reason, kind="" if fate is Fate.ACCEPT else "unscanned",
                        reply=REJECT_CONTENT if fate is Fate.REJECT else None)

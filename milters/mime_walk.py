@@ -18,8 +18,10 @@ same tree:
 - message/rfc822 (and message/global) in 7bit/8bit/binary is walked in place; base64 or
   quoted-printable encoded ones are decoded into the bounded copy and walked from there;
 - the children of multipart/digest default to message/rfc822;
-- only ``Content-*`` header fields are kept (each cut at ``MAX_FIELD`` bytes): a 2 MB ``To:`` line or
-  ten thousand ``Received:`` lines cost the time to read them, not the memory;
+- only Content-Type, -Disposition and -Transfer-Encoding are kept (each cut at ``MAX_FIELD`` bytes, which
+  is recorded as a limit): a 2 MB ``To:`` line or ten thousand ``Received:`` lines cost the time to
+  read them, not the memory; file names are taken from every Content-Disposition and Content-Type
+  field of a part (clients differ in which of two they believe), the type from the first;
 - lines longer than ``MAX_LINE`` are read in pieces; only the first piece starts a line;
 - header bytes are decoded as UTF-8 (RFC 6532) when they are valid UTF-8, else as Latin-1: 8-bit names
   come out readable, never as an exception.
@@ -49,8 +51,10 @@ MAX_LINE = 1 << 16
 """Bytes read as one line; a longer line comes in pieces."""
 MAX_FIELD = 1 << 16
 """Bytes kept of one Content-* header field (with its continuation lines)."""
-MAX_FIELDS = 32
-"""Content-* header fields kept per part."""
+MAX_FIELDS = 16
+"""Such fields kept per part (repeated ones included)."""
+CONTENT_FIELDS = (b"content-type", b"content-disposition", b"content-transfer-encoding")
+"""The header fields the walk keeps: the rest of a header block is read past, never stored."""
 SNIFF = 40 * 1024
 """Decoded bytes kept at the start of every leaf part for type detection (an ISO 9660 image shows its
 signature at 32769)."""
@@ -202,11 +206,18 @@ def _param(headers: EmailMessage, name: str, header: str) -> str | None:
 
 
 def file_names(headers: EmailMessage) -> list[str]:
+    """``filename`` of every Content-Disposition field, then ``name`` of every Content-Type field."""
     names: list[str] = []
     for name, header in (("filename", "content-disposition"), ("name", "content-type")):
-        value = _param(headers, name, header)
-        if value and value not in names:
-            names.append(value)
+        for field_value in headers.get_all(header) or ():
+            single = EmailMessage()
+            try:
+                single[header] = field_value
+            except (ValueError, TypeError):
+                continue
+            value = _param(single, name, header)
+            if value and value not in names:
+                names.append(value)
     return names
 
 
@@ -337,11 +348,13 @@ class Walker:
                     return _Terminator(level, True)
         return None
 
-    def _header_block(self) -> tuple[EmailMessage, _Terminator | None]:
-        """The Content-* fields of a header block, and the terminator if a boundary or EOF came first."""
+    def _header_block(self) -> tuple[EmailMessage, _Terminator | None, bool]:
+        """The Content-Type, -Disposition and -Transfer-Encoding fields of a header block, the terminator if
+        a boundary or EOF came first, and whether one of those fields was cut (or dropped) at a bound."""
         fields: list[bytearray] = []
         current: bytearray | None = None
         ended: _Terminator | None = None
+        cut = False
         while True:
             item = self._lines.next()
             if item is None:
@@ -354,17 +367,19 @@ class Walker:
                 break
             if at_start and line in (b"\r\n", b"\n"):
                 break
-            if at_start and line[:1] in (b" ", b"\t"):
-                if current is not None and len(current) < MAX_FIELD:
-                    current += line[: MAX_FIELD - len(current)]
-                continue
-            if not at_start:  # the rest of a long line
-                if current is not None and len(current) < MAX_FIELD:
-                    current += line[: MAX_FIELD - len(current)]
+            if not at_start or line[:1] in (b" ", b"\t"):  # the rest of a long line, or a continuation
+                if current is not None:
+                    if len(current) + len(line) > MAX_FIELD:
+                        cut = True
+                    current += line[: max(0, MAX_FIELD - len(current))]
                 continue
             match = _FIELD_NAME.match(line)
-            if match and match.group(1).lower().startswith(b"content-") and len(fields) < MAX_FIELDS:
+            if match and match.group(1).lower() in CONTENT_FIELDS:
+                if len(fields) >= MAX_FIELDS:
+                    cut, current = True, None
+                    continue
                 current = bytearray(line[:MAX_FIELD])
+                cut = cut or len(line) > MAX_FIELD
                 fields.append(current)
             else:
                 current = None
@@ -373,7 +388,7 @@ class Walker:
             headers = HeaderParser(policy=compat32).parsestr(text + "\n", headersonly=True)
         except Exception:  # the stdlib parser on hostile input: an empty header is the answer
             headers = EmailMessage()
-        return headers, ended
+        return headers, ended, cut
 
     def _skip_body(self) -> _Terminator:
         while True:
@@ -387,10 +402,12 @@ class Walker:
     def _entity(self, path: str, depth: int, root: bool, default_type: str) -> _Terminator:
         """One entity: a message (``root``: its leaf body is numbered ``path.1``) or a part of a multipart
         (its leaf body is ``path``); a multipart's children are ``path.N`` either way."""
-        headers, ended = self._header_block()
+        headers, ended, cut = self._header_block()
         content_type = _content_type(headers, default_type)
         encoding = _header(headers, "content-transfer-encoding").strip().lower() or "7bit"
         own = _join(path, 1) if root else path
+        if cut:
+            self.result.limit(f"header of part {own} over {MAX_FIELD} bytes")
         if ended is not None:
             self._leaf(own, depth, headers, content_type, encoding, iter(()))
             return ended
