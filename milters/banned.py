@@ -250,6 +250,10 @@ def _is_zip_name(name: str) -> bool:
     return normalise_name(name).rpartition(".")[2] in ZIP_EXTENSIONS
 
 
+def _is_message_name(name: str) -> bool:
+    return normalise_name(name).rpartition(".")[2] == "eml"
+
+
 def shown(name: str, limit: int = 120) -> str:
     """A file name safe for a log line: control, format and unassigned characters escaped, quotes
     escaped, cut at ``limit`` characters."""
@@ -298,13 +302,13 @@ class _Scan:
             self.limits.append(what)
 
     def keep(self, _path: str, content_type: str, names: list[str]) -> bool:
-        return content_type in ZIP_TYPES or any(_is_zip_name(name) for name in names)
+        return content_type in ZIP_TYPES or any(_is_zip_name(name) or _is_message_name(name) for name in names)
 
     def found(self, location: str, name: str, rule: str) -> bool:
         self.finding = Finding(location, name, rule)
         return True
 
-    def on_part(self, part: Part, _walker: Walker) -> bool:
+    def on_part(self, part: Part, walker: Walker) -> bool:
         rules = self.rules
         for name in part.names:
             rule = name_rule(rules, name)
@@ -316,13 +320,17 @@ class _Scan:
         kind = detect(part.head)
         if kind in rules.detected_types:
             return self.found(part.path, first, f"detected:{kind}")
-        if part.decoded is not None:
-            where = f"{part.path}/{first}" if first else part.path
-            if part.truncated:
-                self.limit(f"archive {where} over {self.settings.max_archive_size} bytes, not listed")
-                return False
-            return self.archive(part.decoded, part.size, where, 0)
-        return False
+        if part.decoded is None:
+            return False
+        where = f"{part.path}/{first}" if first else part.path
+        if part.truncated:
+            self.limit(f"archive {where} over {self.settings.max_archive_size} bytes, not listed")
+            return False
+        if kind != "zip" and any(_is_message_name(name) for name in part.names):
+            # an attached .eml that is not declared message/rfc822: mail clients open it as a message
+            walker.nested(part.decoded, part.path, part.depth + 1)  # type: ignore[arg-type]
+            return False  # a finding inside has stopped the walk already
+        return self.archive(part.decoded, part.size, where, 0)
 
     def archive(self, data: IO[bytes], size: int, where: str, depth: int) -> bool:
         """Judge the members of the zip archive in ``data``; True on a finding."""

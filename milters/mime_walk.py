@@ -99,6 +99,8 @@ class Part:
     """The decoded copy stopped at ``Limits.max_decoded``."""
     embedded: bool = False
     """A uuencoded file found inside a text part (``names`` from its ``begin`` line)."""
+    depth: int = 0
+    """Nesting of multiparts and messages above it (for ``Walker.nested``)."""
 
 
 @dataclass
@@ -452,7 +454,7 @@ class Walker:
         names = file_names(headers)
         message = content_type in MESSAGE_TYPES
         keep: bool | None = True if message or self.keep(path, content_type, names) else None
-        part = Part(path, content_type, encoding, names)
+        part = Part(path, content_type, encoding, names, depth=depth)
         body = _Body(part, keep, self.limits.max_decoded)
         decoder = _Decoder(encoding)
         uu: _Body | None = None
@@ -473,7 +475,8 @@ class Walker:
                 continue
             if text_like and at_start and line.startswith(b"begin") and (m := _UU_BEGIN.match(line)):
                 name = decode_text(m.group(1))
-                uu_part = Part(f"{path}/uu", "application/octet-stream", "x-uuencode", [name], embedded=True)
+                uu_part = Part(f"{path}/uu", "application/octet-stream", "x-uuencode", [name], embedded=True,
+                               depth=depth)
                 uu = _Body(uu_part, True if self.keep(path, "", [name]) else None, self.limits.max_decoded)
                 continue
             if not body.done:
@@ -485,11 +488,8 @@ class Walker:
             decoded = part.decoded
             part.decoded = None
             self._deliver(part)
-            if depth + 1 >= self.limits.max_depth:
-                self.result.limit(f"depth>{self.limits.max_depth} at {path}")
-            else:
-                with decoded:
-                    self.nested(decoded, path, depth + 1)  # type: ignore[arg-type]
+            with decoded:
+                self.nested(decoded, path, depth + 1)  # type: ignore[arg-type]
         else:
             if message and part.truncated:
                 self.result.limit(f"message in part {path} over {self.limits.max_decoded} bytes")
@@ -505,9 +505,14 @@ class Walker:
             if part.decoded is not None:
                 part.decoded.close()
 
-    def nested(self, reader: BinaryIO, path: str, depth: int) -> None:
-        """Walk a message found inside a part (decoded message/rfc822, a .eml in an archive)."""
+    def nested(self, reader: BinaryIO, path: str, depth: int) -> bool:
+        """Walk a message found inside a part (a decoded message/rfc822, an attached .eml file) with this
+        walk's budget and ``on_part``; False (and a limit recorded) when ``depth`` is past the bound."""
+        if depth >= self.limits.max_depth:
+            self.result.limit(f"depth>{self.limits.max_depth} at {path}")
+            return False
         self.run(reader, path, depth)
+        return True
 
 
 def _header(headers: EmailMessage, name: str) -> str:

@@ -200,6 +200,9 @@ CAUGHT = {
         mail(multipart(text(), part(mail(multipart(text(), attach("x.ps1", b"x"), boundary="inner")),
                                     "message/rfc822"))),
         "2.2", "x.ps1", "extension:ps1"),
+    "an attached .eml file": (
+        mail(multipart(text(), attach("fwd.eml", mail(multipart(text(), attach("w.wsf", b"x"), boundary="e"))))),
+        "2.2", "w.wsf", "extension:wsf"),
     "message inside a message inside a message": (
         mail(part(mail(part(mail(multipart(text(), attach("y.jse", b"x"), boundary="c")), "message/rfc822",
                             encoding="7bit")), "message/rfc822", encoding="7bit")),
@@ -278,6 +281,13 @@ def test_fate_quarantine_holds_instead_of_rejecting():
     check = BannedCheck(BannedSettings(files=[SHIPPED], fate="quarantine"))
     verdict = verdict_of(check, CAUGHT["executable in a zip"][0])
     assert verdict.fate is Fate.QUARANTINE and verdict.kind == "banned"
+
+
+def test_a_forwarded_message_is_walked_in_place_whatever_its_size():
+    check = BannedCheck(BannedSettings(files=[SHIPPED], max_archive_size="4KB"))
+    inner = mail(multipart(part(b"y" * 100_000), attach("late.exe", b"x"), boundary="i"))
+    verdict = verdict_of(check, mail(multipart(text(), part(inner, "message/rfc822", encoding="7bit"))))
+    assert verdict.reason == 'part 2.2 name="late.exe" rule=extension:exe'
 
 
 def test_a_hostile_name_is_escaped_in_the_reason(check):
