@@ -40,7 +40,7 @@ import email.header
 import email.utils
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import Message as EmailMessage
 from email.parser import HeaderParser
@@ -49,6 +49,8 @@ from typing import IO, BinaryIO
 
 MAX_LINE = 1 << 16
 """Bytes read as one line; a longer line comes in pieces."""
+CHUNK = 1 << 16
+"""Bytes read from the file at a time."""
 MAX_FIELD = 1 << 16
 """Bytes kept of one Content-* header field (with its continuation lines)."""
 MAX_FIELDS = 16
@@ -60,9 +62,15 @@ SNIFF = 40 * 1024
 signature at 32769)."""
 SPOOL_MEMORY = 1 << 20
 """Bytes of a decoded copy kept in RAM before it moves to a temporary file."""
+UU_FILES = 16
+UU_READ = 4 << 20
+"""uuencoded files looked for in one text part, and bytes of them read (line by line, so bounded):
+past either, the rest of the part is read as text and the walk records a limit."""
 
 _B64_JUNK = bytes(c for c in range(256) if not (chr(c).isascii() and (chr(c).isalnum() or chr(c) in "+/=")))
 _UU_BEGIN = re.compile(rb"^begin(?:-base64)? +[0-7]{3,4} +(.+?)[ \t]*\r?\n?$")
+_NEVER = re.compile(rb"(?!)")
+_UU_SEARCH = re.compile(rb"(?m)^begin(?:-base64)? +[0-7]{3,4} +[^\r\n]")
 _FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
 MESSAGE_TYPES = ("message/rfc822", "message/global")
 ARCHIVE_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
@@ -129,27 +137,81 @@ class _Stop(Exception):
 
 
 class _Lines:
-    """Lines of a binary file, in pieces of at most MAX_LINE; ``at_start`` says whether a piece begins a
-    line."""
+    """A binary file read in chunks: line by line (``next``, pieces of at most MAX_LINE, ``at_start`` saying
+    whether a piece begins a line) where the walk needs lines (header blocks, uuencode), and in blocks up
+    to the next boundary line (``block``) where it does not (bodies), so that a body of fifty million
+    empty lines costs a regular-expression search, not fifty million turns of a Python loop."""
 
     def __init__(self, reader: BinaryIO) -> None:
         self._reader = reader
-        self._after_newline = True
-        self._pushed: tuple[bytes, bool] | None = None
+        self._buf = b""
+        self._pos = 0
+        self._eof = False
+        self.at_start = True
+        """The next byte begins a line."""
+
+    def _more(self) -> bool:
+        if self._eof:
+            return False
+        chunk = self._reader.read(CHUNK)
+        if not chunk:
+            self._eof = True
+            return False
+        self._buf = self._buf[self._pos:] + chunk
+        self._pos = 0
+        return True
 
     def next(self) -> tuple[bytes, bool] | None:
-        if self._pushed is not None:
-            pushed, self._pushed = self._pushed, None
-            return pushed
-        line = self._reader.readline(MAX_LINE)
-        if not line:
-            return None
-        at_start = self._after_newline
-        self._after_newline = line.endswith(b"\n")
+        while True:
+            buf, pos = self._buf, self._pos
+            end = buf.find(b"\n", pos, pos + MAX_LINE)
+            if end >= 0:
+                line = buf[pos:end + 1]
+                break
+            if len(buf) - pos >= MAX_LINE:
+                line = buf[pos:pos + MAX_LINE]
+                break
+            if not self._more():
+                if pos >= len(buf):
+                    return None
+                line = buf[pos:]
+                break
+        self._pos += len(line)
+        at_start, self.at_start = self.at_start, line.endswith(b"\n")
         return line, at_start
 
-    def push(self, item: tuple[bytes, bool]) -> None:
-        self._pushed = item
+    def block(self, here: re.Pattern[bytes], ahead: re.Pattern[bytes]) -> bytes | None:
+        """Bytes up to the next line that ``here`` matches (at a line start) or ``ahead`` matches (its
+        newline and the line): b"" when that line is next, None at end of file. Never consumes part of
+        such a line, so ``next`` reads it whole."""
+        while True:
+            buf, pos = self._buf, self._pos
+            if pos >= len(buf) and not self._more():
+                return None
+            buf, pos = self._buf, self._pos
+            if self.at_start and (here.match(buf, pos) or (self._eof and here.fullmatch(buf + b"\n", pos))):
+                return b""
+            found = ahead.search(buf, pos)
+            if found is not None:
+                return self._take(found.start() + 1)
+            last = buf.rfind(b"\n", pos)
+            if last >= 0:  # whole lines only: the last, unfinished one may turn out to be a boundary
+                return self._take(last + 1)
+            if self._eof or len(buf) - pos >= 2 * CHUNK:  # the last line, or a long one with no end in sight
+                return self._take(len(buf))
+            self._more()
+
+    def _take(self, end: int) -> bytes:
+        data = self._buf[self._pos:end]
+        self._pos = end
+        if data:
+            self.at_start = data.endswith(b"\n")
+        return data
+
+    def unread(self, count: int) -> None:
+        """Give back the last ``count`` bytes of the last block (they start a line)."""
+        self._pos -= count
+        self.at_start = True
 
 
 class _Terminator:
@@ -224,19 +286,20 @@ def file_names(headers: EmailMessage) -> list[str]:
 
 
 class _Decoder:
-    """A transfer-encoding decoder fed one raw line at a time."""
+    """A transfer-encoding decoder fed blocks of whole lines (a block ends inside a line only in a line
+    longer than the walk reads at once)."""
 
     def __init__(self, encoding: str) -> None:
         self.encoding = encoding
-        self._b64 = b""
+        self._carry = b""
         self._b64_blocks = BASE64_BLOCKS
         self._uu_started = False
 
-    def feed(self, line: bytes) -> bytes:
+    def feed(self, data: bytes) -> bytes:
         if self.encoding == "base64":
-            data = self._b64 + line.translate(None, _B64_JUNK)
+            data = self._carry + data.translate(None, _B64_JUNK)
             usable = len(data) // 4 * 4
-            self._b64, data = data[usable:], data[:usable]
+            self._carry, data = data[usable:], data[:usable]
             if not data:
                 return b""
             if self._b64_blocks > 0 and b"=" in data[:-4]:
@@ -248,10 +311,13 @@ class _Decoder:
             except binascii.Error:
                 return b""
         if self.encoding == "quoted-printable":
-            return binascii.a2b_qp(line)
+            data = self._carry + data
+            cut = data.find(b"=", len(data) - 2)  # an escape cut in two by the block's end waits for the rest
+            self._carry, data = (data[cut:], data[:cut]) if cut >= 0 else (b"", data)
+            return binascii.a2b_qp(data)
         if self.encoding in ("x-uuencode", "x-uue", "uuencode"):
-            return self._uu(line)
-        return line
+            return b"".join(self._uu(line) for line in data.splitlines(keepends=True))
+        return data
 
     def _uu(self, line: bytes) -> bytes:
         if not self._uu_started:
@@ -293,34 +359,42 @@ class _Body:
     """Where a leaf's decoded bytes go: the head always, a temporary file while the part may be an
     archive or an encoded message."""
 
-    def __init__(self, part: Part, keep: bool | None, limit: int) -> None:
+    def __init__(self, part: Part, keep: bool | None, limit: int, sniff_budget: int = 64 * SNIFF) -> None:
         self.part = part
+        self.sniff_budget = sniff_budget
+        """Body bytes read, at most, to fill the head of a part that is not kept."""
         self.keep = keep
         """True: keep it all (up to limit); None: decide from the head's magic; False: head only."""
         self.limit = limit
         self._head = bytearray()
         self._file: IO[bytes] | None = None
+        self.consumed = 0
+        """Bytes of the body read so far (decoding work is bounded by them too: a body that decodes to
+        nothing, all padding or junk, must not be decoded to its end)."""
         self.done = False
         """Nothing more is needed: the caller may stop decoding."""
 
-    def feed(self, data: bytes) -> None:
-        if self.done or not data:
+    def feed(self, data: bytes, raw_size: int) -> None:
+        """``data`` decoded from ``raw_size`` bytes of the body."""
+        self.consumed += raw_size
+        if self.done:
             return
         if len(self._head) < SNIFF:
             self._head += data[: SNIFF - len(self._head)]
         if self.keep is None and len(self._head) >= 4:
             self.keep = self._head.startswith(ARCHIVE_MAGIC)
         if self.keep is not False:
-            if self.part.size + len(data) > self.limit:
+            if self.part.size + len(data) > self.limit or self.consumed > 3 * self.limit + CHUNK:
                 self.part.truncated = True
-                data = data[: self.limit - self.part.size]
+                data = data[: max(0, self.limit - self.part.size)]
                 self.done = True
-            if self._file is None:
-                self._file = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)  # noqa: SIM115 (closed by the walker)
-            self._file.write(data)
+            if data:
+                if self._file is None:
+                    self._file = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)  # noqa: SIM115 (the walker closes it)
+                self._file.write(data)
         self.part.size += len(data)
-        if self.keep is False and len(self._head) >= SNIFF:
-            self.done = True
+        if not self.keep and (len(self._head) >= SNIFF or self.consumed > self.sniff_budget):
+            self.done = True  # undecided (no four bytes yet) counts as not kept
 
     def finish(self) -> Part:
         self.part.head = bytes(self._head)
@@ -343,6 +417,7 @@ class Walker:
         self.result = Walk()
         self._stack: list[bytes] = []
         self._lines: _Lines
+        self._compiled: dict[tuple[bytes, ...], tuple[re.Pattern[bytes], re.Pattern[bytes]]] = {}
 
     def run(self, reader: BinaryIO, path: str = "", depth: int = 0) -> None:
         saved_stack, saved_lines = self._stack, getattr(self, "_lines", None)
@@ -413,14 +488,41 @@ class Walker:
             headers = EmailMessage()
         return headers, ended, cut
 
-    def _skip_body(self) -> _Terminator:
+    def _patterns(self) -> tuple[re.Pattern[bytes], re.Pattern[bytes]]:
+        """Boundary lines of the open multiparts: at a line start (``here``), after a newline (``ahead``)."""
+        key = tuple(self._stack)
+        patterns = self._compiled.get(key)
+        if patterns is None:
+            if key:
+                line = b"--(?:" + b"|".join(re.escape(b) for b in key) + rb")(?:--)?[ \t\r]*\n"
+                patterns = (re.compile(line), re.compile(b"\n" + line))
+            else:
+                patterns = (_NEVER, _NEVER)
+            if len(self._compiled) < 256:
+                self._compiled[key] = patterns
+        return patterns
+
+    def _body(self, feed: Callable[[bytes], None]) -> _Terminator:
+        """Read a body to its terminator, handing it to ``feed`` in blocks (whole lines, except in a line
+        longer than ``2 * CHUNK``)."""
+        here, ahead = self._patterns()
         while True:
+            data = self._lines.block(here, ahead)
+            if data is None:
+                return _EOF
+            if data:
+                feed(data)
+                continue
             item = self._lines.next()
             if item is None:
                 return _EOF
             term = self._boundary(*item)
             if term is not None:
                 return term
+            feed(item[0])  # cannot happen (block stops only at boundary lines), but never lose bytes
+
+    def _skip_body(self) -> _Terminator:
+        return self._body(lambda _data: None)
 
     def _entity(self, path: str, depth: int, root: bool, default_type: str) -> _Terminator:
         """One entity: a message (``root``: its leaf body is numbered ``path.1``) or a part of a multipart
@@ -432,7 +534,7 @@ class Walker:
         if cut:
             self.result.limit(f"header of part {own} over {MAX_FIELD} bytes")
         if ended is not None:
-            self._leaf(own, depth, headers, content_type, encoding, iter(()))
+            self._leaf(own, depth, headers, content_type, encoding, empty=True)
             return ended
         if content_type.startswith("multipart/"):
             boundary = _param(headers, "boundary", "content-type")
@@ -446,7 +548,7 @@ class Walker:
                 self.result.limit(f"depth>{self.limits.max_depth} at {own}")
                 return self._skip_body()
             return self._entity(own, depth + 1, root=True, default_type="text/plain")
-        return self._leaf(own, depth, headers, content_type, encoding, None)
+        return self._leaf(own, depth, headers, content_type, encoding, empty=False)
 
     def _multipart(self, path: str, depth: int, boundary: bytes, content_type: str) -> _Terminator:
         level = len(self._stack)
@@ -471,39 +573,19 @@ class Walker:
             del self._stack[level:]
 
     def _leaf(self, path: str, depth: int, headers: EmailMessage, content_type: str, encoding: str,
-              lines: Iterator[tuple[bytes, bool]] | None) -> _Terminator:
+              empty: bool) -> _Terminator:
         names = file_names(headers)
         message = content_type in MESSAGE_TYPES
         keep: bool | None = True if message or self.keep(path, content_type, names) else None
         part = Part(path, content_type, encoding, names, depth=depth)
         body = _Body(part, keep, self.limits.max_decoded)
         decoder = _Decoder(encoding)
-        uu: _Body | None = None
-        text_like = encoding in ("7bit", "8bit", "binary", "quoted-printable") and content_type.startswith("text/")
         term = _EOF
-        source = lines if lines is not None else iter(self._lines.next, None)
-        for line, at_start in source:
-            found = self._boundary(line, at_start)
-            if found is not None:
-                term = found
-                break
-            if uu is not None:
-                if at_start and line.rstrip(b"\r\n") == b"end":
-                    self._deliver(uu.finish())
-                    uu = None
-                else:
-                    uu.feed(uu_line(line))
-                continue
-            if text_like and at_start and line.startswith(b"begin") and (m := _UU_BEGIN.match(line)):
-                name = decode_text(m.group(1))
-                uu_part = Part(f"{path}/uu", "application/octet-stream", "x-uuencode", [name], embedded=True,
-                               depth=depth)
-                uu = _Body(uu_part, True if self.keep(path, "", [name]) else None, self.limits.max_decoded)
-                continue
-            if not body.done:
-                body.feed(decoder.feed(line))
-        if uu is not None:
-            self._deliver(uu.finish())
+        if not empty:
+            if encoding in ("7bit", "8bit", "binary", "quoted-printable") and content_type.startswith("text/"):
+                term = self._text_body(path, depth, body, decoder)
+            else:
+                term = self._body(lambda data: body.feed(decoder.feed(data), len(data)) if not body.done else None)
         part = body.finish()
         if message and part.decoded is not None and not part.truncated:
             decoded = part.decoded
@@ -516,6 +598,65 @@ class Walker:
                 self.result.limit(f"message in part {path} over {self.limits.max_decoded} bytes")
             self._deliver(part)
         return term
+
+    def _text_body(self, path: str, depth: int, body: _Body, decoder: _Decoder) -> _Terminator:
+        """A text body, watching for uuencoded files (``begin 644 name`` ... ``end``) in it: each is a part
+        of its own, ``path/uu``."""
+        here, ahead = self._patterns()
+        files, read = 0, 0
+        while True:
+            data = self._lines.block(here, ahead)
+            if data is None:
+                return _EOF
+            if not data:
+                item = self._lines.next()
+                term = self._boundary(*item) if item is not None else _EOF
+                if term is not None:
+                    return term
+                continue
+            found = _UU_SEARCH.search(data) if files <= UU_FILES and read <= UU_READ else None
+            if found is not None:
+                files += 1
+                if files > UU_FILES or read > UU_READ:
+                    self.result.limit(f"uuencoded files in part {path} past {UU_FILES} or {UU_READ} bytes")
+                    found = None
+            if found is not None:
+                self._lines.unread(len(data) - found.start())
+                data = data[:found.start()]
+            if data and not body.done:
+                body.feed(decoder.feed(data), len(data))
+            if found is not None:
+                term, used = self._uu_file(path, depth, UU_READ - read)
+                read += used
+                if term is not None:
+                    return term
+
+    def _uu_file(self, path: str, depth: int, allowance: int) -> tuple[_Terminator | None, int]:
+        """A uuencoded file from its ``begin`` line to ``end``, line by line while it is being decoded; the
+        terminator if a boundary or the end of the message came first, and the bytes read."""
+        item = self._lines.next()
+        if item is None:
+            return _EOF, 0
+        match = _UU_BEGIN.match(item[0])
+        name = decode_text(match.group(1)) if match else ""
+        part = Part(f"{path}/uu", "application/octet-stream", "x-uuencode", [name], embedded=True, depth=depth)
+        body = _Body(part, True if self.keep(path, "", [name]) else None, self.limits.max_decoded, 4 * SNIFF)
+        term: _Terminator | None = None
+        while not body.done:
+            if body.consumed > allowance:
+                part.truncated = bool(body.keep)
+                break
+            item = self._lines.next()
+            if item is None:
+                term = _EOF
+                break
+            line, at_start = item
+            term = self._boundary(line, at_start)
+            if term is not None or (at_start and line.rstrip(b"\r\n") == b"end"):
+                break
+            body.feed(uu_line(line), len(line))
+        self._deliver(body.finish())
+        return term, body.consumed
 
     def _deliver(self, part: Part) -> None:
         try:
