@@ -1,0 +1,706 @@
+"""A streaming walk over the MIME tree of a raw message, in bounded memory and time.
+
+The message is read line by line from a file (the milter's spool); nothing holds the whole message, a
+whole part, or a whole header field. Each leaf part is handed to the caller (``on_part``) with what a
+content check needs: its path (IMAP-style numbers, ``1``, ``2.1``), its declared type and transfer
+encoding, its file names (Content-Disposition ``filename`` and Content-Type ``name``, RFC 2231 and
+RFC 2047 decoded), the first ``SNIFF`` decoded bytes (for magic-byte detection), and, for parts that
+may be archives or encoded messages, a decoded copy up to ``max_decoded`` bytes in a temporary file
+(RAM up to ``SPOOL_MEMORY``, then an unlinked file).
+
+How it reads hostile input, so that every consumer (banned attachments, SpamAssassin, phish) sees the
+same tree:
+
+- a boundary line is ``--boundary`` with optional ``--`` and trailing white space, at the start of a
+  line; a boundary of any enclosing multipart closes every multipart inside it (a missing close
+  delimiter costs nothing), and end of file closes everything;
+- a multipart without a boundary parameter is a leaf; one whose first boundary never comes has no parts;
+- message/rfc822 (and message/global) in 7bit/8bit/binary is walked in place; base64 or
+  quoted-printable encoded ones are decoded into the bounded copy and walked from there;
+- the children of multipart/digest default to message/rfc822;
+- only Content-Type, -Disposition and -Transfer-Encoding are kept (each cut at ``MAX_FIELD`` bytes, which
+  is recorded as a limit): a 2 MB ``To:`` line or ten thousand ``Received:`` lines cost the time to
+  read them, not the memory; file names are taken from every Content-Disposition and Content-Type
+  field of a part (clients differ in which of two they believe), the type from the first;
+- lines longer than ``MAX_LINE`` are read in pieces; only the first piece starts a line;
+- header bytes are decoded as UTF-8 (RFC 6532) when they are valid UTF-8, else as Latin-1: 8-bit names
+  come out readable, never as an exception.
+
+Bounds (``Limits``): parts, nesting depth (multipart and message/rfc822 together), decoded bytes kept per
+part. Past a bound the walk goes on reading (to find the boundaries that follow) without descending or
+decoding, and records what it skipped in ``Walk.limits``: the caller decides what an incompletely
+inspected message means.
+"""
+
+from __future__ import annotations
+
+import binascii
+import contextlib
+import email.header
+import email.utils
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.message import Message as EmailMessage
+from email.parser import HeaderParser
+from email.policy import compat32
+from typing import IO, BinaryIO
+
+MAX_LINE = 1 << 16
+"""Bytes read as one line; a longer line comes in pieces."""
+CHUNK = 1 << 16
+"""Bytes read from the file at a time."""
+MAX_FIELD = 1 << 16
+"""Bytes kept of one Content-* header field (with its continuation lines)."""
+MAX_FIELDS = 16
+"""Such fields kept per part (repeated ones included)."""
+CONTENT_FIELDS = (b"content-type", b"content-disposition", b"content-transfer-encoding")
+"""The header fields the walk keeps: the rest of a header block is read past, never stored."""
+SNIFF = 40 * 1024
+"""Decoded bytes kept at the start of every leaf part for type detection (an ISO 9660 image shows its
+signature at 32769)."""
+SPOOL_MEMORY = 1 << 20
+"""Bytes of a decoded copy kept in RAM before it moves to a temporary file."""
+UU_FILES = 16
+UU_READ = 4 << 20
+"""uuencoded files looked for in one text part, and bytes of them read (line by line, so bounded):
+past either, the rest of the part is read as text and the walk records a limit."""
+
+_B64_JUNK = bytes(c for c in range(256) if not (chr(c).isascii() and (chr(c).isalnum() or chr(c) in "+/=")))
+_UU_BEGIN = re.compile(rb"^begin(?:-base64)? +[0-7]{3,4} +(.+?)[ \t]*\r?\n?$")
+_NEVER = re.compile(rb"(?!)")
+_UU_SEARCH = re.compile(rb"(?m)^begin(?:-base64)? +[0-7]{3,4} +[^\r\n]")
+_FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+MESSAGE_TYPES = ("message/rfc822", "message/global")
+ARCHIVE_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
+"""Decoded parts starting so are kept whole (up to the bound) for the archive reader."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_parts: int = 1000
+    max_depth: int = 20
+    max_decoded: int = 25 << 20
+    """Decoded bytes of one part kept for archive listing and encoded messages; beyond it the copy is
+    ``truncated``."""
+
+
+@dataclass
+class Part:
+    """One leaf part, as handed to ``on_part``; ``decoded`` is closed when ``on_part`` returns."""
+
+    path: str
+    content_type: str
+    """Lower-case ``type/subtype`` as declared (``text/plain`` when absent or unparseable)."""
+    encoding: str
+    """Lower-case Content-Transfer-Encoding (``7bit`` when absent)."""
+    names: list[str]
+    """File names as declared and decoded (``filename`` first, then ``name``), duplicates removed."""
+    head: bytes = b""
+    """The first SNIFF decoded bytes."""
+    size: int = 0
+    """Decoded bytes seen (counting stops once decoding is no longer needed)."""
+    decoded: IO[bytes] | None = None
+    """The decoded body, when kept (archive magic in the head, or an encoded message)."""
+    truncated: bool = False
+    """The decoded copy stopped at ``Limits.max_decoded``."""
+    embedded: bool = False
+    """A uuencoded file found inside a text part (``names`` from its ``begin`` line)."""
+    depth: int = 0
+    """Nesting of multiparts and messages above it (for ``Walker.nested``)."""
+
+
+@dataclass
+class Walk:
+    parts: int = 0
+    limits: list[str] = field(default_factory=list)
+    """What was not inspected and why (``depth>20 at 1.2.1``, ``parts>1000``...)."""
+    stopped: bool = False
+    """``on_part`` asked to stop (a finding)."""
+
+    def limit(self, what: str) -> None:
+        if len(self.limits) < 10:
+            self.limits.append(what)
+
+
+OnPart = Callable[[Part, "Walker"], bool]
+"""Called for each leaf part (and each uuencoded file); returns True to stop the walk."""
+
+
+def _join(path: str, number: int) -> str:
+    return f"{path}.{number}" if path else str(number)
+
+
+class _Stop(Exception):
+    """``on_part`` asked to stop: unwinds the walk."""
+
+
+class _Lines:
+    """A binary file read in chunks: line by line (``next``, pieces of at most MAX_LINE, ``at_start`` saying
+    whether a piece begins a line) where the walk needs lines (header blocks, uuencode), and in blocks up
+    to the next boundary line (``block``) where it does not (bodies), so that a body of fifty million
+    empty lines costs a regular-expression search, not fifty million turns of a Python loop."""
+
+    def __init__(self, reader: BinaryIO) -> None:
+        self._reader = reader
+        self._buf = b""
+        self._pos = 0
+        self._eof = False
+        self.at_start = True
+        """The next byte begins a line."""
+
+    def _more(self) -> bool:
+        if self._eof:
+            return False
+        chunk = self._reader.read(CHUNK)
+        if not chunk:
+            self._eof = True
+            return False
+        self._buf = self._buf[self._pos:] + chunk
+        self._pos = 0
+        return True
+
+    def next(self) -> tuple[bytes, bool] | None:
+        while True:
+            buf, pos = self._buf, self._pos
+            end = buf.find(b"\n", pos, pos + MAX_LINE)
+            if end >= 0:
+                line = buf[pos:end + 1]
+                break
+            if len(buf) - pos >= MAX_LINE:
+                line = buf[pos:pos + MAX_LINE]
+                break
+            if not self._more():
+                if pos >= len(buf):
+                    return None
+                line = buf[pos:]
+                break
+        self._pos += len(line)
+        at_start, self.at_start = self.at_start, line.endswith(b"\n")
+        return line, at_start
+
+    def block(self, here: re.Pattern[bytes], ahead: re.Pattern[bytes]) -> bytes | None:
+        """Bytes up to the next line that ``here`` matches (at a line start) or ``ahead`` matches (its
+        newline and the line): b"" when that line is next, None at end of file. Never consumes part of
+        such a line, so ``next`` reads it whole."""
+        while True:
+            buf, pos = self._buf, self._pos
+            if pos >= len(buf) and not self._more():
+                return None
+            buf, pos = self._buf, self._pos
+            if self.at_start and (here.match(buf, pos) or (self._eof and here.fullmatch(buf + b"\n", pos))):
+                return b""
+            found = ahead.search(buf, pos)
+            if found is not None:
+                return self._take(found.start() + 1)
+            last = buf.rfind(b"\n", pos)
+            if last >= 0:  # whole lines only: the last, unfinished one may turn out to be a boundary
+                return self._take(last + 1)
+            if self._eof or len(buf) - pos >= 2 * CHUNK:  # the last line, or a long one with no end in sight
+                return self._take(len(buf))
+            self._more()
+
+    def _take(self, end: int) -> bytes:
+        data = self._buf[self._pos:end]
+        self._pos = end
+        if data:
+            self.at_start = data.endswith(b"\n")
+        return data
+
+    def unread(self, count: int) -> None:
+        """Give back the last ``count`` bytes of the last block (they start a line)."""
+        self._pos -= count
+        self.at_start = True
+
+
+class _Terminator:
+    """Where an entity ended: a boundary of the multipart at stack index ``level`` (``close`` for the
+    ``--`` form), or end of file (``level`` -1)."""
+
+    __slots__ = ("close", "level")
+
+    def __init__(self, level: int, close: bool) -> None:
+        self.level, self.close = level, close
+
+
+_EOF = _Terminator(-1, False)
+
+
+def decode_text(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def decode_words(value: str) -> str:
+    """RFC 2047 encoded words decoded (also where they do not belong, inside a quoted parameter, as
+    Outlook and others send them); an unknown charset falls back to Latin-1, bad bytes are replaced."""
+    if "=?" not in value:
+        return value
+    try:
+        pieces = email.header.decode_header(value)
+    except (ValueError, binascii.Error, UnicodeError, AssertionError):
+        return value
+    out = []
+    for text, charset in pieces:
+        if isinstance(text, str):
+            out.append(text)
+            continue
+        try:
+            out.append(text.decode(charset or "ascii", "replace"))
+        except LookupError:
+            out.append(text.decode("latin-1"))
+    return "".join(out)
+
+
+def _param(headers: EmailMessage, name: str, header: str) -> str | None:
+    try:
+        value = headers.get_param(name, None, header=header)
+    except (ValueError, TypeError, IndexError, AttributeError, UnicodeError, LookupError):
+        return None
+    if value is None:
+        return None
+    try:
+        text = email.utils.collapse_rfc2231_value(value)
+    except (ValueError, TypeError, UnicodeError, LookupError):
+        text = value[2] if isinstance(value, tuple) else str(value)
+    return decode_words(str(text))
+
+
+def file_names(headers: EmailMessage) -> list[str]:
+    """``filename`` of every Content-Disposition field, then ``name`` of every Content-Type field."""
+    names: list[str] = []
+    for name, header in (("filename", "content-disposition"), ("name", "content-type")):
+        for field_value in headers.get_all(header) or ():
+            single = EmailMessage()
+            try:
+                single[header] = field_value
+            except (ValueError, TypeError):
+                continue
+            value = _param(single, name, header)
+            if value and value not in names:
+                names.append(value)
+    return names
+
+
+class _Decoder:
+    """A transfer-encoding decoder fed blocks of whole lines (a block ends inside a line only in a line
+    longer than the walk reads at once)."""
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding
+        self._carry = b""
+        self._b64_blocks = BASE64_BLOCKS
+        self._uu_started = False
+
+    def feed(self, data: bytes) -> bytes:
+        if self.encoding == "base64":
+            data = self._carry + data.translate(None, _B64_JUNK)
+            usable = len(data) // 4 * 4
+            self._carry, data = data[usable:], data[:usable]
+            if not data:
+                return b""
+            if self._b64_blocks > 0 and b"=" in data[:-4]:
+                decoded, blocks = _base64_blocks(data)
+                self._b64_blocks -= blocks
+                return decoded
+            try:
+                return binascii.a2b_base64(data)
+            except binascii.Error:
+                return b""
+        if self.encoding == "quoted-printable":
+            data = self._carry + data
+            cut = data.find(b"=", len(data) - 2)  # an escape cut in two by the block's end waits for the rest
+            self._carry, data = (data[cut:], data[:cut]) if cut >= 0 else (b"", data)
+            return binascii.a2b_qp(data)
+        if self.encoding in ("x-uuencode", "x-uue", "uuencode"):
+            return b"".join(self._uu(line) for line in data.splitlines(keepends=True))
+        return data
+
+    def _uu(self, line: bytes) -> bytes:
+        if not self._uu_started:
+            self._uu_started = bool(_UU_BEGIN.match(line))
+            return b""
+        return uu_line(line)
+
+
+_AFTER_PADDING = re.compile(rb"(?<==)(?=[^=])")
+BASE64_BLOCKS = 1024
+"""Base64 blocks padded one by one and joined (which binascii stops at) decoded per part, block by block;
+past that, the rest of the part is decoded as binascii does, so that hostile padding costs C time."""
+
+
+def _base64_blocks(data: bytes) -> tuple[bytes, int]:
+    """Decode ``data`` one padded block at a time; the bytes, and how many blocks that took."""
+    out = []
+    pieces = _AFTER_PADDING.split(data)
+    for piece in pieces:
+        with contextlib.suppress(binascii.Error):
+            out.append(binascii.a2b_base64(piece))
+    return b"".join(out), len(pieces)
+
+
+def uu_line(line: bytes) -> bytes:
+    stripped = line.rstrip(b"\r\n")
+    if not stripped or stripped in (b"end", b"`"):
+        return b""
+    try:
+        return binascii.a2b_uu(stripped)
+    except binascii.Error:
+        try:  # some encoders pad short lines badly: decode what the length byte announces
+            return binascii.a2b_uu(stripped[: ((stripped[0] - 32) & 63) * 4 // 3 + 5])
+        except (binascii.Error, IndexError):
+            return b""
+
+
+class _Body:
+    """Where a leaf's decoded bytes go: the head always, a temporary file while the part may be an
+    archive or an encoded message."""
+
+    def __init__(self, part: Part, keep: bool | None, limit: int, sniff_budget: int = 64 * SNIFF) -> None:
+        self.part = part
+        self.sniff_budget = sniff_budget
+        """Body bytes read, at most, to fill the head of a part that is not kept."""
+        self.keep = keep
+        """True: keep it all (up to limit); None: decide from the head's magic; False: head only."""
+        self.limit = limit
+        self._head = bytearray()
+        self._file: IO[bytes] | None = None
+        self.consumed = 0
+        """Bytes of the body read so far (decoding work is bounded by them too: a body that decodes to
+        nothing, all padding or junk, must not be decoded to its end)."""
+        self.done = False
+        """Nothing more is needed: the caller may stop decoding."""
+
+    def feed(self, data: bytes, raw_size: int) -> None:
+        """``data`` decoded from ``raw_size`` bytes of the body."""
+        self.consumed += raw_size
+        if self.done:
+            return
+        if len(self._head) < SNIFF:
+            self._head += data[: SNIFF - len(self._head)]
+        if self.keep is None and len(self._head) >= 4:
+            self.keep = self._head.startswith(ARCHIVE_MAGIC)
+        if self.keep is not False:
+            if self.part.size + len(data) > self.limit or self.consumed > 3 * self.limit + CHUNK:
+                self.part.truncated = True
+                data = data[: max(0, self.limit - self.part.size)]
+                self.done = True
+            if data:
+                if self._file is None:
+                    self._file = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)  # noqa: SIM115 (the walker closes it)
+                self._file.write(data)
+        self.part.size += len(data)
+        if not self.keep and (len(self._head) >= SNIFF or self.consumed > self.sniff_budget):
+            self.done = True  # undecided (no four bytes yet) counts as not kept
+
+    def finish(self) -> Part:
+        self.part.head = bytes(self._head)
+        if self.keep and self._file is not None:
+            self._file.seek(0)
+            self.part.decoded = self._file
+        elif self._file is not None:
+            self._file.close()
+        return self.part
+
+
+class Walker:
+    """One walk over one message; ``walk`` (below) is the way in. Archive readers and the caller may call
+    ``nested`` to walk a decoded message found inside a part with the same budget."""
+
+    def __init__(self, limits: Limits, on_part: OnPart, keep: Callable[[str, str, list[str]], bool]) -> None:
+        self.limits = limits
+        self.on_part = on_part
+        self.keep = keep
+        self.result = Walk()
+        self._stack: list[bytes] = []
+        self._lines: _Lines
+        self._compiled: dict[tuple[bytes, ...], tuple[re.Pattern[bytes], re.Pattern[bytes]]] = {}
+
+    def run(self, reader: BinaryIO, path: str = "", depth: int = 0) -> None:
+        saved_stack, saved_lines = self._stack, getattr(self, "_lines", None)
+        self._stack, self._lines = [], _Lines(reader)
+        try:
+            self._entity(path, depth, root=True, default_type="text/plain")
+            while self._lines.next() is not None:  # text after the outermost close delimiter
+                pass
+        finally:
+            self._stack = saved_stack
+            if saved_lines is not None:
+                self._lines = saved_lines
+
+    # -- the grammar --------------------------------------------------------------------------------
+
+    def _boundary(self, line: bytes, at_start: bool) -> _Terminator | None:
+        if not at_start or not line.startswith(b"--") or not self._stack:
+            return None
+        for level in range(len(self._stack) - 1, -1, -1):
+            boundary = self._stack[level]
+            if line.startswith(boundary, 2):
+                rest = line[2 + len(boundary):].rstrip(b" \t\r\n")
+                if rest == b"":
+                    return _Terminator(level, False)
+                if rest == b"--":
+                    return _Terminator(level, True)
+        return None
+
+    def _header_block(self) -> tuple[EmailMessage, _Terminator | None, bool]:
+        """The Content-Type, -Disposition and -Transfer-Encoding fields of a header block, the terminator if
+        a boundary or EOF came first, and whether one of those fields was cut (or dropped) at a bound."""
+        fields: list[bytearray] = []
+        current: bytearray | None = None
+        ended: _Terminator | None = None
+        cut = False
+        while True:
+            item = self._lines.next()
+            if item is None:
+                ended = _EOF
+                break
+            line, at_start = item
+            term = self._boundary(line, at_start)
+            if term is not None:
+                ended = term
+                break
+            if at_start and line in (b"\r\n", b"\n"):
+                break
+            if not at_start or line[:1] in (b" ", b"\t"):  # the rest of a long line, or a continuation
+                if current is not None:
+                    if len(current) + len(line) > MAX_FIELD:
+                        cut = True
+                    current += line[: max(0, MAX_FIELD - len(current))]
+                continue
+            match = _FIELD_NAME.match(line)
+            if match and match.group(1).lower() in CONTENT_FIELDS:
+                if len(fields) >= MAX_FIELDS:
+                    cut, current = True, None
+                    continue
+                current = bytearray(line[:MAX_FIELD])
+                cut = cut or len(line) > MAX_FIELD
+                fields.append(current)
+            else:
+                current = None
+        text = "".join(decode_text(bytes(f)).rstrip("\r\n").replace("\r", "") + "\n" for f in fields)
+        try:
+            headers = HeaderParser(policy=compat32).parsestr(text + "\n", headersonly=True)
+        except Exception:  # the stdlib parser on hostile input: an empty header is the answer
+            headers = EmailMessage()
+        return headers, ended, cut
+
+    def _patterns(self) -> tuple[re.Pattern[bytes], re.Pattern[bytes]]:
+        """Boundary lines of the open multiparts: at a line start (``here``), after a newline (``ahead``)."""
+        key = tuple(self._stack)
+        patterns = self._compiled.get(key)
+        if patterns is None:
+            if key:
+                line = b"--(?:" + b"|".join(re.escape(b) for b in key) + rb")(?:--)?[ \t\r]*\n"
+                patterns = (re.compile(line), re.compile(b"\n" + line))
+            else:
+                patterns = (_NEVER, _NEVER)
+            if len(self._compiled) < 256:
+                self._compiled[key] = patterns
+        return patterns
+
+    def _body(self, feed: Callable[[bytes], None]) -> _Terminator:
+        """Read a body to its terminator, handing it to ``feed`` in blocks (whole lines, except in a line
+        longer than ``2 * CHUNK``)."""
+        here, ahead = self._patterns()
+        while True:
+            data = self._lines.block(here, ahead)
+            if data is None:
+                return _EOF
+            if data:
+                feed(data)
+                continue
+            item = self._lines.next()
+            if item is None:
+                return _EOF
+            term = self._boundary(*item)
+            if term is not None:
+                return term
+            feed(item[0])  # cannot happen (block stops only at boundary lines), but never lose bytes
+
+    def _skip_body(self) -> _Terminator:
+        return self._body(lambda _data: None)
+
+    def _entity(self, path: str, depth: int, root: bool, default_type: str) -> _Terminator:
+        """One entity: a message (``root``: its leaf body is numbered ``path.1``) or a part of a multipart
+        (its leaf body is ``path``); a multipart's children are ``path.N`` either way."""
+        headers, ended, cut = self._header_block()
+        content_type = _content_type(headers, default_type)
+        encoding = _header(headers, "content-transfer-encoding").strip().lower() or "7bit"
+        own = _join(path, 1) if root else path
+        if cut:
+            self.result.limit(f"header of part {own} over {MAX_FIELD} bytes")
+        if ended is not None:
+            self._leaf(own, depth, headers, content_type, encoding, empty=True)
+            return ended
+        if content_type.startswith("multipart/"):
+            boundary = _param(headers, "boundary", "content-type")
+            if boundary:
+                if depth >= self.limits.max_depth:
+                    self.result.limit(f"depth>{self.limits.max_depth} at {own}")
+                    return self._skip_body()
+                return self._multipart(path, depth, boundary.encode("utf-8", "replace"), content_type)
+        if content_type in MESSAGE_TYPES and encoding in ("7bit", "8bit", "binary"):
+            if depth >= self.limits.max_depth:
+                self.result.limit(f"depth>{self.limits.max_depth} at {own}")
+                return self._skip_body()
+            return self._entity(own, depth + 1, root=True, default_type="text/plain")
+        return self._leaf(own, depth, headers, content_type, encoding, empty=False)
+
+    def _multipart(self, path: str, depth: int, boundary: bytes, content_type: str) -> _Terminator:
+        level = len(self._stack)
+        self._stack.append(boundary)
+        child_type = "message/rfc822" if content_type == "multipart/digest" else "text/plain"
+        try:
+            term = self._skip_body()  # the preamble
+            number = 0
+            while term.level == level and not term.close:
+                number += 1
+                self.result.parts += 1
+                if self.result.parts > self.limits.max_parts:
+                    if self.result.parts == self.limits.max_parts + 1:
+                        self.result.limit(f"parts>{self.limits.max_parts}")
+                    term = self._skip_body()
+                    continue
+                term = self._entity(_join(path, number), depth + 1, root=False, default_type=child_type)
+            if term.level == level:  # our close delimiter: the epilogue runs to an outer boundary
+                term = self._skip_body()
+            return term
+        finally:
+            del self._stack[level:]
+
+    def _leaf(self, path: str, depth: int, headers: EmailMessage, content_type: str, encoding: str,
+              empty: bool) -> _Terminator:
+        names = file_names(headers)
+        message = content_type in MESSAGE_TYPES
+        keep: bool | None = True if message or self.keep(path, content_type, names) else None
+        part = Part(path, content_type, encoding, names, depth=depth)
+        body = _Body(part, keep, self.limits.max_decoded)
+        decoder = _Decoder(encoding)
+        term = _EOF
+        if not empty:
+            if encoding in ("7bit", "8bit", "binary", "quoted-printable") and content_type.startswith("text/"):
+                term = self._text_body(path, depth, body, decoder)
+            else:
+                term = self._body(lambda data: body.feed(decoder.feed(data), len(data)) if not body.done else None)
+        part = body.finish()
+        if message and part.decoded is not None and not part.truncated:
+            decoded = part.decoded
+            part.decoded = None
+            self._deliver(part)
+            with decoded:
+                self.nested(decoded, path, depth + 1)  # type: ignore[arg-type]
+        else:
+            if message and part.truncated:
+                self.result.limit(f"message in part {path} over {self.limits.max_decoded} bytes")
+            self._deliver(part)
+        return term
+
+    def _text_body(self, path: str, depth: int, body: _Body, decoder: _Decoder) -> _Terminator:
+        """A text body, watching for uuencoded files (``begin 644 name`` ... ``end``) in it: each is a part
+        of its own, ``path/uu``."""
+        here, ahead = self._patterns()
+        files, read = 0, 0
+        while True:
+            data = self._lines.block(here, ahead)
+            if data is None:
+                return _EOF
+            if not data:
+                item = self._lines.next()
+                term = self._boundary(*item) if item is not None else _EOF
+                if term is not None:
+                    return term
+                continue
+            found = _UU_SEARCH.search(data) if files <= UU_FILES and read <= UU_READ else None
+            if found is not None:
+                files += 1
+                if files > UU_FILES or read > UU_READ:
+                    self.result.limit(f"uuencoded files in part {path} past {UU_FILES} or {UU_READ} bytes")
+                    found = None
+            if found is not None:
+                self._lines.unread(len(data) - found.start())
+                data = data[:found.start()]
+            if data and not body.done:
+                body.feed(decoder.feed(data), len(data))
+            if found is not None:
+                term, used = self._uu_file(path, depth, UU_READ - read)
+                read += used
+                if term is not None:
+                    return term
+
+    def _uu_file(self, path: str, depth: int, allowance: int) -> tuple[_Terminator | None, int]:
+        """A uuencoded file from its ``begin`` line to ``end``, line by line while it is being decoded; the
+        terminator if a boundary or the end of the message came first, and the bytes read."""
+        item = self._lines.next()
+        if item is None:
+            return _EOF, 0
+        match = _UU_BEGIN.match(item[0])
+        name = decode_text(match.group(1)) if match else ""
+        part = Part(f"{path}/uu", "application/octet-stream", "x-uuencode", [name], embedded=True, depth=depth)
+        body = _Body(part, True if self.keep(path, "", [name]) else None, self.limits.max_decoded, 4 * SNIFF)
+        term: _Terminator | None = None
+        while not body.done:
+            if body.consumed > allowance:
+                part.truncated = bool(body.keep)
+                break
+            item = self._lines.next()
+            if item is None:
+                term = _EOF
+                break
+            line, at_start = item
+            term = self._boundary(line, at_start)
+            if term is not None or (at_start and line.rstrip(b"\r\n") == b"end"):
+                break
+            body.feed(uu_line(line), len(line))
+        self._deliver(body.finish())
+        return term, body.consumed
+
+    def _deliver(self, part: Part) -> None:
+        try:
+            if self.on_part(part, self):
+                self.result.stopped = True
+                raise _Stop
+        finally:
+            if part.decoded is not None:
+                part.decoded.close()
+
+    def nested(self, reader: BinaryIO, path: str, depth: int) -> bool:
+        """Walk a message found inside a part (a decoded message/rfc822, an attached .eml file) with this
+        walk's budget and ``on_part``; False (and a limit recorded) when ``depth`` is past the bound."""
+        if depth >= self.limits.max_depth:
+            self.result.limit(f"depth>{self.limits.max_depth} at {path}")
+            return False
+        self.run(reader, path, depth)
+        return True
+
+
+def _header(headers: EmailMessage, name: str) -> str:
+    try:
+        value = headers.get(name)
+    except Exception:  # a hostile header: as if absent
+        return ""
+    return str(value) if value is not None else ""
+
+
+def _content_type(headers: EmailMessage, default: str) -> str:
+    if headers.get("content-type") is None:
+        return default
+    try:
+        value = headers.get_content_type()
+    except Exception:  # a hostile header: the RFC 2045 default
+        return "text/plain"
+    return value.lower()
+
+
+def walk(reader: BinaryIO, on_part: OnPart, limits: Limits | None = None,
+         keep: Callable[[str, str, list[str]], bool] | None = None) -> Walk:
+    """Walk the message in ``reader`` (rewound), calling ``on_part`` for each leaf part until it returns
+    True. ``keep(path, content_type, names)`` says which parts to keep decoded whole (up to the bound)
+    whatever their first bytes; parts starting with archive magic and encoded messages always are."""
+    walker = Walker(limits or Limits(), on_part, keep or (lambda _path, _type, _names: False))
+    with contextlib.suppress(_Stop):
+        walker.run(reader)
+    return walker.result
