@@ -406,6 +406,52 @@ class _Body:
         return self.part
 
 
+_FIELD_START = re.compile(rb"(?mi)^content-(?:type|disposition|transfer-encoding)[ \t]*:")
+_FIELD_END = re.compile(rb"\n(?![ \t])")
+_CONTINUATION = re.compile(rb"(?:[ \t][^\n]*(?:\n|\Z))*")
+
+
+class _Fields:
+    """The header fields a walk keeps, gathered from blocks of a header by regular expressions (a header
+    of ten million lines costs C time): each cut at MAX_FIELD bytes, at most MAX_FIELDS of them."""
+
+    def __init__(self) -> None:
+        self.fields: list[bytearray] = []
+        self.cut = False
+        self._open: bytearray | None = None
+        """The last field, when the block ended before it did (its continuation lines come next)."""
+
+    def _append(self, field: bytearray, data: bytes) -> None:
+        if len(field) + len(data) > MAX_FIELD:
+            self.cut = True
+        field += data[: max(0, MAX_FIELD - len(field))]
+
+    def feed(self, data: bytes, at_start: bool) -> None:
+        pos = 0
+        if not at_start:  # the rest of a long line: the open field's, if any
+            end = data.find(b"\n")
+            pos = len(data) if end < 0 else end + 1
+            if self._open is not None:
+                self._append(self._open, data[:pos])
+        if self._open is not None and pos < len(data):
+            end = _CONTINUATION.match(data, pos).end()  # type: ignore[union-attr]
+            self._append(self._open, data[pos:end])
+            pos = end
+            if pos < len(data):
+                self._open = None
+        for match in _FIELD_START.finditer(data, pos):
+            start = match.start()
+            found = _FIELD_END.search(data, start)
+            end = found.start() + 1 if found is not None and found.end() < len(data) else len(data)
+            if len(self.fields) >= MAX_FIELDS:
+                self.cut = True
+                continue
+            field = bytearray()
+            self._append(field, data[start:end])
+            self.fields.append(field)
+            self._open = field if end == len(data) else None
+
+
 class Walker:
     """One walk over one message; ``walk`` (below) is the way in. Archive readers and the caller may call
     ``nested`` to walk a decoded message found inside a part with the same budget."""
@@ -417,7 +463,7 @@ class Walker:
         self.result = Walk()
         self._stack: list[bytes] = []
         self._lines: _Lines
-        self._compiled: dict[tuple[bytes, ...], tuple[re.Pattern[bytes], re.Pattern[bytes]]] = {}
+        self._compiled: dict[tuple[tuple[bytes, ...], bool, int], tuple[re.Pattern[bytes], re.Pattern[bytes]]] = {}
 
     def run(self, reader: BinaryIO, path: str = "", depth: int = 0) -> None:
         saved_stack, saved_lines = self._stack, getattr(self, "_lines", None)
@@ -449,63 +495,54 @@ class Walker:
     def _header_block(self) -> tuple[EmailMessage, _Terminator | None, bool]:
         """The Content-Type, -Disposition and -Transfer-Encoding fields of a header block, the terminator if
         a boundary or EOF came first, and whether one of those fields was cut (or dropped) at a bound."""
-        fields: list[bytearray] = []
-        current: bytearray | None = None
+        fields = _Fields()
+        here, ahead = self._patterns(header=True)
         ended: _Terminator | None = None
-        cut = False
         while True:
-            item = self._lines.next()
-            if item is None:
+            at_start = self._lines.at_start
+            data = self._lines.block(here, ahead)
+            if data is None:
                 ended = _EOF
                 break
-            line, at_start = item
-            term = self._boundary(line, at_start)
-            if term is not None:
-                ended = term
-                break
-            if at_start and line in (b"\r\n", b"\n"):
-                break
-            if not at_start or line[:1] in (b" ", b"\t"):  # the rest of a long line, or a continuation
-                if current is not None:
-                    if len(current) + len(line) > MAX_FIELD:
-                        cut = True
-                    current += line[: max(0, MAX_FIELD - len(current))]
+            if data:
+                fields.feed(data, at_start)
                 continue
-            match = _FIELD_NAME.match(line)
-            if match and match.group(1).lower() in CONTENT_FIELDS:
-                if len(fields) >= MAX_FIELDS:
-                    cut, current = True, None
-                    continue
-                current = bytearray(line[:MAX_FIELD])
-                cut = cut or len(line) > MAX_FIELD
-                fields.append(current)
-            else:
-                current = None
-        text = "".join(decode_text(bytes(f)).rstrip("\r\n").replace("\r", "") + "\n" for f in fields)
+            item = self._lines.next()  # the empty line, or a boundary
+            ended = self._boundary(*item) if item is not None else _EOF
+            break
+        text = "".join(decode_text(bytes(f)).rstrip("\r\n").replace("\r", "") + "\n" for f in fields.fields)
         try:
             headers = HeaderParser(policy=compat32).parsestr(text + "\n", headersonly=True)
         except Exception:  # the stdlib parser on hostile input: an empty header is the answer
             headers = EmailMessage()
-        return headers, ended, cut
+        return headers, ended, fields.cut
 
-    def _patterns(self) -> tuple[re.Pattern[bytes], re.Pattern[bytes]]:
-        """Boundary lines of the open multiparts: at a line start (``here``), after a newline (``ahead``)."""
-        key = tuple(self._stack)
+    def _patterns(self, header: bool = False, closing: int = -1) -> tuple[re.Pattern[bytes], re.Pattern[bytes]]:
+        """The lines a block stops at, at a line start (``here``) and after a newline (``ahead``): the
+        boundary lines of the open multiparts (of level ``closing`` only its close delimiter), and with
+        ``header`` the empty line that ends a header block."""
+        key = (tuple(self._stack), header, closing)
         patterns = self._compiled.get(key)
         if patterns is None:
-            if key:
-                line = b"--(?:" + b"|".join(re.escape(b) for b in key) + rb")(?:--)?[ \t\r]*\n"
-                patterns = (re.compile(line), re.compile(b"\n" + line))
-            else:
-                patterns = (_NEVER, _NEVER)
+            lines = []
+            every = [re.escape(b) for level, b in enumerate(self._stack) if level != closing]
+            if every:
+                lines.append(b"--(?:" + b"|".join(every) + rb")(?:--)?[ \t\r]*\n")
+            if closing >= 0:
+                lines.append(b"--" + re.escape(self._stack[closing]) + rb"--[ \t\r]*\n")
+            if header:
+                lines.append(rb"\r?\n")
+            line = b"(?:" + b"|".join(lines) + b")"
+            patterns = (re.compile(line), re.compile(b"\n" + line)) if lines else (_NEVER, _NEVER)
             if len(self._compiled) < 256:
                 self._compiled[key] = patterns
         return patterns
 
-    def _body(self, feed: Callable[[bytes], None]) -> _Terminator:
+    def _body(self, feed: Callable[[bytes], None], closing: int = -1) -> _Terminator:
         """Read a body to its terminator, handing it to ``feed`` in blocks (whole lines, except in a line
-        longer than ``2 * CHUNK``)."""
-        here, ahead = self._patterns()
+        longer than ``2 * CHUNK``); with ``closing``, the parts of that multipart are read past up to its
+        close delimiter."""
+        here, ahead = self._patterns(closing=closing)
         while True:
             data = self._lines.block(here, ahead)
             if data is None:
@@ -563,7 +600,7 @@ class Walker:
                 if self.result.parts > self.limits.max_parts:
                     if self.result.parts == self.limits.max_parts + 1:
                         self.result.limit(f"parts>{self.limits.max_parts}")
-                    term = self._skip_body()
+                    term = self._body(lambda _data: None, closing=level)  # the rest of this multipart at once
                     continue
                 term = self._entity(_join(path, number), depth + 1, root=False, default_type=child_type)
             if term.level == level:  # our close delimiter: the epilogue runs to an outer boundary
