@@ -1,12 +1,17 @@
 """A streaming walk over the MIME tree of a raw message, in bounded memory and time.
 
-The message is read line by line from a file (the milter's spool); nothing holds the whole message, a
-whole part, or a whole header field. Each leaf part is handed to the caller (``on_part``) with what a
-content check needs: its path (IMAP-style numbers, ``1``, ``2.1``), its declared type and transfer
-encoding, its file names (Content-Disposition ``filename`` and Content-Type ``name``, RFC 2231 and
-RFC 2047 decoded), the first ``SNIFF`` decoded bytes (for magic-byte detection), and, for parts that
-may be archives or encoded messages, a decoded copy up to ``max_decoded`` bytes in a temporary file
-(RAM up to ``SPOOL_MEMORY``, then an unlinked file).
+The message is read from a file (the milter's spool) 64 KB at a time; nothing holds the whole message,
+a whole part, or a whole header field. Header blocks and bodies are read in blocks up to the next line
+that matters (a boundary, the end of the header), found by regular expressions, so that the time a
+message costs grows with its size, not with its number of lines: a Python loop turns per part, per
+kept header field and per line of a uuencoded file, never per line of a body.
+
+Each leaf part is handed to the caller (``on_part``) with what a content check needs: its path
+(IMAP-style numbers, ``1``, ``2.1``), its declared type and transfer encoding, its file names
+(Content-Disposition ``filename`` and Content-Type ``name``, RFC 2231 and RFC 2047 decoded), the first
+``SNIFF`` decoded bytes (for magic-byte detection), and, for parts that may be archives or encoded
+messages, a decoded copy up to ``max_decoded`` bytes in a temporary file (RAM up to ``SPOOL_MEMORY``,
+then an unlinked file).
 
 How it reads hostile input, so that every consumer (banned attachments, SpamAssassin, phish) sees the
 same tree:
@@ -15,6 +20,8 @@ same tree:
   line; a boundary of any enclosing multipart closes every multipart inside it (a missing close
   delimiter costs nothing), and end of file closes everything;
 - a multipart without a boundary parameter is a leaf; one whose first boundary never comes has no parts;
+- a boundary line after the close delimiter starts another part: some clients read on, so what any of
+  them might show is inspected;
 - message/rfc822 (and message/global) in 7bit/8bit/binary is walked in place; base64 or
   quoted-printable encoded ones are decoded into the bounded copy and walked from there;
 - the children of multipart/digest default to message/rfc822;
@@ -22,7 +29,7 @@ same tree:
   is recorded as a limit): a 2 MB ``To:`` line or ten thousand ``Received:`` lines cost the time to
   read them, not the memory; file names are taken from every Content-Disposition and Content-Type
   field of a part (clients differ in which of two they believe), the type from the first;
-- lines longer than ``MAX_LINE`` are read in pieces; only the first piece starts a line;
+- a line longer than ``2 * CHUNK`` with no boundary in it is read in pieces;
 - header bytes are decoded as UTF-8 (RFC 6532) when they are valid UTF-8, else as Latin-1: 8-bit names
   come out readable, never as an exception.
 
@@ -55,8 +62,6 @@ MAX_FIELD = 1 << 16
 """Bytes kept of one Content-* header field (with its continuation lines)."""
 MAX_FIELDS = 16
 """Such fields kept per part (repeated ones included)."""
-CONTENT_FIELDS = (b"content-type", b"content-disposition", b"content-transfer-encoding")
-"""The header fields the walk keeps: the rest of a header block is read past, never stored."""
 SNIFF = 40 * 1024
 """Decoded bytes kept at the start of every leaf part for type detection (an ISO 9660 image shows its
 signature at 32769)."""
@@ -71,7 +76,6 @@ _B64_JUNK = bytes(c for c in range(256) if not (chr(c).isascii() and (chr(c).isa
 _UU_BEGIN = re.compile(rb"^begin(?:-base64)? +[0-7]{3,4} +(.+?)[ \t]*\r?\n?$")
 _NEVER = re.compile(rb"(?!)")
 _UU_SEARCH = re.compile(rb"(?m)^begin(?:-base64)? +[0-7]{3,4} +[^\r\n]")
-_FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
 MESSAGE_TYPES = ("message/rfc822", "message/global")
 ARCHIVE_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
 """Decoded parts starting so are kept whole (up to the bound) for the archive reader."""
@@ -138,9 +142,10 @@ class _Stop(Exception):
 
 class _Lines:
     """A binary file read in chunks: line by line (``next``, pieces of at most MAX_LINE, ``at_start`` saying
-    whether a piece begins a line) where the walk needs lines (header blocks, uuencode), and in blocks up
-    to the next boundary line (``block``) where it does not (bodies), so that a body of fifty million
-    empty lines costs a regular-expression search, not fifty million turns of a Python loop."""
+    whether a piece begins a line) where the walk needs lines (boundary lines, uuencode), and in blocks
+    up to the next line that matters (``block``) where it does not (header blocks, bodies), so that a
+    body of fifty million empty lines costs a regular-expression search per 64 KB, not fifty million
+    turns of a Python loop."""
 
     def __init__(self, reader: BinaryIO) -> None:
         self._reader = reader
@@ -470,8 +475,7 @@ class Walker:
         self._stack, self._lines = [], _Lines(reader)
         try:
             self._entity(path, depth, root=True, default_type="text/plain")
-            while self._lines.next() is not None:  # text after the outermost close delimiter
-                pass
+            self._skip_body()  # nothing is open any more: whatever is left is read past at once
         finally:
             self._stack = saved_stack
             if saved_lines is not None:
@@ -594,7 +598,10 @@ class Walker:
         try:
             term = self._skip_body()  # the preamble
             number = 0
-            while term.level == level and not term.close:
+            while term.level == level:
+                if term.close:  # the epilogue; a lenient client reads on if our boundary comes again, so do we
+                    term = self._skip_body()
+                    continue
                 number += 1
                 self.result.parts += 1
                 if self.result.parts > self.limits.max_parts:
@@ -603,8 +610,6 @@ class Walker:
                     term = self._body(lambda _data: None, closing=level)  # the rest of this multipart at once
                     continue
                 term = self._entity(_join(path, number), depth + 1, root=False, default_type=child_type)
-            if term.level == level:  # our close delimiter: the epilogue runs to an outer boundary
-                term = self._skip_body()
             return term
         finally:
             del self._stack[level:]

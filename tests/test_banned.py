@@ -219,6 +219,12 @@ CAUGHT = {
     "inner multipart left open, outer closed": (
         mail(multipart(text(), multipart(text(), boundary="inner", close=False), attach("after.lnk", b"x"))),
         "3", None, "extension:lnk"),
+    "inner boundary repeated after its close delimiter": (
+        mail(multipart(multipart(text(), boundary="inner") + b"--inner\r\n\r\n--inner--\r\n",
+                       attach("p.cpl", b"x"))),
+        "2", None, "extension:cpl"),
+    "a part after the outer close delimiter": (
+        mail(multipart(text()) + b"--=-=b=-=\r\n" + attach("epilogue.exe", b"x")), "2", None, "extension:exe"),
     "uuencoded in a text part": (
         mail(multipart(part(b"Hi,\r\n\r\nbegin 644 setup.exe\r\n" + b"M" + b"0" * 60 + b"\r\n`\r\nend\r\nbye\r\n",
                             "text/plain", encoding="7bit"))),
