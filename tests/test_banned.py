@@ -630,7 +630,22 @@ HOSTILE = {
 def test_hostile_input_gets_a_verdict(check, case):
     verdict, _, elapsed = _measured(check, as_message(HOSTILE[case]))
     assert verdict.check == "banned" and verdict.fate in (Fate.ACCEPT, Fate.REJECT)
+    assert "inspection failed" not in verdict.reason  # an exception inside, caught by the last resort
     assert elapsed < 10
+
+
+@pytest.mark.parametrize("settings", [
+    {"max_parts": 1, "max_depth": 1, "max_archive_size": 0, "max_archive_members": 1, "max_archives": 1,
+     "max_archive_depth": 0},
+    {"max_parts": 2, "max_depth": 2, "max_archive_size": 100, "max_archive_members": 2, "max_archives": 2,
+     "max_archive_depth": 1},
+], ids=["smallest bounds", "small bounds"])
+def test_every_case_gets_a_verdict_under_tiny_bounds(settings):
+    check = BannedCheck(BannedSettings(files=[SHIPPED], on_limits="quarantine", **settings))
+    for raw in [case[0] for case in CAUGHT.values()] + list(PASSES.values()) + list(HOSTILE.values()):
+        verdict = verdict_of(check, raw)
+        assert verdict.check == "banned" and verdict.fate in (Fate.ACCEPT, Fate.QUARANTINE, Fate.REJECT)
+        assert "inspection failed" not in verdict.reason, raw[:300]
 
 
 def test_lf_line_ends_are_walked_too(check):
@@ -704,4 +719,4 @@ def test_the_corpus_is_there():
 def test_corpus_message_gets_a_verdict(check, path):
     verdict = verdict_of(check, path.read_bytes())
     assert verdict.check == "banned"
-    assert verdict.fate is Fate.ACCEPT, verdict.reason  # nothing in it is an executable attachment
+    assert verdict.reason == "no banned attachment"  # nothing in it is banned, and all of it was inspected
