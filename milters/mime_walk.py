@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import binascii
 import contextlib
-import email.header
 import email.utils
 import re
 import tempfile
@@ -239,25 +238,42 @@ def decode_text(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
+_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?\s]*)\?=")
+
+
 def decode_words(value: str) -> str:
     """RFC 2047 encoded words decoded (also where they do not belong, inside a quoted parameter, as
-    Outlook and others send them); an unknown charset falls back to Latin-1, bad bytes are replaced."""
+    Outlook and others send them), each on its own: a broken word stays as it is and does not stop the
+    others being decoded (the stdlib gives up on the whole value); white space between two words goes;
+    an unknown charset falls back to Latin-1, bad bytes are replaced."""
     if "=?" not in value:
         return value
-    try:
-        pieces = email.header.decode_header(value)
-    except (ValueError, binascii.Error, UnicodeError, AssertionError):
-        return value
-    out = []
-    for text, charset in pieces:
-        if isinstance(text, str):
-            out.append(text)
-            continue
-        try:
-            out.append(text.decode(charset or "ascii", "replace"))
-        except LookupError:
-            out.append(text.decode("latin-1"))
+    out: list[str] = []
+    pos, after_word = 0, False
+    for match in _ENCODED_WORD.finditer(value):
+        between = value[pos:match.start()]
+        if not (after_word and not between.strip()):
+            out.append(between)
+        word = _decode_word(match.group(1), match.group(2), match.group(3))
+        out.append(match.group(0) if word is None else word)
+        pos, after_word = match.end(), word is not None
+    out.append(value[pos:])
     return "".join(out)
+
+
+def _decode_word(charset: str, encoding: str, text: str) -> str | None:
+    data = text.encode("utf-8", "replace")
+    try:
+        if encoding in "bB":
+            raw = binascii.a2b_base64(data + b"=" * (-len(data) % 4))
+        else:
+            raw = binascii.a2b_qp(data, header=True)
+    except (binascii.Error, ValueError):
+        return None
+    try:
+        return raw.decode(charset.partition("*")[0], "replace")  # charset*language (RFC 2231)
+    except (LookupError, ValueError, TypeError):  # unknown, not a text codec, a NUL in the name...
+        return raw.decode("latin-1")
 
 
 def _param(headers: EmailMessage, name: str, header: str) -> str | None:

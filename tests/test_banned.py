@@ -136,6 +136,9 @@ CAUGHT = {
         mail(multipart(text(), part(b"x", 'application/octet-stream; name="=?iso-8859-1?Q?r=E9sum=E9=2Epdf=2Ejs?="',
                                     "attachment"))),
         "2", "résumé.pdf.js", "double-extension:pdf.js"),
+    "a broken encoded word before a good one": (
+        mail(multipart(text(), attach("=?UTF-8?B?!?= =?UTF-8?B?SU5WT0lDRS5FWEU=?=", b"x"))),
+        "2", None, "extension:exe"),
     "right-to-left override": (
         mail(multipart(text(), part(b"x", "application/octet-stream",
                                     "attachment; filename*=UTF-8''report%E2%80%AEexe.pdf"))),
@@ -613,7 +616,8 @@ HOSTILE = {
                                   b"Content-Disposition: \x80\x81\r\n\r\n"),
     "bad RFC 2231": mail(multipart(part(b"x", "application/octet-stream",
                                         "attachment; filename*0*=bogus-charset''%ZZ%; filename*1*=%"))),
-    "bad RFC 2047": mail(multipart(attach("=?x-unknown?B?!!!?= =?utf-8?Q?=ZZ?=", b"x"))),
+    "bad RFC 2047": mail(multipart(attach("=?x-unknown?B?!!!?= =?utf-8?Q?=ZZ?= =?rot13?Q?a?= =?a\x00b?B?QQ?=",
+                                          b"x"))),
     "bad base64": mail(multipart(b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
                                  b"\r\n@@@@====****\r\n=\r\nQ=QQ=\r\n")),
     "bad uuencode": mail(part(b"begin 644 a.bin\r\n\xff\xff\xff\r\nM\r\nend\r\n", "text/plain", encoding="7bit")),
