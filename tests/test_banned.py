@@ -11,6 +11,7 @@ import base64
 import io
 import logging
 import os
+import random
 import struct
 import time
 import tracemalloc
@@ -666,6 +667,40 @@ def test_an_error_inside_the_walk_is_a_verdict_not_an_exception(check, monkeypat
         verdict = verdict_of(check, mail(text()))
     assert verdict.fate is Fate.ACCEPT and "inspection failed (RuntimeError)" in verdict.reason
     assert any(r.exc_info for r in caplog.records)
+
+
+FUZZ_TOKENS = (b"\r\n", b"--", b"=-=b=-=", b"boundary=", b"Content-Type: multipart/mixed; boundary=x\r\n", b"\r\n\r\n",
+               b"=?", b"?=", b"*0*=", b"%", b"begin 644 a\r\n", b"PK\x03\x04", b"PK\x05\x06", b"message/rfc822",
+               b"base64", b"\x00", b"\xff", b"=\r\n", b"\n", b"\r")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mutated_messages_never_reach_the_last_resort(seed):
+    """Seeded random damage to real and generated messages (insertions of MIME syntax, cuts, flipped
+    bytes, copied spans): an exception inside the walk would show as "inspection failed". This is how
+    the hostile charset and broken encoded-word cases were found."""
+    rnd = random.Random(seed)
+    check = BannedCheck(BannedSettings(files=[SHIPPED], max_depth=8))
+    seeds = [p.read_bytes() for p in CORPUS_FILES[seed::4]] + [case[0] for case in CAUGHT.values()]
+    for _ in range(1500):
+        raw = bytearray(rnd.choice(seeds))
+        for _ in range(rnd.randint(1, 8)):
+            if not raw:
+                break
+            at, op = rnd.randrange(len(raw)), rnd.random()
+            if op < 0.3:
+                raw[at:at] = rnd.choice(FUZZ_TOKENS)
+            elif op < 0.5:
+                del raw[at:at + rnd.randint(1, 200)]
+            elif op < 0.7:
+                raw[at] = rnd.randrange(256)
+            elif op < 0.8:
+                del raw[at:]
+            else:
+                start = rnd.randrange(len(raw))
+                raw[at:at] = raw[start:start + rnd.randint(1, 500)]
+        verdict = verdict_of(check, bytes(raw))
+        assert "inspection failed" not in verdict.reason, bytes(raw)[:500]
 
 
 # -- the walker on its own --------------------------------------------------------------------------
