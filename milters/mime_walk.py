@@ -276,22 +276,34 @@ def _decode_word(charset: str, encoding: str, text: str) -> str | None:
         return raw.decode("latin-1")
 
 
-def _param(headers: EmailMessage, name: str, header: str) -> str | None:
+def _params(headers: EmailMessage, name: str, header: str) -> list[str]:
+    """Every value of parameter ``name`` in the first ``header`` field, decoded: a field may carry a
+    parameter twice (``filename="a.txt"; filename*=UTF-8''a.exe``), and clients differ in which they use."""
     try:
-        value = headers.get_param(name, None, header=header)
+        params = headers.get_params(None, header=header) or []
     except (ValueError, TypeError, IndexError, AttributeError, UnicodeError, LookupError):
-        return None
-    if value is None:
-        return None
-    try:
-        text = email.utils.collapse_rfc2231_value(value)
-    except (ValueError, TypeError, UnicodeError, LookupError):
-        text = value[2] if isinstance(value, tuple) else str(value)
-    return decode_words(str(text))
+        return []
+    values = []
+    for key, value in params:
+        if key != name or not value:
+            continue
+        try:
+            text = email.utils.collapse_rfc2231_value(value)
+        except (ValueError, TypeError, UnicodeError, LookupError):
+            text = value[2] if isinstance(value, tuple) else str(value)
+        values.append(decode_words(str(text)))
+    return values
+
+
+def _param(headers: EmailMessage, name: str, header: str) -> str | None:
+    """The first value of parameter ``name`` (the boundary)."""
+    values = _params(headers, name, header)
+    return values[0] if values else None
 
 
 def file_names(headers: EmailMessage) -> list[str]:
-    """``filename`` of every Content-Disposition field, then ``name`` of every Content-Type field."""
+    """``filename`` of every Content-Disposition field, then ``name`` of every Content-Type field, every
+    value of each."""
     names: list[str] = []
     for name, header in (("filename", "content-disposition"), ("name", "content-type")):
         for field_value in headers.get_all(header) or ():
@@ -300,9 +312,9 @@ def file_names(headers: EmailMessage) -> list[str]:
                 single[header] = field_value
             except (ValueError, TypeError):
                 continue
-            value = _param(single, name, header)
-            if value and value not in names:
-                names.append(value)
+            for value in _params(single, name, header):
+                if value not in names:
+                    names.append(value)
     return names
 
 

@@ -170,6 +170,14 @@ CAUGHT = {
         mail(multipart(text(), part(b"x", extra="X-Big: " + "b" * (2 << 20) + "\r\n"
                                     + 'Content-Disposition: attachment; filename="big.exe"\r\n'))),
         "2", "big.exe", "extension:exe"),
+    "filename twice, the RFC 2231 one banned": (
+        mail(multipart(text(), part(b"x", "application/octet-stream",
+                                    "attachment; filename=\"a.txt\"; filename*=UTF-8''a%2Eexe"))),
+        "2", "a.exe", "extension:exe"),
+    "filename twice, the second banned": (
+        mail(multipart(text(), part(b"x", "application/octet-stream",
+                                    'attachment; filename="a.txt"; filename="b.scr"'))),
+        "2", "b.scr", "extension:scr"),
     "filename and name disagree": (
         mail(multipart(text(), part(b"x", 'application/octet-stream; name="z.exe"', 'attachment; filename="z.txt"'))),
         "2", "z.exe", "extension:exe"),
