@@ -479,8 +479,8 @@ class _Fields:
             if len(self.fields) >= MAX_FIELDS:
                 self.cut = True
                 continue
-            field = bytearray()
-            self._append(field, data[start:end])
+            field = bytearray(match.group(0).replace(b" ", b"").replace(b"\t", b""))  # "Name :" is "Name:"
+            self._append(field, data[match.end():end])
             self.fields.append(field)
             self._open = field if end == len(data) else None
 

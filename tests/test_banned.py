@@ -178,6 +178,10 @@ CAUGHT = {
         mail(multipart(text(), part(b"x", "application/octet-stream",
                                     'attachment; filename="a.txt"; filename="b.scr"'))),
         "2", "b.scr", "extension:scr"),
+    "white space before the colon": (
+        mail(multipart(text(), b"Content-Type : application/octet-stream\r\n"
+                               b"Content-Disposition\t: attachment; filename=\"c.exe\"\r\n\r\nx\r\n")),
+        "2", "c.exe", "extension:exe"),
     "filename and name disagree": (
         mail(multipart(text(), part(b"x", 'application/octet-stream; name="z.exe"', 'attachment; filename="z.txt"'))),
         "2", "z.exe", "extension:exe"),
