@@ -598,7 +598,7 @@ class Walker:
         (its leaf body is ``path``); a multipart's children are ``path.N`` either way."""
         headers, ended, cut = self._header_block()
         content_type = _content_type(headers, default_type)
-        encoding = _header(headers, "content-transfer-encoding").strip().lower() or "7bit"
+        encoding = _encoding(_header(headers, "content-transfer-encoding"))
         own = _join(path, 1) if root else path
         if cut:
             self.result.limit(f"header of part {own} over {MAX_FIELD} bytes")
@@ -753,6 +753,12 @@ def _header(headers: EmailMessage, name: str) -> str:
     except Exception:  # a hostile header: as if absent
         return ""
     return str(value) if value is not None else ""
+
+
+def _encoding(value: str) -> str:
+    """The transfer encoding's token, lower case (``"Base64" (x)`` is base64); 7bit when absent."""
+    token = re.search(r"[A-Za-z0-9-]+", value)
+    return token.group(0).lower() if token else "7bit"
 
 
 def _content_type(headers: EmailMessage, default: str) -> str:

@@ -257,6 +257,10 @@ CAUGHT = {
                        b"Content-Transfer-Encoding: base64\r\n\r\n"
                        + base64.b64encode(PE[:1]) + base64.b64encode(PE[1:100]) + b"\r\n" + b64(PE[100:]))),
         "1", None, "detected:executable"),
+    "transfer encoding in quotes with a comment": (
+        mail(multipart(b'Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: "BASE64" (x)\r\n\r\n'
+                       + b64(PE))),
+        "1", None, "detected:executable"),
     "quoted-printable executable": (
         mail(multipart(part(b"".join(b"=%02X" % c for c in PE[:200]).replace(b"=4D=5A", b"MZ"),
                             'application/octet-stream; name="x.dat"', encoding="quoted-printable"))),
