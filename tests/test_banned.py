@@ -209,6 +209,9 @@ CAUGHT = {
     "truncated zip (local headers)": (
         mail(multipart(text(), attach("cut.zip", zip_bytes({"a.txt": b"a" * 3000, "b.js": os.urandom(5000)})[:-200]))),
         "2/cut.zip:b.js", None, "extension:js"),
+    "two zips concatenated": (
+        mail(multipart(text(), attach("two.zip", zip_bytes({"first.exe": b"x"}) + zip_bytes({"second.txt": b"y"})))),
+        "2/two.zip:first.exe", None, "extension:exe"),
     "encrypted zip still lists names": (
         mail(multipart(text(), attach("secret.zip", zip_bytes({"Invoice.pdf.exe": b"x"}, encrypted=True)))),
         "2/secret.zip:Invoice.pdf.exe", None, "double-extension:pdf.exe"),
