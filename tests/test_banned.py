@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import struct
+import threading
 import time
 import tracemalloc
 import zipfile
@@ -438,6 +439,33 @@ def test_rules_are_reloaded_when_the_file_changes_and_kept_when_it_breaks(tmp_pa
     site.write_text('extensions = ["ccc"]\n')
     clock[0] += 5
     assert verdict_of(check, mail(multipart(attach("x.ccc", b"x")))).fate is Fate.REJECT
+
+
+def test_checks_from_many_threads_while_the_rules_change(tmp_path):
+    """libmilter calls checks from several threads at once: each sees a whole rule set, old or new."""
+    site = tmp_path / "site.toml"
+    site.write_text('extensions = ["aaa"]\n')
+    clock = [0.0]
+    check = BannedCheck(BannedSettings(files=[SHIPPED, site], check_interval=0), now=lambda: clock[0])
+    raws = [CAUGHT["executable in a zip"][0], PASSES["a PDF"], CAUGHT["right-to-left override"][0]]
+    expected = [verdict_of(check, raw).reason for raw in raws]
+    errors: list[str] = []
+
+    def worker() -> None:
+        for i in range(40):
+            reason = verdict_of(check, raws[i % 3]).reason
+            if reason != expected[i % 3]:
+                errors.append(reason)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for i in range(20):
+        site.write_text(f'extensions = ["aaa"]\n# edit {i}\n')
+        clock[0] += 1
+    for thread in threads:
+        thread.join()
+    assert not errors
 
 
 # -- hostile input: always a verdict, in bounded time and memory -------------------------------------
