@@ -124,7 +124,7 @@ class Walk:
 
     def limit(self, what: str) -> None:
         if len(self.limits) < 10:
-            self.limits.append(what)
+            self.limits.append(what if len(what) <= 200 else what[:120] + "..." + what[-60:])
 
 
 OnPart = Callable[[Part, "Walker"], bool]
