@@ -3,10 +3,11 @@ asked for (a nested archive, up to a byte bound).
 
 The central directory is read entry by entry (``zipfile`` would build every entry of a hostile
 directory in memory first); a zip64 end record is followed; data in front of the archive (a
-self-extractor stub, junk) is allowed, as unzip allows it. When there is no usable central directory
-(a truncated or damaged archive, which a mail client may still offer to open), the local file headers
-are scanned from the start instead. Encrypted members are listed like the others: their names are not
-encrypted.
+self-extractor stub, junk) is allowed, as unzip allows it. The local file headers are scanned from the
+start as well, and the names only they give are added: a truncated or damaged archive (which a mail
+client may still offer to open) has no usable directory, and two archives concatenated, or a directory
+that names other files than the local headers, show different files to different tools. Encrypted
+members are listed like the others: their names are not encrypted.
 
 Nothing here raises on bad input: a listing says whether it is complete and, if not, why.
 """
@@ -67,17 +68,29 @@ def _read_at(f: IO[bytes], offset: int, size: int) -> bytes:
 
 
 def list_zip(f: IO[bytes], size: int, max_members: int) -> Listing:
-    """At most ``max_members`` members of the zip archive in ``f`` (``size`` bytes)."""
+    """At most ``max_members`` members of the zip archive in ``f`` (``size`` bytes): those of the central
+    directory, then those of local headers it does not name. Archivers disagree about which to believe
+    (Explorer and 7-Zip read the directory at the end, some unpackers walk the local headers, and of two
+    archives concatenated each tool opens a different one), so every name either gives is judged."""
     try:
         listing = _central(f, size, max_members)
     except (OSError, struct.error, ValueError, OverflowError):
         listing = None
-    if listing is not None:
-        return listing
     scanned = _local_scan(f, size, max_members)
-    if scanned.complete:
-        scanned.complete, scanned.problem = False, "no usable central directory; local headers scanned"
-    return scanned
+    if listing is None:
+        if scanned.complete:
+            scanned.complete, scanned.problem = False, "no usable central directory; local headers scanned"
+        return scanned
+    named = {member.name for member in listing.members}
+    for member in scanned.members:
+        if member.name in named:
+            continue
+        if len(listing.members) >= max_members:
+            listing.complete, listing.problem = False, f"members>{max_members}"
+            break
+        listing.members.append(member)
+        named.add(member.name)
+    return listing
 
 
 def _central(f: IO[bytes], size: int, max_members: int) -> Listing | None:

@@ -1,12 +1,17 @@
 """A streaming walk over the MIME tree of a raw message, in bounded memory and time.
 
-The message is read line by line from a file (the milter's spool); nothing holds the whole message, a
-whole part, or a whole header field. Each leaf part is handed to the caller (``on_part``) with what a
-content check needs: its path (IMAP-style numbers, ``1``, ``2.1``), its declared type and transfer
-encoding, its file names (Content-Disposition ``filename`` and Content-Type ``name``, RFC 2231 and
-RFC 2047 decoded), the first ``SNIFF`` decoded bytes (for magic-byte detection), and, for parts that
-may be archives or encoded messages, a decoded copy up to ``max_decoded`` bytes in a temporary file
-(RAM up to ``SPOOL_MEMORY``, then an unlinked file).
+The message is read from a file (the milter's spool) 64 KB at a time; nothing holds the whole message,
+a whole part, or a whole header field. Header blocks and bodies are read in blocks up to the next line
+that matters (a boundary, the end of the header), found by regular expressions, so that the time a
+message costs grows with its size, not with its number of lines: a Python loop turns per part, per
+kept header field and per line of a uuencoded file, never per line of a body.
+
+Each leaf part is handed to the caller (``on_part``) with what a content check needs: its path
+(IMAP-style numbers, ``1``, ``2.1``), its declared type and transfer encoding, its file names
+(Content-Disposition ``filename`` and Content-Type ``name``, RFC 2231 and RFC 2047 decoded), the first
+``SNIFF`` decoded bytes (for magic-byte detection), and, for parts that may be archives or encoded
+messages, a decoded copy up to ``max_decoded`` bytes in a temporary file (RAM up to ``SPOOL_MEMORY``,
+then an unlinked file).
 
 How it reads hostile input, so that every consumer (banned attachments, SpamAssassin, phish) sees the
 same tree:
@@ -15,6 +20,8 @@ same tree:
   line; a boundary of any enclosing multipart closes every multipart inside it (a missing close
   delimiter costs nothing), and end of file closes everything;
 - a multipart without a boundary parameter is a leaf; one whose first boundary never comes has no parts;
+- a boundary line after the close delimiter starts another part: some clients read on, so what any of
+  them might show is inspected;
 - message/rfc822 (and message/global) in 7bit/8bit/binary is walked in place; base64 or
   quoted-printable encoded ones are decoded into the bounded copy and walked from there;
 - the children of multipart/digest default to message/rfc822;
@@ -22,7 +29,7 @@ same tree:
   is recorded as a limit): a 2 MB ``To:`` line or ten thousand ``Received:`` lines cost the time to
   read them, not the memory; file names are taken from every Content-Disposition and Content-Type
   field of a part (clients differ in which of two they believe), the type from the first;
-- lines longer than ``MAX_LINE`` are read in pieces; only the first piece starts a line;
+- a line longer than ``2 * CHUNK`` with no boundary in it is read in pieces;
 - header bytes are decoded as UTF-8 (RFC 6532) when they are valid UTF-8, else as Latin-1: 8-bit names
   come out readable, never as an exception.
 
@@ -36,7 +43,6 @@ from __future__ import annotations
 
 import binascii
 import contextlib
-import email.header
 import email.utils
 import re
 import tempfile
@@ -55,8 +61,6 @@ MAX_FIELD = 1 << 16
 """Bytes kept of one Content-* header field (with its continuation lines)."""
 MAX_FIELDS = 16
 """Such fields kept per part (repeated ones included)."""
-CONTENT_FIELDS = (b"content-type", b"content-disposition", b"content-transfer-encoding")
-"""The header fields the walk keeps: the rest of a header block is read past, never stored."""
 SNIFF = 40 * 1024
 """Decoded bytes kept at the start of every leaf part for type detection (an ISO 9660 image shows its
 signature at 32769)."""
@@ -71,7 +75,6 @@ _B64_JUNK = bytes(c for c in range(256) if not (chr(c).isascii() and (chr(c).isa
 _UU_BEGIN = re.compile(rb"^begin(?:-base64)? +[0-7]{3,4} +(.+?)[ \t]*\r?\n?$")
 _NEVER = re.compile(rb"(?!)")
 _UU_SEARCH = re.compile(rb"(?m)^begin(?:-base64)? +[0-7]{3,4} +[^\r\n]")
-_FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
 MESSAGE_TYPES = ("message/rfc822", "message/global")
 ARCHIVE_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
 """Decoded parts starting so are kept whole (up to the bound) for the archive reader."""
@@ -121,7 +124,7 @@ class Walk:
 
     def limit(self, what: str) -> None:
         if len(self.limits) < 10:
-            self.limits.append(what)
+            self.limits.append(what if len(what) <= 200 else what[:120] + "..." + what[-60:])
 
 
 OnPart = Callable[[Part, "Walker"], bool]
@@ -138,9 +141,10 @@ class _Stop(Exception):
 
 class _Lines:
     """A binary file read in chunks: line by line (``next``, pieces of at most MAX_LINE, ``at_start`` saying
-    whether a piece begins a line) where the walk needs lines (header blocks, uuencode), and in blocks up
-    to the next boundary line (``block``) where it does not (bodies), so that a body of fifty million
-    empty lines costs a regular-expression search, not fifty million turns of a Python loop."""
+    whether a piece begins a line) where the walk needs lines (boundary lines, uuencode), and in blocks
+    up to the next line that matters (``block``) where it does not (header blocks, bodies), so that a
+    body of fifty million empty lines costs a regular-expression search per 64 KB, not fifty million
+    turns of a Python loop."""
 
     def __init__(self, reader: BinaryIO) -> None:
         self._reader = reader
@@ -234,43 +238,72 @@ def decode_text(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
+_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?\s]*)\?=")
+
+
 def decode_words(value: str) -> str:
     """RFC 2047 encoded words decoded (also where they do not belong, inside a quoted parameter, as
-    Outlook and others send them); an unknown charset falls back to Latin-1, bad bytes are replaced."""
+    Outlook and others send them), each on its own: a broken word stays as it is and does not stop the
+    others being decoded (the stdlib gives up on the whole value); white space between two words goes;
+    an unknown charset falls back to Latin-1, bad bytes are replaced."""
     if "=?" not in value:
         return value
-    try:
-        pieces = email.header.decode_header(value)
-    except (ValueError, binascii.Error, UnicodeError, AssertionError):
-        return value
-    out = []
-    for text, charset in pieces:
-        if isinstance(text, str):
-            out.append(text)
-            continue
-        try:
-            out.append(text.decode(charset or "ascii", "replace"))
-        except LookupError:
-            out.append(text.decode("latin-1"))
+    out: list[str] = []
+    pos, after_word = 0, False
+    for match in _ENCODED_WORD.finditer(value):
+        between = value[pos:match.start()]
+        if not (after_word and not between.strip()):
+            out.append(between)
+        word = _decode_word(match.group(1), match.group(2), match.group(3))
+        out.append(match.group(0) if word is None else word)
+        pos, after_word = match.end(), word is not None
+    out.append(value[pos:])
     return "".join(out)
 
 
-def _param(headers: EmailMessage, name: str, header: str) -> str | None:
+def _decode_word(charset: str, encoding: str, text: str) -> str | None:
+    data = text.encode("utf-8", "replace")
     try:
-        value = headers.get_param(name, None, header=header)
+        if encoding in "bB":
+            raw = binascii.a2b_base64(data + b"=" * (-len(data) % 4))
+        else:
+            raw = binascii.a2b_qp(data, header=True)
+    except (binascii.Error, ValueError):
+        return None
+    try:
+        return raw.decode(charset.partition("*")[0], "replace")  # charset*language (RFC 2231)
+    except (LookupError, ValueError, TypeError):  # unknown, not a text codec, a NUL in the name...
+        return raw.decode("latin-1")
+
+
+def _params(headers: EmailMessage, name: str, header: str) -> list[str]:
+    """Every value of parameter ``name`` in the first ``header`` field, decoded: a field may carry a
+    parameter twice (``filename="a.txt"; filename*=UTF-8''a.exe``), and clients differ in which they use."""
+    try:
+        params = headers.get_params(None, header=header) or []
     except (ValueError, TypeError, IndexError, AttributeError, UnicodeError, LookupError):
-        return None
-    if value is None:
-        return None
-    try:
-        text = email.utils.collapse_rfc2231_value(value)
-    except (ValueError, TypeError, UnicodeError, LookupError):
-        text = value[2] if isinstance(value, tuple) else str(value)
-    return decode_words(str(text))
+        return []
+    values = []
+    for key, value in params:
+        if key != name or not value:
+            continue
+        try:
+            text = email.utils.collapse_rfc2231_value(value)
+        except (ValueError, TypeError, UnicodeError, LookupError):
+            text = value[2] if isinstance(value, tuple) else str(value)
+        values.append(decode_words(str(text)))
+    return values
+
+
+def _param(headers: EmailMessage, name: str, header: str) -> str | None:
+    """The first value of parameter ``name`` (the boundary)."""
+    values = _params(headers, name, header)
+    return values[0] if values else None
 
 
 def file_names(headers: EmailMessage) -> list[str]:
-    """``filename`` of every Content-Disposition field, then ``name`` of every Content-Type field."""
+    """``filename`` of every Content-Disposition field, then ``name`` of every Content-Type field, every
+    value of each."""
     names: list[str] = []
     for name, header in (("filename", "content-disposition"), ("name", "content-type")):
         for field_value in headers.get_all(header) or ():
@@ -279,9 +312,9 @@ def file_names(headers: EmailMessage) -> list[str]:
                 single[header] = field_value
             except (ValueError, TypeError):
                 continue
-            value = _param(single, name, header)
-            if value and value not in names:
-                names.append(value)
+            for value in _params(single, name, header):
+                if value not in names:
+                    names.append(value)
     return names
 
 
@@ -406,6 +439,52 @@ class _Body:
         return self.part
 
 
+_FIELD_START = re.compile(rb"(?mi)^content-(?:type|disposition|transfer-encoding)[ \t]*:")
+_FIELD_END = re.compile(rb"\n(?![ \t])")
+_CONTINUATION = re.compile(rb"(?:[ \t][^\n]*(?:\n|\Z))*")
+
+
+class _Fields:
+    """The header fields a walk keeps, gathered from blocks of a header by regular expressions (a header
+    of ten million lines costs C time): each cut at MAX_FIELD bytes, at most MAX_FIELDS of them."""
+
+    def __init__(self) -> None:
+        self.fields: list[bytearray] = []
+        self.cut = False
+        self._open: bytearray | None = None
+        """The last field, when the block ended before it did (its continuation lines come next)."""
+
+    def _append(self, field: bytearray, data: bytes) -> None:
+        if len(field) + len(data) > MAX_FIELD:
+            self.cut = True
+        field += data[: max(0, MAX_FIELD - len(field))]
+
+    def feed(self, data: bytes, at_start: bool) -> None:
+        pos = 0
+        if not at_start:  # the rest of a long line: the open field's, if any
+            end = data.find(b"\n")
+            pos = len(data) if end < 0 else end + 1
+            if self._open is not None:
+                self._append(self._open, data[:pos])
+        if self._open is not None and pos < len(data):
+            end = _CONTINUATION.match(data, pos).end()  # type: ignore[union-attr]
+            self._append(self._open, data[pos:end])
+            pos = end
+            if pos < len(data):
+                self._open = None
+        for match in _FIELD_START.finditer(data, pos):
+            start = match.start()
+            found = _FIELD_END.search(data, start)
+            end = found.start() + 1 if found is not None and found.end() < len(data) else len(data)
+            if len(self.fields) >= MAX_FIELDS:
+                self.cut = True
+                continue
+            field = bytearray(match.group(0).replace(b" ", b"").replace(b"\t", b""))  # "Name :" is "Name:"
+            self._append(field, data[match.end():end])
+            self.fields.append(field)
+            self._open = field if end == len(data) else None
+
+
 class Walker:
     """One walk over one message; ``walk`` (below) is the way in. Archive readers and the caller may call
     ``nested`` to walk a decoded message found inside a part with the same budget."""
@@ -417,15 +496,14 @@ class Walker:
         self.result = Walk()
         self._stack: list[bytes] = []
         self._lines: _Lines
-        self._compiled: dict[tuple[bytes, ...], tuple[re.Pattern[bytes], re.Pattern[bytes]]] = {}
+        self._compiled: dict[tuple[tuple[bytes, ...], bool, int], tuple[re.Pattern[bytes], re.Pattern[bytes]]] = {}
 
     def run(self, reader: BinaryIO, path: str = "", depth: int = 0) -> None:
         saved_stack, saved_lines = self._stack, getattr(self, "_lines", None)
         self._stack, self._lines = [], _Lines(reader)
         try:
             self._entity(path, depth, root=True, default_type="text/plain")
-            while self._lines.next() is not None:  # text after the outermost close delimiter
-                pass
+            self._skip_body()  # nothing is open any more: whatever is left is read past at once
         finally:
             self._stack = saved_stack
             if saved_lines is not None:
@@ -449,63 +527,54 @@ class Walker:
     def _header_block(self) -> tuple[EmailMessage, _Terminator | None, bool]:
         """The Content-Type, -Disposition and -Transfer-Encoding fields of a header block, the terminator if
         a boundary or EOF came first, and whether one of those fields was cut (or dropped) at a bound."""
-        fields: list[bytearray] = []
-        current: bytearray | None = None
+        fields = _Fields()
+        here, ahead = self._patterns(header=True)
         ended: _Terminator | None = None
-        cut = False
         while True:
-            item = self._lines.next()
-            if item is None:
+            at_start = self._lines.at_start
+            data = self._lines.block(here, ahead)
+            if data is None:
                 ended = _EOF
                 break
-            line, at_start = item
-            term = self._boundary(line, at_start)
-            if term is not None:
-                ended = term
-                break
-            if at_start and line in (b"\r\n", b"\n"):
-                break
-            if not at_start or line[:1] in (b" ", b"\t"):  # the rest of a long line, or a continuation
-                if current is not None:
-                    if len(current) + len(line) > MAX_FIELD:
-                        cut = True
-                    current += line[: max(0, MAX_FIELD - len(current))]
+            if data:
+                fields.feed(data, at_start)
                 continue
-            match = _FIELD_NAME.match(line)
-            if match and match.group(1).lower() in CONTENT_FIELDS:
-                if len(fields) >= MAX_FIELDS:
-                    cut, current = True, None
-                    continue
-                current = bytearray(line[:MAX_FIELD])
-                cut = cut or len(line) > MAX_FIELD
-                fields.append(current)
-            else:
-                current = None
-        text = "".join(decode_text(bytes(f)).rstrip("\r\n").replace("\r", "") + "\n" for f in fields)
+            item = self._lines.next()  # the empty line, or a boundary
+            ended = self._boundary(*item) if item is not None else _EOF
+            break
+        text = "".join(decode_text(bytes(f)).rstrip("\r\n").replace("\r", "") + "\n" for f in fields.fields)
         try:
             headers = HeaderParser(policy=compat32).parsestr(text + "\n", headersonly=True)
         except Exception:  # the stdlib parser on hostile input: an empty header is the answer
             headers = EmailMessage()
-        return headers, ended, cut
+        return headers, ended, fields.cut
 
-    def _patterns(self) -> tuple[re.Pattern[bytes], re.Pattern[bytes]]:
-        """Boundary lines of the open multiparts: at a line start (``here``), after a newline (``ahead``)."""
-        key = tuple(self._stack)
+    def _patterns(self, header: bool = False, closing: int = -1) -> tuple[re.Pattern[bytes], re.Pattern[bytes]]:
+        """The lines a block stops at, at a line start (``here``) and after a newline (``ahead``): the
+        boundary lines of the open multiparts (of level ``closing`` only its close delimiter), and with
+        ``header`` the empty line that ends a header block."""
+        key = (tuple(self._stack), header, closing)
         patterns = self._compiled.get(key)
         if patterns is None:
-            if key:
-                line = b"--(?:" + b"|".join(re.escape(b) for b in key) + rb")(?:--)?[ \t\r]*\n"
-                patterns = (re.compile(line), re.compile(b"\n" + line))
-            else:
-                patterns = (_NEVER, _NEVER)
+            lines = []
+            every = [re.escape(b) for level, b in enumerate(self._stack) if level != closing]
+            if every:
+                lines.append(b"--(?:" + b"|".join(every) + rb")(?:--)?[ \t\r]*\n")
+            if closing >= 0:
+                lines.append(b"--" + re.escape(self._stack[closing]) + rb"--[ \t\r]*\n")
+            if header:
+                lines.append(rb"\r?\n")
+            line = b"(?:" + b"|".join(lines) + b")"
+            patterns = (re.compile(line), re.compile(b"\n" + line)) if lines else (_NEVER, _NEVER)
             if len(self._compiled) < 256:
                 self._compiled[key] = patterns
         return patterns
 
-    def _body(self, feed: Callable[[bytes], None]) -> _Terminator:
+    def _body(self, feed: Callable[[bytes], None], closing: int = -1) -> _Terminator:
         """Read a body to its terminator, handing it to ``feed`` in blocks (whole lines, except in a line
-        longer than ``2 * CHUNK``)."""
-        here, ahead = self._patterns()
+        longer than ``2 * CHUNK``); with ``closing``, the parts of that multipart are read past up to its
+        close delimiter."""
+        here, ahead = self._patterns(closing=closing)
         while True:
             data = self._lines.block(here, ahead)
             if data is None:
@@ -529,7 +598,7 @@ class Walker:
         (its leaf body is ``path``); a multipart's children are ``path.N`` either way."""
         headers, ended, cut = self._header_block()
         content_type = _content_type(headers, default_type)
-        encoding = _header(headers, "content-transfer-encoding").strip().lower() or "7bit"
+        encoding = _encoding(_header(headers, "content-transfer-encoding"))
         own = _join(path, 1) if root else path
         if cut:
             self.result.limit(f"header of part {own} over {MAX_FIELD} bytes")
@@ -557,17 +626,18 @@ class Walker:
         try:
             term = self._skip_body()  # the preamble
             number = 0
-            while term.level == level and not term.close:
+            while term.level == level:
+                if term.close:  # the epilogue; a lenient client reads on if our boundary comes again, so do we
+                    term = self._skip_body()
+                    continue
                 number += 1
                 self.result.parts += 1
                 if self.result.parts > self.limits.max_parts:
                     if self.result.parts == self.limits.max_parts + 1:
                         self.result.limit(f"parts>{self.limits.max_parts}")
-                    term = self._skip_body()
+                    term = self._body(lambda _data: None, closing=level)  # the rest of this multipart at once
                     continue
                 term = self._entity(_join(path, number), depth + 1, root=False, default_type=child_type)
-            if term.level == level:  # our close delimiter: the epilogue runs to an outer boundary
-                term = self._skip_body()
             return term
         finally:
             del self._stack[level:]
@@ -683,6 +753,12 @@ def _header(headers: EmailMessage, name: str) -> str:
     except Exception:  # a hostile header: as if absent
         return ""
     return str(value) if value is not None else ""
+
+
+def _encoding(value: str) -> str:
+    """The transfer encoding's token, lower case (``"Base64" (x)`` is base64); 7bit when absent."""
+    token = re.search(r"[A-Za-z0-9-]+", value)
+    return token.group(0).lower() if token else "7bit"
 
 
 def _content_type(headers: EmailMessage, default: str) -> str:
