@@ -208,6 +208,9 @@ class MessageMilter(Milter.Base):
             return Milter.TEMPFAIL
         started = time.monotonic()
         message.queue_id = self.getsymval("i") or ""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("end of message", extra={"kv": {"milter": self.app.name, "queue_id": message.queue_id,
+                                                      "size": message.spool.size}})
         try:
             verdicts = self._run_checks(message)
             resolution = resolve(message.recipients, verdicts)

@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
-import click
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from mailwarden.capability import Capability
 from mailwarden.section import Section
 from mailwarden.units import Size
-from milters.clamav import ClamavSettings
+from milters.app import CHECKS, MILTERS
 from milters.banned import BannedSettings
+from milters.clamav import ClamavSettings
+from milters.cli import register_cli
 
 
 class MiltersSettings(Section):
     spool_memory: Size = 1 << 20
     """Bytes of a message kept in memory; the rest goes to an unlinked temporary file."""
-    clamav: ClamavSettings = ClamavSettings()
+    clamav: ClamavSettings = Field(default_factory=ClamavSettings)
+    """The ClamAV milter (``mailwarden milter clamav``) and its scanner."""
     banned: BannedSettings = Field(default_factory=BannedSettings)
-    """The banned-attachments check (``[milters.banned]``)."""
+    """The banned-attachments check (``[milters.banned]``), run by the milters whose ``checks`` name it."""
 
-
-def register_cli(group: click.Group) -> None:
-    """The ``milter`` command arrives with the milter base."""
+    @model_validator(mode="after")
+    def _known_checks(self) -> MiltersSettings:
+        for name in MILTERS:
+            unknown = [check for check in getattr(self, name).checks if check not in CHECKS]
+            if unknown:
+                raise ValueError(f"[milters.{name}] checks: unknown {', '.join(map(repr, unknown))}; "
+                                 f"known: {', '.join(sorted(CHECKS))}")
+        return self
 
 
 CAPABILITY = Capability(name="milters", settings_model=MiltersSettings, register_cli=register_cli)

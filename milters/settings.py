@@ -7,6 +7,7 @@ import re
 
 from pydantic import field_validator
 
+from mailwarden.metrics import MetricsSettings
 from mailwarden.section import Section
 from mailwarden.units import Duration
 
@@ -36,6 +37,14 @@ class MilterSettings(Section):
     """The checks this milter runs at end of message, in order (the first rejection stops the rest)."""
     timeout: Duration = 600
     """How long libmilter waits on Postfix for one step before dropping the connection."""
+    metrics_listen: str | None = None
+    """host:port of this milter's own /metrics endpoint (each process needs a port of its own, so the
+    core's ``[metrics] listen`` is policyd's); unset means none."""
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics(cls, listen: str | None) -> str | None:
+        return MetricsSettings(listen=listen).listen
 
     @field_validator("listen")
     @classmethod

@@ -17,7 +17,7 @@ strongest wins, ``SEVERITY``) and the message-level answer follows (``resolve``)
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 
@@ -84,13 +84,19 @@ def for_recipient(result: CheckResult, recipient: str) -> Verdict | None:
 
 
 def merge(current: Verdict | None, new: Verdict | None) -> Verdict | None:
-    """The stronger of two verdicts for one recipient; on a tie the earlier one stands (checks run in the
-    configured order)."""
+    """The stronger of two verdicts for one recipient (on a tie the earlier one: checks run in the
+    configured order), carrying the headers of both: a message that passes every check carries each
+    check's headers (X-Virus-Status from clamav after banned's plain pass)."""
     if new is None:
         return current
-    if current is None or new.severity > current.severity:
+    if current is None:
         return new
-    return current
+    winner, other = (new, current) if new.severity > current.severity else (current, new)
+    headers = winner.headers + tuple(h for h in other.headers if h not in winner.headers)
+    held = winner.held_headers + tuple(h for h in other.held_headers if h not in winner.held_headers)
+    if headers == winner.headers and held == winner.held_headers:
+        return winner
+    return replace(winner, headers=headers, held_headers=held)
 
 
 @dataclass

@@ -241,3 +241,10 @@ def test_connections_are_independent(monkeypatch, decisions):
                                                      ("+x@example.test", "+x@example.test")])
 def test_default_mailbox(recipient, mailbox):
     assert default_mailbox(recipient) == mailbox
+
+
+def test_a_pass_carries_the_headers_of_every_check(monkeypatch, decisions):
+    banned = FakeCheck("banned", Verdict(Fate.ACCEPT, "banned", "no banned attachment"))
+    clamav = FakeCheck("clamav", Verdict(Fate.ACCEPT, "clamav", "clean", headers=(("X-Virus-Status", "Clean"),)))
+    _, ctx = drive(MilterApp("clamav", [banned, clamav], decisions[0]), monkeypatch)
+    assert ctx.added == [("X-Virus-Status", "Clean")]
