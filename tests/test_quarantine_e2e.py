@@ -25,34 +25,16 @@ from quarantine.store import HeldEnvelope, Hold, QuarantineSettings, QuarantineS
 
 pytestmark = pytest.mark.e2e
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 RAW = (b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=s1; h=from:to:subject:date; bh=abc; b=def\r\n"
        b"From: Sender <sender@example.org>\r\nTo: alice@example.test\r\nSubject: released\r\n"
        b"Date: Sun, 1 Nov 2026 08:00:00 +0000\r\nMessage-ID: <released@example.org>\r\n\r\n"
        b"body\r\n.\r\n..dots\r\n")
 
 
-def documented_listener(port: int) -> str:
-    """The master.cf entry of README.md's "Quarantine" section, on ``port``."""
-    section = README.read_text().split("## Quarantine", 1)[1]
-    block = re.search(r"in `master.cf`.*?```\n(.*?)```", section, re.DOTALL)
-    assert block, "README.md: no master.cf block in the Quarantine section"
-    return block.group(1).replace("127.0.0.1:10026", f"127.0.0.1:{port}")
-
-
 class PostfixWithListener(PostfixInstance):
     """The harness's Postfix, its main smtpd behind a milter that is down (milter_default_action =
-    tempfail: nothing gets through it), plus the documented re-injection listener."""
-
-    reinject_port: int = 0
-
-    def write(self) -> None:
-        super().write()
-        with (self.conf / "main.cf").open("a") as main_cf:
-            main_cf.write(f"smtpd_milters = inet:127.0.0.1:{free_port()}\nmilter_default_action = tempfail\n")
-        with (self.conf / "master.cf").open("a") as master_cf:
-            master_cf.write(documented_listener(self.reinject_port))
-        self._postfix("check")
+    tempfail: nothing gets through it), plus the documented re-injection listener (the harness writes the
+    README's master.cf lines)."""
 
 
 @pytest.fixture
@@ -60,8 +42,8 @@ def postfix(sink: Sink) -> Iterator[PostfixWithListener]:
     need_postfix()
     directory = Path(tempfile.mkdtemp(prefix="mw-postfix-"))
     directory.chmod(0o755)
-    instance = PostfixWithListener(directory, free_port(), sink.port, free_port())
-    instance.reinject_port = free_port()
+    instance = PostfixWithListener(directory, free_port(), sink.port, None, milters=f"inet:127.0.0.1:{free_port()}",
+                                   reinject_port=free_port())
     instance.start()
     try:
         wait_port(instance.smtp_port)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -66,20 +67,21 @@ non_smtpd_milters =
 milter_default_action = tempfail
 milter_protocol = 6
 milter_connect_macros = j {{daemon_name}} {{daemon_addr}} v _ {{client_addr}} {{client_name}}
-milter_mail_macros = i {{auth_type}} {{auth_authen}} {{auth_author}} {{mail_addr}} {{mail_host}} {{mail_mailer}} {{client_addr}}
+milter_mail_macros = i {{auth_type}} {{auth_authen}} {{auth_author}} {{mail_addr}} {{mail_host}} {{mail_mailer}}
+    {{client_addr}}
 """
 
-REINJECT_CF = """\
-# the quarantine's re-injection listener: no milters, no policy service, loopback only
-127.0.0.1:{reinject_port} inet n - n - - smtpd
-  -o syslog_name=postfix-{name}/reinject
-  -o smtpd_milters=
-  -o receive_override_options=no_milters
-  -o smtpd_recipient_restrictions=permit_mynetworks,reject
-  -o smtpd_relay_restrictions=permit_mynetworks,reject
-  -o smtpd_data_restrictions=
-  -o smtpd_end_of_data_restrictions=
-"""
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def documented_reinject_listener(port: int) -> str:
+    """The quarantine's re-injection listener exactly as README.md's "Quarantine" section documents it for
+    master.cf (no milters, no policy service), on ``port``: the tests run the lines the operators copy."""
+    section = README.read_text().split("## Quarantine", 1)[1]
+    block = re.search(r"in `master.cf`.*?```\n(.*?)```", section, re.DOTALL)
+    if block is None:
+        raise RuntimeError("README.md: no master.cf block in the Quarantine section")
+    return block.group(1).replace("127.0.0.1:10026", f"127.0.0.1:{port}")
 
 MASTER_CF = """\
 127.0.0.1:{smtp_port} inet n - n - - smtpd
@@ -145,7 +147,7 @@ class PostfixInstance:
                                                           milters=self.milters))
         master = MASTER_CF.format(smtp_port=self.smtp_port)
         if self.reinject_port:
-            master += REINJECT_CF.format(reinject_port=self.reinject_port, name=name)
+            master += documented_reinject_listener(self.reinject_port)
         (self.conf / "master.cf").write_text(master)
         self._postfix("check")
 
@@ -168,6 +170,12 @@ class PostfixInstance:
     def queue(self) -> list[dict]:
         out = subprocess.run(["postqueue", "-c", str(self.conf), "-j"], capture_output=True, text=True, check=True)
         return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+    def flush(self) -> None:
+        """postqueue -f: try every queued message now (Postfix itself retries after its backoff; a deferral
+        can also leave a message in the incoming queue with a future time stamp, which only a flush or a new
+        arrival rescans)."""
+        subprocess.run(["postqueue", "-c", str(self.conf), "-f"], capture_output=True, check=True)
 
     def log_text(self) -> str:
         return self.maillog.read_text(errors="replace") if self.maillog.exists() else ""
