@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The README's run command. Installs what is missing (Debian packages, the locked venv), then starts
 # Redis (if none answers on 127.0.0.1:6379), an SMTP sink on 127.0.0.1:2500 that keeps what it receives in
-# run/sink/, a private Postfix on 127.0.0.1:2525 wired to policyd on 127.0.0.1:10023, and the suite itself
-# in the foreground (Ctrl-C stops it all). Everything it keeps is under run/, config included
+# run/sink/, a private clamd with the local test signatures (there is no freshclam without internet), the
+# ClamAV milter on 127.0.0.1:10030 with its quarantine in run/, a private Postfix on 127.0.0.1:2525 wired to
+# policyd on 127.0.0.1:10023 and to the milter (re-injection listener on 127.0.0.1:10026), and policyd in
+# the foreground (Ctrl-C stops it all). Everything it keeps is under run/, config included
 # (run/mailwarden.toml, unless $MAILWARDEN_CONFIG names another). Run again while it runs, it says so and
 # leaves the running one alone.
 set -euo pipefail
@@ -34,6 +36,15 @@ if [ -z "${MAILWARDEN_CONFIG:-}" ]; then
 [policyd.greylist]
 # 'mailwarden greylist whitelist-update' writes here, not under /var/lib/mailwarden
 managed_whitelist = "$RUN/whitelist_clients"
+
+[milters.clamav]
+listen = "inet:127.0.0.1:10030"
+clamd = "unix:$RUN/clamd/clamd.sock"
+
+[quarantine]
+database_url = "sqlite:///$RUN/quarantine.sqlite"
+message_dir = "$RUN/quarantine"
+reinject = "127.0.0.1:10026"
 TOML
 fi
 
@@ -46,16 +57,35 @@ fi
 
 # a previous run's leftovers (one that was killed before it could clean up)
 "$VENV/bin/python" tests/harness/postfix.py stop "$RUN/postfix" 2>/dev/null || true
+"$VENV/bin/python" tests/harness/clamd.py stop "$RUN/clamd" 2>/dev/null || true
 [ -f "$RUN/sink.pid" ] && kill "$(cat "$RUN/sink.pid")" 2>/dev/null || true
+[ -f "$RUN/milter.pid" ] && kill "$(cat "$RUN/milter.pid")" 2>/dev/null || true
 
 smtp-sink -u nobody -d "$RUN/sink/msg." 127.0.0.1:2500 64 &
 echo $! > "$RUN/sink.pid"
+
+# the EICAR anti-virus test file for the banner's example, written here (the tree keeps it encoded only, so
+# that no scanner flags the checkout)
+echo WDVPIVAlQEFQWzRcUFpYNTQoUF4pN0NDKTd9JEVJQ0FSLVNUQU5EQVJELUFOVElWSVJVUy1URVNULUZJTEUhJEgrSCo= \
+  | base64 -d > "$RUN/eicar.com"
+# clamd with the local test signatures only: a site's clamd gets the real ones from freshclam (README)
+mkdir -p "$RUN/clamd"
+"$VENV/bin/python" tests/harness/clamd.py start "$RUN/clamd" --port 3310
+# the quarantine's tables (SQLite in run/), then the ClamAV milter, logging to run/milter.log
+"$VENV/bin/mailwarden" quarantine migrate
+"$VENV/bin/mailwarden" milter clamav >>"$RUN/milter.log" 2>&1 &
+echo $! > "$RUN/milter.pid"
+for _ in $(seq 100); do grep -qs "msg=ready" "$RUN/milter.log" && break; sleep 0.1; done
+
 mkdir -p "$RUN/postfix" && chmod 755 "$RUN" "$RUN/postfix"
-"$VENV/bin/python" tests/harness/postfix.py start "$RUN/postfix" --smtp-port 2525 --sink-port 2500 --policy-port 10023
+"$VENV/bin/python" tests/harness/postfix.py start "$RUN/postfix" --smtp-port 2525 --sink-port 2500 --policy-port 10023 \
+  --milters inet:127.0.0.1:10030 --reinject-port 10026
 
 cleanup() {
   [ -n "${suite:-}" ] && kill -TERM "$suite" 2>/dev/null && wait "$suite" 2>/dev/null
   "$VENV/bin/python" tests/harness/postfix.py stop "$RUN/postfix" || true
+  kill "$(cat "$RUN/milter.pid")" 2>/dev/null || true
+  "$VENV/bin/python" tests/harness/clamd.py stop "$RUN/clamd" || true
   kill "$(cat "$RUN/sink.pid")" 2>/dev/null || true
   rm -f "$RUN/quickstart.pid"
 }
@@ -65,9 +95,13 @@ trap 'exit 143' TERM
 
 cat <<MSG
 
-  Postfix listens on 127.0.0.1:2525 and asks mailwarden policyd (127.0.0.1:10023) about every recipient.
+  Postfix listens on 127.0.0.1:2525 and asks mailwarden policyd (127.0.0.1:10023) about every recipient,
+  then the ClamAV milter (127.0.0.1:10030, log $RUN/milter.log) about every message.
   Try:   swaks --server 127.0.0.1:2525 --from a@example.org --to user@example.test --xclient-addr 192.0.2.20
   (the first attempt is greylisted; accepted mail lands in $RUN/sink/, Postfix's log is $RUN/postfix/maillog)
+  A virus (the EICAR test file), refused at end of data with 554 5.7.1:
+         swaks --server 127.0.0.1:2525 --from a@example.org --to user@example.test --xclient-login alice \\
+               --attach @$RUN/eicar.com
 
   The command line, in another terminal, with this run's config:
          export PATH=$VENV/bin:\$PATH MAILWARDEN_CONFIG=$MAILWARDEN_CONFIG
