@@ -101,7 +101,7 @@ cat <<MSG
   (the first attempt is greylisted; accepted mail lands in $RUN/sink/, Postfix's log is $RUN/postfix/maillog)
   A virus (the EICAR test file), refused at end of data with 554 5.7.1:
          swaks --server 127.0.0.1:2525 --from a@example.org --to user@example.test --xclient-login alice \\
-               --attach @$RUN/eicar.com
+               --attach-name eicar.txt --attach @$RUN/eicar.com
 
   The command line, in another terminal, with this run's config:
          export PATH=$VENV/bin:\$PATH MAILWARDEN_CONFIG=$MAILWARDEN_CONFIG
