@@ -20,12 +20,12 @@ import clamd as clamd_client
 import Milter
 import pytest
 from harness.clamd import FIXTURES, ClamdInstance
-from Milter.testctx import TestCtx as MilterTestCtx
+from harness.milter_ctx import RecordingCtx, drive_milter
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from mailwarden.logs import DecisionLog
-from milters.base import MessageMilter, MilterApp
+from milters.base import MilterApp
 from milters.check import Message
 from milters.clamav import VERSION_REFRESH, ClamavCheck, ClamavSettings, Finding, classify
 from milters.spool import Spool
@@ -488,24 +488,12 @@ def test_clamd_refusing_the_stream_as_too_long_is_limits_unscanned(tmp_path, mak
 
 # --- inside the milter base ---------------------------------------------------------------------------------
 
-NO_REPLY_BITS = (Milter.P_NR_CONN | Milter.P_NR_HELO | Milter.P_NR_MAIL | Milter.P_NR_RCPT | Milter.P_NR_DATA
-                 | Milter.P_NR_UNKN | Milter.P_NR_EOH | Milter.P_NR_BODY | Milter.P_NR_HDR)
-
-
 def through_milter(check: ClamavCheck, raw: bytes, monkeypatch: pytest.MonkeyPatch,
-                   auth: str | None = None) -> tuple[int, MilterTestCtx, str]:
+                   auth: str | None = None) -> tuple[int, RecordingCtx, str]:
     """The check in MessageMilter, driven by pymilter's TestCtx (as test_milter_base does): the answer, the
     context (its ``_msg`` is the message as delivered, ``_reply`` the SMTP reply) and the decision lines."""
     out = io.StringIO()
-    app = MilterApp("clamav", [check], DecisionLog(stream=out))
-    monkeypatch.setattr(Milter, "factory", lambda: MessageMilter(app))
-    monkeypatch.setattr(MilterTestCtx, "default_opts", [Milter.CURR_ACTS, 0x1FFFFF & ~NO_REPLY_BITS, 0, 0])
-    ctx = MilterTestCtx()
-    ctx._setsymval("i", "4XyZ12AB")
-    if auth:
-        ctx._setsymval("{auth_authen}", auth)
-    assert ctx._connect(ip="192.0.2.7") == Milter.CONTINUE
-    rc = ctx._feedFile(io.BytesIO(raw), "sender@example.org", "user@example.test")
+    rc, ctx = drive_milter(MilterApp("clamav", [check], DecisionLog(stream=out)), monkeypatch, raw, auth=auth)
     return rc, ctx, out.getvalue()
 
 

@@ -10,30 +10,15 @@ from dataclasses import dataclass, field
 
 import Milter
 import pytest
-from Milter.testctx import TestCtx as MilterTestCtx
+from harness.milter_ctx import drive_milter
 
 from mailwarden.logs import DecisionLog
-from milters.base import HeldCopy, HoldFailed, MessageMilter, MilterApp, default_mailbox
+from milters.base import HeldCopy, HoldFailed, MilterApp, default_mailbox
 from milters.check import Message
 from milters.verdict import REJECT_VIRUS, Fate, Verdict
 
-NO_REPLY_BITS = (Milter.P_NR_CONN | Milter.P_NR_HELO | Milter.P_NR_MAIL | Milter.P_NR_RCPT | Milter.P_NR_DATA
-                 | Milter.P_NR_UNKN | Milter.P_NR_EOH | Milter.P_NR_BODY | Milter.P_NR_HDR)
-
 MESSAGE = (b"From: Alice <alice@example.org>\r\nTo: bob@example.test\r\nSubject: hello\r\n"
            b"X-Virus-Status: Clean\r\n\r\nHello Bob.\r\n")
-
-
-class Ctx(MilterTestCtx):
-    """TestCtx as an MTA that offers no no-reply steps (TestCtx stops feeding at the first NOREPLY)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.added: list[tuple[str, str]] = []
-
-    def addheader(self, name, value, idx):
-        self.added.append((name, value))
-        return super().addheader(name, value, idx)
 
 
 @dataclass
@@ -73,15 +58,7 @@ class FakeHolder:
 
 def drive(app: MilterApp, monkeypatch, raw: bytes = MESSAGE, sender: str = "alice@example.org",
           rcpts: tuple[str, ...] = ("bob@example.test",), auth: str | None = None):
-    monkeypatch.setattr(Milter, "factory", lambda: MessageMilter(app))
-    monkeypatch.setattr(MilterTestCtx, "default_opts", [Milter.CURR_ACTS, 0x1FFFFF & ~NO_REPLY_BITS, 0, 0])
-    ctx = Ctx()
-    ctx._setsymval("i", "4XyZ12AB")
-    if auth:
-        ctx._setsymval("{auth_authen}", auth)
-    assert ctx._connect(ip="192.0.2.7") == Milter.CONTINUE
-    rc = ctx._feedFile(io.BytesIO(raw), sender, *rcpts)
-    return rc, ctx
+    return drive_milter(app, monkeypatch, raw, sender, rcpts, auth)
 
 
 @pytest.fixture
