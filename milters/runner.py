@@ -46,6 +46,9 @@ def bind(name: str, settings: MilterSettings) -> str:
         raise ListenError(settings.listen, OSError(98, f"cannot listen: {exc}"),
                           listener=f"the {name} milter, [milters.{name}] listen",
                           in_use_by=f"another process: ss -ltnp 'sport = :{port}' shows which") from None
+    if address.startswith("unix:"):
+        # libmilter leaves the socket to the umask; Postfix (another user) must be able to write to it
+        os.chmod(address[5:], int(settings.socket_mode, 8))
     return address
 
 

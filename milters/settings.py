@@ -37,9 +37,19 @@ class MilterSettings(Section):
     """The checks this milter runs at end of message, in order (the first rejection stops the rest)."""
     timeout: Duration = 600
     """How long libmilter waits on Postfix for one step before dropping the connection."""
+    socket_mode: str = "0660"
+    """Permissions of a unix socket (octal): Postfix must be able to write to it, so the group that both
+    the milter's user and Postfix belong to (``adduser postfix mailwarden``) needs write access."""
     metrics_listen: str | None = None
     """host:port of this milter's own /metrics endpoint (each process needs a port of its own, so the
     core's ``[metrics] listen`` is policyd's); unset means none."""
+
+    @field_validator("socket_mode")
+    @classmethod
+    def _mode(cls, mode: str) -> str:
+        if not re.fullmatch(r"0?[0-7]{3}", mode):
+            raise ValueError(f"{mode!r}: expected an octal mode such as \"0660\"")
+        return mode
 
     @field_validator("metrics_listen")
     @classmethod

@@ -127,13 +127,13 @@ def milter_stack(tmp_path: Path, clamd: ClamdInstance, sink: Sink) -> Iterator[C
     need_postfix()
     started: list[MilterStack] = []
 
-    def start(settings: dict | None = None, front: bool = False) -> MilterStack:
+    def start(settings: dict | None = None, front: bool = False, unix_socket: Path | None = None) -> MilterStack:
         reinject_port = free_port()
         settings = settings or milter_settings(clamd)
         settings.setdefault("quarantine", {
             "database_url": f"sqlite:///{tmp_path / 'quarantine.sqlite'}", "message_dir": str(tmp_path / "held"),
             "reinject": f"127.0.0.1:{reinject_port}"})
-        milter = MilterProcess(tmp_path / "milter", settings)
+        milter = MilterProcess(tmp_path / "milter", settings, unix_socket=unix_socket)
         milter.write_config()
         mailwarden(milter, "quarantine", "migrate")
         milter.start()
@@ -324,3 +324,15 @@ def test_a_clean_pdf_passes_the_banned_check(milter_stack):
     stack = milter_stack()
     assert stack.send(with_attachment("a real pdf", b"%PDF-1.4\n%...\n", "report.pdf", subtype="pdf")) is None
     stack.sink.wait_for_subjects("a real pdf")
+
+
+def test_a_milter_on_a_unix_socket_serves_postfix(milter_stack, clamd):
+    """Postfix runs as user postfix: the socket's mode (socket_mode) must let it connect."""
+    directory = Path(tempfile.mkdtemp(prefix="mw-milter-sock-"))
+    directory.chmod(0o755)
+    settings = milter_settings(clamd, socket_mode="0666")
+    stack = milter_stack(settings, unix_socket=directory / "clamav.sock")
+    assert oct((directory / "clamav.sock").stat().st_mode & 0o777) == "0o666"
+    assert stack.send(text_message("over a unix socket")) is None
+    stack.sink.wait_for_subjects("over a unix socket")
+    shutil.rmtree(directory, ignore_errors=True)

@@ -23,12 +23,14 @@ class MilterProcess:
     settings: dict
     name: str = "clamav"
     port: int = field(default_factory=free_port)
+    unix_socket: Path | None = None
+    """Listen on this unix socket instead of the TCP port."""
     proc: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
         """What Postfix's smtpd_milters says."""
-        return f"inet:127.0.0.1:{self.port}"
+        return f"unix:{self.unix_socket}" if self.unix_socket else f"inet:127.0.0.1:{self.port}"
 
     @property
     def log_path(self) -> Path:
