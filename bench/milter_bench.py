@@ -53,7 +53,7 @@ if str(REPO / "tests") not in sys.path:
 
 from harness.clamd import ClamdInstance  # noqa: E402
 from harness.milter_proc import MilterProcess  # noqa: E402
-from harness.net import free_port, wait_port  # noqa: E402
+from harness.net import free_port, wait_for, wait_port  # noqa: E402
 from harness.postfix import PostfixInstance  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -73,7 +73,7 @@ REFERENCE = THEIRS
 
 CLAMAV_MILTER_CONF = """\
 # written by bench/milter_bench.py: Debian's /etc/clamav/clamav-milter.conf values, privately
-MilterSocket inet:{port}@127.0.0.1
+MilterSocket {listen}
 ClamdSocket unix:{clamd}
 Foreground yes
 PidFile {d}/clamav-milter.pid
@@ -182,7 +182,18 @@ def start_postfix(name: str, workdir: Path, sink_port: int, milters: str,
     return instance
 
 
-def start_ours(name: str, checks: list[str], workdir: Path, clamd: ClamdInstance,
+@dataclass
+class UnixMilterProcess(MilterProcess):
+    """The harness's milter process, listening on a unix socket instead of a loopback port."""
+
+    socket_path: Path = Path("/nonexistent")
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.socket_path}"
+
+
+def start_ours(name: str, checks: list[str], workdir: Path, clamd: ClamdInstance, transport: str,
                stack: contextlib.ExitStack) -> tuple[int, Path, str]:
     base = workdir / name
     (base / "held").mkdir(parents=True)
@@ -191,23 +202,32 @@ def start_ours(name: str, checks: list[str], workdir: Path, clamd: ClamdInstance
         "quarantine": {"database_url": f"sqlite:///{base}/q.sqlite", "message_dir": str(base / "held")},
         "logging": {"level": "info"},
     }
-    milter = MilterProcess(base, settings)
+    milter = (UnixMilterProcess(base, settings, socket_path=base / "milter.sock") if transport == "unix"
+              else MilterProcess(base, settings))
     config = milter.write_config()
     subprocess.run([sys.executable, "-m", "mailwarden.cli", "--config", str(config), "quarantine", "migrate"],
                    check=True, capture_output=True, timeout=60)
     stack.callback(milter.stop)
     milter.start()
     assert milter.proc is not None
+    if transport == "unix":  # Postfix's smtpd and cleanup (user postfix) connect to it; the milter runs as root
+        (base / "milter.sock").chmod(0o666)
     return milter.proc.pid, milter.log_path, milter.address
 
 
-def start_clamav_milter(workdir: Path, clamd: ClamdInstance, stack: contextlib.ExitStack) -> tuple[int, Path, str]:
+def start_clamav_milter(workdir: Path, clamd: ClamdInstance, transport: str,
+                        stack: contextlib.ExitStack) -> tuple[int, Path, str]:
     base = workdir / THEIRS
     (base / "tmp").mkdir(parents=True)
     port = free_port()
+    sock = base / "milter.sock"
+    listen = f"unix:{sock}\nMilterSocketMode 666" if transport == "unix" else f"inet:{port}@127.0.0.1"
     conf = base / "clamav-milter.conf"
-    conf.write_text(CLAMAV_MILTER_CONF.format(port=port, clamd=clamd.unix_socket, d=base, max_scan=MAX_SCAN))
+    conf.write_text(CLAMAV_MILTER_CONF.format(listen=listen, clamd=clamd.unix_socket, d=base, max_scan=MAX_SCAN))
     child = spawn(THEIRS, [CLAMAV_MILTER, f"--config-file={conf}"], base / "clamav-milter.out", stack)
+    if transport == "unix":
+        wait_for(sock.exists, 20, what="clamav-milter's socket")
+        return child.proc.pid, base / "clamav-milter.log", f"unix:{sock}"
     wait_port(port, 20)
     return child.proc.pid, base / "clamav-milter.log", f"inet:127.0.0.1:{port}"
 
@@ -405,7 +425,7 @@ def parse_load(text: str) -> Load:
     return load
 
 
-DEFAULT_LOADS = ("10K:10:1000", "10K:50:1000", "1M:10:150", "20M:10:10")
+DEFAULT_LOADS = ("10K:10:600", "10K:50:1000", "1M:10:100", "20M:10:6")
 
 
 def versions() -> dict[str, str]:
@@ -442,11 +462,11 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, stack: contextlib.Exi
         progress(f"starting {name} ...")
         pid, log_path, address = None, None, ""
         if name == OURS:
-            pid, log_path, address = start_ours(name, ["clamav"], workdir, clamd, stack)
+            pid, log_path, address = start_ours(name, ["clamav"], workdir, clamd, args.socket, stack)
         elif name == OURS_BANNED:
-            pid, log_path, address = start_ours(name, ["banned", "clamav"], workdir, clamd, stack)
+            pid, log_path, address = start_ours(name, ["banned", "clamav"], workdir, clamd, args.socket, stack)
         elif name == THEIRS:
-            pid, log_path, address = start_clamav_milter(workdir, clamd, stack)
+            pid, log_path, address = start_clamav_milter(workdir, clamd, args.socket, stack)
         targets[name] = Target(name, start_postfix(name, workdir, sink_port, address, stack), pid, log_path)
     meta: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -495,6 +515,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loads", nargs="+", type=parse_load, default=[parse_load(x) for x in DEFAULT_LOADS],
                         help="SIZE:SESSIONS:MESSAGES per load (smtp-source -l, -s, -m); the first also warms up")
     parser.add_argument("--runs", type=int, default=3, help="measured runs per target and load (ABBA order)")
+    parser.add_argument("--socket", choices=("inet", "unix"), default="inet",
+                        help="how Postfix reaches the milters: a loopback TCP port or a unix socket")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds allowed per run")
     parser.add_argument("--json", type=Path, default=Path(tempfile.gettempdir()) / "milter_bench.json",
                         help="where to write the results as JSON")
@@ -550,7 +572,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = report["meta"]
     print(f"{meta['date']}  {meta['cpus']} cores  load average before {meta['loadavg_before']} after "
           f"{meta['loadavg_after']}  mailwarden {meta['versions']['mailwarden']}  {meta['versions']['clamav-milter']}")
-    print(f"median of {args.runs} runs per row (ABBA order, one warm-up pass discarded); JSON: {args.json}\n")
+    print(f"milters on {args.socket} sockets; median of {args.runs} runs per row (ABBA order, one warm-up pass "
+          f"discarded); JSON: {args.json}\n")
     print(report["table"])
     return 0
 
