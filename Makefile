@@ -19,6 +19,7 @@ lock:
 bench:
 	@WITH_BENCH=1 bash tools/bootstrap.sh
 	.venv/bin/python bench/policyd_bench.py
+	.venv/bin/python bench/milter_bench.py
 
 clean:
 	rm -rf .venv run *.egg-info

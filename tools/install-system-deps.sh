@@ -17,6 +17,13 @@ set -euo pipefail
 PACKAGES=(python3 python3-venv ca-certificates postfix libsasl2-modules redis-server swaks slapd dovecot-core
           dovecot-imapd mariadb-server postgrey db-util gcc libc6-dev python3-dev libmilter-dev clamav-daemon)
 
+# WITH_BENCH=1 (make bench sets it): what only the benchmarks run. clamav-milter: Debian's ClamAV milter, which
+# bench/milter_bench.py runs privately beside ours (smtp-source and smtp-sink, its load and its sink, ship
+# with postfix, above).
+if [ "${WITH_BENCH:-0}" = 1 ]; then
+  PACKAGES+=(clamav-milter)
+fi
+
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
   command -v sudo >/dev/null || { echo "install-system-deps: run as root (or install sudo)" >&2; exit 1; }
@@ -57,7 +64,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   # ... nor at boot, for the servers installed only for the tests (redis-server stays: the quick start
   # uses the one on 127.0.0.1:6379 when it answers)
   for pair in postgrey:postgrey dovecot-core:dovecot mariadb-server:mariadb slapd:slapd \
-              clamav-daemon:clamav-daemon clamav-daemon:clamav-freshclam; do
+              clamav-daemon:clamav-daemon clamav-daemon:clamav-freshclam clamav-milter:clamav-milter; do
     package=${pair%%:*} service=${pair#*:}
     if [[ " ${missing[*]} " == *" $package "* ]]; then
       $SUDO deb-systemd-helper disable "$service.service" >/dev/null 2>&1 || true
