@@ -35,13 +35,10 @@ is up, and each wait on clamd's socket is bounded by it. Worst case for one mess
 pause; keep it below Postfix's ``milter_content_timeout`` (300 s; 111 s with the defaults and 25 MB).
 
 Threads: ``check`` runs in several libmilter worker threads at once. Each call opens its own connection
-(the clamd package connects per command); the cached version string is replaced whole, never mutated.
-
-Limits of PyPI ``clamd`` 1.0.2 (only its public API is used): it connects before it sets the socket
-timeout, so connecting to an unreachable TCP host waits for the kernel's connect timeout, and a clamd whose
-listen queue is full blocks the connect; and when clamd closes a stream that exceeds its StreamMaxLength,
-the client mostly sees a broken pipe rather than ``BufferTooLongError``: that counts as a failure (with a
-hint in the log), so set ``stream_max_length`` no higher than clamd's StreamMaxLength.
+(milters/clamd_client.py: 64 KB chunks, the connect bounded too); the cached version string is replaced
+whole, never mutated. When clamd closes a stream that exceeds its StreamMaxLength, its refusal is read
+when it can be (limits), else the broken connection counts as a failure with a hint in the log: set
+``stream_max_length`` no higher than clamd's StreamMaxLength.
 """
 
 from __future__ import annotations
@@ -50,16 +47,16 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import BinaryIO, ClassVar, Literal
+from typing import ClassVar, Literal
 
-import clamd
 from pydantic import field_validator
 
 from mailwarden.logs import Throttled, get_logger
-from mailwarden.units import Duration, Size, format_duration
+from mailwarden.units import Duration, Size
+from milters import clamd_client
 from milters.check import Message
 from milters.metrics import SCANNER_ERRORS
 from milters.settings import MilterSettings
@@ -165,28 +162,6 @@ class ScanFailed(Exception):
     """clamd gave no usable answer; the message says why, for the log."""
 
 
-class _Deadline(Exception):
-    """The attempt's time is up while the message is still being sent."""
-
-
-class _BoundedReader:
-    """What INSTREAM reads: the first ``limit`` bytes of the spool, and a stop when the time is up."""
-
-    def __init__(self, raw: BinaryIO, limit: int, deadline: float, now: Callable[[], float]) -> None:
-        self.raw, self.limit, self.deadline, self.now = raw, limit, deadline, now
-        self.sent = 0
-
-    def read(self, size: int = -1) -> bytes:
-        if self.now() > self.deadline:
-            raise _Deadline
-        left = self.limit - self.sent
-        if left <= 0:
-            return b""
-        data = self.raw.read(left if size < 0 else min(size, left))
-        self.sent += len(data)
-        return data
-
-
 @dataclass(frozen=True)
 class Scan:
     """One answer of clamd: the class and the name it reported (empty when clean)."""
@@ -243,31 +218,28 @@ class ClamavCheck:
         return self._unscanned(message, error)
 
     def scan(self, spool: Spool, send: int, budget: float) -> Scan:
-        """One INSTREAM of the first ``send`` bytes of ``spool``, within ``budget`` seconds."""
-        reader = _BoundedReader(spool.reader(), send, self._now() + budget, self._now)
-        client = self._client(budget)
+        """One INSTREAM of the first ``send`` bytes of ``spool``, within ``budget`` seconds (connect, every
+        send and the wait for the answer)."""
+        sent = 0
+
+        def chunks() -> Iterator[bytes]:
+            nonlocal sent
+            reader = spool.reader()
+            while sent < send and (data := reader.read(min(clamd_client.CHUNK, send - sent))):
+                sent += len(data)
+                yield data
+
         try:
-            reply = client.instream(reader)
-        except clamd.BufferTooLongError:
+            status, name = clamd_client.instream(self._address, chunks(), self._now() + budget, self._now)
+        except clamd_client.StreamTooLong:
             return Scan(Finding.LIMITS, clamd_limit=True)
-        except _Deadline:
-            raise ScanFailed(f"timed out after {format_duration(budget)} while sending the message "
-                             f"({reader.sent} of {send} bytes sent)") from None
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            hint = " (is stream_max_length above clamd's StreamMaxLength?)" if reader.sent > 0 else ""
-            raise ScanFailed(f"clamd closed the connection after {reader.sent} of {send} bytes: {exc}{hint}") from None
-        except TimeoutError:  # raised by a send; a wait for the answer comes as clamd.ConnectionError
-            raise ScanFailed(f"timed out after {format_duration(budget)} while sending the message") from None
-        except (clamd.ClamdError, OSError) as exc:  # unreachable, no answer in time, a reply it cannot parse
-            raise ScanFailed(f"{type(exc).__name__}: {exc}") from None
-        if not reply:
-            raise ScanFailed("clamd closed the connection without an answer")
-        status, name = next(iter(reply.values()))
+        except clamd_client.ClamdError as exc:
+            hint = (" (is stream_max_length above clamd's StreamMaxLength?)"
+                    if "closed the connection while" in str(exc) else "")
+            raise ScanFailed(f"{exc} ({sent} of {send} bytes sent){hint}") from None
         if status == "OK":
             return Scan(Finding.CLEAN)
-        if status == "FOUND" and name:
-            return Scan(classify(name), name)
-        raise ScanFailed(f"clamd answered {status}: {name}")
+        return Scan(classify(name), name)
 
     def scanned_by(self) -> str:
         """``X-Virus-Scanned``: clamd's version (engine/database, without the date), fetched at most once per
@@ -276,8 +248,9 @@ class ClamavCheck:
         if cached is not None and self._now() - cached[0] < VERSION_REFRESH:
             return cached[1]
         try:
-            version = "/".join(self._client(min(self.settings.scan_timeout, 5.0)).version().split("/")[:2])
-        except (clamd.ClamdError, OSError):
+            answer = clamd_client.command(self._address, "VERSION", min(self.settings.scan_timeout, 5.0))
+            version = "/".join(answer.split("/")[:2])
+        except clamd_client.ClamdError:
             version = cached[1] if cached else "ClamAV"
         version = re.sub(r"[^\x20-\x7e]", "", version).strip() or "ClamAV"
         self._version = (self._now(), version)
@@ -293,12 +266,6 @@ class ClamavCheck:
         with self._log_lock:
             self._failures.flush()
             self._too_long.flush()
-
-    def _client(self, timeout: float) -> clamd.ClamdNetworkSocket:
-        if isinstance(self._address, str):
-            return clamd.ClamdUnixSocket(self._address, timeout)
-        host, port = self._address
-        return clamd.ClamdNetworkSocket(host, port, timeout)
 
     def _fail_mode(self, message: Message) -> ErrorFate:
         return self.settings.on_error_submission if message.authenticated else self.settings.on_error_inbound

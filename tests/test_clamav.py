@@ -16,7 +16,6 @@ from email.message import EmailMessage
 from email.policy import SMTP
 from pathlib import Path
 
-import clamd as clamd_client
 import Milter
 import pytest
 from harness.clamd import FIXTURES, ClamdInstance
@@ -25,6 +24,7 @@ from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from mailwarden.logs import DecisionLog
+from milters import clamd_client
 from milters.base import MilterApp
 from milters.check import Message
 from milters.clamav import VERSION_REFRESH, ClamavCheck, ClamavSettings, Finding, classify
@@ -406,13 +406,13 @@ def test_concurrent_checks_each_get_their_own_answer(address, make_check):
 
 def test_version_is_cached_and_refreshed(make_check, clamd, monkeypatch):
     asked: list[str] = []
-    original = clamd_client.ClamdNetworkSocket.version
+    original = clamd_client.command
 
-    def version(self: clamd_client.ClamdNetworkSocket) -> str:
-        asked.append("VERSION")
-        return original(self)
+    def command(address, name: str, timeout: float) -> str:
+        asked.append(name)
+        return original(address, name, timeout)
 
-    monkeypatch.setattr(clamd_client.ClamdNetworkSocket, "version", version)
+    monkeypatch.setattr(clamd_client, "command", command)
     clock = [1000.0]
     check = make_check(clamd.unix_address, now=lambda: clock[0])
     for _ in range(5):
@@ -473,7 +473,7 @@ def test_a_reply_that_is_no_verdict_is_a_failure(tmp_path, make_check, reply):
 
 
 def test_clamd_refusing_the_stream_as_too_long_is_limits_unscanned(tmp_path, make_check, caplog):
-    """clamd's own StreamMaxLength below ours, when its refusal arrives (``BufferTooLongError``): limits,
+    """clamd's own StreamMaxLength below ours, when its refusal arrives (its "size limit exceeded" refusal): limits,
     nothing scanned (no X-Virus-Scanned), and the log says which setting to lower."""
     fake = FakeClamd(tmp_path / "fake.sock", b"INSTREAM size limit exceeded. ERROR\n")
     try:
