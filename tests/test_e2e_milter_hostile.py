@@ -59,7 +59,8 @@ class Outcome:
     def summary(self) -> str:
         actions = ",".join(sorted({m.group(1) for line in self.decisions
                                    if (m := re.search(r" action=(\S+)", line))})) or "none (Postfix refused it)"
-        return f"{self.name:<58} {self.size:>10} B  Postfix {self.reply[0]}  milter {actions}"
+        refusal = f" ({self.reply[1][:40]})" if self.reply[0] != 250 else ""
+        return f"{self.name:<58} {self.size:>10} B  Postfix {self.reply[0]}{refusal}  milter {actions}"
 
 
 def send_raw(stack: MilterStack, sender: str, data: bytes) -> tuple[int, str]:
