@@ -435,8 +435,7 @@ class BannedCheck:
         more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
         reason = f"no banned attachment in what was inspected; not inspected: {'; '.join(skipped[:3])}{more}"
         fate = Fate(self.settings.on_limits)
-        return Verdict(fate, self.name, reason, kind="" if fate is Fate.ACCEPT else "unscanned",
-                       reply=REJECT_CONTENT if fate is Fate.REJECT else None)
+        return Verdict(fate, self.name, reason, kind="unscanned", reply=REJECT_CONTENT if fate is Fate.REJECT else None)
 
     def close(self) -> None:
         """Nothing to release: no connections, no threads."""

@@ -85,13 +85,17 @@ def for_recipient(result: CheckResult, recipient: str) -> Verdict | None:
 
 def merge(current: Verdict | None, new: Verdict | None) -> Verdict | None:
     """The stronger of two verdicts for one recipient (on a tie the later one, so a clean message's line
-    says what the last check found: "clean" rather than banned's "no banned attachment"), carrying the
-    headers of both: a message that passes every check carries each check's headers."""
+    says what the last check found: "clean" rather than banned's "no banned attachment"; but a later verdict
+    without a ``kind`` does not hide an earlier one with a finding, so a message banned could inspect only
+    in part says so rather than "clean"), carrying the headers of both: a message that passes every check
+    carries each check's headers."""
     if new is None:
         return current
     if current is None:
         return new
-    winner, other = (new, current) if new.severity >= current.severity else (current, new)
+    later_wins = new.severity > current.severity or (new.severity == current.severity
+                                                     and (bool(new.kind) or not current.kind))
+    winner, other = (new, current) if later_wins else (current, new)
     headers = winner.headers + tuple(h for h in other.headers if h not in winner.headers)
     held = winner.held_headers + tuple(h for h in other.held_headers if h not in winner.held_headers)
     if headers == winner.headers and held == winner.held_headers:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import smtplib
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from harness.clamd import ClamdInstance
 from harness.dns_server import DnsServer
 from harness.dovecot import DovecotInstance
 from harness.mariadb import MariaDbInstance
+from harness.milter_proc import MilterProcess
 from harness.net import free_port, wait_port
 from harness.policyd_proc import PolicydProcess
 from harness.postfix import PostfixInstance
@@ -183,3 +187,102 @@ def stack_factory(tmp_path: Path, sink: Sink, policyd_factory) -> Iterator[Calla
 def message(subject: str, sender: str = "sender@example.org", to: str = "user@example.test") -> str:
     message_id = subject.replace(" ", ".")
     return f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\nMessage-ID: <{message_id}@t>\r\n\r\nhello\r\n"
+
+
+# --- the milter stack: smtplib -> a private Postfix -> our milter process -> a private clamd; the sink ---
+
+@dataclass
+class MilterStack:
+    postfix: PostfixInstance
+    milter: MilterProcess
+    clamd: ClamdInstance
+    sink: Sink
+    front: PostfixInstance | None = None
+
+    def smtp(self, login: str | None = None, port: int | None = None) -> smtplib.SMTP:
+        conn = smtplib.SMTP("127.0.0.1", port or self.postfix.smtp_port, timeout=60)
+        conn.ehlo("client.example")
+        args = "ADDR=192.0.2.10 NAME=unknown" + (f" LOGIN={login}" if login else "")
+        code, text = conn.docmd("XCLIENT", args)
+        assert code == 220, (code, text)
+        conn.ehlo("client.example")
+        return conn
+
+    def send(self, msg: EmailMessage | bytes, rcpts: tuple[str, ...] = ("user@example.test",),
+             sender: str = "sender@example.org", login: str | None = None) -> tuple[int, str] | None:
+        """None when Postfix accepted it, else the (code, text) of the refusal at end of data."""
+        data = msg if isinstance(msg, bytes) else msg.as_bytes()
+        with self.smtp(login) as conn:
+            try:
+                conn.sendmail(sender, list(rcpts), data)
+            except smtplib.SMTPDataError as exc:
+                return exc.smtp_code, exc.smtp_error.decode()
+        return None
+
+    def marker(self, subject: str = "marker") -> None:
+        """A clean message sent after the one under test, waited for: once it arrived, anything sent before
+        it that was going to arrive has arrived (a positive signal instead of a pause)."""
+        assert self.send(text_message(subject)) is None
+        self.sink.wait_for_subjects(subject, timeout=30)
+
+
+def text_message(subject: str, body: str = "hello\n", sender: str = "sender@example.org",
+                 to: str = "user@example.test") -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = sender, to, subject
+    msg["Message-ID"] = f"<{subject.replace(' ', '.')}@test>"
+    msg.set_content(body)
+    return msg
+
+
+def milter_settings(clamd: ClamdInstance, **clamav: object) -> dict:
+    return {"milters": {"clamav": {"clamd": clamd.unix_address, "retry_pause": "200ms", **clamav}}}
+
+
+def mailwarden(milter: MilterProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI with the milter's config; fails the test on a non-zero exit."""
+    done = subprocess.run([sys.executable, "-m", "mailwarden.cli", "--config", str(milter.config_path), *args],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, (args, done.returncode, done.stdout, done.stderr)
+    return done
+
+
+@pytest.fixture
+def milter_stack(tmp_path: Path, clamd: ClamdInstance, sink: Sink) -> Iterator[Callable[..., MilterStack]]:
+    need_postfix()
+    started: list[MilterStack] = []
+
+    def start(settings: dict | None = None, front: bool = False, unix_socket: Path | None = None,
+              postfix_main_cf: str = "") -> MilterStack:
+        """``unix_socket``: the milter listens there instead of a TCP port; ``postfix_main_cf``: lines added
+        to the main.cf of our Postfix (the one with the milter)."""
+        reinject_port = free_port()
+        settings = settings or milter_settings(clamd)
+        settings.setdefault("quarantine", {
+            "database_url": f"sqlite:///{tmp_path / 'quarantine.sqlite'}", "message_dir": str(tmp_path / "held"),
+            "reinject": f"127.0.0.1:{reinject_port}"})
+        milter = MilterProcess(tmp_path / "milter", settings, unix_socket=unix_socket)
+        milter.write_config()
+        mailwarden(milter, "quarantine", "migrate")
+        milter.start()
+        directory = Path(tempfile.mkdtemp(prefix="mw-postfix-"))
+        directory.chmod(0o755)
+        postfix = PostfixInstance(directory, free_port(), sink.port, None, milters=milter.address,
+                                  reinject_port=reinject_port, extra_main_cf=postfix_main_cf).start()
+        wait_port(postfix.smtp_port)
+        stack = MilterStack(postfix, milter, clamd, sink)
+        if front:  # the sending MTA: no milter, relays everything to ours and retries what we tempfail
+            front_dir = Path(tempfile.mkdtemp(prefix="mw-postfix-front-"))
+            front_dir.chmod(0o755)
+            stack.front = PostfixInstance(front_dir, free_port(), postfix.smtp_port, None).start()
+            wait_port(stack.front.smtp_port)
+        started.append(stack)
+        return stack
+
+    yield start
+    for stack in started:
+        for instance in (stack.front, stack.postfix):
+            if instance is not None:
+                instance.stop()
+                shutil.rmtree(instance.directory, ignore_errors=True)
+        stack.milter.kill()  # libmilter takes about 4 s to stop on SIGTERM: that is tested once, below

@@ -3,6 +3,7 @@ a real private clamd with the local test signatures; Postfix relays what it acce
 
 Faults are shown with a second Postfix in front (the "sending MTA"): it queues what ours tempfails and
 retries every second or two, so "nothing lost" means the message reaches the sink once the fault is gone.
+The stack itself (fixture ``milter_stack``) is in conftest.py, shared with the other test_e2e_milter_* files.
 """
 
 from __future__ import annotations
@@ -15,66 +16,15 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from conftest import need_postfix
-from harness.clamd import ClamdInstance
-from harness.milter_proc import MilterProcess
-from harness.net import free_port, wait_port
-from harness.postfix import PostfixInstance
-from harness.sink import Sink
+from conftest import mailwarden, milter_settings, text_message
 
 pytestmark = pytest.mark.e2e
 
 from test_clamav import EICAR  # noqa: E402  (kept encoded there, so no file of the tree is flagged)
-
-
-@dataclass
-class MilterStack:
-    postfix: PostfixInstance
-    milter: MilterProcess
-    clamd: ClamdInstance
-    sink: Sink
-    front: PostfixInstance | None = None
-
-    def smtp(self, login: str | None = None, port: int | None = None) -> smtplib.SMTP:
-        conn = smtplib.SMTP("127.0.0.1", port or self.postfix.smtp_port, timeout=60)
-        conn.ehlo("client.example")
-        args = "ADDR=192.0.2.10 NAME=unknown" + (f" LOGIN={login}" if login else "")
-        code, text = conn.docmd("XCLIENT", args)
-        assert code == 220, (code, text)
-        conn.ehlo("client.example")
-        return conn
-
-    def send(self, msg: EmailMessage | bytes, rcpts: tuple[str, ...] = ("user@example.test",),
-             sender: str = "sender@example.org", login: str | None = None) -> tuple[int, str] | None:
-        """None when Postfix accepted it, else the (code, text) of the refusal at end of data."""
-        data = msg if isinstance(msg, bytes) else msg.as_bytes()
-        with self.smtp(login) as conn:
-            try:
-                conn.sendmail(sender, list(rcpts), data)
-            except smtplib.SMTPDataError as exc:
-                return exc.smtp_code, exc.smtp_error.decode()
-        return None
-
-    def marker(self, subject: str = "marker") -> None:
-        """A clean message sent after the one under test, waited for: once it arrived, anything sent before
-        it that was going to arrive has arrived (a positive signal instead of a pause)."""
-        assert self.send(text_message(subject)) is None
-        self.sink.wait_for_subjects(subject, timeout=30)
-
-
-def text_message(subject: str, body: str = "hello\n", sender: str = "sender@example.org",
-                 to: str = "user@example.test") -> EmailMessage:
-    msg = EmailMessage()
-    msg["From"], msg["To"], msg["Subject"] = sender, to, subject
-    msg["Message-ID"] = f"<{subject.replace(' ', '.')}@test>"
-    msg.set_content(body)
-    return msg
 
 
 def with_attachment(subject: str, data: bytes, filename: str, maintype: str = "application",
@@ -108,56 +58,6 @@ def eicar_quoted_printable(subject: str) -> bytes:
 def eicar_after_text(subject: str, text_bytes: int = 1_500_000) -> EmailMessage:
     line = "All work and no play makes Jack a dull boy. " * 2 + "\n"
     return with_attachment(subject, EICAR, "eicar.txt", body=line * (text_bytes // len(line) + 1))
-
-
-def milter_settings(clamd: ClamdInstance, **clamav: object) -> dict:
-    return {"milters": {"clamav": {"clamd": clamd.unix_address, "retry_pause": "200ms", **clamav}}}
-
-
-def mailwarden(milter: MilterProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    """The CLI with the milter's config; fails the test on a non-zero exit."""
-    done = subprocess.run([sys.executable, "-m", "mailwarden.cli", "--config", str(milter.config_path), *args],
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, (args, done.returncode, done.stdout, done.stderr)
-    return done
-
-
-@pytest.fixture
-def milter_stack(tmp_path: Path, clamd: ClamdInstance, sink: Sink) -> Iterator[Callable[..., MilterStack]]:
-    need_postfix()
-    started: list[MilterStack] = []
-
-    def start(settings: dict | None = None, front: bool = False, unix_socket: Path | None = None) -> MilterStack:
-        reinject_port = free_port()
-        settings = settings or milter_settings(clamd)
-        settings.setdefault("quarantine", {
-            "database_url": f"sqlite:///{tmp_path / 'quarantine.sqlite'}", "message_dir": str(tmp_path / "held"),
-            "reinject": f"127.0.0.1:{reinject_port}"})
-        milter = MilterProcess(tmp_path / "milter", settings, unix_socket=unix_socket)
-        milter.write_config()
-        mailwarden(milter, "quarantine", "migrate")
-        milter.start()
-        directory = Path(tempfile.mkdtemp(prefix="mw-postfix-"))
-        directory.chmod(0o755)
-        postfix = PostfixInstance(directory, free_port(), sink.port, None, milters=milter.address,
-                                  reinject_port=reinject_port).start()
-        wait_port(postfix.smtp_port)
-        stack = MilterStack(postfix, milter, clamd, sink)
-        if front:  # the sending MTA: no milter, relays everything to ours and retries what we tempfail
-            front_dir = Path(tempfile.mkdtemp(prefix="mw-postfix-front-"))
-            front_dir.chmod(0o755)
-            stack.front = PostfixInstance(front_dir, free_port(), postfix.smtp_port, None).start()
-            wait_port(stack.front.smtp_port)
-        started.append(stack)
-        return stack
-
-    yield start
-    for stack in started:
-        for instance in (stack.front, stack.postfix):
-            if instance is not None:
-                instance.stop()
-                shutil.rmtree(instance.directory, ignore_errors=True)
-        stack.milter.kill()  # libmilter takes about 4 s to stop on SIGTERM: that is tested once, below
 
 
 @pytest.mark.parametrize("build", [

@@ -117,6 +117,19 @@ def test_a_rejection_stops_the_later_checks(monkeypatch, decisions):
     assert second.seen == []
 
 
+@pytest.mark.parametrize(("banned_kind", "named"), [("", "check=clamav action=accept reason=clean"),
+                                                    ("unscanned", "check=banned action=accept reason=partly")])
+def test_a_later_clean_does_not_hide_an_earlier_partial_inspection(monkeypatch, decisions, banned_kind, named):
+    """On a tie the later check names the outcome, unless only the earlier one has a finding (banned could
+    not inspect everything, and accepted it: on_limits = "accept")."""
+    log, out = decisions
+    first = FakeCheck("banned", Verdict(Fate.ACCEPT, "banned", "partly", kind=banned_kind))
+    second = FakeCheck("clamav", Verdict(Fate.ACCEPT, "clamav", "clean", headers=(("X-Virus-Status", "Clean"),)))
+    rc, ctx = drive(MilterApp("clamav", [first, second], log), monkeypatch)
+    assert rc == Milter.ACCEPT and ctx.added == [("X-Virus-Status", "Clean")]
+    assert named in out.getvalue()
+
+
 def test_one_recipient_held_is_committed_then_removed_and_the_other_gets_the_message(monkeypatch, decisions):
     log, out = decisions
     verdicts = {"bob@example.test": Verdict(Fate.QUARANTINE, "spam", "score 9", held_headers=(("X-Held", "1"),)),

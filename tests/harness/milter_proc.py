@@ -75,6 +75,17 @@ class MilterProcess:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(5)
 
+    def status(self, key: str) -> int:
+        """A number from /proc/PID/status, in bytes for the memory lines: ``VmHWM`` (peak resident set),
+        ``VmRSS`` (resident now), ``Threads``."""
+        assert self.proc is not None and self.proc.poll() is None, "the milter is not running"
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name == key:
+                number, _, unit = value.strip().partition(" ")
+                return int(number) * (1024 if unit == "kB" else 1)
+        raise KeyError(f"{key} not in /proc/{self.proc.pid}/status")
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

@@ -126,6 +126,8 @@ class PostfixInstance:
     """smtpd_milters, e.g. ``inet:127.0.0.1:10030``; empty for none."""
     reinject_port: int | None = None
     """A second smtpd on this port that skips milters and policy (the quarantine's re-injection)."""
+    extra_main_cf: str = ""
+    """Lines appended to main.cf (a later line wins over the one above), e.g. ``message_size_limit = 0``."""
 
     @property
     def conf(self) -> Path:
@@ -144,7 +146,8 @@ class PostfixInstance:
         policy = policy_restriction(self.policy_port)
         (self.conf / "main.cf").write_text(MAIN_CF.format(d=d, name=name, sink_port=self.sink_port,
                                                           relay_domains=self.relay_domains, policy=policy,
-                                                          milters=self.milters))
+                                                          milters=self.milters)
+                                          + self.extra_main_cf)
         master = MASTER_CF.format(smtp_port=self.smtp_port)
         if self.reinject_port:
             master += documented_reinject_listener(self.reinject_port)
