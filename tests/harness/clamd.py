@@ -131,8 +131,10 @@ class ClamdInstance(ServerLifecycle):
             return self
         self.write()
         with open(self.workdir / "clamd.out", "ab") as out:
+            # cwd: clamd 1.4 writes its log to a garbage-named file in its working directory after a RELOAD
+            # (the LogFile name freed): keep that in its own directory, never the checkout
             self.proc = subprocess.Popen([CLAMD, f"--config-file={self.config_file}"], stdin=subprocess.DEVNULL,
-                                         stdout=out, stderr=out, start_new_session=True)
+                                         cwd=self.workdir, stdout=out, stderr=out, start_new_session=True)
         try:
             self._wait_ready(timeout)
         except BaseException:
