@@ -82,6 +82,10 @@ class ClamavSettings(MilterSettings):
     scan_timeout: Duration = 30
     """Time for one scan of an empty message; ``timeout_per_mb`` is added per MB sent."""
     timeout_per_mb: Duration = 1
+    pass_descriptor: bool = True
+    """With clamd on a unix socket, a message spooled to disk (above ``[milters] spool_memory``) is handed
+    to clamd as an open file (FILDES) instead of streamed: clamd reads it itself, whole (no
+    stream_max_length; clamd's MaxScanSize and friends apply), without a copy through the socket."""
     retry_pause: Duration = 1
     """After a failed attempt (clamd reloading its signatures, restarting), wait this long and try once more."""
     virus: FindingFate = "reject"
@@ -193,7 +197,8 @@ class ClamavCheck:
 
     def check(self, message: Message) -> Verdict:
         size = message.spool.size
-        send = min(size, self.settings.stream_max_length)
+        whole = self._by_descriptor(message.spool)
+        send = size if whole else min(size, self.settings.stream_max_length)
         budget = self.settings.scan_timeout + self.settings.timeout_per_mb * send / MB
         error = ""
         for attempt in (1, 2):
@@ -219,7 +224,15 @@ class ClamavCheck:
 
     def scan(self, spool: Spool, send: int, budget: float) -> Scan:
         """One INSTREAM of the first ``send`` bytes of ``spool``, within ``budget`` seconds (connect, every
-        send and the wait for the answer)."""
+        send and the wait for the answer); or, for a spool on disk and clamd on a unix socket, the file
+        handed over whole (FILDES, ``pass_descriptor``)."""
+        if self._by_descriptor(spool):
+            assert isinstance(self._address, str)
+            try:
+                status, name = clamd_client.fildes(self._address, spool.fileno(), self._now() + budget, self._now)
+            except clamd_client.ClamdError as exc:
+                raise ScanFailed(f"{exc} (file handed over)") from None
+            return Scan(Finding.CLEAN) if status == "OK" else Scan(classify(name), name)
         sent = 0
 
         def chunks() -> Iterator[bytes]:
@@ -240,6 +253,10 @@ class ClamavCheck:
         if status == "OK":
             return Scan(Finding.CLEAN)
         return Scan(classify(name), name)
+
+    def _by_descriptor(self, spool: Spool) -> bool:
+        """Whether clamd gets the spool's file rather than a stream: it is on disk, clamd on a unix socket."""
+        return self.settings.pass_descriptor and isinstance(self._address, str) and spool.on_disk
 
     def scanned_by(self) -> str:
         """``X-Virus-Scanned``: clamd's version (engine/database, without the date), fetched at most once per

@@ -103,6 +103,22 @@ def instream(address: Address, chunks: Iterable[bytes], deadline: float,
     return parse_reply(reply, address)
 
 
+def fildes(path: str, fd: int, deadline: float, now: Callable[[], float] = time.monotonic) -> tuple[str, str]:
+    """Hand clamd an open file to scan (FILDES, unix sockets only): clamd reads the file itself, so nothing
+    is copied through the socket and no StreamMaxLength applies (its MaxScanSize and friends do). Returns
+    and raises as ``instream``."""
+    with connect(path, _left(deadline, now, path)) as sock:
+        try:
+            sock.sendall(b"nFILDES\n")
+            socket.send_fds(sock, [b"\0"], [fd])
+            reply = _read_line(sock, deadline, now)
+        except TimeoutError:
+            raise ClamdError(f"{describe(path)}: no answer within the scan's time") from None
+        except OSError as exc:
+            raise ClamdError(f"{describe(path)}: FILDES failed: {exc.strerror or exc}") from None
+    return parse_reply(reply, path)
+
+
 def parse_reply(reply: str, address: Address) -> tuple[str, str]:
     if "size limit exceeded" in reply:
         raise StreamTooLong(reply)

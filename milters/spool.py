@@ -29,6 +29,14 @@ class Spool:
     def on_disk(self) -> bool:
         return self.size > self.memory_limit
 
+    def fileno(self) -> int:
+        """The temporary file's descriptor, once the spool is on disk (``on_disk``): another process can be
+        handed it (clamd's FILDES) and read the message without a copy."""
+        if not self.on_disk:
+            raise ValueError("the spool is in memory; it has no file descriptor")
+        self._file.flush()
+        return self._file.fileno()
+
     def reader(self) -> BinaryIO:
         """The spool's file, rewound: read it to the end before the next ``reader()`` or ``write``."""
         self._file.seek(0)

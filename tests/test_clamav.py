@@ -280,7 +280,7 @@ def test_clamds_limits_heuristic_is_limits_never_clean(alerting_clamd, make_chec
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
 def test_larger_than_stream_max_length_is_scanned_in_part_and_tagged_unscanned(small_clamd, make_check, transport):
     address = small_clamd.unix_address if transport == "unix" else small_clamd.tcp_address
-    check = make_check(address, stream_max_length="64KB")
+    check = make_check(address, stream_max_length="64KB", pass_descriptor=False)
     verdict = check.check(message(clean_text(300_000)))
     assert (verdict.fate, verdict.kind) == (Fate.TAG, "limits")
     assert verdict.reason == "larger than the scanner's limit; first 65536 bytes scanned"
@@ -290,22 +290,38 @@ def test_larger_than_stream_max_length_is_scanned_in_part_and_tagged_unscanned(s
 
 def test_virus_in_the_scanned_part_of_a_large_message_is_a_virus(small_clamd, make_check):
     raw = raw_headers("virus first") + b"\r\n" + EICAR + b"\r\n" + text_lines(300_000).encode()
-    verdict = make_check(small_clamd.unix_address, stream_max_length="64KB").check(message(raw))
+    verdict = make_check(small_clamd.tcp_address, stream_max_length="64KB").check(message(raw))
     assert (verdict.fate, verdict.kind) == (Fate.REJECT, "virus")
     assert verdict.reason.startswith(EICAR_NAME)
 
 
+def test_a_spooled_message_is_handed_to_a_local_clamd_whole(small_clamd, make_check):
+    """clamd on a unix socket and the message on disk (above the spool's memory): the file itself goes to
+    clamd (FILDES), so a virus beyond stream_max_length is found; over TCP the same message is cut."""
+    raw = clean_text(300_000) + EICAR + b"\r\n"
+    local = make_check(small_clamd.unix_address, stream_max_length="64KB").check(message(raw))
+    assert (local.fate, local.kind) == (Fate.REJECT, "virus") and local.reason.startswith(EICAR_NAME)
+    streamed = make_check(small_clamd.tcp_address, stream_max_length="64KB").check(message(raw))
+    assert streamed.kind == "limits"
+    in_memory = Spool(memory_limit=1 << 20)
+    in_memory.write(raw)
+    small = Message(queue_id="", client_address="", client_name="", helo="", sender="", recipients=["u@x"],
+                    auth_user="", spool=in_memory)
+    assert make_check(small_clamd.unix_address, stream_max_length="64KB").check(small).kind == "limits"
+
+
 def test_virus_beyond_the_limit_is_limits_not_clean(small_clamd, make_check):
     raw = clean_text(300_000) + EICAR + b"\r\n"
-    verdict = make_check(small_clamd.unix_address, stream_max_length="64KB", limits="quarantine").check(message(raw))
+    verdict = make_check(small_clamd.tcp_address, stream_max_length="64KB", limits="quarantine").check(message(raw))
     assert (verdict.fate, verdict.kind) == (Fate.QUARANTINE, "limits")
     assert header(verdict, "X-Virus-Status", held=True).startswith("Unscanned (larger than the scanner's limit")
 
 
 def test_stream_max_length_above_clamds_never_passes_the_message(small_clamd, make_check):
-    """A misconfiguration (ours 1MB, clamd's 64K): clamd cuts the stream; the message is not clean."""
+    """A misconfiguration (ours 1MB, clamd's 64K): clamd cuts the stream; the message is not clean. (A file
+    handed over with FILDES is not a stream: pass_descriptor is off here to stream over the unix socket.)"""
     for address in (small_clamd.unix_address, small_clamd.tcp_address):
-        verdict = make_check(address, stream_max_length="1MB", sleep=lambda _pause: None).check(
+        verdict = make_check(address, stream_max_length="1MB", pass_descriptor=False, sleep=lambda _pause: None).check(
             message(clean_text(300_000)))
         assert verdict.kind in ("unscanned", "limits"), verdict
         assert verdict.fate in (Fate.TEMPFAIL, Fate.TAG)
