@@ -47,6 +47,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from procstat import CLK_TCK, cpu_seconds, load_average, memory_mib
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "tests") not in sys.path:
     sys.path.insert(0, str(REPO / "tests"))  # the harness: tests/harness/*
@@ -56,7 +58,6 @@ from harness.milter_proc import MilterProcess  # noqa: E402
 from harness.net import free_port, wait_for, wait_port  # noqa: E402
 from harness.postfix import PostfixInstance  # noqa: E402
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 CLAMAV_MILTER = shutil.which("clamav-milter") or "/usr/sbin/clamav-milter"
@@ -100,20 +101,8 @@ class BenchError(RuntimeError):
 # -- /proc -----------------------------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    data = Path(f"/proc/{pid}/stat").read_bytes()
-    fields = data[data.rindex(b")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def memory_mib(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) in MiB."""
-    values = {"VmRSS": 0.0, "VmHWM": 0.0}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in values:
-            values[key] = int(rest.split()[0]) / 1024
-    return values["VmRSS"], values["VmHWM"]
 
 
 def reset_peak(pid: int) -> bool:
@@ -131,8 +120,6 @@ def busy_seconds() -> float:
     return (fields[0] + fields[1] + fields[2] + fields[5] + fields[6] + fields[7]) / CLK_TCK
 
 
-def load_average() -> list[float]:
-    return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
 
 
 # -- processes -------------------------------------------------------------------------------------------

@@ -58,11 +58,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar, cast
 
+from procstat import CLK_TCK, cpu_seconds, load_average, memory_mib
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 POSTGREY = "/usr/sbin/postgrey"
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 PR_SET_PDEATHSIG = 1
 
 BORDER = "mailwarden-border"
@@ -641,11 +642,6 @@ def start_postgrey(workdir: Path, stack: contextlib.ExitStack, postgrey: str) ->
 # -- measurements ---------------------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads) from /proc/PID/stat."""
-    data = Path(f"/proc/{pid}/stat").read_bytes()
-    fields = data[data.rfind(b")") + 2:].split()  # the command name may hold spaces and parentheses
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def group_cpu_seconds(pgid: int) -> float:
@@ -667,14 +663,6 @@ def group_cpu_seconds(pgid: int) -> float:
     return total / CLK_TCK
 
 
-def memory_mb(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) in MiB from /proc/PID/status."""
-    values = {"VmRSS": 0.0, "VmHWM": 0.0}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in values:
-            values[key] = int(rest.split()[0]) / 1024
-    return values["VmRSS"], values["VmHWM"]
 
 
 def machine_busy_seconds() -> float:
@@ -691,8 +679,6 @@ def self_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def load_average() -> list[float]:
-    return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
 
 
 @dataclass
@@ -821,8 +807,8 @@ def measure(target: Target, scenario: str, run: int, workload: Workload, loop: a
     helpers = {name: after.helpers[name] - before.helpers[name] for name in before.helpers}
     own = (after.server - before.server) + (after.store - before.store) + (after.client - before.client) \
         + sum(helpers.values())
-    rss, hwm = memory_mb(target.server.pid)
-    store_rss = memory_mb(target.store.pid)[0] if target.store else 0.0
+    rss, hwm = memory_mib(target.server.pid)
+    store_rss = memory_mib(target.store.pid)[0] if target.store else 0.0
     answers: dict[str, int] = {}
     unexpected = 0
     for answer, count in result.answers.items():
