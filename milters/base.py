@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -346,13 +345,9 @@ def _unique(verdicts: Any) -> list[Verdict]:
     return seen
 
 
-_factory_lock = threading.Lock()
-
-
 def install(app: MilterApp) -> None:
     """Make libmilter create a MessageMilter of ``app`` for each Postfix connection. pymilter keeps the
-    factory in a module global; this is the one place that sets it, once per process."""
-    with _factory_lock:
-        Milter.factory = lambda: MessageMilter(app)
-        Milter.set_flags(ACTIONS)
+    factory in a module global; this is the one place that sets it, once per process (the actions are
+    declared when the socket is bound: runner.bind)."""
+    Milter.factory = lambda: MessageMilter(app)
 

@@ -94,13 +94,7 @@ def instream(address: Address, chunks: Iterable[bytes], deadline: float,
             raise ClamdError(f"{describe(address)}: timed out while sending the message") from None
         except OSError as exc:
             raise ClamdError(f"{describe(address)}: sending failed: {exc.strerror or exc}") from None
-        try:
-            reply = _read_line(sock, deadline, now)
-        except TimeoutError:
-            raise ClamdError(f"{describe(address)}: no answer within the scan's time") from None
-        except OSError as exc:
-            raise ClamdError(f"{describe(address)}: reading the answer failed: {exc.strerror or exc}") from None
-    return parse_reply(reply, address)
+        return _verdict(sock, address, deadline, now)
 
 
 def fildes(path: str, fd: int, deadline: float, now: Callable[[], float] = time.monotonic) -> tuple[str, str]:
@@ -111,12 +105,20 @@ def fildes(path: str, fd: int, deadline: float, now: Callable[[], float] = time.
         try:
             sock.sendall(b"nFILDES\n")
             socket.send_fds(sock, [b"\0"], [fd])
-            reply = _read_line(sock, deadline, now)
-        except TimeoutError:
-            raise ClamdError(f"{describe(path)}: no answer within the scan's time") from None
         except OSError as exc:
             raise ClamdError(f"{describe(path)}: FILDES failed: {exc.strerror or exc}") from None
-    return parse_reply(reply, path)
+        return _verdict(sock, path, deadline, now)
+
+
+def _verdict(sock: socket.socket, address: Address, deadline: float, now: Callable[[], float]) -> tuple[str, str]:
+    """clamd's one-line answer to a scan, read by ``deadline``, as ``parse_reply`` makes it."""
+    try:
+        reply = _read_line(sock, deadline, now)
+    except TimeoutError:
+        raise ClamdError(f"{describe(address)}: no answer within the scan's time") from None
+    except OSError as exc:
+        raise ClamdError(f"{describe(address)}: reading the answer failed: {exc.strerror or exc}") from None
+    return parse_reply(reply, address)
 
 
 def parse_reply(reply: str, address: Address) -> tuple[str, str]:

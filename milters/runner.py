@@ -19,7 +19,7 @@ from mailwarden.listen import ListenError
 from mailwarden.logs import get_logger, log_kv
 from mailwarden.metrics import MetricsSettings, start_metrics_server
 from mailwarden.service import sd_notify
-from milters.base import MilterApp, install
+from milters.base import ACTIONS, MilterApp, install
 from milters.settings import MilterSettings, libmilter_socket
 
 log = get_logger("milter")
@@ -36,7 +36,7 @@ def bind(name: str, settings: MilterSettings) -> str:
         if not os.path.isdir(directory):
             raise ListenError(settings.listen, FileNotFoundError(2, f"directory {directory} does not exist"),
                               listener=f"the {name} milter, [milters.{name}] listen")
-    milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.DELRCPT)
+    milter.set_flags(ACTIONS)
     milter.setconn(address)
     milter.register(name)
     try:

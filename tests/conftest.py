@@ -219,6 +219,14 @@ class MilterStack:
                 return exc.smtp_code, exc.smtp_error.decode()
         return None
 
+    def send_via_front(self, msg: EmailMessage, sender: str = "sender@example.org",
+                       rcpts: tuple[str, ...] = ("user@example.test",)) -> None:
+        """Hand a message to the sending MTA (``front=True``), which relays it to ours and queues what we
+        tempfail."""
+        assert self.front is not None
+        with smtplib.SMTP("127.0.0.1", self.front.smtp_port, timeout=30) as conn:
+            conn.sendmail(sender, list(rcpts), msg.as_bytes())
+
     def marker(self, subject: str = "marker") -> None:
         """A clean message sent after the one under test, waited for: once it arrived, anything sent before
         it that was going to arrive has arrived (a positive signal instead of a pause)."""

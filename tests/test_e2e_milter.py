@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import smtplib
 import subprocess
 import sys
 import tempfile
@@ -97,8 +96,7 @@ def test_clamd_down_tempfails_inbound_and_the_sending_mta_delivers_it_once_clamd
     stack = milter_stack(front=True)
     stack.clamd.stop()
     assert stack.front is not None
-    with smtplib.SMTP("127.0.0.1", stack.front.smtp_port, timeout=30) as conn:
-        conn.sendmail("sender@example.org", ["user@example.test"], text_message("while clamd was down").as_bytes())
+    stack.send_via_front(text_message("while clamd was down"))
     stack.milter.wait_log("action=defer", timeout=30)
     assert "while clamd was down" not in {m.message["Subject"] for m in stack.sink.messages}
     stack.clamd.start()
@@ -133,8 +131,7 @@ def test_a_milter_killed_mid_message_costs_nothing(milter_stack, clamd):
     stack = milter_stack(settings, front=True)
     assert stack.front is not None
     stack.clamd.pause()  # the scan hangs: the milter is inside end of message when it is killed
-    with smtplib.SMTP("127.0.0.1", stack.front.smtp_port, timeout=30) as conn:
-        conn.sendmail("sender@example.org", ["user@example.test"], text_message("killed mid-way").as_bytes())
+    stack.send_via_front(text_message("killed mid-way"))
     stack.milter.wait_log('msg="end of message"', timeout=30)
     stack.milter.kill()
     stack.clamd.resume()

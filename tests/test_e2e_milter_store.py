@@ -10,7 +10,6 @@ the store is back, the sending MTA's retry lands it in the store, held once for 
 from __future__ import annotations
 
 import json
-import smtplib
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,9 +39,7 @@ def held_settings(clamd: ClamdInstance, database_url: str, tmp_path: Path) -> di
 def send_infected_through_the_front(stack: MilterStack, subject: str) -> None:
     msg = text_message(subject, to=RCPT)
     msg.add_attachment(EICAR, maintype="application", subtype="octet-stream", filename="eicar.txt")
-    assert stack.front is not None
-    with smtplib.SMTP("127.0.0.1", stack.front.smtp_port, timeout=30) as conn:
-        conn.sendmail(SENDER, [RCPT], msg.as_bytes())
+    stack.send_via_front(msg, SENDER, (RCPT,))
 
 
 def wait_deferred_by_the_store(stack: MilterStack) -> None:
