@@ -12,6 +12,7 @@ from milters.base import MilterApp
 from milters.check import MessageCheck
 from milters.clamav import ClamavCheck
 from milters.holding import StoreHolder
+from milters.mailbox import MailboxResolver
 
 CHECKS: dict[str, Callable[[Any], MessageCheck]] = {
     "banned": lambda section: BannedCheck(section.banned),
@@ -28,5 +29,7 @@ def build_app(config: Config, name: str, decisions: DecisionLog) -> MilterApp:
     settings = getattr(section, name)
     checks = [CHECKS[check](section) for check in settings.checks]
     holder = StoreHolder.open(config.section("quarantine"))
+    recipients = config.section("policyd").recipients
     return MilterApp(name=name, checks=checks, decisions=decisions, holder=holder,
-                     spool_memory=section.spool_memory)
+                     spool_memory=section.spool_memory,
+                     mailboxes=MailboxResolver(recipients, recipients.cache_ttl))

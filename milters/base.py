@@ -15,16 +15,18 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
 import Milter
 
 from mailwarden.decision import Action, Decision
+from mailwarden.directory import DirectorySettings
 from mailwarden.logs import DecisionLog, get_logger
 from milters import metrics
 from milters.check import Message, MessageCheck
+from milters.mailbox import MailboxResolver
 from milters.spool import Spool
 from milters.verdict import (
     TEMPFAIL_SCANNER,
@@ -80,15 +82,6 @@ def strip_brackets(address: str) -> str:
     return address
 
 
-def default_mailbox(recipient: str) -> str:
-    """The mailbox a recipient's held mail belongs to when no directory says otherwise: the address in
-    lower case without its +extension."""
-    local, at, domain = recipient.lower().rpartition("@")
-    if at and "+" in local and not local.startswith('"'):
-        local = local.split("+", 1)[0] or local
-    return f"{local}{at}{domain}" if at else recipient.lower()
-
-
 @dataclass
 class MilterApp:
     """What every connection of one milter process shares."""
@@ -98,7 +91,9 @@ class MilterApp:
     decisions: DecisionLog
     holder: Holder | None = None
     spool_memory: int = 1 << 20
-    mailbox_of: Callable[[str], str] = default_mailbox
+    mailboxes: MailboxResolver = field(default_factory=lambda: MailboxResolver(DirectorySettings(), 0))
+    """Whose mailbox each recipient's held mail is filed under (by default, the address without its
+    +extension)."""
     owned_headers: frozenset[str] = field(init=False)
     """Lower-case names of the headers our checks set: incoming copies are removed before delivery, so a
     sender cannot forge a verdict."""
@@ -115,6 +110,7 @@ class MilterApp:
                 log.exception("closing a check failed", extra={"kv": {"check": check.name}})
         if self.holder is not None:
             self.holder.close()
+        self.mailboxes.close()
 
 
 class PrefixedReader(io.RawIOBase):
@@ -273,7 +269,7 @@ class MessageMilter(Milter.Base):
                           for name, value in verdict.held_headers)
         copy = HeldCopy(message, io.BufferedReader(PrefixedReader(prefix, message.spool.reader())),
                         message.spool.size + len(prefix), resolution.held,
-                        {rcpt: self.app.mailbox_of(rcpt) for rcpt in resolution.held})
+                        {rcpt: self.app.mailboxes(rcpt) for rcpt in resolution.held})
         return self.app.holder.hold(copy)
 
     def _answer(self, resolution: Resolution) -> int:

@@ -12,10 +12,10 @@ import concurrent.futures
 import logging
 import time
 
+from mailwarden.directory import SqlQuery
 from mailwarden.logs import get_logger, log_kv
 from mailwarden.section import Section
 from mailwarden.units import Duration
-from policyd.settings_types import SqlQuery
 
 
 class OptOutSqlSettings(Section):

@@ -21,6 +21,7 @@ from pydantic import BeforeValidator, Field, ValidationError, field_validator, m
 
 from mailwarden.backend import BackendError
 from mailwarden.decision import Action
+from mailwarden.directory import LdapSource
 from mailwarden.filewatch import FileWatch
 from mailwarden.logs import get_logger, log_kv
 from mailwarden.redis_pipe import PipelinedRedis
@@ -28,7 +29,6 @@ from mailwarden.section import Section
 from mailwarden.units import Duration, format_duration, parse_duration
 from policyd import keys, metrics
 from policyd.check import Check
-from policyd.directory import LdapSource
 from policyd.notify import LimitNotifier, NotifySettings
 from policyd.request import PolicyRequest
 from policyd.settings_types import check_template

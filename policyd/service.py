@@ -12,6 +12,7 @@ from importlib import resources
 from typing import get_args
 
 from mailwarden.config import Config, ConfigError
+from mailwarden.directory import LdapSource
 from mailwarden.dns import DnsSettings
 from mailwarden.logs import DecisionLog, get_logger, log_kv
 from mailwarden.redis_pipe import PipelinedRedis, Script
@@ -21,7 +22,6 @@ from policyd import metrics
 from policyd.access import AccessCheck
 from policyd.blocklist import BlocklistCheck
 from policyd.check import Check, Pipeline
-from policyd.directory import LdapSource
 from policyd.dnsbl import DnsblCheck
 from policyd.greylist import GreylistCheck
 from policyd.notify import LimitNotifier

@@ -1,5 +1,5 @@
 """Value types and validators that the settings models of several checks share: check names, networks,
-SQL queries, reply-text templates, listen addresses. Each check's own settings model sits at the top of
+reply-text templates, listen addresses. Each check's own settings model sits at the top of
 its check's module; policyd/settings.py assembles them into the ``[policyd]`` section."""
 
 from __future__ import annotations
@@ -8,19 +8,9 @@ import ipaddress
 import string
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, PlainValidator
+from pydantic import PlainValidator
 
 CheckName = Literal["access", "blocklist", "ratelimit", "dnsbl", "spf", "recipients", "quota", "greylist"]
-
-
-def _check_sql_query(query: str) -> str:
-    if not any(p in query for p in (":address", ":local", ":domain")):
-        raise ValueError("the query must use :address (or :local / :domain)")
-    return query
-
-
-SqlQuery = Annotated[str, AfterValidator(_check_sql_query)]
-"""An SQL query asked about one address, with the parameters :address, :local and :domain."""
 
 
 def check_template(text: str, allowed: set[str], one_line: bool = True) -> str:

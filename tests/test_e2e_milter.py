@@ -233,3 +233,25 @@ def test_a_milter_on_a_unix_socket_serves_postfix(milter_stack, clamd):
     assert stack.send(text_message("over a unix socket")) is None
     stack.sink.wait_for_subjects("over a unix socket")
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_held_mail_is_filed_under_the_mailbox_the_recipient_sources_name(milter_stack, clamd, tmp_path):
+    """An alias's and a +extension's held mail is its mailbox's (the owner lists it as their own); a list
+    alias with several mailboxes keeps its own address."""
+    recipients = tmp_path / "recipients.map"
+    recipients.write_text("carol@example.test\nsales@example.test: carol@example.test\n"
+                          "team@example.test: carol@example.test, dave@example.test\n")
+    settings = milter_settings(clamd, virus="quarantine")
+    settings["policyd"] = {"recipients": {"sources": ["file"], "file": {"paths": [str(recipients)]}}}
+    stack = milter_stack(settings)
+    rcpts = ("sales@example.test", "carol+news@example.test", "team@example.test", "erin@example.test")
+    assert stack.send(with_attachment("held for the mailbox", EICAR, "eicar.txt"), rcpts=rcpts) is None
+    stack.milter.wait_log("action=quarantine")
+
+    rows = json.loads(mailwarden(stack.milter, "quarantine", "list", "--json").stdout)
+    mailbox_of = {row["recipient"]: row["mailbox"] for row in (rows if isinstance(rows, list) else rows["messages"])}
+    assert mailbox_of == {"sales@example.test": "carol@example.test", "carol+news@example.test": "carol@example.test",
+                          "team@example.test": "team@example.test", "erin@example.test": "erin@example.test"}
+    carols = json.loads(mailwarden(stack.milter, "quarantine", "list", "--mailbox", "carol@example.test",
+                                   "--json").stdout)
+    assert len(carols if isinstance(carols, list) else carols["messages"]) == 2

@@ -13,7 +13,7 @@ import pytest
 from harness.milter_ctx import drive_milter
 
 from mailwarden.logs import DecisionLog
-from milters.base import HeldCopy, HoldFailed, MilterApp, default_mailbox
+from milters.base import HeldCopy, HoldFailed, MilterApp
 from milters.check import Message
 from milters.verdict import REJECT_VIRUS, Fate, Verdict
 
@@ -224,13 +224,6 @@ def test_connections_are_independent(monkeypatch, decisions):
     for thread in threads:
         thread.join(10)
     assert sorted(seen) == ["one@example.org", "two@example.org"] and results == [Milter.ACCEPT] * 2
-
-
-@pytest.mark.parametrize(("recipient", "mailbox"), [("Bob@Example.Test", "bob@example.test"),
-                                                     ("bob+lists@example.test", "bob@example.test"),
-                                                     ("+x@example.test", "+x@example.test")])
-def test_default_mailbox(recipient, mailbox):
-    assert default_mailbox(recipient) == mailbox
 
 
 def test_a_pass_carries_the_headers_of_every_check(monkeypatch, decisions):

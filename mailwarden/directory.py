@@ -1,11 +1,16 @@
 """Where recipients are known: a map file, an SQL query, an LDAP directory.
 
+The border checks verify recipients through it (policyd/recipients.py); the milters ask it which mailbox
+an address delivers to, so an alias's held mail and spam settings are its mailbox's (milters/mailbox.py).
+
 Each source answers one question about an address: FOUND (with the mailbox or mailboxes it delivers to),
 DISABLED, or UNKNOWN. A source that cannot answer (directory down, query timed out) raises BackendError
 naming itself, so the check's fail mode applies: a directory outage must never turn into "user unknown".
 
-SQL and LDAP clients are synchronous (SQLAlchemy, ldap3); they run in a few worker threads, each lookup
-bounded by the source's timeout. LDAP connections are reused and fail over to the next server.
+SQL and LDAP clients are synchronous (SQLAlchemy, ldap3). ``Directory.lookup`` (the event loop's way)
+runs them in a few worker threads, each lookup bounded by the source's timeout; ``Directory.find`` (a
+milter thread's way) calls them directly, bounded by the clients' own time-outs. LDAP connections are
+reused and fail over to the next server.
 """
 
 from __future__ import annotations
@@ -19,16 +24,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Protocol, TypeVar
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from mailwarden.backend import BackendError
 from mailwarden.filewatch import FileWatch
 from mailwarden.logs import get_logger, log_kv
 from mailwarden.section import Section
 from mailwarden.units import Duration
-from policyd.settings_types import SqlQuery
+
+
+def _check_sql_query(query: str) -> str:
+    if not any(p in query for p in (":address", ":local", ":domain")):
+        raise ValueError("the query must use :address (or :local / :domain)")
+    return query
+
+
+SqlQuery = Annotated[str, AfterValidator(_check_sql_query)]
+"""An SQL query asked about one address, with the parameters :address, :local and :domain."""
 
 
 class FileSourceSettings(Section):
@@ -82,9 +96,31 @@ class LdapSourceSettings(Section):
         return text
 
 
+class DirectorySettings(Section):
+    """The recipient sources, asked in order (the ``[policyd.recipients]`` section extends this)."""
+
+    sources: list[Literal["file", "sql", "ldap"]] = ["file"]
+    """Asked in order; the first that knows the address decides."""
+    file: FileSourceSettings = Field(default_factory=FileSourceSettings)
+    sql: SqlSourceSettings = Field(default_factory=SqlSourceSettings)
+    ldap: LdapSourceSettings = Field(default_factory=LdapSourceSettings)
+    recipient_delimiter: str = "+"
+    """user+tag@domain is looked up as user@domain ("" to turn off)."""
+
+    def missing(self) -> str | None:
+        """What a configured source lacks, as the fix to make; None when every source can be asked."""
+        if "sql" in self.sources and not self.sql.url:
+            return "recipients.sources names sql: set [policyd.recipients.sql] url"
+        if "ldap" in self.sources and not self.ldap.servers:
+            return "recipients.sources names ldap: set [policyd.recipients.ldap] servers"
+        if "file" in self.sources and not self.file.paths:
+            return "recipients.sources names file: set [policyd.recipients.file] paths"
+        return None
+
+
 T = TypeVar("T")
 
-log = get_logger("policyd.directory")
+log = get_logger("mailwarden.directory")
 
 
 class Status(Enum):
@@ -106,9 +142,78 @@ UNKNOWN = Lookup(Status.UNKNOWN)
 class Source(Protocol):
     name: str
 
-    async def lookup(self, address: str) -> Lookup: ...
+    def find(self, address: str) -> Lookup:
+        """The answer, blocking the calling thread; raises BackendError when the source cannot answer."""
+
+    async def lookup(self, address: str) -> Lookup:
+        """The same answer from the event loop, bounded by the source's timeout."""
 
     def close(self) -> None: ...
+
+
+def lookup_key(recipient: str, delimiter: str) -> str | None:
+    """The address to look up: lower case, without the +extension; None when it is not an address."""
+    address = recipient.strip().lower()
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        return None
+    if delimiter and not local.startswith('"') and delimiter in local:
+        local = local.split(delimiter, 1)[0] or local
+    return f"{local}@{domain.rstrip('.')}"
+
+
+class Directory:
+    """The configured sources in order, with the worker threads the SQL and LDAP sources run in."""
+
+    def __init__(self, settings: DirectorySettings) -> None:
+        self.settings = settings
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=settings.ldap.connections + 2,
+                                                          thread_name_prefix="directory")
+        self.sources: list[Source] = []
+        for name in settings.sources:
+            if name == "file":
+                self.sources.append(FileSource(settings.file))
+            elif name == "sql":
+                self.sources.append(SqlSource(settings.sql, self.pool))
+            else:
+                self.sources.append(LdapSource(settings.ldap, self.pool))
+
+    def find(self, address: str) -> Lookup:
+        """``lookup``'s answer, blocking the calling thread (a milter's)."""
+        failure: BackendError | None = None
+        for source in self.sources:
+            try:
+                found = source.find(address)
+            except BackendError as exc:
+                failure = failure or exc
+                continue
+            if found.status is not Status.UNKNOWN:
+                return found
+        return self._none_knows(address, failure)
+
+    async def lookup(self, address: str) -> Lookup:
+        """The first source that knows ``address`` decides. When a source cannot answer and no other knows
+        the address, its BackendError is raised: a directory outage is never "user unknown"."""
+        failure: BackendError | None = None
+        for source in self.sources:
+            try:
+                found = await source.lookup(address)
+            except BackendError as exc:
+                failure = failure or exc
+                continue
+            if found.status is not Status.UNKNOWN:
+                return found
+        return self._none_knows(address, failure)
+
+    def _none_knows(self, address: str, failure: BackendError | None) -> Lookup:
+        if failure is not None:
+            raise failure
+        return Lookup(Status.UNKNOWN, (), ",".join(source.name for source in self.sources))
+
+    def close(self) -> None:
+        for source in self.sources:
+            source.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 # -- file ---------------------------------------------------------------------------------------------
@@ -144,6 +249,9 @@ class FileSource:
         log_kv(log, logging.INFO, "recipient map loaded", addresses=len(addresses), domains=len(domains))
 
     async def lookup(self, address: str) -> Lookup:
+        return self.find(address)
+
+    def find(self, address: str) -> Lookup:
         self._refresh()
         if (targets := self._addresses.get(address)) is not None:
             return Lookup(Status.FOUND, targets, self.name)
@@ -195,7 +303,7 @@ class SqlSource:
         self.engine = create_engine(settings.url, pool_pre_ping=True, pool_size=4, connect_args=connect_args)
         self.query = text(settings.query)
 
-    def _lookup(self, address: str) -> Lookup:
+    def find(self, address: str) -> Lookup:
         local, _, domain = address.rpartition("@")
         try:
             with self.engine.connect() as conn:
@@ -211,7 +319,7 @@ class SqlSource:
         return Lookup(Status.FOUND, (mailbox,), self.name)
 
     async def lookup(self, address: str) -> Lookup:
-        return await _bounded(self.pool, self._lookup, address, self.settings.timeout, "sql")
+        return await _bounded(self.pool, self.find, address, self.settings.timeout, "sql")
 
     def close(self) -> None:
         self.engine.dispose()
@@ -294,7 +402,7 @@ class LdapSource:
             return found
         raise BackendError(f"ldap lookup failed: {type(last).__name__}: {last}", backend="ldap")
 
-    def _lookup(self, address: str) -> Lookup:
+    def find(self, address: str) -> Lookup:
         return self._interpret(address, self.entries(address))
 
     async def entries_async(self, address: str, template: str, attributes: list[str]) -> list[dict[str, Any]]:
@@ -317,7 +425,7 @@ class LdapSource:
         return Lookup(status_value, tuple(dict.fromkeys(mailboxes)), self.name)
 
     async def lookup(self, address: str) -> Lookup:
-        return await _bounded(self.pool, self._lookup, address, self.settings.timeout * 2 + 0.5, "ldap")
+        return await _bounded(self.pool, self.find, address, self.settings.timeout * 2 + 0.5, "ldap")
 
     def close(self) -> None:
         while True:
