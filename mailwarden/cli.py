@@ -149,10 +149,17 @@ def config_group() -> None:
 
 @config_group.command("check")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--for", "for_names", multiple=True, metavar="CAPABILITY",
+              help="Only what the start-up of this capability checks (policyd, milters, quarantine...); "
+                   "repeatable. A unit's ExecStartPre names its own.")
 @click.pass_obj
-def config_check(ctx: CliContext, as_json: bool) -> None:
+def config_check(ctx: CliContext, as_json: bool, for_names: tuple[str, ...]) -> None:
     """Validate the config file and its drop-ins, and every file they name, as start-up would, without
     starting anything: exit 78 on what start-up would refuse; warnings are printed, exit 0."""
+    known = {cap.name for cap in installed_capabilities()}
+    if unknown := sorted(set(for_names) - known):
+        raise click.BadParameter(f"no capability {', '.join(unknown)}; one of {', '.join(sorted(known))}",
+                                 param_hint="--for")
     try:
         config = load_config(ctx.config_path, ctx.overrides)
     except ConfigError as exc:
@@ -160,7 +167,7 @@ def config_check(ctx: CliContext, as_json: bool) -> None:
             click.echo(json.dumps({"ok": False, "error": str(exc), "warnings": []}, indent=2))
             sys.exit(EX_CONFIG)
         fail(str(exc), EX_CONFIG)
-    problems = preflight(config)
+    problems = preflight(config, for_names or None)
     errors = [problem for problem in problems if not problem.warning]
     warnings = [config.describe_warning(problem) for problem in problems if problem.warning]
     source = str(config.source) if config.source else "built-in defaults"

@@ -1,9 +1,10 @@
 """What the store would trip over at its first hold, beyond the settings schema: a message directory or
-SQLite catalogue directory it cannot create or write.
+SQLite catalogue directory it cannot create or write; a catalogue behind the schema this version needs.
 
-Warnings, not errors: ``mailwarden config check`` is also the start check of services that never touch
-the quarantine (policyd's ExecStartPre), and a site without a quarantine must not be refused for its
-defaults. Until it is fixed, holds fail (the milters answer with a temporary failure, so nothing is lost),
+A catalogue at an older (or unknown) revision is an error: the milters refuse to start on it, so
+``config check`` says so first (the forgotten ``migrate`` after an upgrade; policyd's unit checks
+``--for policyd`` and is not held up by it). Everything else is a warning: a site that runs only policyd
+must not be refused by a bare ``config check`` for the quarantine's defaults. Until it is fixed, holds fail (the milters answer with a temporary failure, so nothing is lost),
 and the quarantine commands exit 69."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from mailwarden.config import Loc, Problem
-from quarantine.store import QuarantineSettings
+from quarantine.store import QuarantineSettings, QuarantineStore, SchemaBehind, StoreError
 
 CONSEQUENCE = "until it is fixed, messages cannot be held (the milters tempfail them)"
 
@@ -29,7 +30,29 @@ def preflight(settings: QuarantineSettings) -> list[Problem]:
         key: Loc = ("quarantine", "database_url")
         if (why := writable_directory(Path(url.database).parent)) is not None:
             problems.append(Problem(key, f"the SQLite catalogue's directory: {why}; {CONSEQUENCE}", warning=True))
+        if not Path(url.database).exists():
+            problems.append(Problem(key, f"the catalogue {url.database} is not created yet: run 'mailwarden "
+                                    "quarantine migrate' before starting the milters", warning=True))
+            return problems  # nothing to open (and opening would create it)
+    if (problem := schema_problem(settings)) is not None:
+        problems.append(problem)
     return problems
+
+
+def schema_problem(settings: QuarantineSettings) -> Problem | None:
+    """The catalogue's revision against this version's: behind (or unknown) is an error, empty or
+    unreachable a warning (a fresh install; a database that is down now)."""
+    key: Loc = ("quarantine", "database_url")
+    store = QuarantineStore(settings)
+    try:
+        store.check()
+    except SchemaBehind as exc:
+        return Problem(key, f"{exc}; the milters refuse to start until then", warning=exc.revision is None)
+    except StoreError as exc:
+        return Problem(key, f"{exc}; {CONSEQUENCE}", warning=True)
+    finally:
+        store.close()
+    return None
 
 
 def writable_directory(path: Path) -> str | None:

@@ -187,7 +187,11 @@ class StoreError(Exception):
 
 
 class SchemaBehind(StoreError):
-    """The database is not at the schema this version needs."""
+    """The database is not at the schema this version needs; ``revision`` is where it is (None: empty)."""
+
+    def __init__(self, message: str, revision: str | None = None) -> None:
+        super().__init__(message)
+        self.revision = revision
 
 
 class UnknownMessage(LookupError):
@@ -328,11 +332,12 @@ class QuarantineStore:
         head = schema.head_revision()
         if revision is not None and revision != head and not schema.known_revision(revision):
             raise SchemaBehind(f"quarantine database {self.where} is at revision {revision}, which this version "
-                               f"of mailwarden does not know (it needs {head}): was it written by a newer one?")
+                               f"of mailwarden does not know (it needs {head}): was it written by a newer one?",
+                               revision)
         if revision != head:
             state = "empty (never migrated)" if revision is None else f"at revision {revision}"
             raise SchemaBehind(f"quarantine database {self.where} is {state}, this version needs "
-                               f"revision {head}: run 'mailwarden quarantine migrate'")
+                               f"revision {head}: run 'mailwarden quarantine migrate'", revision)
         self._ready = True
 
     def migrate(self) -> tuple[str | None, str]:
@@ -344,7 +349,7 @@ class QuarantineStore:
             if before is not None and not schema.known_revision(before):
                 raise SchemaBehind(f"quarantine database {self.where} is at revision {before}, which this "
                                    "version of mailwarden does not know: was it written by a newer one? Not "
-                                   "migrated")
+                                   "migrated", before)
             schema.upgrade(self.engine)
             with self.engine.connect() as conn:
                 after = schema.current_revision(conn)

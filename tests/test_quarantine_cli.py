@@ -8,6 +8,7 @@ import datetime
 import io
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -192,3 +193,28 @@ def test_hostile_headers_cannot_drive_the_terminal(setup) -> None:
         assert b"invoice" in result.stdout and b"\\x1b" in result.stdout  # shown as an escape
     raw_json = json.loads(cli(config, "show", public_id, "--json").stdout)
     assert raw_json["subject"].startswith("\x1b]0;")  # JSON keeps the value (escaped by JSON itself)
+
+
+def test_config_check_refuses_a_catalogue_the_milters_would_refuse(tmp_path: Path) -> None:
+    """A catalogue at a revision this version cannot use stops the milters at start-up: config check says
+    so first (exit 78, naming the key and the fix); policyd's own check (--for policyd) is not held up."""
+    database = tmp_path / "q.sqlite"
+    config = write_config(tmp_path, database_url=f"sqlite:///{database}", message_dir=str(tmp_path / "m"))
+
+    def check(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "mailwarden.cli", "--config", str(config), "config", "check",
+                               *args], capture_output=True, text=True, timeout=60)
+
+    fresh = check()
+    assert fresh.returncode == 0 and "not created yet" in fresh.stderr and not database.exists()
+    assert cli(config, "migrate").returncode == 0
+    assert check().returncode == 0
+    with sqlite3.connect(database) as conn:
+        conn.execute("UPDATE quarantine_alembic_version SET version_num = 'f00dfeed'")
+    behind = check()
+    assert behind.returncode == 78, behind.stderr
+    assert "quarantine.database_url" in behind.stderr and "f00dfeed" in behind.stderr
+    assert "milters refuse to start" in behind.stderr
+    assert check("--for", "policyd").returncode == 0
+    assert check("--for", "milters", "--for", "quarantine").returncode == 78
+    assert check("--for", "nonsense").returncode == 2
