@@ -4,8 +4,9 @@ SQLite catalogue directory it cannot create or write; a catalogue behind the sch
 A catalogue at an older (or unknown) revision is an error: the milters refuse to start on it, so
 ``config check`` says so first (the forgotten ``migrate`` after an upgrade; policyd's unit checks
 ``--for policyd`` and is not held up by it). Everything else is a warning: a site that runs only policyd
-must not be refused by a bare ``config check`` for the quarantine's defaults. Until it is fixed, holds fail (the milters answer with a temporary failure, so nothing is lost),
-and the quarantine commands exit 69."""
+must not be refused by a bare ``config check`` for the quarantine's defaults. Until it is fixed, holds
+fail (the milters answer with a temporary failure, so nothing is lost), and the quarantine commands exit
+69."""
 
 from __future__ import annotations
 
