@@ -120,6 +120,16 @@ class SpamdInstance(ServerLifecycle):
         """The user's own directory (``user_prefs``, ``bayes_*``); spamd creates it on the user's first request."""
         return self.workdir / "users" / user
 
+    def write_user_prefs(self, user: str, text: str) -> None:
+        """The user's ``user_prefs`` (``required_score 3.0``, ``whitelist_from ...``); spamd reads it on the user's
+        next request."""
+        directory = self.user_dir(user)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "user_prefs").write_text(text)
+        if os.geteuid() == 0:
+            for path in (directory, directory / "user_prefs"):
+                shutil.chown(path, SERVICE_USER, SERVICE_USER)
+
     def write(self) -> None:
         d = self.workdir
         site = d / "site"
