@@ -77,7 +77,7 @@ class ClamdInstance(ServerLifecycle):
 
     @property
     def unix_socket(self) -> Path:
-        return self.socket_path("clamd.sock")
+        return self.socket_file("clamd.sock")
 
     @property
     def unix_address(self) -> str:

@@ -69,7 +69,7 @@ class ServerLifecycle:
             self._owns_directory = True
         return self.directory
 
-    def socket_path(self, name: str) -> Path:
+    def socket_file(self, name: str) -> Path:
         """A unix socket ``name`` in the work directory, or, when that path is too long for a socket (a deep
         pytest tmp dir), in a short temporary directory of its own (removed by ``cleanup()``)."""
         path = self.workdir / name

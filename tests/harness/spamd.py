@@ -102,7 +102,7 @@ class SpamdInstance(ServerLifecycle):
 
     @property
     def unix_socket(self) -> Path:
-        return self.socket_path("spamd.sock")
+        return self.socket_file("spamd.sock")
 
     @property
     def unix_address(self) -> str:
