@@ -4,6 +4,8 @@ per-user Bayes), and its failures: spamd stopped, hung, refusing, or answering g
 from __future__ import annotations
 
 import io
+import os
+import signal
 import socket
 import threading
 import time
@@ -153,6 +155,20 @@ def test_a_message_above_max_size_is_sent_in_part(spamd):
         assert head_first.partial and head_first.is_spam  # what fits is scanned
 
 
+def test_a_forked_child_gets_a_loop_of_its_own(spamd_tcp):
+    spamd_tcp.ping()  # the parent's loop thread runs; a forked child has none
+    pid = os.fork()
+    if pid == 0:  # the child: never back into pytest
+        signal.alarm(30)
+        try:
+            os._exit(0 if spamd_tcp.check(message(GTUBE), "fork-user").is_spam else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert spamd_tcp.check(message(GTUBE), "fork-user").is_spam  # and the parent's still serves
+
+
 def test_threads_share_one_client(spamd_tcp):
     messages = [message(f"{GTUBE}\n" if n % 2 else HAM, subject=f"n{n}") for n in range(12)]
     with ThreadPoolExecutor(6) as pool:
@@ -163,6 +179,8 @@ def test_threads_share_one_client(spamd_tcp):
 # --- failures: each is a SpamdError with its reason, within the time bound, and the client recovers ---
 
 def test_stopped_spamd_is_unreachable_at_once_and_the_client_recovers(spamd, spamd_tcp):
+    spam = message(SPAM, subject="restart")
+    assert spamd_tcp.tell(spam, "restart-user", "spam") is True
     spamd.stop()
     try:
         started = time.monotonic()
@@ -176,7 +194,9 @@ def test_stopped_spamd_is_unreachable_at_once_and_the_client_recovers(spamd, spa
         assert error.value.reason == Failure.UNREACHABLE
     finally:
         spamd.start()
-    assert spamd_tcp.check(message(GTUBE), "down-user").is_spam
+    assert spamd_tcp.check(message(GTUBE), "down-user").is_spam  # the same port again
+    assert spamd.bayes_counts("restart-user") == (1, 0)  # and the users' databases
+    assert spamd_tcp.tell(spam, "restart-user", "spam") is False
 
 
 def test_a_missing_unix_socket_is_unreachable():
