@@ -25,6 +25,7 @@ from harness.postfix import PostfixInstance
 from harness.redis_server import RedisProcess, start_redis
 from harness.sink import Sink
 from harness.slapd import SlapdInstance
+from harness.spamd import SpamdInstance
 
 from mailwarden.config import ENV_VAR
 from mailwarden.paths import ROOT_ENV_VAR
@@ -127,6 +128,16 @@ def clamd() -> Iterator[ClamdInstance]:
     """A private clamd with the local test signatures only (unix socket and a loopback TCP port), started
     for this test alone, so the test may stop, restart or pause it."""
     with ClamdInstance() as instance:
+        yield instance
+
+
+@pytest.fixture(scope="module")
+def spamd() -> Iterator[SpamdInstance]:
+    """A private spamd (loopback TCP port and a unix socket) with per-user preferences and Bayes under its own
+    directory, local tests only, TELL allowed, Bayes auto-learning off. Module-scoped: its rules take about a
+    second to compile. Tests of one module share it, so each uses user names of its own; a test that stops or
+    pauses it starts or resumes it again (``finally``)."""
+    with SpamdInstance() as instance:
         yield instance
 
 

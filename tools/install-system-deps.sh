@@ -13,15 +13,19 @@ set -euo pipefail
 # db-util: db_dump, which that command reads Postgrey's Berkeley DB files with;
 # gcc, libc6-dev, python3-dev, libmilter-dev: pymilter has no wheel on PyPI, pip builds it against Debian's
 # libmilter; clamav-daemon: clamd, which the ClamAV milter streams messages to (the tests and the quick start
-# run private instances with local test signatures).
+# run private instances with local test signatures); spamassassin, spamd: SpamAssassin's rules, sa-learn and its
+# daemon, which the SpamAssassin milter asks (the tests run private spamd instances with per-user Bayes; spamd
+# is a package of its own in bookworm, and only a Recommends of spamc, so it is named).
 PACKAGES=(python3 python3-venv ca-certificates postfix libsasl2-modules redis-server swaks slapd dovecot-core
-          dovecot-imapd mariadb-server postgrey db-util gcc libc6-dev python3-dev libmilter-dev clamav-daemon)
+          dovecot-imapd mariadb-server postgrey db-util gcc libc6-dev python3-dev libmilter-dev clamav-daemon
+          spamassassin spamd)
 
 # WITH_BENCH=1 (make bench sets it): what only the benchmarks run. clamav-milter: Debian's ClamAV milter, which
 # bench/milter_bench.py runs privately beside ours (smtp-source and smtp-sink, its load and its sink, ship
-# with postfix, above).
+# with postfix, above); spamass-milter: Debian's SpamAssassin milter, the same for the spam milter (it brings
+# spamc).
 if [ "${WITH_BENCH:-0}" = 1 ]; then
-  PACKAGES+=(clamav-milter)
+  PACKAGES+=(clamav-milter spamass-milter)
 fi
 
 SUDO=""
@@ -63,12 +67,17 @@ if [ "${#missing[@]}" -gt 0 ]; then
   rm -f "$apt_log"
   # ... nor at boot, for the servers installed only for the tests (redis-server stays: the quick start
   # uses the one on 127.0.0.1:6379 when it answers)
+  # (spamd: Debian's spamd on port 783; spamassassin-maintenance: the daily timer that runs sa-update, which
+  # fetches rules from the internet, and restarts spamd)
   for pair in postgrey:postgrey dovecot-core:dovecot mariadb-server:mariadb slapd:slapd \
-              clamav-daemon:clamav-daemon clamav-daemon:clamav-freshclam clamav-milter:clamav-milter; do
+              clamav-daemon:clamav-daemon clamav-daemon:clamav-freshclam clamav-milter:clamav-milter \
+              spamd:spamd spamassassin:spamassassin-maintenance.timer spamass-milter:spamass-milter; do
     package=${pair%%:*} service=${pair#*:}
     if [[ " ${missing[*]} " == *" $package "* ]]; then
-      $SUDO deb-systemd-helper disable "$service.service" >/dev/null 2>&1 || true
-      $SUDO update-rc.d "$service" disable >/dev/null 2>&1 || true
+      unit=$service
+      [[ $unit == *.* ]] || unit=$unit.service
+      $SUDO deb-systemd-helper disable "$unit" >/dev/null 2>&1 || true
+      $SUDO update-rc.d "${service%.*}" disable >/dev/null 2>&1 || true
     fi
   done
 fi

@@ -21,13 +21,10 @@ Command line, for the quick start::
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,14 +32,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `harness` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.lifecycle import ServerLifecycle, terminate
+from harness.lifecycle import ServerLifecycle, stop_by_pid_file, terminate
 from harness.net import free_port
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "clamav"
 SIGNATURES = (FIXTURES / "local-test.hdb", FIXTURES / "local-test.ndb")
 CLAMD = shutil.which("clamd") or "/usr/sbin/clamd"
-SOCKET_PATH_MAX = 100
-"""sun_path holds 108 bytes; a longer path makes clamd fail at bind."""
 
 CLAMD_CONF = """\
 # written by tests/harness/clamd.py: a private clamd with the local test signatures only
@@ -78,23 +73,11 @@ class ClamdInstance(ServerLifecycle):
     signatures: tuple[Path, ...] = SIGNATURES
     proc: subprocess.Popen[bytes] | None = None
     _owns_directory: bool = field(default=False, init=False, repr=False)
-    _socket_dir: Path | None = field(default=None, init=False, repr=False)
-
-    @property
-    def workdir(self) -> Path:
-        if self.directory is None:
-            self.directory = Path(tempfile.mkdtemp(prefix="mw-clamd-"))
-            self._owns_directory = True
-        return self.directory
+    directory_prefix = "mw-clamd-"
 
     @property
     def unix_socket(self) -> Path:
-        path = self.workdir / "clamd.sock"
-        if len(str(path)) <= SOCKET_PATH_MAX:
-            return path
-        if self._socket_dir is None:  # a deep pytest tmp dir: the socket goes to a short one of its own
-            self._socket_dir = Path(tempfile.mkdtemp(prefix="mw-clamd-sock-"))
-        return self._socket_dir / "clamd.sock"
+        return self.socket_file("clamd.sock")
 
     @property
     def unix_address(self) -> str:
@@ -171,11 +154,6 @@ class ClamdInstance(ServerLifecycle):
         parts = [self.workdir / name for name in ("clamd.out", "clamd.log")]
         return "".join(path.read_text(errors="replace") for path in parts if path.exists())
 
-    def cleanup(self) -> None:
-        super().cleanup()
-        if self._socket_dir is not None:
-            shutil.rmtree(self._socket_dir, ignore_errors=True)
-
     def _wait_ready(self, timeout: float) -> None:
         """Ready = PING answered PONG on the unix socket and on TCP (clamd binds both once the database is
         loaded)."""
@@ -193,25 +171,6 @@ class ClamdInstance(ServerLifecycle):
         raise ClamdNotReady(f"clamd not answering PING after {timeout}s: {self.log_text()[-3000:]}")
 
 
-def stop_by_pid_file(directory: Path, grace: float = 10.0) -> bool:
-    """Stop the clamd that ``start DIR`` left running (its PidFile); False when none was running."""
-    try:
-        pid = int((directory / "clamd.pid").read_text().split()[0])
-        os.kill(pid, signal.SIGCONT)
-        os.kill(pid, signal.SIGTERM)
-    except (OSError, ValueError, IndexError):
-        return False
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
-    return True
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description="Start or stop a private clamd with the local test signatures.")
     parser.add_argument("command", choices=["start", "stop"])
@@ -221,7 +180,7 @@ def main() -> None:
     args = parser.parse_args()
     directory = args.directory.resolve()
     if args.command == "stop":
-        if not stop_by_pid_file(directory):
+        if not stop_by_pid_file(directory / "clamd.pid"):
             print(f"no clamd running from {directory}", file=sys.stderr)
         return
     instance = ClamdInstance(directory, args.port, args.stream_max_length)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
+import tempfile
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+SOCKET_PATH_MAX = 100
+"""sun_path holds 108 bytes; a longer path makes the server fail at bind."""
 
 
 def terminate(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
@@ -22,6 +28,28 @@ def terminate(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None
         proc.wait(5)
 
 
+def stop_by_pid_file(pid_file: Path, grace: float = 10.0, group: bool = False) -> bool:
+    """Stop a server that a command line ``start`` left running, by the pid in its pid file: SIGCONT (it may
+    be paused), SIGTERM, SIGKILL after ``grace`` seconds; with ``group``, to its whole process group (a
+    server started in a session of its own, whose children must go too). False when none was running."""
+    send = os.killpg if group else os.kill
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        send(pid, signal.SIGCONT)
+        send(pid, signal.SIGTERM)
+    except (OSError, ValueError, IndexError):
+        return False
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            send(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    send(pid, signal.SIGKILL)
+    return True
+
+
 class ServerLifecycle:
     """Restart, pause/resume (SIGSTOP: the kernel accepts connections, nothing answers), cleanup of a
     directory the instance created, and use as a context manager. Subclasses (dataclasses) provide
@@ -30,6 +58,26 @@ class ServerLifecycle:
     proc: subprocess.Popen[bytes] | None
     directory: Path | None
     _owns_directory: bool
+    directory_prefix = "mw-server-"
+    """The name of the temporary directory ``workdir`` makes (``tempfile.mkdtemp``) when ``directory`` is None."""
+    _socket_dir: Path | None = None
+
+    @property
+    def workdir(self) -> Path:
+        if self.directory is None:
+            self.directory = Path(tempfile.mkdtemp(prefix=self.directory_prefix))
+            self._owns_directory = True
+        return self.directory
+
+    def socket_file(self, name: str) -> Path:
+        """A unix socket ``name`` in the work directory, or, when that path is too long for a socket (a deep
+        pytest tmp dir), in a short temporary directory of its own (removed by ``cleanup()``)."""
+        path = self.workdir / name
+        if len(str(path)) <= SOCKET_PATH_MAX:
+            return path
+        if self._socket_dir is None:
+            self._socket_dir = Path(tempfile.mkdtemp(prefix=f"{self.directory_prefix}sock-"))
+        return self._socket_dir / name
 
     def start(self) -> Self:
         raise NotImplementedError  # provided by each server
@@ -54,6 +102,8 @@ class ServerLifecycle:
         self.stop()
         if self._owns_directory and self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def __enter__(self) -> Self:
         try:
