@@ -36,6 +36,9 @@ from milters.check import Message  # noqa: E402
 from milters.spool import Spool  # noqa: E402
 
 SIZES = {"10KB": 10_000, "1MB": 1 << 20, "20MB": 20 << 20}
+OUTER = b"----=_NextPart_000_0012_01DB43A1.5C2E9F60"
+INNER = b"----=_NextPart_001_0013_01DB43A1.5C2E9F60"
+"""Boundaries as Outlook makes them (other clients' are as long: 28 to 70 bytes)."""
 HEAD = (b"Received: from client.example.org by mx.example.net; Tue, 1 Dec 2026 10:00:00 +0000\r\n"
         b"From: a@example.org\r\nTo: b@example.net\r\nSubject: bench\r\nMessage-ID: <1@example.org>\r\n")
 
@@ -50,11 +53,11 @@ def text_message(size: int) -> bytes:
 
 def attachment_message(size: int) -> bytes:
     encoded = base64.encodebytes(os.urandom(size * 3 // 4 - 2000)).replace(b"\n", b"\r\n")
-    return (HEAD + b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"=_b1\"\r\n\r\n"
-            b"--=_b1\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nHello,\r\nsee attached.\r\n"
-            b"--=_b1\r\nContent-Type: application/octet-stream; name=\"data.bin\"\r\n"
+    return (HEAD + b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"" + OUTER + b"\"\r\n\r\n"
+            b"--" + OUTER + b"\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nHello,\r\nsee attached.\r\n"
+            b"--" + OUTER + b"\r\nContent-Type: application/octet-stream; name=\"data.bin\"\r\n"
             b"Content-Disposition: attachment; filename=\"data.bin\"\r\nContent-Transfer-Encoding: base64\r\n\r\n"
-            + encoded + b"--=_b1--\r\n")
+            + encoded + b"--" + OUTER + b"--\r\n")
 
 
 def html_zip_message(size: int) -> bytes:
@@ -65,13 +68,13 @@ def html_zip_message(size: int) -> bytes:
     encoded = base64.encodebytes(buffer.getvalue()).replace(b"\n", b"\r\n")
     paragraph = b"<p>Lorem ipsum dolor sit amet, consectetur adipiscing elit</p>\r\n"
     html = _lines(max(1000, size - len(encoded) - 1000), paragraph)
-    return (HEAD + b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"=_b1\"\r\n\r\n"
-            b"--=_b1\r\nContent-Type: multipart/alternative; boundary=\"=_b2\"\r\n\r\n"
-            b"--=_b2\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nsee the html\r\n"
-            b"--=_b2\r\nContent-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
-            + html + b"--=_b2--\r\n"
-            b"--=_b1\r\nContent-Type: application/zip; name=\"docs.zip\"\r\nContent-Transfer-Encoding: base64\r\n\r\n"
-            + encoded + b"--=_b1--\r\n")
+    return (HEAD + b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"" + OUTER + b"\"\r\n\r\n"
+            b"--" + OUTER + b"\r\nContent-Type: multipart/alternative; boundary=\"" + INNER + b"\"\r\n\r\n"
+            b"--" + INNER + b"\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nsee the html\r\n"
+            b"--" + INNER + b"\r\nContent-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+            + html + b"--" + INNER + b"--\r\n"
+            b"--" + OUTER + b"\r\nContent-Type: application/zip; name=\"docs.zip\"\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n" + encoded + b"--" + OUTER + b"--\r\n")
 
 
 SHAPES = {"text": text_message, "attachment": attachment_message, "html+zip": html_zip_message}

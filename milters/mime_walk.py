@@ -151,6 +151,15 @@ class _Stops(NamedTuple):
 
     here: re.Pattern[bytes]
     ahead: re.Pattern[bytes]
+    markers: tuple[bytes, ...] = ()
+    """``\\n--boundary`` of every open multipart, when they are few and long (see ``_MARKERS``): every line
+    ``ahead`` matches starts with one, and ``bytes.find`` skips through a body to the first of them several
+    times faster than the engine's scan for ``\\n--`` (it stops at every newline)."""
+
+
+_MARKERS = (3, 16)
+"""Open multiparts at most, and bytes of their shortest marker at least, for ``_Stops.markers``: a search for
+each of many markers, or for a short one, costs more than one scan of the pattern."""
 
 
 class _Lines:
@@ -211,7 +220,10 @@ class _Lines:
                 here = stops.here
                 if self.at_start and (here.match(buf, pos) or (self._eof and here.fullmatch(buf + b"\n", pos))):
                     return b""
-                found = stops.ahead.search(buf, pos)
+                start = pos
+                if stops.markers:  # no match can start before the first marker
+                    start = min((at for at in (buf.find(m, pos) for m in stops.markers) if at >= 0), default=-1)
+                found = stops.ahead.search(buf, start) if start >= 0 else None
                 if found is not None:
                     return self._take(found.start() + 1)
             last = buf.rfind(b"\n", pos)
@@ -596,7 +608,10 @@ class Walker:
         if header:
             lines.append(rb"\r?\n")
         line = b"(?:" + b"|".join(lines) + b")"
-        stops = _Stops(re.compile(line), re.compile(b"\n" + line)) if lines else None
+        markers = tuple(b"\n--" + boundary for boundary in self._stack)
+        if header or len(markers) > _MARKERS[0] or min(map(len, markers), default=0) < _MARKERS[1] + 3:
+            markers = ()
+        stops = _Stops(re.compile(line), re.compile(b"\n" + line), markers) if lines else None
         if len(self._compiled) < 256:
             self._compiled[key] = stops
         return stops

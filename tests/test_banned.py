@@ -798,19 +798,28 @@ def _padded(pad: int, body: bytes, content_type: str = "image/jpeg", name: str =
     return part(body, content_type, f'attachment; filename="{name}"', extra=f"X-Pad: {'p' * pad}\r\n")
 
 
-def test_a_boundary_line_cut_by_the_read_at_every_byte_is_seen():
+BOUNDARIES = {"short": ("inner", "outer", "closed"),
+              "long": ("_inner_0123456789abcdef", "_outer_0123456789abcdef", "_closed_0123456789abcdef")}
+"""Boundaries of nested multiparts: short ones are searched for by a pattern, long ones (16 bytes and more,
+as mail clients make them) by ``bytes.find`` first. No ``=`` in them: inside a base64 body it would end
+the decoding of the block before it (the bytes the type is detected from)."""
+
+
+@pytest.mark.parametrize("kind", list(BOUNDARIES))
+def test_a_boundary_line_cut_by_the_read_at_every_byte_is_seen(kind):
     """The read ends at every byte of the boundary line after a large base64 part inside a nested multipart
     (its newline, the dashes, the boundary, the CRLF), and of the outer close delimiter: the parts after it
     are numbered and judged all the same."""
+    inner_boundary, outer_boundary, _ = BOUNDARIES[kind]
     big = PE + os.urandom(CHUNK)
 
     def message(pad: int) -> bytes:
-        inner = multipart(_padded(pad, big), attach("late.exe", b"x"), boundary="inner")
-        return mail(multipart(inner, text(), boundary="outer"))
+        inner = multipart(_padded(pad, big), attach("late.exe", b"x"), boundary=inner_boundary)
+        return mail(multipart(inner, text(), boundary=outer_boundary))
 
     expected = [("1.1", ["photo.jpg"], "executable"), ("1.2", ["late.exe"], None), ("2", [], None)]
     plain = message(0)
-    for line in (b"\r\n--inner\r\n", b"\r\n--outer--\r\n"):
+    for line in (f"\r\n--{inner_boundary}\r\n".encode(), f"\r\n--{outer_boundary}--\r\n".encode()):
         at = plain.index(line, plain.index(b"X-Pad"))
         for cut in range(at - 2, at + len(line) + 2):  # where the 64 KB read ends, relative to the line
             pad = (CHUNK - cut) % CHUNK
@@ -835,36 +844,43 @@ def test_the_walk_does_not_depend_on_where_reads_end(size):
         assert _parts(raw, _ShortReads(raw, size)) == _parts(raw), raw[:400]
 
 
-FAKE_BOUNDARIES = (b"--closed\r\n", b"--closed--\r\n", b"--outerX\r\n", b"--oute\r\n", b"-- outer\r\n",
-                   b"--outer-\r\n", b"---outer\r\n", b"x--outer\r\n", b"--OUTER\r\n", b"--\r\n")
+def _fake_boundaries(outer: str, closed: str) -> bytes:
+    """Lines that look like boundaries and are not: of a multipart closed before, near misses of the open
+    one, the open one mid-line or in another case."""
+    lines = (f"--{closed}", f"--{closed}--", f"--{outer}X", f"--{outer[:-1]}", f"-- {outer}", f"--{outer}-",
+             f"---{outer}", f"x--{outer}", f"--{outer.upper()}", "--")
+    return "".join(line + "\r\n" for line in lines).encode()
 
 
-def test_boundary_like_lines_inside_a_base64_body_do_not_end_it():
-    """Lines that look like boundaries inside a base64 body (of a multipart closed before it, a near miss
-    of the open one, the open one mid-line or in another case) are body: the part goes on to the real
+@pytest.mark.parametrize("kind", list(BOUNDARIES))
+def test_boundary_like_lines_inside_a_base64_body_do_not_end_it(kind):
+    """Lines that look like boundaries inside a base64 or a text body are body: the part goes on to the real
     boundary, its first bytes decode, and the part after it keeps its number."""
+    _, outer, closed = BOUNDARIES[kind]
+    fakes = _fake_boundaries(outer, closed) * 50
     encoded = b64(PE + os.urandom(2000))
-    body = encoded[:400] + b"".join(FAKE_BOUNDARIES) * 50 + encoded[400:]
     big = (b'Content-Type: image/jpeg\r\nContent-Disposition: attachment; filename="photo.jpg"\r\n'
-           b"Content-Transfer-Encoding: base64\r\n\r\n" + body)
-    closed = multipart(text(), attach("a.txt", b"x"), boundary="closed")
-    raw = mail(multipart(closed, big, attach("after.exe", b"x"), boundary="outer"))
+           b"Content-Transfer-Encoding: base64\r\n\r\n" + encoded[:400] + fakes + encoded[400:])
+    closed_part = multipart(text(), attach("a.txt", b"x"), boundary=closed)
+    raw = mail(multipart(closed_part, big, attach("after.exe", b"x"), boundary=outer))
     assert _parts(raw) == [("1.1", [], None), ("1.2", ["a.txt"], None), ("2", ["photo.jpg"], "executable"),
                            ("3", ["after.exe"], None)]
-    in_text = mail(multipart(closed, part(b"".join(FAKE_BOUNDARIES) * 50, "text/plain", encoding="7bit"),
-                             attach("after.exe", b"x"), boundary="outer"))
+    in_text = mail(multipart(closed_part, part(fakes, "text/plain", encoding="7bit"), attach("after.exe", b"x"),
+                             boundary=outer))
     assert [path for path, _, _ in _parts(in_text)] == ["1.1", "1.2", "2", "3"]
 
 
-def test_a_nested_multipart_after_and_inside_large_parts_is_followed(check):
+@pytest.mark.parametrize("kind", list(BOUNDARIES))
+def test_a_nested_multipart_after_and_inside_large_parts_is_followed(check, kind):
     """Multiparts and a forwarded message behind megabytes of text, HTML and base64 (many reads, no
     boundary in them): the attachment at the bottom is found at its place."""
+    top, alt, fwd = BOUNDARIES[kind]
     filler = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod.\r\n" * 40_000  # 3 MB
     html = part(filler.replace(b"Lorem", b"<p>Lorem"), "text/html; charset=utf-8", encoding="8bit")
-    forwarded = mail(multipart(attach("big.bin", os.urandom(1 << 20)), attach("deep.exe", b"x"), boundary="fwd"))
+    forwarded = mail(multipart(attach("big.bin", os.urandom(1 << 20)), attach("deep.exe", b"x"), boundary=fwd))
     alternative = multipart(part(filler, "text/plain", encoding="7bit"), html,
-                            part(forwarded, "message/rfc822", encoding="7bit"), boundary="alt", subtype="alternative")
-    raw = mail(multipart(part(filler, "text/plain", encoding="quoted-printable"), alternative, boundary="top"))
+                            part(forwarded, "message/rfc822", encoding="7bit"), boundary=alt, subtype="alternative")
+    raw = mail(multipart(part(filler, "text/plain", encoding="quoted-printable"), alternative, boundary=top))
     assert verdict_of(check, raw).reason == 'part 2.3.2 name="deep.exe" rule=extension:exe'
     assert [path for path, _, _ in _parts(raw)] == ["1", "2.1", "2.2", "2.3.1", "2.3.2"]
 
