@@ -152,14 +152,15 @@ class _Stops(NamedTuple):
     here: re.Pattern[bytes]
     ahead: re.Pattern[bytes]
     markers: tuple[bytes, ...] = ()
-    """``\\n--boundary`` of every open multipart, when they are few and long (see ``_MARKERS``): every line
-    ``ahead`` matches starts with one, and ``bytes.find`` skips through a body to the first of them several
-    times faster than the engine's scan for ``\\n--`` (it stops at every newline)."""
+    """``\\n--boundary`` of every open multipart, when they are few and long (``FIND_BOUNDARIES``): every
+    line ``ahead`` matches starts with one, and ``bytes.find`` skips through a body to the first of them
+    several times faster than the engine's scan for ``\\n--`` (which stops at every newline)."""
 
 
-_MARKERS = (3, 16)
-"""Open multiparts at most, and bytes of their shortest marker at least, for ``_Stops.markers``: a search for
-each of many markers, or for a short one, costs more than one scan of the pattern."""
+FIND_BOUNDARIES = (3, 16)
+"""``_Stops.markers`` are searched for while at most 3 multiparts are open and each boundary has at least
+16 bytes (mail clients make them 28 to 70): a ``find`` for each of many markers, or for a short one,
+costs more than one scan of the pattern."""
 
 
 class _Lines:
@@ -609,7 +610,8 @@ class Walker:
             lines.append(rb"\r?\n")
         line = b"(?:" + b"|".join(lines) + b")"
         markers = tuple(b"\n--" + boundary for boundary in self._stack)
-        if header or len(markers) > _MARKERS[0] or min(map(len, markers), default=0) < _MARKERS[1] + 3:
+        most, shortest = FIND_BOUNDARIES
+        if header or len(markers) > most or min(map(len, markers), default=0) < len(b"\n--") + shortest:
             markers = ()
         stops = _Stops(re.compile(line), re.compile(b"\n" + line), markers) if lines else None
         if len(self._compiled) < 256:
