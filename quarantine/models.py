@@ -8,6 +8,10 @@ raw bytes, stored once however many recipients it is held for: zlib-compressed i
 ``quarantine_held``: one row per recipient it is held for, with its own public id, reason and state, so
 releasing the message to one recipient leaves it held for the others.
 
+``spam_levels`` and ``spam_senders``: the per-recipient spam preferences (``quarantine/preferences.py``),
+kept beside the catalogue so the milters, the CLI and the digest replies share one database: each row's
+owner is a mailbox (``alice@example.org``) or a whole domain (``@example.org``), lower case.
+
 Every change here needs a migration in ``migrations/versions/`` (``tests/test_quarantine_store.py``
 compares the migrated schema with these models).
 """
@@ -126,3 +130,41 @@ class Held(Base):
     state_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime())
     released_queue_id: Mapped[str] = mapped_column(sa.String(64), default="")
     """The Postfix queue id the re-injection listener gave the released copy."""
+
+
+OWNER = ADDRESS
+"""Characters of a preferences owner: a mailbox address, or ``@`` and a domain."""
+
+SENDER_KINDS = ("white", "black")
+
+
+class SpamLevels(Base):
+    """The score levels of one owner; a level left NULL comes from the owner's domain, else the defaults."""
+
+    __tablename__ = "spam_levels"
+    __table_args__ = (sa.UniqueConstraint("owner", name="uq_spam_levels_owner"),)
+
+    id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    owner: Mapped[str] = mapped_column(sa.String(OWNER))
+    tag_level: Mapped[float | None] = mapped_column(sa.Double(), nullable=True)
+    hold_level: Mapped[float | None] = mapped_column(sa.Double(), nullable=True)
+    reject_level: Mapped[float | None] = mapped_column(sa.Double(), nullable=True)
+    changed_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime())
+    changed_by: Mapped[str] = mapped_column(sa.String(255))
+
+
+class SpamSender(Base):
+    """One white- or blacklist entry of an owner: a sender address or domain pattern."""
+
+    __tablename__ = "spam_senders"
+    __table_args__ = (sa.UniqueConstraint("owner", "pattern", name="uq_spam_senders_owner_pattern"),
+                      sa.CheckConstraint("kind IN ('white', 'black')", name="ck_spam_senders_kind"))
+
+    id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    owner: Mapped[str] = mapped_column(sa.String(OWNER))
+    pattern: Mapped[str] = mapped_column(sa.String(ADDRESS))
+    kind: Mapped[str] = mapped_column(sa.String(8))
+    created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime())
+    created_by: Mapped[str] = mapped_column(sa.String(255))

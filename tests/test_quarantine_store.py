@@ -143,15 +143,56 @@ def test_migrations_from_empty_and_from_the_previous_revision(db_url: str) -> No
         with engine.connect() as conn:
             assert schema.current_revision(conn) == schema.head_revision()
         assert schema_differences(engine) == []  # the migrations build exactly what the models declare
-        # from the previous revision: one down (only one revision so far: that is base), then up again
+        # each revision down and up again, from head to the first (whose downgrade leaves nothing); what
+        # each upgrade keeps: test_the_first_revision_upgrades_to_head_keeping_its_rows
         script = ScriptDirectory.from_config(schema.alembic_config())
-        previous = script.get_revision(schema.head_revision()).down_revision
-        schema.downgrade(engine, previous or "base")
-        if previous is None:
-            assert tables(engine) - {schema.VERSION_TABLE} == set()
+        for revision in [rev.revision for rev in script.walk_revisions()]:  # head first
+            below = script.get_revision(revision).down_revision
+            assert below is None or isinstance(below, str)
+            schema.downgrade(engine, below or "base")
+            if below is None:
+                assert tables(engine) - {schema.VERSION_TABLE} == set()
+            schema.upgrade(engine, revision)
+            with engine.connect() as conn:
+                assert schema.current_revision(conn) == revision
+            schema.downgrade(engine, below or "base")
         schema.upgrade(engine)
         assert schema_differences(engine) == []
-        assert {"quarantine_message", "quarantine_held"} <= tables(engine)
+        assert {"quarantine_message", "quarantine_held", "spam_levels", "spam_senders"} <= tables(engine)
+    finally:
+        engine.dispose()
+
+
+def test_the_first_revision_upgrades_to_head_keeping_its_rows(db_url: str, tmp_path: Path) -> None:
+    """A catalogue made by the first release (revision 0001, messages held) upgrades to head: the rows stay,
+    the store opens it, and a downgrade to 0001 removes only what came after."""
+    engine = make_engine(db_url)
+    try:
+        if engine.dialect.name == "sqlite":
+            Path(str(engine.url.database)).parent.mkdir(parents=True)
+        schema.upgrade(engine, "0001")
+        assert tables(engine) - {schema.VERSION_TABLE} == {"quarantine_message", "quarantine_held"}
+        with engine.begin() as conn:
+            conn.execute(sa.text(
+                "INSERT INTO quarantine_message (id, received_at, queue_id, sender, client_address, auth_user, "
+                "header_from, subject, date, size, storage) VALUES (3, :t, 'Q3', 's@example.org', '', '', '', "
+                "'from 0001', '', 1, 'purged')"), {"t": T0.replace(tzinfo=None)})
+        behind = QuarantineStore(settings_for(db_url, tmp_path))
+        try:
+            with pytest.raises(SchemaBehind, match=r"at revision 0001.*run 'mailwarden quarantine migrate'"):
+                behind.check()
+            assert behind.migrate() == ("0001", schema.head_revision())
+            behind.check()
+        finally:
+            behind.close()
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT id, subject FROM quarantine_message")).all() == [(3, "from 0001")]
+        assert schema_differences(engine) == []
+        schema.downgrade(engine, "0001")
+        assert tables(engine) - {schema.VERSION_TABLE} == {"quarantine_message", "quarantine_held"}
+        with engine.connect() as conn:
+            assert schema.current_revision(conn) == "0001"
+            assert conn.execute(sa.text("SELECT id FROM quarantine_message")).scalars().all() == [3]
     finally:
         engine.dispose()
 
