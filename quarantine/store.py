@@ -402,6 +402,10 @@ class QuarantineStore:
         with self._errors(what), self.engine.connect() as conn:
             yield conn
 
+    reading, writing, reading_session = _read, _write, _session
+    """For the other tables of the catalogue's database (``preferences.py``): a connection (a write
+    transaction, a Session) after the schema check, with every failure a StoreError saying what to do."""
+
     # -- holding -----------------------------------------------------------------------------------------
 
     def hold(self, raw: BinaryIO, size: int, envelope: HeldEnvelope, holds: Sequence[Hold]) -> list[str]:
