@@ -1,4 +1,5 @@
-"""The quarantine as a mailwarden capability: the ``[quarantine]`` section and the ``quarantine`` commands.
+"""The quarantine as a mailwarden capability: the ``[quarantine]`` section, the ``quarantine`` commands and
+the ``spam`` commands (the spam preferences live in the quarantine's database).
 
 The commands are loaded when one of them runs (``LazyGroup``): every ``mailwarden`` command registers every
 capability's commands, and the quarantine's bring Alembic and SMTP with them.
@@ -19,35 +20,51 @@ __all__ = ["CAPABILITY", "QuarantineSettings"]
 
 
 class LazyGroup(click.Group):
-    """A click group whose subcommands live in ``module`` (its attribute ``group``), imported on first use."""
+    """A click group whose subcommands live in other modules, imported on first use: the commands of each
+    ``(module, attribute)`` in ``sources``, a click group there (the first source that has a name wins)."""
 
-    def __init__(self, *args: object, module: str, group: str, **kwargs: object) -> None:
+    def __init__(self, *args: object, sources: tuple[tuple[str, str], ...], **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._where = (module, group)
+        self._sources = sources
 
-    def _group(self) -> click.Group:
-        module, group = self._where
-        loaded = getattr(importlib.import_module(module), group)
-        assert isinstance(loaded, click.Group)
-        return loaded
+    def _groups(self) -> list[click.Group]:
+        groups = [getattr(importlib.import_module(module), name) for module, name in self._sources]
+        assert all(isinstance(group, click.Group) for group in groups)
+        return groups
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return self._group().list_commands(ctx)
+        return sorted({name for group in self._groups() for name in group.list_commands(ctx)})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        return self._group().get_command(ctx, cmd_name)
+        return next((command for group in self._groups() if (command := group.get_command(ctx, cmd_name))), None)
 
 
-@click.group("quarantine", cls=LazyGroup, module="quarantine.cli", group="quarantine_group")
-def quarantine_group() -> None:
-    """Held messages: list, show, release, delete, purge; migrate the catalogue."""
+def _quiet_store_log() -> None:
     # the outcome of each command is its output and exit code; the log lines the store writes for the
     # services (a failed release ...) would repeat it on stderr through logging's last resort
     logging.getLogger(log.name).addHandler(logging.NullHandler())
 
 
+@click.group("quarantine", cls=LazyGroup, sources=(("quarantine.cli", "quarantine_group"),))
+def quarantine_group() -> None:
+    """Held messages: list, show, release, delete, purge; migrate the catalogue."""
+    _quiet_store_log()
+
+
+SPAM_COMMANDS = (("quarantine.spam_cli", "spam_group"),)
+"""Where the ``mailwarden spam`` commands live: (module, click group) pairs whose commands the group joins.
+A later command (``spam learn``, ``spam check``) adds its own module here."""
+
+
+@click.group("spam", cls=LazyGroup, sources=SPAM_COMMANDS)
+def spam_group() -> None:
+    """Spam preferences per mailbox or domain: score levels, sender white and black lists."""
+    _quiet_store_log()
+
+
 def register_cli(group: click.Group) -> None:
     group.add_command(quarantine_group)
+    group.add_command(spam_group)
 
 
 CAPABILITY = Capability(name="quarantine", settings_model=QuarantineSettings, register_cli=register_cli,

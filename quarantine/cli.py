@@ -69,7 +69,7 @@ def parse_moment(option: str, text: str | None, now: datetime.datetime) -> datet
     return moment.replace(tzinfo=datetime.UTC) if moment.tzinfo is None else moment
 
 
-def _when(moment: datetime.datetime) -> str:
+def when(moment: datetime.datetime) -> str:
     return moment.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
@@ -80,25 +80,25 @@ def shown(text: str) -> str:
 
 
 def _line(record: HeldRecord) -> str:
-    return (f"{record.public_id}  {_when(record.held_at)}  {record.state:9} {shown(record.kind):9} "
+    return (f"{record.public_id}  {when(record.held_at)}  {record.state:9} {shown(record.kind):9} "
             f"{shown(record.recipient)}  <- {shown(record.sender) or '<>'}  {shown(record.subject)!r}  "
             f"({shown(record.check)}: {shown(record.reason)})")
 
 
 def _details(record: HeldRecord) -> str:
-    state = f"{record.state} by {record.state_by} at {_when(record.state_at)}"
+    state = f"{record.state} by {record.state_by} at {when(record.state_at)}"
     if record.released_queue_id:
         state += f", re-injected as {record.released_queue_id}"
     rows = [("id", record.public_id), ("state", state), ("recipient", record.recipient),
-            ("mailbox", record.mailbox), ("held", f"{_when(record.held_at)} by {record.check}: {record.kind}"),
+            ("mailbox", record.mailbox), ("held", f"{when(record.held_at)} by {record.check}: {record.kind}"),
             ("reason", record.reason), ("sender", record.sender or "<>"), ("from", record.header_from),
-            ("subject", record.subject), ("date", record.date), ("received", _when(record.received_at)),
+            ("subject", record.subject), ("date", record.date), ("received", when(record.received_at)),
             ("queue id", record.queue_id), ("client", record.client_address), ("sasl user", record.auth_user or "-"),
             ("size", f"{record.size} bytes ({record.storage})")]
     return "\n".join(f"{name:10} {shown(value)}" for name, value in rows)
 
 
-def _finish(results: list[dict[str, Any]], codes: list[int], as_json: bool) -> None:
+def finish(results: list[dict[str, Any]], codes: list[int], as_json: bool) -> None:
     """Report per-id results; a single failed id is an ordinary error (one line, its exit code)."""
     failed = [result for result in results if not result["ok"]]
     if len(results) == 1 and failed:
@@ -196,7 +196,7 @@ def release_command(ctx: CliContext, public_ids: tuple[str, ...], admin: bool, b
                             "by": who, "message": f"{public_id} released to {done.recipient}"
                             + (f" (queued as {done.queue_id})" if done.queue_id else "")})
             codes.append(0)
-    _finish(results, codes, as_json)
+    finish(results, codes, as_json)
 
 
 @quarantine_group.command("delete")
@@ -221,7 +221,7 @@ def delete_command(ctx: CliContext, public_ids: tuple[str, ...], by: str | None,
                      else f"{public_id} is not held (it is {record.state}): not deleted")
             results.append({"id": public_id, "ok": False, "error": error})
             codes.append(1)
-    _finish(results, codes, as_json)
+    finish(results, codes, as_json)
 
 
 @quarantine_group.command("purge")
