@@ -65,7 +65,7 @@ from typing import Any, Generic, TypeVar
 import sqlalchemy as sa
 
 from mailwarden.logs import get_logger, log_kv
-from quarantine.models import ADDRESS, OWNER, SpamLevels, SpamSender
+from quarantine.models import SpamLevels, SpamSender
 from quarantine.store import QuarantineStore
 
 log = get_logger("quarantine.preferences")
@@ -172,7 +172,7 @@ def parse_owner(text: str) -> str:
         raise ValueError(f"owner {text!r}: give a mailbox address (alice@example.org) or a domain with its @ "
                          "(@example.org)")
     local, _, domain = owner.rpartition("@")
-    if not _DOMAIN.fullmatch(domain) or len(domain) > 255:
+    if len(domain) > 255 or not _DOMAIN.fullmatch(domain):
         raise ValueError(f"owner {text!r}: {domain!r} is not a domain name (letters, digits, hyphens and dots; "
                          "an internationalised domain in its xn-- form)")
     if local and not _WILDCARDS.isdisjoint(local):
@@ -181,8 +181,6 @@ def parse_owner(text: str) -> str:
     if local and not _LOCAL.fullmatch(local):
         raise ValueError(f"owner {text!r}: {local!r} is not the local part of an address (at most 64 characters, "
                          "no spaces, quotes, backslashes or angle brackets)")
-    if len(owner) > OWNER:
-        raise ValueError(f"owner {text!r}: longer than {OWNER} characters")
     return owner
 
 
@@ -216,17 +214,18 @@ class Pattern:
         local, at, domain = pattern.rpartition("@")
         if not at:
             local = None
-        elif not local or not _PATTERN_LOCAL.fullmatch(local):
+        elif not local:
             raise ValueError(f"sender pattern {text!r}: give a local part before the @ (bob@example.com, "
                              "*@example.com), or a domain without @ (example.com, *.example.com)")
+        elif not _PATTERN_LOCAL.fullmatch(local):
+            raise ValueError(f"sender pattern {text!r}: {local!r} is not a local part (at most 64 characters, no "
+                             "spaces, quotes, backslashes or angle brackets)")
         if not _PATTERN_DOMAIN.fullmatch(domain):
             raise ValueError(f"sender pattern {text!r}: {domain!r} is not a domain or a domain pattern (letters, "
                              "digits, hyphens, dots and the wildcards * ? [...])")
         if not re.search(r"[a-z0-9]", domain):
             raise ValueError(f"sender pattern {text!r} would match every sender: name a domain "
                              "(example.com, *.example.com, *@example.com)")
-        if len(pattern) > ADDRESS:
-            raise ValueError(f"sender pattern {text!r}: longer than {ADDRESS} characters")
         if local is None:
             specificity = Specificity.DOMAIN_WILDCARD if _wild(domain) else Specificity.DOMAIN
         else:
