@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import click
 
@@ -34,6 +34,8 @@ from quarantine.preferences import (
     owners_of,
     parse_owner,
 )
+
+Row = TypeVar("Row", LevelsEntry, SenderEntry)
 
 KIND_WORDS = {Specificity.ADDRESS: "address", Specificity.ADDRESS_WILDCARD: "address with wildcards",
               Specificity.DOMAIN: "domain", Specificity.DOMAIN_WILDCARD: "domain wildcard"}
@@ -138,15 +140,22 @@ def levels_clear(ctx: CliContext, owner: str, as_json: bool) -> None:
 @click.pass_obj
 def levels_show(ctx: CliContext, owner: str | None, as_json: bool) -> None:
     """List the levels set, by owner."""
-    owner = None if owner is None else _owner(owner)
-    with open_preferences(ctx) as preferences:
-        rows = preferences.levels(owner)
-    if not rows:
-        fail("no spam levels are set" + (f" for {' or '.join(owners_of(owner))}" if owner else ""), 1)
+    owner, rows = _listed(ctx, owner, SpamPreferences.levels, "no spam levels are set")
     human = "\n".join(_levels_line(row) for row in rows)
     if owner is not None:
         human += "\n" + _effective(owner, rows)
     emit([row.as_dict() for row in rows], as_json, human)
+
+
+def _listed(ctx: CliContext, owner: str | None, listing: Callable[[SpamPreferences, str | None], list[Row]],
+            none: str) -> tuple[str | None, list[Row]]:
+    """The owner parsed, and the rows of ``listing`` (for it); none at all exits 1 with ``none``."""
+    owner = None if owner is None else _owner(owner)
+    with open_preferences(ctx) as preferences:
+        rows = listing(preferences, owner)
+    if not rows:
+        fail(none + (f" for {' or '.join(owners_of(owner))}" if owner else ""), 1)
+    return owner, rows
 
 
 @spam_group.group("senders")
@@ -171,19 +180,17 @@ def senders_add(ctx: CliContext, owner: str, kind: str | None, patterns: tuple[s
     if kind is None:
         fail("give --white or --black", 2)
     who = by or login_name()
-    owner, texts = _owner(owner), _patterns(patterns)
-    results: list[dict[str, Any]] = []
-    codes: list[int] = []
-    with open_preferences(ctx) as preferences:
-        for text in texts:
-            if preferences.add_sender(owner, text, kind, who):
-                results.append({"pattern": text, "ok": True, "kind": kind, "by": who,
-                                "message": f"{owner}: {text} is {kind}listed"})
-                codes.append(0)
-            else:
-                results.append({"pattern": text, "ok": False, "error": f"{owner}: {text} is {kind}listed already"})
-                codes.append(1)
-    finish(results, codes, as_json)
+
+    def add(preferences: SpamPreferences, owner: str, text: str) -> tuple[bool, str]:
+        try:
+            added = preferences.add_sender(owner, text, kind, who)
+        except ValueError as exc:  # the owner has MAX_SENDERS entries: the patterns before it stay added
+            return False, str(exc)
+        if added:
+            return True, f"{owner}: {text} is {kind}listed"
+        return False, f"{owner}: {text} is {kind}listed already"
+
+    _each_pattern(ctx, owner, patterns, as_json, add)
 
 
 @senders_group.command("remove")
@@ -193,26 +200,31 @@ def senders_add(ctx: CliContext, owner: str, kind: str | None, patterns: tuple[s
 @click.pass_obj
 def senders_remove(ctx: CliContext, owner: str, patterns: tuple[str, ...], as_json: bool) -> None:
     """Remove sender patterns from the owner's lists (white or black)."""
-    owner, texts = _owner(owner), _patterns(patterns)
-    results: list[dict[str, Any]] = []
-    codes: list[int] = []
-    with open_preferences(ctx) as preferences:
-        for text in texts:
-            if preferences.remove_sender(owner, text):
-                results.append({"pattern": text, "ok": True, "message": f"{owner}: {text} removed"})
-                codes.append(0)
-            else:
-                results.append({"pattern": text, "ok": False, "error": f"{owner} has no entry {text}"})
-                codes.append(1)
-    finish(results, codes, as_json)
+
+    def remove(preferences: SpamPreferences, owner: str, text: str) -> tuple[bool, str]:
+        if preferences.remove_sender(owner, text):
+            return True, f"{owner}: {text} removed"
+        return False, f"{owner} has no entry {text}"
+
+    _each_pattern(ctx, owner, patterns, as_json, remove)
 
 
-def _patterns(patterns: tuple[str, ...]) -> list[str]:
-    """Every pattern checked before any is changed: a typo in the third changes nothing (exit 2)."""
+def _each_pattern(ctx: CliContext, owner: str, patterns: tuple[str, ...], as_json: bool,
+                  change: Callable[[SpamPreferences, str, str], tuple[bool, str]]) -> None:
+    """``change`` for each pattern, every one checked before any is changed (a typo in the third changes
+    nothing: exit 2); the results reported as ``quarantine release`` reports its ids."""
+    owner = _owner(owner)
     try:
-        return [Pattern.parse(text).text for text in patterns]
+        texts = [Pattern.parse(text).text for text in patterns]
     except ValueError as exc:
         fail(str(exc), 2)
+    results: list[dict[str, Any]] = []
+    with open_preferences(ctx) as preferences:
+        for text in texts:
+            ok, message = change(preferences, owner, text)
+            results.append({"pattern": text, "ok": True, "message": message} if ok
+                           else {"pattern": text, "ok": False, "error": message})
+    finish(results, [0 if result["ok"] else 1 for result in results], as_json)
 
 
 @senders_group.command("show")
@@ -222,11 +234,7 @@ def _patterns(patterns: tuple[str, ...]) -> list[str]:
 @click.pass_obj
 def senders_show(ctx: CliContext, owner: str | None, as_json: bool) -> None:
     """List the white and black list entries, by owner."""
-    owner = None if owner is None else _owner(owner)
-    with open_preferences(ctx) as preferences:
-        rows = preferences.senders(owner)
-    if not rows:
-        fail("no sender entries" + (f" for {' or '.join(owners_of(owner))}" if owner else ""), 1)
+    _owner_given, rows = _listed(ctx, owner, SpamPreferences.senders, "no sender entries")
     emit([row.as_dict() for row in rows], as_json, "\n".join(_sender_line(row) for row in rows))
 
 

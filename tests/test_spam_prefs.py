@@ -543,3 +543,25 @@ def test_the_spam_commands_exit_69_when_the_store_is_unreachable_and_78_on_bad_c
     bad = tmp_path / "bad.toml"
     bad.write_text("[quarantine]\ndatabase_url = 5\n")
     assert spam(bad, "senders", "show", "--json").returncode == 78
+
+
+def test_senders_add_reports_an_owner_at_its_bound_per_pattern(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process (the bound patched small): the patterns before the bound stay added, the others are
+    refused each with the reason, exit 1."""
+    from click.testing import CliRunner
+
+    from mailwarden.cli import CliContext
+    from quarantine.capability import spam_group
+
+    url = f"sqlite:///{tmp_path / 'q.sqlite'}"
+    config = write_config(tmp_path, database_url=url, message_dir=str(tmp_path / "m"))
+    store = QuarantineStore(settings_for(url, tmp_path))
+    store.migrate()
+    store.close()
+    monkeypatch.setattr(prefs_module, "MAX_SENDERS", 1)
+    result = CliRunner().invoke(spam_group, ["senders", "add", "--for", "a@a.test", "--black", "x.example",
+                                             "y.example", "--json"], obj=CliContext(str(config)))
+    assert result.exit_code == 1, result.output
+    [added, refused] = json.loads(result.output)["results"]
+    assert added["ok"] is True and refused["ok"] is False and "the most kept" in refused["error"]
