@@ -160,8 +160,8 @@ class Decision:
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _LOCAL = re.compile(r"[^\s@<>\"\\]{1,64}")
+"""A local part, of an owner or a pattern: what SMTP carries unquoted, loosely (UTF-8 included)."""
 _WILDCARDS = frozenset("*?[")
-_PATTERN_LOCAL = re.compile(r"[^\s@<>\"\\]{1,64}")
 _PATTERN_DOMAIN = re.compile(r"[a-z0-9_.*?\[\]!-]{1,255}")
 
 
@@ -217,7 +217,7 @@ class Pattern:
         elif not local:
             raise ValueError(f"sender pattern {text!r}: give a local part before the @ (bob@example.com, "
                              "*@example.com), or a domain without @ (example.com, *.example.com)")
-        elif not _PATTERN_LOCAL.fullmatch(local):
+        elif not _LOCAL.fullmatch(local):
             raise ValueError(f"sender pattern {text!r}: {local!r} is not a local part (at most 64 characters, no "
                              "spaces, quotes, backslashes or angle brackets)")
         if not _PATTERN_DOMAIN.fullmatch(domain):
@@ -337,6 +337,10 @@ class _Cache(Generic[V]):
             self.values.pop(owner, None)
 
 
+class _Unchanged(Exception):
+    """add_sender: the entry is there already (the transaction is left without a change)."""
+
+
 # -- the preferences -----------------------------------------------------------------------------------
 
 
@@ -434,21 +438,24 @@ class SpamPreferences:
         values = {"tag_level": tag, "hold_level": hold, "reject_level": reject,
                   "changed_at": self.store.now(), "changed_by": by[:255]}
         update = sa.update(SpamLevels).where(SpamLevels.owner == owner).values(**values)
-        with self.store.writing("set spam levels") as conn:
+
+        def upsert(conn: sa.Connection) -> None:
             if conn.execute(update).rowcount == 0:
                 try:
                     with conn.begin_nested():
                         conn.execute(sa.insert(SpamLevels).values(owner=owner, **values))
                 except sa.exc.IntegrityError:  # inserted meanwhile by another writer (MariaDB): ours is later
                     conn.execute(update)
+
+        self.store.write_transaction("set spam levels", upsert)
         self._levels.invalidate(owner)
         log_kv(log, logging.INFO, "spam levels set", owner=owner, tag=tag, hold=hold, reject=reject, by=by)
 
     def clear_levels(self, owner: str) -> bool:
         """Remove the owner's levels; False if it had none."""
         owner = parse_owner(owner)
-        with self.store.writing("clear spam levels") as conn:
-            removed = conn.execute(sa.delete(SpamLevels).where(SpamLevels.owner == owner)).rowcount > 0
+        removed = self.store.write_transaction("clear spam levels", lambda conn: conn.execute(
+            sa.delete(SpamLevels).where(SpamLevels.owner == owner)).rowcount > 0)
         self._levels.invalidate(owner)
         if removed:
             log_kv(log, logging.INFO, "spam levels cleared", owner=owner)
@@ -465,36 +472,42 @@ class SpamPreferences:
         except ValueError:
             raise ValueError(f"kind {kind!r}: 'white' or 'black'") from None
         values = {"kind": wanted.value, "created_at": self.store.now(), "created_by": by[:255]}
-        with self.store.writing("add a spam sender entry") as conn:
-            existing = conn.execute(sa.select(SpamSender.kind).where(SpamSender.owner == owner,
-                                                                     SpamSender.pattern == text)).scalar()
+        this = (SpamSender.owner == owner, SpamSender.pattern == text)
+
+        def add(conn: sa.Connection) -> str | None:
+            """The kind it had before (None: a new entry); raises _Unchanged when it is there already."""
+            existing = conn.execute(sa.select(SpamSender.kind).where(*this)).scalar()
             if existing == wanted:
-                return False
+                raise _Unchanged
             if existing is not None:
-                conn.execute(sa.update(SpamSender).where(SpamSender.owner == owner, SpamSender.pattern == text)
-                             .values(**values))
-            else:
-                count = conn.execute(sa.select(sa.func.count()).select_from(SpamSender)
-                                     .where(SpamSender.owner == owner)).scalar_one()
-                if count >= MAX_SENDERS:
-                    raise ValueError(f"{owner} has {count} sender entries, the most kept: remove some first")
-                try:
-                    with conn.begin_nested():
-                        conn.execute(sa.insert(SpamSender).values(owner=owner, pattern=text, **values))
-                except sa.exc.IntegrityError:  # added meanwhile by another writer (MariaDB)
-                    return False
+                conn.execute(sa.update(SpamSender).where(*this).values(**values))
+                return str(existing)
+            count = conn.execute(sa.select(sa.func.count()).select_from(SpamSender)
+                                 .where(SpamSender.owner == owner)).scalar_one()
+            if count >= MAX_SENDERS:
+                raise ValueError(f"{owner} has {count} sender entries, the most kept: remove some first")
+            try:
+                with conn.begin_nested():
+                    conn.execute(sa.insert(SpamSender).values(owner=owner, pattern=text, **values))
+            except sa.exc.IntegrityError:  # added meanwhile by another writer (MariaDB)
+                raise _Unchanged from None
+            return None
+
+        try:
+            was = self.store.write_transaction("add a spam sender entry", add)
+        except _Unchanged:
+            return False
         self._senders.invalidate(owner)
         log_kv(log, logging.INFO, "spam sender entry added", owner=owner, pattern=text, kind=wanted.value, by=by,
-               **({"was": existing} if existing else {}))
+               **({"was": was} if was else {}))
         return True
 
     def remove_sender(self, owner: str, pattern: str) -> bool:
         """Remove the owner's entry for ``pattern`` (either kind); False if there was none."""
         owner = parse_owner(owner)
         text = Pattern.parse(pattern).text
-        with self.store.writing("remove a spam sender entry") as conn:
-            removed = conn.execute(sa.delete(SpamSender).where(SpamSender.owner == owner,
-                                                               SpamSender.pattern == text)).rowcount > 0
+        removed = self.store.write_transaction("remove a spam sender entry", lambda conn: conn.execute(
+            sa.delete(SpamSender).where(SpamSender.owner == owner, SpamSender.pattern == text)).rowcount > 0)
         self._senders.invalidate(owner)
         if removed:
             log_kv(log, logging.INFO, "spam sender entry removed", owner=owner, pattern=text)

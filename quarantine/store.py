@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import sqlalchemy as sa
 from pydantic import field_validator
@@ -45,6 +45,7 @@ from quarantine import schema
 from quarantine.models import ADDRESS, LIVE_STATES, Held, Message, State, Storage
 
 log = get_logger("quarantine")
+T = TypeVar("T")
 
 
 class QuarantineSettings(Section):
@@ -206,6 +207,8 @@ STUCK_RELEASE = datetime.timedelta(hours=1)
 ORPHAN_GRACE = 3600.0
 """Seconds (of real time: file ages) before purge removes a message file that no row names; a hold in
 progress writes its file before it commits, never an hour before."""
+DEADLOCK = 1213
+"""MariaDB's (and MySQL's) ER_LOCK_DEADLOCK: the transaction was rolled back whole."""
 BATCH = 500
 """Rows a purge changes per transaction."""
 ID_BYTES = 10
@@ -402,9 +405,26 @@ class QuarantineStore:
         with self._errors(what), self.engine.connect() as conn:
             yield conn
 
-    reading, writing, reading_session = _read, _write, _session
-    """For the other tables of the catalogue's database (``preferences.py``): a connection (a write
-    transaction, a Session) after the schema check, with every failure a StoreError saying what to do."""
+    reading, reading_session = _read, _session
+    """For the other tables of the catalogue's database (``preferences.py``): a connection (a Session) after
+    the schema check, with every failure a StoreError saying what to do; writes: ``write_transaction``."""
+
+    def write_transaction(self, what: str, work: Callable[[sa.Connection], T], attempts: int = 3) -> T:
+        """``work`` in a write transaction (for the other tables of the catalogue's database), run again when
+        MariaDB chose it as a deadlock's victim: the server rolled it back whole, so running it again is
+        safe (two writers inserting the same new unique key at once). Failures as StoreError."""
+        self.check()
+        attempt = 1
+        with self._errors(what):
+            while True:
+                try:
+                    with self._writer.begin() as conn:
+                        return work(conn)
+                except sa.exc.OperationalError as exc:
+                    if attempt >= attempts or getattr(exc.orig, "args", (None,))[:1] != (DEADLOCK,):
+                        raise
+                    log_kv(log, logging.INFO, "deadlock: the transaction runs again", what=what, attempt=attempt)
+                    attempt += 1
 
     # -- holding -----------------------------------------------------------------------------------------
 

@@ -411,6 +411,35 @@ def test_concurrent_reads_while_the_same_object_writes(prefs: SpamPreferences, s
     assert queries.count <= 8 * 2 * (len(mailboxes) + 42) < lookups[0]
 
 
+def test_concurrent_writers_of_the_same_new_rows(store: QuarantineStore) -> None:
+    """Hosts and the CLI writing the same new owner at once (an insert racing an insert): no error, one row
+    per owner and pattern, and add_sender True for exactly one of the racers."""
+    owners = [f"user{number}@a.test" for number in range(30)]
+    errors: list[BaseException] = []
+    added: list[bool] = []
+    lock = threading.Lock()
+
+    def write(level: float) -> None:
+        prefs = SpamPreferences(store)
+        try:
+            for owner in owners:
+                prefs.set_levels(owner, tag=level, by="t")
+                result = prefs.add_sender(owner, "x.example", "black", by="t")
+                with lock:
+                    added.append(result)
+        except BaseException as exc:
+            errors.append(exc)
+
+    writers = [threading.Thread(target=write, args=(float(number),)) for number in range(8)]
+    for thread in writers:
+        thread.start()
+    for thread in writers:
+        thread.join(60)
+    assert errors == []
+    assert sorted(row.owner for row in SpamPreferences(store).levels()) == sorted(owners)
+    assert len(SpamPreferences(store).senders()) == len(owners) == added.count(True)
+
+
 # -- failures -----------------------------------------------------------------------------------------------
 
 def test_a_catalogue_behind_is_a_store_error_naming_the_fix(tmp_path: Path) -> None:
