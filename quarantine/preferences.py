@@ -40,6 +40,8 @@ list too, so the milter asks the database at most once a minute per recipient ma
 that misses asks for the mailbox and its domain in one query, bounded: a levels row per owner, at most
 ``MAX_SENDERS`` entries per owner. A write through the same ``SpamPreferences`` drops that owner's cached
 entry at once; a write elsewhere (the CLI, another host, the reply handler) is seen within ``cache_ttl``.
+Two writers of the same new row at once are fine: on MariaDB the one picked as a deadlock's victim runs
+again (``QuarantineStore.write_transaction``); the later write wins.
 
 **Failures.** A database failure raises the store's ``StoreError`` (saying what failed and what to do), in
 the read path too: the milter decides its fail mode. Thread-safe: the milter's worker threads share one
