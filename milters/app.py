@@ -1,8 +1,10 @@
-"""Assembling one milter process from the config: its checks, in its order, and the quarantine store."""
+"""Assembling one milter process from the config: its checks, in its order, the quarantine store and the
+recipients' mailboxes."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from mailwarden.config import Config
@@ -13,23 +15,42 @@ from milters.check import MessageCheck
 from milters.clamav import ClamavCheck
 from milters.holding import StoreHolder
 from milters.mailbox import MailboxResolver
+from milters.spamassassin import SpamAssassinCheck
+from quarantine.preferences import SpamPreferences
 
-CHECKS: dict[str, Callable[[Any], MessageCheck]] = {
-    "banned": lambda section: BannedCheck(section.banned),
-    "clamav": lambda section: ClamavCheck(section.clamav),
+
+@dataclass(frozen=True)
+class Shared:
+    """What a process's checks may share: the ``[milters]`` section, the store, the mailbox resolver."""
+
+    section: Any
+    holder: StoreHolder
+    mailboxes: MailboxResolver
+
+
+def _spamassassin(shared: Shared) -> SpamAssassinCheck:
+    settings = shared.section.spamassassin
+    preferences = SpamPreferences(shared.holder.store, cache_ttl=settings.preferences_cache)
+    return SpamAssassinCheck(settings, shared.mailboxes, preferences)
+
+
+CHECKS: dict[str, Callable[[Shared], MessageCheck]] = {
+    "banned": lambda shared: BannedCheck(shared.section.banned),
+    "clamav": lambda shared: ClamavCheck(shared.section.clamav),
+    "spamassassin": _spamassassin,
 }
-"""Every check a milter's ``checks`` may name, built from the ``[milters]`` section."""
+"""Every check a milter's ``checks`` may name."""
 
-MILTERS = ("clamav",)
+MILTERS = ("clamav", "spamassassin")
 """The milter processes there are (``mailwarden milter NAME``), each with its ``[milters.NAME]`` section."""
 
 
 def build_app(config: Config, name: str, decisions: DecisionLog) -> MilterApp:
     section = config.section("milters")
     settings = getattr(section, name)
-    checks = [CHECKS[check](section) for check in settings.checks]
     holder = StoreHolder.open(config.section("quarantine"))
     recipients = config.section("policyd").recipients
+    shared = Shared(section, holder, MailboxResolver(recipients, recipients.cache_ttl))
+    checks = [CHECKS[check](shared) for check in settings.checks]
     return MilterApp(name=name, checks=checks, decisions=decisions, holder=holder,
-                     spool_memory=section.spool_memory,
-                     mailboxes=MailboxResolver(recipients, recipients.cache_ttl))
+                     spool_memory=section.spool_memory, mailboxes=shared.mailboxes)

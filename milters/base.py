@@ -97,10 +97,18 @@ class MilterApp:
     owned_headers: frozenset[str] = field(init=False)
     """Lower-case names of the headers our checks set: incoming copies are removed before delivery, so a
     sender cannot forge a verdict."""
+    owned_prefixes: tuple[str, ...] = field(init=False)
+    """Lower-case name prefixes a check owns whole (``x-spam-``): every incoming header so named is removed."""
 
     def __post_init__(self) -> None:
         self.owned_headers = frozenset(name.lower() for check in self.checks
                                        for name in getattr(check, "owned_headers", ()))
+        self.owned_prefixes = tuple(prefix.lower() for check in self.checks
+                                    for prefix in getattr(check, "owned_header_prefixes", ()))
+
+    def owns(self, header: str) -> bool:
+        """Whether an incoming header of this (lower-case) name is one of ours, to be removed."""
+        return header in self.owned_headers or header.startswith(self.owned_prefixes)
 
     def close(self) -> None:
         for check in self.checks:
@@ -181,7 +189,7 @@ class MessageMilter(Milter.Base):
         message.spool.write(name.encode("ascii", "surrogateescape") + b": " + raw + b"\r\n")
         message.headers.append((name, raw.decode("utf-8", "surrogateescape")))
         lowered = name.lower()
-        if lowered in self.app.owned_headers:
+        if self.app.owns(lowered):
             self.owned_seen[lowered] = self.owned_seen.get(lowered, 0) + 1
         return Milter.CONTINUE
 
@@ -285,7 +293,17 @@ class MessageMilter(Milter.Base):
                 self.chgheader(name, index, "")
         for name, value in resolution.headers:
             self.addheader(name, value)
+        if resolution.subject_tag and self.message is not None:
+            self._tag_subject(self.message, resolution.subject_tag)
         return Milter.ACCEPT
+
+    def _tag_subject(self, message: Message, tag: str) -> None:
+        """``tag`` in front of the first Subject (once: a reply to tagged mail keeps a single tag)."""
+        subject = message.header("Subject")
+        if subject is None:
+            self.addheader("Subject", tag)
+        elif not subject.lstrip().startswith(tag):
+            self.chgheader("Subject", 1, f"{tag} {subject.lstrip()}")
 
     def _reply(self, reply: Reply) -> None:
         self.setreply(reply.code, reply.status, reply.text.replace("%", "%%"))
@@ -312,6 +330,8 @@ class MessageMilter(Milter.Base):
                 extra["kind"] = verdict.kind
             if rcpt in resolution.held:
                 extra["held_id"] = next(held_id, "")
+            if verdict is not None:
+                extra.update(verdict.log_fields)
             app.decisions.emit(Decision(
                 service="milter", stage="eom", check=verdict.check if verdict else "",
                 action=action, reason=verdict.reason if verdict else "no check decided",

@@ -11,6 +11,7 @@ from milters.app import CHECKS, MILTERS
 from milters.banned import BannedSettings
 from milters.clamav import ClamavSettings
 from milters.cli import register_cli
+from milters.spamassassin import SpamAssassinSettings
 
 
 class MiltersSettings(Section):
@@ -18,6 +19,8 @@ class MiltersSettings(Section):
     """Bytes of a message kept in memory; the rest goes to an unlinked temporary file."""
     clamav: ClamavSettings = Field(default_factory=ClamavSettings)
     """The ClamAV milter (``mailwarden milter clamav``) and its scanner."""
+    spamassassin: SpamAssassinSettings = Field(default_factory=SpamAssassinSettings)
+    """The SpamAssassin milter (``mailwarden milter spamassassin``)."""
     banned: BannedSettings = Field(default_factory=BannedSettings)
     """The banned-attachments check (``[milters.banned]``), run by the milters whose ``checks`` name it."""
 

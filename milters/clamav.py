@@ -59,12 +59,11 @@ from mailwarden.units import Duration, Size
 from milters import clamd_client
 from milters.check import Message
 from milters.metrics import SCANNER_ERRORS
-from milters.settings import MilterSettings
+from milters.settings import ErrorFate, MilterSettings
 from milters.spool import Spool
 from milters.verdict import REJECT_CONTENT, REJECT_VIRUS, TEMPFAIL_SCANNER, Fate, Reply, Verdict
 
 FindingFate = Literal["reject", "quarantine", "tag", "accept"]
-ErrorFate = Literal["tempfail", "accept"]
 
 
 class ClamavSettings(MilterSettings):

@@ -4,12 +4,17 @@ them with its scanner's options."""
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import field_validator
 
 from mailwarden.metrics import MetricsSettings
 from mailwarden.section import Section
 from mailwarden.units import Duration
+
+ErrorFate = Literal["tempfail", "accept"]
+"""What a check does with a message when its scanner cannot answer: 451 (the client retries), or pass it
+with a header saying it was not scanned."""
 
 _SOCKET = re.compile(r"^(?:unix:(?P<path>/\S+)|inet:(?P<host>\[[0-9a-fA-F:.]+\]|[\w.-]+):(?P<port>\d{1,5}))$")
 

@@ -46,6 +46,7 @@ class Reply:
 
 REJECT_VIRUS = Reply("554", "5.7.1", "Message content rejected")
 REJECT_CONTENT = Reply("554", "5.7.1", "Message content rejected")
+REJECT_SPAM = Reply("550", "5.7.1", "Message content rejected")
 TEMPFAIL_SCANNER = Reply("451", "4.7.1", "Message content could not be checked, try again later")
 TEMPFAIL_STORE = Reply("451", "4.3.0", "Temporary local problem, try again later")
 
@@ -67,6 +68,11 @@ class Verdict:
     """Added only to the quarantined copy (the signature name), never to delivered mail."""
     reply: Reply | None = None
     """The answer for REJECT and TEMPFAIL; a generic one when unset."""
+    subject_tag: str = ""
+    """Put in front of the Subject of the delivered copy, when every delivered recipient's verdict asks
+    for the same tag (a visible change nobody gets unasked)."""
+    log_fields: tuple[tuple[str, str], ...] = ()
+    """Added to the recipient's decision line (the spam score ...)."""
 
     @property
     def severity(self) -> int:
@@ -98,9 +104,11 @@ def merge(current: Verdict | None, new: Verdict | None) -> Verdict | None:
     winner, other = (new, current) if later_wins else (current, new)
     headers = winner.headers + tuple(h for h in other.headers if h not in winner.headers)
     held = winner.held_headers + tuple(h for h in other.held_headers if h not in winner.held_headers)
-    if headers == winner.headers and held == winner.held_headers:
+    fields = winner.log_fields + tuple(f for f in other.log_fields if f not in winner.log_fields)
+    tag = winner.subject_tag or other.subject_tag
+    if (headers, held, fields, tag) == (winner.headers, winner.held_headers, winner.log_fields, winner.subject_tag):
         return winner
-    return replace(winner, headers=headers, held_headers=held)
+    return replace(winner, headers=headers, held_headers=held, log_fields=fields, subject_tag=tag)
 
 
 @dataclass
@@ -115,6 +123,8 @@ class Resolution:
     delivered: dict[str, Verdict | None] = field(default_factory=dict)
     headers: list[tuple[str, str]] = field(default_factory=list)
     """Added to the delivered copy: the union of the delivered recipients' verdicts' headers, in order."""
+    subject_tag: str = ""
+    """Put in front of the delivered copy's Subject: the tag every delivered recipient's verdict asks for."""
 
 
 def resolve(recipients: Sequence[str], verdicts: Mapping[str, Verdict | None]) -> Resolution:
@@ -138,4 +148,7 @@ def resolve(recipients: Sequence[str], verdicts: Mapping[str, Verdict | None]) -
         for header in verdict.headers if verdict else ():
             if header not in resolution.headers:
                 resolution.headers.append(header)
+    tags = {verdict.subject_tag if verdict else "" for verdict in resolution.delivered.values()}
+    if len(tags) == 1:
+        resolution.subject_tag = tags.pop()
     return resolution
