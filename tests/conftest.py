@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -206,9 +206,12 @@ def message(subject: str, sender: str = "sender@example.org", to: str = "user@ex
 class MilterStack:
     postfix: PostfixInstance
     milter: MilterProcess
+    """The first milter Postfix calls (the ClamAV one unless ``milters`` said otherwise)."""
     clamd: ClamdInstance
     sink: Sink
     front: PostfixInstance | None = None
+    milters: dict[str, MilterProcess] = field(default_factory=dict)
+    """Every milter process, by name, in Postfix's order."""
 
     def smtp(self, login: str | None = None, port: int | None = None) -> smtplib.SMTP:
         conn = smtplib.SMTP("127.0.0.1", port or self.postfix.smtp_port, timeout=60)
@@ -272,24 +275,31 @@ def milter_stack(tmp_path: Path, clamd: ClamdInstance, sink: Sink) -> Iterator[C
     started: list[MilterStack] = []
 
     def start(settings: dict | None = None, front: bool = False, unix_socket: Path | None = None,
-              postfix_main_cf: str = "") -> MilterStack:
-        """``unix_socket``: the milter listens there instead of a TCP port; ``postfix_main_cf``: lines added
-        to the main.cf of our Postfix (the one with the milter)."""
+              postfix_main_cf: str = "", milters: tuple[str, ...] = ("clamav",)) -> MilterStack:
+        """``unix_socket``: the (first) milter listens there instead of a TCP port; ``postfix_main_cf``: lines
+        added to the main.cf of our Postfix (the one with the milters); ``milters``: the milter processes,
+        chained in this order in smtpd_milters, all with the same config."""
         reinject_port = free_port()
         settings = settings or milter_settings(clamd)
         settings.setdefault("quarantine", {
             "database_url": f"sqlite:///{tmp_path / 'quarantine.sqlite'}", "message_dir": str(tmp_path / "held"),
             "reinject": f"127.0.0.1:{reinject_port}"})
-        milter = MilterProcess(tmp_path / "milter", settings, unix_socket=unix_socket)
-        milter.write_config()
+        processes = {name: MilterProcess(tmp_path / "milter", settings, name=name,
+                                         unix_socket=unix_socket if index == 0 else None)
+                     for index, name in enumerate(milters)}
+        for process in processes.values():
+            process.write_config()
+        milter = next(iter(processes.values()))
         mailwarden(milter, "quarantine", "migrate")
-        milter.start()
+        for process in processes.values():
+            process.start()
         directory = Path(tempfile.mkdtemp(prefix="mw-postfix-"))
         directory.chmod(0o755)
-        postfix = PostfixInstance(directory, free_port(), sink.port, None, milters=milter.address,
+        postfix = PostfixInstance(directory, free_port(), sink.port, None,
+                                  milters=", ".join(process.address for process in processes.values()),
                                   reinject_port=reinject_port, extra_main_cf=postfix_main_cf).start()
         wait_port(postfix.smtp_port)
-        stack = MilterStack(postfix, milter, clamd, sink)
+        stack = MilterStack(postfix, milter, clamd, sink, milters=processes)
         if front:  # the sending MTA: no milter, relays everything to ours and retries what we tempfail
             front_dir = Path(tempfile.mkdtemp(prefix="mw-postfix-front-"))
             front_dir.chmod(0o755)
@@ -304,4 +314,5 @@ def milter_stack(tmp_path: Path, clamd: ClamdInstance, sink: Sink) -> Iterator[C
             if instance is not None:
                 instance.stop()
                 shutil.rmtree(instance.directory, ignore_errors=True)
-        stack.milter.kill()  # libmilter takes about 4 s to stop on SIGTERM: that is tested once, below
+        for process in stack.milters.values():
+            process.kill()  # libmilter takes about 4 s to stop on SIGTERM: that is tested once, below

@@ -1,0 +1,129 @@
+"""The SpamAssassin milter through the real Postfix, chained after the ClamAV milter, with the real clamd and
+the real spamd (per-user preferences and Bayes): per-recipient verdicts, the sender lists and levels of
+the preferences store, aliases judged as their mailbox, forged X-Spam-* headers removed, a large spam
+sampled rather than skipped, and spamd stopped costing a retry, not a message."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from email.message import EmailMessage
+
+from conftest import mailwarden, milter_settings, text_message
+
+GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+CHAIN = ("clamav", "spamassassin")
+
+
+def spam_settings(clamd, spamd, **spam: object) -> dict:
+    settings = milter_settings(clamd)
+    settings["milters"]["spamassassin"] = {"spamd": {"address": spamd.tcp_address, "timeout": "20s"},
+                                           "retry_pause": "200ms", **spam}
+    return settings
+
+
+def gtube(subject: str, sender: str = "sender@example.org") -> EmailMessage:
+    return text_message(subject, f"Hello,\n{GTUBE}\n", sender=sender)
+
+
+def held_rows(stack) -> list[dict]:
+    listed = json.loads(mailwarden(stack.milter, "quarantine", "list", "--json").stdout)
+    return listed if isinstance(listed, list) else listed["messages"]
+
+
+def test_gtube_is_held_for_its_recipient_and_released_once(milter_stack, clamd, spamd):
+    stack = milter_stack(spam_settings(clamd, spamd, reject_level=5000), milters=CHAIN)
+    assert stack.send(gtube("gtube held"), rcpts=("alice@example.test",)) is None
+    log = stack.milters["spamassassin"].wait_log("action=quarantine")
+    assert "kind=spam" in log and "score=1000" in log and "held_id=" in log
+    stack.marker()
+    assert stack.sink.with_subject("gtube held") == []
+    [row] = held_rows(stack)
+    assert row["recipient"] == "alice@example.test" and row["kind"] == "spam" and row["state"] == "held"
+
+    mailwarden(stack.milter, "quarantine", "release", row["public_id"])
+    stack.sink.wait_for_subjects("gtube held", timeout=30)
+    again = subprocess.run([sys.executable, "-m", "mailwarden.cli", "--config", str(stack.milter.config_path),
+                            "quarantine", "release", row["public_id"]], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1
+    stack.marker("after the release")
+    [released] = stack.sink.with_subject("gtube held")
+    assert released.rcpt_tos == ("alice@example.test",)
+    assert released.message["X-Spam-Flag"] == "YES", "the held copy says why it was held"
+
+
+def test_a_clean_message_says_no_with_a_score_and_forged_verdicts_are_removed(milter_stack, clamd, spamd):
+    stack = milter_stack(spam_settings(clamd, spamd), milters=CHAIN)
+    forged = text_message("forged verdict")
+    forged["X-Spam-Flag"] = "NO"
+    forged["X-Spam-Status"] = "No, score=-100.0 required=5.0 tests=ALL_TRUSTED"
+    forged["X-Spam-Checker-Version"] = "SpamAssassin 9.9"
+    assert stack.send(forged) is None
+    stack.sink.wait_for_subjects("forged verdict")
+    [arrived] = stack.sink.with_subject("forged verdict")
+    message = arrived.message
+    assert message.get_all("X-Spam-Flag") is None and message.get_all("X-Spam-Checker-Version") is None
+    [status] = message.get_all("X-Spam-Status")
+    assert status.startswith("No, score=") and "-100.0" not in status
+    assert float(message["X-Spam-Score"]) < 5
+    assert message["X-Virus-Status"] == "Clean", "the ClamAV milter ahead of it did not see the message"
+
+    spam = gtube("forged no on spam")
+    spam["X-Spam-Flag"] = "NO"
+    assert stack.send(spam) == (550, "5.7.1 Message content rejected")
+
+
+def test_two_recipients_one_whitelisting_the_sender(milter_stack, clamd, spamd):
+    stack = milter_stack(spam_settings(clamd, spamd, reject_level=5000), milters=CHAIN)
+    mailwarden(stack.milter, "spam", "senders", "add", "--for", "carol@example.test", "--white", "sender@example.org")
+    assert stack.send(gtube("whitelisted by one"), rcpts=("carol@example.test", "dave@example.test")) is None
+    stack.sink.wait_for_subjects("whitelisted by one")
+    stack.marker()
+    [delivered] = stack.sink.with_subject("whitelisted by one")
+    assert delivered.rcpt_tos == ("carol@example.test",)
+    assert [(row["recipient"], row["kind"]) for row in held_rows(stack)] == [("dave@example.test", "spam")]
+
+
+def test_an_alias_is_judged_with_its_mailboxs_levels(milter_stack, clamd, spamd, tmp_path):
+    recipients = tmp_path / "recipients.map"
+    recipients.write_text("carol@example.test\nsales@example.test: carol@example.test\nerin@example.test\n")
+    settings = spam_settings(clamd, spamd, reject_level=5000)
+    settings["policyd"] = {"recipients": {"sources": ["file"], "file": {"paths": [str(recipients)]}}}
+    stack = milter_stack(settings, milters=CHAIN)
+    mailwarden(stack.milter, "spam", "levels", "set", "--for", "carol@example.test", "--tag", "5", "--hold", "2000",
+               "--reject", "3000")
+    assert stack.send(gtube("to the alias"), rcpts=("sales@example.test", "erin@example.test")) is None
+    stack.sink.wait_for_subjects("to the alias")
+    stack.marker()
+    [delivered] = stack.sink.with_subject("to the alias")
+    assert delivered.rcpt_tos == ("sales@example.test",) and delivered.message["X-Spam-Flag"] == "YES"
+    assert [(row["recipient"], row["mailbox"]) for row in held_rows(stack)] == [
+        ("erin@example.test", "erin@example.test")]
+
+
+def test_a_3mb_spam_with_its_pitch_after_2mb_of_text_is_caught(milter_stack, clamd, spamd):
+    stack = milter_stack(spam_settings(clamd, spamd), milters=CHAIN)
+    big = text_message("large spam", "lorem ipsum dolor sit amet, consectetur adipiscing elit\n" * 40_000)
+    big.add_attachment(f"Hello,\n{GTUBE}\n" + "tail line of the pitch\n" * 50_000, subtype="plain")
+    raw = big.as_bytes()
+    assert len(raw) > 3 << 20
+    assert stack.send(raw) == (550, "5.7.1 Message content rejected")
+    log = stack.milters["spamassassin"].log_text()
+    assert "action=reject" in log and "kind=spam" in log
+
+
+def test_spamd_stopped_gives_451_and_the_retry_delivers(milter_stack, clamd, spamd):
+    stack = milter_stack(spam_settings(clamd, spamd), front=True, milters=CHAIN)
+    assert stack.front is not None
+    spamd.stop()
+    try:
+        stack.send_via_front(text_message("while spamd was down"))
+        stack.milters["spamassassin"].wait_log("action=defer", timeout=30)
+        assert stack.sink.with_subject("while spamd was down") == []
+    finally:
+        spamd.start()
+    stack.front.flush()
+    stack.sink.wait_for_subjects("while spamd was down", timeout=60)
+    [arrived] = stack.sink.with_subject("while spamd was down")
+    assert arrived.message["X-Spam-Status"].startswith("No, score=")
