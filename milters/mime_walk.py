@@ -34,7 +34,12 @@ same tree:
   field of a part (clients differ in which of two they believe), the type from the first;
 - a line longer than ``2 * CHUNK`` with no boundary in it is read in pieces;
 - header bytes are decoded as UTF-8 (RFC 6532) when they are valid UTF-8, else as Latin-1: 8-bit names
-  come out readable, never as an exception.
+  come out readable, never as an exception;
+- base64 is decoded leniently, and the same wherever the reads end: bytes outside the alphabet are
+  dropped, a padded group (``xy==``, ``xyz=``) ends its group and decoding goes on after it (binascii and
+  the email package stop there, a client may not), any other ``=`` is skipped as binascii skips it, and
+  a last group left unpadded is decoded; past ``BASE64_BLOCKS`` padded groups in one part the rest of it
+  is not decoded, and the walk records a limit.
 
 Bounds (``Limits``): parts, nesting depth (multipart and message/rfc822 together), decoded bytes kept per
 part. Past a bound the walk goes on reading (to find the boundaries that follow) without descending or
@@ -75,6 +80,7 @@ UU_READ = 4 << 20
 past either, the rest of the part is read as text and the walk records a limit."""
 
 _B64_JUNK = bytes(c for c in range(256) if not (chr(c).isascii() and (chr(c).isalnum() or chr(c) in "+/=")))
+"""Bytes outside the base64 alphabet (and ``=``), which lenient decoders drop."""
 _UU_BEGIN = re.compile(rb"^begin(?:-base64)? +[0-7]{3,4} +(.+?)[ \t]*\r?\n?$")
 _UU_LINE = re.compile(rb"begin(?:-base64)? +[0-7]{3,4} +[^\r\n]")
 _UU_AFTER_NEWLINE = re.compile(rb"\nbegin(?:-base64)? +[0-7]{3,4} +[^\r\n]")
@@ -363,29 +369,19 @@ def file_names(headers: EmailMessage) -> list[str]:
 
 class _Decoder:
     """A transfer-encoding decoder fed blocks of whole lines (a block ends inside a line only in a line
-    longer than the walk reads at once)."""
+    longer than the walk reads at once); ``flush`` gives what the end of the body completes."""
 
     def __init__(self, encoding: str) -> None:
         self.encoding = encoding
         self._carry = b""
-        self._b64_blocks = BASE64_BLOCKS
+        self._b64_groups = BASE64_BLOCKS
+        self.exhausted = False
+        """More than BASE64_BLOCKS padded groups: the rest of the part was not decoded."""
         self._uu_started = False
 
     def feed(self, data: bytes) -> bytes:
         if self.encoding == "base64":
-            data = self._carry + data.translate(None, _B64_JUNK)
-            usable = len(data) // 4 * 4
-            self._carry, data = data[usable:], data[:usable]
-            if not data:
-                return b""
-            if self._b64_blocks > 0 and b"=" in data[:-4]:
-                decoded, blocks = _base64_blocks(data)
-                self._b64_blocks -= blocks
-                return decoded
-            try:
-                return binascii.a2b_base64(data)
-            except binascii.Error:
-                return b""
+            return self._base64(data)
         if self.encoding == "quoted-printable":
             data = self._carry + data
             cut = data.find(b"=", len(data) - 2)  # an escape cut in two by the block's end waits for the rest
@@ -395,6 +391,52 @@ class _Decoder:
             return b"".join(self._uu(line) for line in data.splitlines(keepends=True))
         return data
 
+    def flush(self) -> bytes:
+        """The end of the body: a last base64 group left unpadded (two or three characters) decoded."""
+        if self.encoding != "base64" or self.exhausted:
+            return b""
+        data, self._carry = self._carry.rstrip(b"="), b""
+        return binascii.a2b_base64(data + b"==") if len(data) >= 2 else b""
+
+    def _base64(self, data: bytes) -> bytes:
+        """Base64 decoded as lenient decoders do, whatever the reads: characters outside the alphabet
+        dropped, a padded group (``xy==``, ``xyz=``) ending its group with decoding going on after it
+        (binascii stops there), any other ``=`` skipped (as binascii skips it). Stretches without ``=``
+        are decoded by binascii whole; only the groups around an ``=`` are matched by a pattern, and the
+        characters of an unfinished group wait in ``_carry`` (at most three, and an ``=`` after two)."""
+        if self.exhausted:
+            return b""
+        text = self._carry + data.translate(None, _B64_JUNK)
+        out: list[bytes] = []
+        pos = 0
+        while True:
+            pad = text.find(b"=", pos)
+            if pad < 0:
+                end = pos + (len(text) - pos) // 4 * 4
+                out.append(binascii.a2b_base64(text[pos:end]))
+                self._carry = text[end:]
+                break
+            aligned = pos + (pad - pos) // 4 * 4
+            if aligned > pos:
+                out.append(binascii.a2b_base64(text[pos:aligned]))
+            found = _B64_AROUND_PAD.match(text, aligned)
+            if found is None or found.end() == aligned:  # the input ends inside the group: it waits for more
+                rest = text[aligned:]
+                chars = rest.translate(None, b"=")
+                self._carry = chars + b"=" if len(chars) == 2 and rest.endswith(b"=") else chars
+                break
+            chars = found.group(0).translate(None, b"=")
+            if found.group(1) is not None:
+                self._b64_groups -= 1
+                if self._b64_groups < 0:
+                    self.exhausted = True
+                    self._carry = b""
+                    break
+                chars += b"=" * (-len(chars) % 4)
+            out.append(binascii.a2b_base64(chars))
+            pos = found.end()
+        return b"".join(out)
+
     def _uu(self, line: bytes) -> bytes:
         if not self._uu_started:
             self._uu_started = bool(_UU_BEGIN.match(line))
@@ -402,20 +444,20 @@ class _Decoder:
         return uu_line(line)
 
 
-_AFTER_PADDING = re.compile(rb"(?<==)(?=[^=])")
+def _b64_pattern(pattern: bytes) -> re.Pattern[bytes]:
+    return re.compile(pattern.replace(b"D", rb"[A-Za-z0-9+/]"))
+
+
+_B64_AROUND_PAD = _b64_pattern(
+    rb"(?:(?:=+D=*D|D=+D)(?:=(?=D))?DD|DD=DD)*+"  # whole groups with an = that is skipped in them
+    rb"(=*D=*D(?:==|(?:=(?=D))?D=))?"  # a padded group, = skipped in it too
+)
+"""From the start of a group with an ``=`` in it: the groups whose ``=`` are skipped (before the first
+character, after the first, or one after the second followed by a third), then a padded group (group 1)
+if one comes; empty when the input ends before the group is decided."""
 BASE64_BLOCKS = 1024
-"""Base64 blocks padded one by one and joined (which binascii stops at) decoded per part, block by block;
-past that, the rest of the part is decoded as binascii does, so that hostile padding costs C time."""
-
-
-def _base64_blocks(data: bytes) -> tuple[bytes, int]:
-    """Decode ``data`` one padded block at a time; the bytes, and how many blocks that took."""
-    out = []
-    pieces = _AFTER_PADDING.split(data)
-    for piece in pieces:
-        with contextlib.suppress(binascii.Error):
-            out.append(binascii.a2b_base64(piece))
-    return b"".join(out), len(pieces)
+"""Padded groups (``xy==``, ``xyz=``) decoded per part, each a turn of a Python loop; past that, the rest of
+the part is not decoded and the walk records a limit, so that hostile padding costs bounded time."""
 
 
 def uu_line(line: bytes) -> bytes:
@@ -704,6 +746,10 @@ class Walker:
                 term = self._text_body(path, depth, body, decoder)
             else:
                 term = self._body(lambda data: body.feed(decoder.feed(data), len(data)) if not body.done else None)
+            if not body.done:
+                body.feed(decoder.flush(), 0)
+            if decoder.exhausted:
+                self.result.limit(f"base64 of part {path} past {BASE64_BLOCKS} padded groups, the rest not decoded")
         part = body.finish()
         if message and part.decoded is not None and not part.truncated:
             decoded = part.decoded

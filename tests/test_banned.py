@@ -8,6 +8,7 @@ what it proves; the corpus (tests/fixtures/banned/mime-tricky) is real mail soft
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 import logging
 import os
@@ -27,7 +28,7 @@ from mailwarden.config import ConfigError
 from milters import banned as banned_module
 from milters.banned import BannedCheck, BannedSettings, detect, name_rule, normalise_name, shown
 from milters.check import Message
-from milters.mime_walk import CHUNK, Limits, walk
+from milters.mime_walk import BASE64_BLOCKS, CHUNK, Limits, _Decoder, walk
 from milters.spool import Spool
 from milters.verdict import REJECT_CONTENT, Fate
 
@@ -801,8 +802,8 @@ def _padded(pad: int, body: bytes, content_type: str = "image/jpeg", name: str =
 BOUNDARIES = {"short": ("inner", "outer", "closed"),
               "long": ("_inner_0123456789abcdef", "_outer_0123456789abcdef", "_closed_0123456789abcdef")}
 """Boundaries of nested multiparts: short ones are searched for by a pattern, long ones (16 bytes and more,
-as mail clients make them) by ``bytes.find`` first. No ``=`` in them: inside a base64 body it would end
-the decoding of the block before it (the bytes the type is detected from)."""
+as mail clients make them) by ``bytes.find`` first. No ``=`` in them: inside a base64 body one could end
+a padded group (``test_junk_inside_base64_...`` below), which these tests are not about."""
 
 
 @pytest.mark.parametrize("kind", list(BOUNDARIES))
@@ -842,6 +843,134 @@ def test_the_walk_does_not_depend_on_where_reads_end(size):
         if len(raw) > 200_000:
             continue
         assert _parts(raw, _ShortReads(raw, size)) == _parts(raw), raw[:400]
+
+
+ODD_BODY = PE + random.Random(7).randbytes(3000)
+"""A Windows executable to be sent as ``photo.jpg`` with junk in its base64."""
+
+
+def _junk_at(encoded: bytes, chars: int, junk: bytes) -> bytes:
+    """``junk`` put into base64 text after ``chars`` characters of the alphabet (line ends not counted)."""
+    seen = 0
+    for at, byte in enumerate(encoded):
+        if seen == chars:
+            return encoded[:at] + junk + encoded[at:]
+        seen += byte not in b"\r\n"
+    raise ValueError(chars)
+
+
+def _padded_one_by_one(data: bytes, seed: int) -> bytes:
+    """``data`` cut at random places and each piece encoded on its own, padding and all, lines at random."""
+    rnd, out, at = random.Random(seed), [], 0
+    while at < len(data):
+        size = rnd.randint(1, 200)
+        out.append(base64.b64encode(data[at:at + size]) + rnd.choice([b"", b"\r\n", b"\r\n====\r\n"]))
+        at += size
+    return b"".join(out) + b"\r\n"
+
+
+ENCODED = b64(ODD_BODY)
+BASE64_JUNK = {
+    "a stray = after 400 bytes of base64": ENCODED[:400] + b"=" + ENCODED[400:],
+    **{f"a stray = after character {at} of a group": _junk_at(ENCODED, 388 + at, b"=") for at in range(4)},
+    "a stray = at the very start": b"=" + ENCODED,
+    "! characters": b"!".join(ENCODED[i:i + 37] for i in range(0, len(ENCODED), 37)),
+    "a line of ====": _junk_at(ENCODED, 76 * 3, b"====\r\n"),
+    "==== inside a line": _junk_at(ENCODED, 200, b"===="),
+    "= and ! mixed": _junk_at(_junk_at(ENCODED, 390, b"!=!"), 101, b"=!"),
+    "padded one by one": _padded_one_by_one(ODD_BODY, 1),
+    "padded one by one, no line ends": _padded_one_by_one(ODD_BODY, 2).replace(b"\r\n", b""),
+}
+"""The executable's base64 with junk that lenient decoders (binascii, the email package, mail clients) read
+past: what the walk decodes must be the executable, for the verdict and whatever the reads."""
+
+
+def _photo(encoded: bytes, newline: bytes = b"\r\n") -> bytes:
+    photo = (b'Content-Type: image/jpeg\r\nContent-Disposition: attachment; filename="photo.jpg"\r\n'
+             b"Content-Transfer-Encoding: base64\r\n\r\n" + encoded)
+    return mail(multipart(text(), photo)).replace(b"\r\n", newline)
+
+
+@pytest.mark.parametrize("newline", [b"\r\n", b"\n"], ids=["CRLF", "LF"])
+@pytest.mark.parametrize("case", list(BASE64_JUNK), ids=list(BASE64_JUNK))
+def test_junk_inside_base64_does_not_hide_an_executable(check, case, newline):
+    """A stray ``=`` made the decoder drop the block before it (the first bytes the type is detected
+    from); a padded group now ends its group and decoding goes on after it, any other ``=`` is skipped,
+    and characters outside the alphabet are dropped, as lenient decoders do."""
+    raw = _photo(BASE64_JUNK[case], newline)
+    assert verdict_of(check, raw).reason == 'part 2 name="photo.jpg" rule=detected:executable'
+
+
+def _heads(raw: bytes, reader=None) -> list[tuple[str, bytes]]:
+    """Every leaf's path and first decoded bytes."""
+    seen: list[tuple[str, bytes]] = []
+    walk(reader or io.BytesIO(raw), lambda part, _w: bool(seen.append((part.path, part.head))))
+    return seen
+
+
+@pytest.mark.parametrize("case", list(BASE64_JUNK), ids=list(BASE64_JUNK))
+def test_junk_inside_base64_decodes_the_same_whatever_the_reads(case):
+    """The same bytes from reads of 1 to 80 bytes (and larger) as from 64 KB reads: a group cut by a read
+    waits for the rest, an ``=`` at the end of a read for what follows it. Where the junk leaves every
+    group whole (all but a lone ``=`` after the third character of a group), that is the executable
+    itself."""
+    for newline in (b"\r\n", b"\n"):
+        raw = _photo(BASE64_JUNK[case], newline)
+        expected = _heads(raw)
+        assert expected[1][0] == "2"
+        if case != "a stray = after character 3 of a group":
+            assert expected[1][1] == ODD_BODY, case
+        for size in [*range(1, 81), 127, 1000, 4096]:
+            assert _heads(raw, _ShortReads(raw, size)) == expected, (case, newline, size)
+
+
+def _lenient_base64(data: bytes) -> bytes:
+    """Base64 decoded a character at a time, as the walk should decode it: other bytes dropped, ``xy==`` and
+    ``xyz=`` ending a group, any other ``=`` skipped, a last unpadded group of two or three decoded."""
+    out, group, pad_after_two = bytearray(), b"", False
+    for byte in data:
+        char = bytes([byte])
+        if char == b"=":
+            if len(group) == 3 or (len(group) == 2 and pad_after_two):
+                out += binascii.a2b_base64(group + b"==")
+                group, pad_after_two = b"", False
+            elif len(group) == 2:
+                pad_after_two = True
+        elif (char.isalnum() and char.isascii()) or char in b"+/":
+            group, pad_after_two = group + char, False
+            if len(group) == 4:
+                out += binascii.a2b_base64(group)
+                group = b""
+    if len(group) >= 2:
+        out += binascii.a2b_base64(group + b"==")
+    return bytes(out)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_base64_decoding_matches_a_decoder_a_character_at_a_time(seed):
+    """Random base64 text thick with ``=`` and junk, fed in blocks of random sizes: the decoder (patterns
+    over the groups around an ``=``, binascii for the rest) gives what the one-character-at-a-time
+    reference gives."""
+    rnd = random.Random(seed)
+    for _ in range(2000):
+        alphabet = rnd.choice([b"QUJD", b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"])
+        data = bytes(rnd.choice(alphabet + b"====\r\n!") for _ in range(rnd.randint(0, 80)))
+        decoder, out, at = _Decoder("base64"), b"", 0
+        while at < len(data):
+            size = rnd.randint(1, 9)
+            out += decoder.feed(data[at:at + size])
+            at += size
+        assert out + decoder.flush() == _lenient_base64(data), data
+
+
+def test_padded_groups_past_the_bound_are_a_limit(check):
+    """Decoding padded groups costs a Python turn each: past BASE64_BLOCKS in one part the rest of the part
+    is not decoded, and the verdict says so."""
+    raw = _photo(b"QQ==" * (BASE64_BLOCKS + 1) + b"\r\n" + b64(PE))
+    verdict = verdict_of(check, raw)
+    assert verdict.fate is Fate.ACCEPT
+    assert f"not inspected: base64 of part 2 past {BASE64_BLOCKS} padded groups" in verdict.reason
+    assert verdict_of(check, _photo(b"QQ==" * BASE64_BLOCKS + b64(PE))).reason.startswith("no banned attachment")
 
 
 def _fake_boundaries(outer: str, closed: str) -> bytes:
