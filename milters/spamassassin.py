@@ -41,7 +41,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from pydantic import Field, model_validator
@@ -120,6 +120,19 @@ class Judgement:
     """The recipient's tag level (their required= if the copy is tagged for them)."""
 
 
+@dataclass(frozen=True)
+class Assessment:
+    """What the check made of one message."""
+
+    result: CheckResult
+    report: SpamReport | None = None
+    """spamd's answer; None when it was not asked (a submission, every recipient's lists decided)."""
+    user: str = ""
+    """Whom spamd was asked as."""
+    mailboxes: dict[str, str] = field(default_factory=dict)
+    """Each recipient's mailbox."""
+
+
 class SpamAssassinCheck:
     """The ``spamassassin`` milter check (milters.check.MessageCheck)."""
 
@@ -140,20 +153,26 @@ class SpamAssassinCheck:
                                          "levels apply and no sender list", interval=60)
 
     def check(self, message: Message) -> CheckResult:
+        try:
+            return self.assess(message).result
+        except SpamdError as exc:
+            return self._unscanned(message, exc)
+
+    def assess(self, message: Message) -> Assessment:
+        """The verdicts, with spamd's report and whom it was asked as; raises SpamdError when spamd gave
+        no answer (after the retry). ``spam check`` shows this; the milter uses ``check``."""
         if message.authenticated and not self.settings.scan_submission:
-            return Verdict(Fate.ACCEPT, self.name, "authenticated submission: not scored for spam")
+            return Assessment(Verdict(Fate.ACCEPT, self.name, "authenticated submission: not scored for spam"))
         mailbox = {rcpt: self.mailboxes(rcpt) for rcpt in message.recipients}
         levels, lists = self._preferences(message, mailbox)
         to_score = [rcpt for rcpt in message.recipients if lists[rcpt] is None]
         report: SpamReport | None = None
+        user = ""
         if to_score:
             user = self._spamd_user({mailbox[rcpt] for rcpt in to_score})
-            try:
-                report = self._scan(message, user)
-            except SpamdError as exc:
-                return self._unscanned(message, exc)
+            report = self._scan(message, user)
         judged = {rcpt: self._judge(rcpt, report, levels[rcpt], lists[rcpt]) for rcpt in message.recipients}
-        return self._verdicts(message, report, judged)
+        return Assessment(self._verdicts(message, report, judged), report, user, mailbox)
 
     def _preferences(self, message: Message, mailbox: dict[str, str]
                      ) -> tuple[dict[str, Levels], dict[str, Kind | None]]:
