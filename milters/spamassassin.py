@@ -227,7 +227,7 @@ class SpamAssassinCheck:
         if listed is Kind.BLACK:
             return Judgement(Fate.QUARANTINE, "sender blacklisted by the recipient", "blacklisted", tag)
         assert report is not None
-        score = report.score
+        score = tidy(report.score)
         if score >= reject:
             return Judgement(Fate.REJECT, f"score {score:g} >= reject level {reject:g}", "spam", tag)
         if score >= hold:
@@ -243,7 +243,7 @@ class SpamAssassinCheck:
         headers = self._headers(message, report, tagged)
         held = self._headers(message, report, [j for j in judged.values() if j.kind == "spam"]) if report else ()
         subject = self.settings.subject_tag if delivered and len(tagged) == len(delivered) else ""
-        fields = (("score", f"{report.score:g}"),) if report is not None else ()
+        fields = (("score", f"{tidy(report.score):g}"),) if report is not None else ()
         return {rcpt: Verdict(j.fate, self.name, j.reason, kind=j.kind, headers=headers, held_headers=held,
                               reply=REJECT_SPAM if j.fate is Fate.REJECT else None,
                               subject_tag=subject if j.fate is Fate.TAG else "", log_fields=fields)
@@ -255,12 +255,13 @@ class SpamAssassinCheck:
         if report is None:
             return ((X_SPAM_STATUS, "No, sender listed by the recipient"),)
         required = min((j.tag_level for j in tagged), default=self.settings.tag_level)
-        status = f"{'Yes' if tagged else 'No'}, score={report.score:.1f} required={required:.1f}"
+        score = tidy(report.score)
+        status = f"{'Yes' if tagged else 'No'}, score={score:.1f} required={required:.1f}"
         if report.rules and not message.authenticated:
             status += " tests=" + ",".join(report.rule_names)
         headers = [(X_SPAM_FLAG, "YES")] if tagged else []
-        headers += [(X_SPAM_STATUS, status), (X_SPAM_SCORE, f"{report.score:.1f}"),
-                    (X_SPAM_LEVEL, "*" * max(0, min(MAX_STARS, int(report.score))))]
+        headers += [(X_SPAM_STATUS, status), (X_SPAM_SCORE, f"{score:.1f}"),
+                    (X_SPAM_LEVEL, "*" * max(0, min(MAX_STARS, int(score))))]
         if report.partial:
             headers.append((X_SPAM_SCAN, f"partial, {report.bytes_scanned} of {message.spool.size} bytes "
                                          "(the start of each part)"))
@@ -281,6 +282,11 @@ class SpamAssassinCheck:
         with self._log_lock:
             self._failures.flush()
             self._store_failures.flush()
+
+
+def tidy(score: float) -> float:
+    """A score as people read it: one decimal, and no "-0.0" for a score a hair below zero."""
+    return round(score, 1) + 0.0
 
 
 def _address_of(header: str | None) -> str:
