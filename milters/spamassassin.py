@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from mailwarden.logs import Throttled, get_logger
 from mailwarden.units import Duration, Size
@@ -53,7 +53,7 @@ from milters.mailbox import MailboxResolver
 from milters.metrics import SCANNER_ERRORS
 from milters.settings import ErrorFate, MilterSettings
 from milters.spam_sample import sample
-from milters.spamd_client import Failure, SpamdClient, SpamdError, SpamdSettings, SpamReport
+from milters.spamd_client import Failure, SpamdClient, SpamdError, SpamdSettings, SpamReport, check_user
 from milters.verdict import REJECT_SPAM, TEMPFAIL_SCANNER, CheckResult, Fate, Verdict
 from quarantine.preferences import Kind, Levels, SpamPreferences
 from quarantine.store import StoreError
@@ -100,6 +100,11 @@ class SpamAssassinSettings(MilterSettings):
     """The same for authenticated submissions (with scan_submission); accepted mail says Unscanned."""
     preferences_cache: Duration = 60
     """Seconds a recipient's levels and sender lists are kept in memory before the store is asked again."""
+
+    @field_validator("shared_user")
+    @classmethod
+    def _user(cls, user: str) -> str:
+        return check_user(user)
 
     @model_validator(mode="after")
     def _ordered(self) -> SpamAssassinSettings:
@@ -192,8 +197,14 @@ class SpamAssassinCheck:
         return levels, lists
 
     def _spamd_user(self, mailboxes: set[str]) -> str:
+        """The one mailbox, when spamd can take it as a user name (an internationalised address cannot be
+        sent: the shared user scores it rather than the message waiting forever); else the shared user."""
         if self.settings.per_user and len(mailboxes) == 1:
-            return next(iter(mailboxes))
+            mailbox = next(iter(mailboxes))
+            try:
+                return check_user(mailbox)
+            except ValueError:
+                pass
         return self.settings.shared_user
 
     def _scan(self, message: Message, user: str) -> SpamReport:
