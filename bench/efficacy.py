@@ -30,9 +30,14 @@ bench user (``SpamdClient.tell``, what ``spam learn`` calls; ``--jobs`` threads)
 with ``sa-learn --dump magic``, score the test half again (AFTER). Throughput is messages/s of a scoring pass
 with ``--jobs`` threads (spamd gets as many children): wall clock on whatever machine this is.
 
+**Tuning** (``--folds``) never reads the test half: the training half is cut in two folds (each class
+alternating), one user learns each fold and judges the other, with Bayes's minimums at 150 (a fold holds
+about 154 ham and 175 spam). A candidate rules file is tried so (``--folds --local-cf FILE`` against
+``--folds``), and only the one chosen is then measured on the test half, once.
+
 Run as root (spamd's children run as debian-spamd, as the harness does)::
 
-    .venv/bin/python bench/efficacy.py [--seed 1] [--jobs 4] [--limit N] [--json]
+    .venv/bin/python bench/efficacy.py [--seed 1] [--jobs 4] [--limit N] [--folds] [--local-cf FILE] [--json]
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -75,9 +81,12 @@ from milters.verdict import Fate, Verdict  # noqa: E402
 DEFAULT_CORPUS = REPO.parent / "shared" / "corpus"
 BENCH_USER = "efficacy@bench.example"
 """The one recipient of every message, hence the one spamd user (its Bayes database)."""
-BAYES_DEFAULTS = "bayes_min_spam_num 200\nbayes_min_ham_num 200\n"
-"""SpamAssassin's own minimums, over the harness's 1 and 1."""
+FOLD_USERS = ("efficacy-a@bench.example", "efficacy-b@bench.example")
+"""With --folds: the users trained on the training half's first and second fold."""
 BAYES_MIN = 200
+"""SpamAssassin's own minimums (bayes_min_spam_num, bayes_min_ham_num), over the harness's 1 and 1."""
+BAYES_MIN_FOLDS = 150
+"""With --folds each user learns half of the training half (about 154 ham and 175 spam): below 200."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,18 @@ def as_received(raw: bytes) -> bytes:
     return re.sub(rb"\r?\n", b"\r\n", raw)
 
 
+def body_digest(corpus: Path, sample: Sample) -> str:
+    data = as_received((corpus / sample.path).read_bytes())
+    return hashlib.sha256(data.split(b"\r\n\r\n", 1)[-1]).hexdigest()
+
+
+def repeats(corpus: Path, learn: Assignment, judge: Assignment) -> set[tuple[str, str]]:
+    """(user, path) of the judged messages whose body is byte for byte one that user learned (a spam run
+    sent again under other headers): Bayes has seen them."""
+    seen = {(user, body_digest(corpus, sample)) for user, sample in learn}
+    return {(user, sample.path) for user, sample in judge if (user, body_digest(corpus, sample)) in seen}
+
+
 # -- scoring through the milter's check ------------------------------------------------------------------
 
 
@@ -161,27 +182,29 @@ class Scored:
     stock_spam: bool | None
     """spamd's own is_spam (score >= its required_score)."""
     sampled: bool
-    rules: list[str]
+    rules: list[tuple[str, float | None]]
+    """The rules hit and their scores (what-if sums: the score is their total)."""
     reason: str
+    user: str
 
 
-def score_one(check: SpamAssassinCheck, client: RecordingClient, corpus: Path, sample: Sample,
+def score_one(check: SpamAssassinCheck, client: RecordingClient, corpus: Path, user: str, sample: Sample,
               number: int) -> Scored:
     data = as_received((corpus / sample.path).read_bytes())
     spool = Spool()
     spool.write(data)
     message = Message(queue_id=f"EFF{number:05d}", client_address="192.0.2.25", client_name="unknown",
-                      helo="bench.example", sender="", recipients=[BENCH_USER], auth_user="", spool=spool)
+                      helo="bench.example", sender="", recipients=[user], auth_user="", spool=spool)
     try:
         result = check.check(message)
     finally:
         spool.close()
-    verdict = result[BENCH_USER] if not isinstance(result, Verdict) else result
+    verdict = result[user] if not isinstance(result, Verdict) else result
     report: SpamReport | None = getattr(client.last, "report", None)
     return Scored(sample.path, sample.cls, len(data), str(verdict.fate),
                   report.score if report else None, report.is_spam if report else None,
-                  len(data) > check.settings.spamd.max_size, list(report.rule_names) if report else [],
-                  verdict.reason)
+                  len(data) > check.settings.spamd.max_size,
+                  [(rule.name, rule.score) for rule in report.rules] if report else [], verdict.reason, user)
 
 
 @dataclass
@@ -216,9 +239,13 @@ def run_parallel(jobs: int, items: Sequence[Any], work: Callable[[int, Any], Any
     return results, time.monotonic() - started
 
 
+Assignment = list[tuple[str, Sample]]
+"""(spamd user, message) pairs: who scores or learns what."""
+
+
 def score_pass(name: str, check: SpamAssassinCheck, client: RecordingClient, corpus: Path,
-               samples: Sequence[Sample], jobs: int) -> Pass:
-    results, seconds = run_parallel(jobs, samples, lambda n, s: score_one(check, client, corpus, s, n),
+               pairs: Assignment, jobs: int) -> Pass:
+    results, seconds = run_parallel(jobs, pairs, lambda n, pair: score_one(check, client, corpus, *pair, n),
                                     f"score {name}")
     return Pass(name, seconds, results)
 
@@ -230,28 +257,35 @@ class Training:
     already: int
     failed: list[str]
     seconds: float
-    nspam: int | None
-    nham: int | None
+    counts: dict[str, tuple[int, int] | None]
+    """Each user's (nspam, nham) as sa-learn --dump magic reads the database."""
 
     @property
     def rate(self) -> float:
         return self.told / self.seconds if self.seconds else 0.0
 
 
-def train(client: SpamdClient, corpus: Path, samples: Sequence[Sample], jobs: int,
-          spamd: SpamdInstance) -> Training:
-    def tell(_: int, sample: Sample) -> bool | str:
+def train(client: SpamdClient, corpus: Path, pairs: Assignment, jobs: int, spamd: SpamdInstance) -> Training:
+    def tell(_: int, pair: tuple[str, Sample]) -> bool | str:
+        user, sample = pair
         try:
-            return client.tell(as_received((corpus / sample.path).read_bytes()), BENCH_USER, sample.kind,
-                               timeout=300)
+            return client.tell(as_received((corpus / sample.path).read_bytes()), user, sample.kind, timeout=300)
         except SpamdError as exc:
             return f"{sample.path}: {exc}"
 
-    results, seconds = run_parallel(jobs, samples, tell, "tell")
-    counts = spamd.bayes_counts(BENCH_USER)
-    return Training(told=len(samples), learned=sum(r is True for r in results),
+    # each user's first message alone: parallel TELLs to a user without a database race to create it
+    # (spamd logs "bayes db version 0 is not able to be used")
+    first = {user: index for index, (user, _) in reversed(list(enumerate(pairs)))}
+    ordered = [pairs[index] for index in sorted(first.values())]
+    ordered += [pair for index, pair in enumerate(pairs) if index not in first.values()]
+    started = time.monotonic()
+    results = [tell(0, pair) for pair in ordered[:len(first)]]
+    rest, _ = run_parallel(jobs, ordered[len(first):], tell, "tell")
+    results += rest
+    seconds = time.monotonic() - started
+    return Training(told=len(pairs), learned=sum(r is True for r in results),
                     already=sum(r is False for r in results), failed=[r for r in results if isinstance(r, str)],
-                    seconds=seconds, nspam=counts[0] if counts else None, nham=counts[1] if counts else None)
+                    seconds=seconds, counts={user: spamd.bayes_counts(user) for user in sorted({u for u, _ in pairs})})
 
 
 # -- figures ---------------------------------------------------------------------------------------------
@@ -282,11 +316,11 @@ def summarize(results: Iterable[Scored], kind: Kind) -> dict[str, Any]:
     return summary
 
 
-def summaries(scored: Pass) -> dict[str, dict[str, Any]]:
-    out = {cls.name: summarize((r for r in scored.results if r.cls == cls.name), cls.kind) for cls in CLASSES}
+def summaries(results: Sequence[Scored]) -> dict[str, dict[str, Any]]:
+    out = {cls.name: summarize((r for r in results if r.cls == cls.name), cls.kind) for cls in CLASSES}
     kinds = {cls.name: cls.kind for cls in CLASSES}
     for label, kind in TOTALS:
-        out[label] = summarize((r for r in scored.results if kinds[r.cls] == kind), kind)
+        out[label] = summarize((r for r in results if kinds[r.cls] == kind), kind)
     return out
 
 
@@ -332,6 +366,29 @@ def git_describe() -> str:
     return result.stdout.strip() or "unknown"
 
 
+def folds(samples: Sequence[Sample]) -> tuple[list[Sample], list[Sample]]:
+    """Two halves of ``samples``, each class alternating between them in its shuffled order."""
+    first: list[Sample] = []
+    second: list[Sample] = []
+    for cls in CLASSES:
+        members = [sample for sample in samples if sample.cls == cls.name]
+        first += members[0::2]
+        second += members[1::2]
+    return first, second
+
+
+def assignments(split: Split, cross: bool) -> tuple[Assignment, Assignment, int]:
+    """What is learned, what is judged, and Bayes's minimums: the training half learned and the test half
+    judged as BENCH_USER; with ``cross``, the training half only, in two folds, each judged by the user that
+    learned the other."""
+    if not cross:
+        return ([(BENCH_USER, s) for s in split.train], [(BENCH_USER, s) for s in split.test], BAYES_MIN)
+    first, second = folds(split.train)
+    a, b = FOLD_USERS
+    return ([(a, s) for s in first] + [(b, s) for s in second], [(a, s) for s in second] + [(b, s) for s in first],
+            BAYES_MIN_FOLDS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -341,6 +398,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help=f"default {DEFAULT_CORPUS}")
     parser.add_argument("--local-cf", type=Path, default=None,
                         help="a site config file added to spamd's local.cf (a candidate rules/spamassassin/*.cf)")
+    parser.add_argument("--folds", action="store_true",
+                        help="for tuning: the training half only, two folds, each judged after Bayes learned the "
+                             f"other (Bayes minimums {BAYES_MIN_FOLDS}); the test half is not read")
     parser.add_argument("--json", action="store_true", help="print JSON (figures and every message's result)")
     parser.add_argument("--keep", action="store_true", help="keep spamd's directory (log, Bayes database)")
     args = parser.parse_args(argv)
@@ -350,11 +410,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     split = split_corpus(corpus, args.seed, args.limit)
     if not split.test:
         parser.error(f"{corpus}: no messages of any class found")
-    trained = {kind: sum(s.kind == kind for s in split.train) for kind in ("spam", "ham")}
-    if min(trained.values()) < BAYES_MIN:
-        progress(f"warning: the training half has {trained['spam']} spam and {trained['ham']} ham; Bayes is used "
-                 f"only after {BAYES_MIN} of each: AFTER will score without Bayes")
-    local_cf = BAYES_DEFAULTS + (args.local_cf.read_text() if args.local_cf else "")
+    learn, judge, bayes_min = assignments(split, args.folds)
+    for user in sorted({u for u, _ in learn}):
+        told = {kind: sum(u == user and s.kind == kind for u, s in learn) for kind in ("spam", "ham")}
+        if min(told.values()) < bayes_min:
+            progress(f"warning: {user} learns {told['spam']} spam and {told['ham']} ham; Bayes is used only after "
+                     f"{bayes_min} of each: AFTER will score without Bayes")
+    local_cf = (f"bayes_min_spam_num {bayes_min}\nbayes_min_ham_num {bayes_min}\n"
+                + (args.local_cf.read_text() if args.local_cf else ""))
     settings = SpamAssassinSettings()
     load_before = load_average()
     started = datetime.datetime.now(datetime.UTC)
@@ -362,33 +425,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         spamd = SpamdInstance(local_cf=local_cf, max_children=args.jobs)
         stack.callback(spamd.stop if args.keep else spamd.cleanup)
         spamd.start()
-        progress(f"spamd ready at {spamd.tcp_address} ({spamd.workdir}); test half {len(split.test)}, "
-                 f"training half {len(split.train)}")
+        progress(f"spamd ready at {spamd.tcp_address} ({spamd.workdir}); judging {len(judge)}, learning "
+                 f"{len(learn)}{' (folds of the training half)' if args.folds else ''}")
         settings = settings.model_copy(update={"spamd": settings.spamd.model_copy(
             update={"address": spamd.tcp_address})})
         client = RecordingClient(settings.spamd)
         stack.callback(client.close)
         check = SpamAssassinCheck(settings, MailboxResolver(DirectorySettings(), 60), None, client=client)
-        before = score_pass("before", check, client, corpus, split.test, args.jobs)
-        training = train(client, corpus, split.train, args.jobs, spamd)
-        progress(f"Bayes of {BENCH_USER}: nspam {training.nspam}, nham {training.nham} (sa-learn --dump magic)")
-        after = score_pass("after", check, client, corpus, split.test, args.jobs)
+        before = score_pass("before", check, client, corpus, judge, args.jobs)
+        training = train(client, corpus, learn, args.jobs, spamd)
+        progress(f"Bayes (nspam, nham) by sa-learn --dump magic: {training.counts}")
+        after = score_pass("after", check, client, corpus, judge, args.jobs)
         spamd_log = spamd.log_text()
-    figures = {"before": summaries(before), "after": summaries(after)}
+    seen = repeats(corpus, learn, judge)
+    figures = {"before": summaries(before.results), "after": summaries(after.results),
+               "new": summaries([r for r in after.results if (r.user, r.path) not in seen])}
     meta = {
         "date": started.strftime("%Y-%m-%d %H:%M UTC"), "version": git_describe(), "host": platform.node(),
         "cores": os.cpu_count(), "load_before": load_before, "load_after": load_average(),
         "command": " ".join(["bench/efficacy.py", *(argv if argv is not None else sys.argv[1:])]),
         "seed": args.seed, "jobs": args.jobs, "limit": args.limit, "corpus": str(corpus),
-        "local_cf": str(args.local_cf) if args.local_cf else None,
+        "local_cf": str(args.local_cf) if args.local_cf else None, "folds": args.folds,
+        "bayes_min": bayes_min,
         "levels": {"tag": settings.tag_level, "hold": settings.hold_level, "reject": settings.reject_level},
-        "max_size": settings.spamd.max_size, "part_size": settings.part_size, "user": BENCH_USER,
-        "train": {cls.name: sum(s.cls == cls.name for s in split.train) for cls in CLASSES},
-        "test": {cls.name: sum(s.cls == cls.name for s in split.test) for cls in CLASSES},
-        "spamd_errors_logged": len(re.findall(r"\berror\b", spamd_log, re.IGNORECASE)),
+        "max_size": settings.spamd.max_size, "part_size": settings.part_size,
+        "users": sorted({u for u, _ in judge}),
+        "learned": {cls.name: sum(s.cls == cls.name for _, s in learn) for cls in CLASSES},
+        "judged": {cls.name: sum(s.cls == cls.name for _, s in judge) for cls in CLASSES},
+        "repeated_bodies": len(seen),
+        "spamd_warnings": [line for line in spamd_log.splitlines()
+                           if re.search(r"\bwarn:|config: failed|\berror\b", line)][:20],
     }
     throughput = {"before_msgs_per_s": round(before.rate, 2), "after_msgs_per_s": round(after.rate, 2),
                   "tell_msgs_per_s": round(training.rate, 2)}
+    for line in meta["spamd_warnings"]:
+        progress(f"spamd: {line}")  # a rule file spamd could not read says so here
     if args.json:
         json.dump({"meta": meta, "figures": figures, "aims_after": aims(figures["after"]),
                    "aims_before": aims(figures["before"]), "training": asdict(training) | {"rate": training.rate},
@@ -401,9 +472,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"cores {meta['cores']}  load {load_before} -> {meta['load_after']}")
         print(f"# levels tag {settings.tag_level:g} hold {settings.hold_level:g} reject {settings.reject_level:g}; "
               f"stock SA % = spamd's is_spam (required_score 5.0); local.cf extra: {meta['local_cf'] or 'none'}")
-        print(f"# train {meta['train']}  test {meta['test']}")
+        print(f"# learned {meta['learned']}  judged {meta['judged']}"
+              f"{'  (--folds: the training half, cross-fold; Bayes minimums 150)' if args.folds else ''}")
         print(table(figures))
-        print(f"# Bayes after TELL: nspam {training.nspam} nham {training.nham}; told {training.told}, learned "
+        print(f"# new = after, without the {len(seen)} judged messages whose body is one Bayes learned (a spam run "
+              "sent again): " + ", ".join(f"{label} {figures['after'][label]['count'] - figures['new'][label]['count']}"
+                                          for label in [cls.name for cls in CLASSES]))
+        print(f"# Bayes after TELL (nspam, nham): {training.counts}; told {training.told}, learned "
               f"{training.learned}, already {training.already}, failed {len(training.failed)}")
         print(f"# throughput ({args.jobs} threads): scoring before {before.rate:.2f} msg/s, after {after.rate:.2f} "
               f"msg/s; TELL {training.rate:.2f} msg/s")
