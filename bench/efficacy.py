@@ -149,7 +149,7 @@ def body_digest(corpus: Path, sample: Sample) -> str:
 
 def repeats(corpus: Path, learn: Assignment, judge: Assignment) -> set[tuple[str, str]]:
     """(user, path) of the judged messages whose body is byte for byte one that user learned (a spam run
-    sent again under other headers): Bayes has seen them."""
+    sent again, a digest repeated): Bayes has seen them."""
     seen = {(user, body_digest(corpus, sample)) for user, sample in learn}
     return {(user, sample.path) for user, sample in judge if (user, body_digest(corpus, sample)) in seen}
 
@@ -335,6 +335,20 @@ def aims(after: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+WHAT_IF_HOLD = (8.0, 9.0, 10.0, 11.0, 12.0)
+
+
+def hold_what_if(results: Sequence[Scored], tag: float) -> list[dict[str, Any]]:
+    """Ham tagged and held, spam held, were the hold level another: exact from the scores, since the levels
+    are ours and change nothing in spamd's answer (spam tagged or held does not depend on it)."""
+    kinds = {cls.name: cls.kind for cls in CLASSES}
+    ham = [r.score for r in results if kinds[r.cls] == "ham" and r.score is not None]
+    spam = [r.score for r in results if kinds[r.cls] == "spam" and r.score is not None]
+    return [{"hold": hold, "ham_pct_tagged": percent(sum(tag <= x < hold for x in ham), len(ham)),
+             "ham_pct_held": percent(sum(x >= hold for x in ham), len(ham)),
+             "spam_pct_held": percent(sum(x >= hold for x in spam), len(spam))} for hold in WHAT_IF_HOLD]
+
+
 def fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
@@ -456,6 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "spamd_warnings": [line for line in spamd_log.splitlines()
                            if re.search(r"\bwarn:|config: failed|\berror\b", line)][:20],
     }
+    what_if = hold_what_if(after.results, settings.tag_level)
     throughput = {"before_msgs_per_s": round(before.rate, 2), "after_msgs_per_s": round(after.rate, 2),
                   "tell_msgs_per_s": round(training.rate, 2)}
     for line in meta["spamd_warnings"]:
@@ -463,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         json.dump({"meta": meta, "figures": figures, "aims_after": aims(figures["after"]),
                    "aims_before": aims(figures["before"]), "training": asdict(training) | {"rate": training.rate},
-                   "throughput": throughput,
+                   "throughput": throughput, "hold_what_if_after": what_if,
                    "messages": {"before": [asdict(r) for r in before.results],
                                 "after": [asdict(r) for r in after.results]}}, sys.stdout, indent=1)
         print()
@@ -475,13 +490,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"# learned {meta['learned']}  judged {meta['judged']}"
               f"{'  (--folds: the training half, cross-fold; Bayes minimums 150)' if args.folds else ''}")
         print(table(figures))
-        print(f"# new = after, without the {len(seen)} judged messages whose body is one Bayes learned (a spam run "
-              "sent again): " + ", ".join(f"{label} {figures['after'][label]['count'] - figures['new'][label]['count']}"
-                                          for label in [cls.name for cls in CLASSES]))
+        dropped = {label: figures["after"][label]["count"] - figures["new"][label]["count"]
+                   for label in [cls.name for cls in CLASSES]}
+        print(f"# new = after, without the {len(seen)} judged messages whose body is one Bayes learned (the same "
+              "text sent again): " + ", ".join(f"{label} {count}" for label, count in dropped.items()))
         print(f"# Bayes after TELL (nspam, nham): {training.counts}; told {training.told}, learned "
               f"{training.learned}, already {training.already}, failed {len(training.failed)}")
         print(f"# throughput ({args.jobs} threads): scoring before {before.rate:.2f} msg/s, after {after.rate:.2f} "
               f"msg/s; TELL {training.rate:.2f} msg/s")
+        print("# after, were the hold level another (ham tagged / ham held / spam held %): " + "; ".join(
+            f"{row['hold']:g}: {fmt(row['ham_pct_tagged'])} / {fmt(row['ham_pct_held'])} / {fmt(row['spam_pct_held'])}"
+            for row in what_if))
         result = aims(figures["after"])
         print(f"# aims after training: spam tagged or held {fmt(result['spam_tagged_or_held_pct'])}% (>= 90), "
               f"ham held {fmt(result['ham_held_pct'])}% (<= 0.5), ham tagged {fmt(result['ham_tagged_pct'])}% "
