@@ -104,7 +104,7 @@ CLASSES = (
     CorpusClass("spam", "spam", ("spamassassin-public/spam", "spamassassin-public/spam_2")),
     CorpusClass("phish", "spam", ("phishing_pot",), "*.eml"),
 )
-TOTALS = (("ham (all)", "ham"), ("spam + phish", "spam"))
+TOTALS: tuple[tuple[str, Kind], ...] = (("ham (all)", "ham"), ("spam + phish", "spam"))
 
 
 @dataclass(frozen=True)
@@ -245,7 +245,7 @@ Assignment = list[tuple[str, Sample]]
 
 def score_pass(name: str, check: SpamAssassinCheck, client: RecordingClient, corpus: Path,
                pairs: Assignment, jobs: int) -> Pass:
-    results, seconds = run_parallel(jobs, pairs, lambda n, pair: score_one(check, client, corpus, *pair, n),
+    results, seconds = run_parallel(jobs, pairs, lambda n, pair: score_one(check, client, corpus, pair[0], pair[1], n),
                                     f"score {name}")
     return Pass(name, seconds, results)
 
