@@ -1,9 +1,10 @@
 """The milter base: one instance per Postfix connection, the message spooled in bounded memory, the checks
 run at end of message, per-recipient verdicts turned into one answer, one decision line per recipient.
 
-Callbacks are negotiated to the minimum: no HELO, DATA or unknown-command callbacks, and no replies asked
-for connect, MAIL, RCPT, the header fields or the body chunks (``@Milter.noreply``): each round trip costs
+Callbacks are negotiated to the minimum: no DATA or unknown-command callbacks, and no replies asked for
+connect, HELO, MAIL, RCPT, the header fields or the body chunks (``@Milter.noreply``): each round trip costs
 Postfix about 10 ms of wall time (../shared/PERF-NOTES.md), so only end of message waits for an answer.
+(HELO is kept, without a reply, for the hop the spam check describes to spamd.)
 
 Nothing is lost: a check that raises, a store that cannot commit, anything unexpected at end of message
 answers 451 (Postfix keeps the message in the client's hands, who retries); a held message is committed
@@ -151,6 +152,7 @@ class MessageMilter(Milter.Base):
         self.app = app
         self.client_address = ""
         self.client_name = ""
+        self.helo = ""
         self.message: Message | None = None
         self.owned_seen: dict[str, int] = {}
 
@@ -166,9 +168,9 @@ class MessageMilter(Milter.Base):
     def envfrom(self, sender: str, *params: str) -> int:
         self._discard_message()
         self.message = Message(queue_id="", client_address=self.client_address, client_name=self.client_name,
-                               helo="", sender=strip_brackets(sender), recipients=[],
+                               helo=self.helo, sender=strip_brackets(sender), recipients=[],
                                auth_user=self.getsymval("{auth_authen}") or "",
-                               spool=Spool(self.app.spool_memory))
+                               spool=Spool(self.app.spool_memory), mta_name=self.getsymval("j") or "")
         self.owned_seen = {}
         return Milter.CONTINUE
 
@@ -241,8 +243,9 @@ class MessageMilter(Milter.Base):
         self._discard_message()
         return Milter.CONTINUE
 
-    @Milter.nocallback
+    @Milter.noreply
     def hello(self, hostname: str) -> int:
+        self.helo = hostname or ""
         return Milter.CONTINUE
 
     @Milter.nocallback

@@ -34,6 +34,8 @@ class Message:
     """Header fields in order, as received (value without the leading space, folding kept)."""
     spool: Spool = field(default_factory=lambda: Spool())
     """The whole message (header and body), as bytes with CRLF line ends, in bounded memory."""
+    mta_name: str = ""
+    """Our Postfix's host name (macro ``j``): the ``by`` of the hop it is receiving."""
 
     @property
     def authenticated(self) -> bool:

@@ -36,7 +36,9 @@ Every incoming ``X-Spam-*`` header is removed before delivery, so a sender canno
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import email.utils
+import io
 import logging
 import threading
 import time
@@ -48,6 +50,7 @@ from pydantic import Field, field_validator, model_validator
 
 from mailwarden.logs import Throttled, get_logger
 from mailwarden.units import Duration, Size
+from milters.base import PrefixedReader
 from milters.check import Message
 from milters.mailbox import MailboxResolver
 from milters.metrics import SCANNER_ERRORS
@@ -208,12 +211,14 @@ class SpamAssassinCheck:
         return self.settings.shared_user
 
     def _scan(self, message: Message, user: str) -> SpamReport:
+        hop = received_line(message).encode("utf-8", "replace")
         size, limit = message.spool.size, self.settings.spamd.max_size
-        sampled = sample(message.spool.reader(), limit, self.settings.part_size) if size > limit else None
+        sampled = (hop + sample(message.spool.reader(), limit - len(hop), self.settings.part_size)
+                   if size + len(hop) > limit else None)
         for attempt in (1, 2):
             try:
                 if sampled is None:
-                    return self.client.check(message.spool.reader(), user)
+                    return self.client.check(io.BufferedReader(PrefixedReader(hop, message.spool.reader())), user)
                 report = self.client.check(sampled, user)
                 return dataclasses.replace(report, partial=True, bytes_scanned=len(sampled))
             except SpamdError as exc:
@@ -293,6 +298,27 @@ class SpamAssassinCheck:
         with self._log_lock:
             self._failures.flush()
             self._store_failures.flush()
+
+
+def received_line(message: Message) -> str:
+    """The Received header our Postfix will write for the hop it is receiving, in Postfix's own form, put in
+    front of what spamd is sent (not of the delivered message). A milter sees the message before Postfix
+    adds it, and without it SpamAssassin finds no relay for the connecting client: no rDNS, HELO or
+    DNSBL rules on it, and no way to tell authenticated submission (``ESMTPA``) apart."""
+
+    def clean(text: str, default: str) -> str:
+        return "".join(c for c in text if c.isprintable() and c not in " ()[]")[:255] or default
+
+    helo = clean(message.helo, clean(message.client_name, "unknown"))
+    name = clean(message.client_name, "unknown")
+    address = clean(message.client_address, "127.0.0.1")
+    address = f"IPv6:{address}" if ":" in address else address
+    protocol = "ESMTPA" if message.authenticated else "ESMTP"
+    queue_id = f" id {clean(message.queue_id, '')}" if message.queue_id else ""
+    recipient = f"\r\n\tfor <{clean(message.recipients[0], '')}>" if len(message.recipients) == 1 else ""
+    date = email.utils.format_datetime(datetime.datetime.now(datetime.UTC))
+    return (f"Received: from {helo} ({name} [{address}])\r\n\tby {clean(message.mta_name, 'localhost')} "
+            f"(Postfix) with {protocol}{queue_id}{recipient}; {date}\r\n")
 
 
 def tidy(score: float) -> float:

@@ -25,10 +25,11 @@ class FakeSpamd:
     score: float = 0.0
     errors: list[SpamdError] = field(default_factory=list)
     users: list[str] = field(default_factory=list)
+    sent: list[bytes] = field(default_factory=list)
 
     def check(self, message, user, timeout=None) -> SpamReport:
         self.users.append(user)
-        message.read()
+        self.sent.append(message if isinstance(message, bytes) else message.read())
         if self.errors:
             raise self.errors.pop(0)
         return SpamReport(score=self.score, threshold=5.0, is_spam=self.score >= 5, partial=False,
@@ -74,7 +75,7 @@ def message(*rcpts: str, auth: str = "", subject: str = "hello") -> Message:
     spool = Spool()
     spool.write(f"From: Mallory <mallory@spam.example>\r\nSubject: {subject}\r\n\r\nbuy\r\n".encode())
     return Message(queue_id="4Q1", client_address="192.0.2.9", client_name="unknown", helo="x", sender="m@spam.example",
-                   recipients=list(rcpts), auth_user=auth, spool=spool,
+                   recipients=list(rcpts), auth_user=auth, spool=spool, mta_name="mx.example.test",
                    headers=[("From", "Mallory <mallory@spam.example>"), ("Subject", subject)])
 
 
@@ -206,7 +207,7 @@ def test_a_message_above_max_size_is_sampled_not_skipped(tmp_path):
     big = message("dave@example.test")
     big.spool.write(b"filler line\r\n" * 5000)
     [verdict] = verdicts(check.check(big)).values()
-    assert len(sent[0]) <= 16 << 10 and sent[0].startswith(b"From: Mallory")
+    assert len(sent[0]) <= 16 << 10 and sent[0].startswith(b"Received: ") and b"\r\nFrom: Mallory" in sent[0]
     assert dict(verdict.headers)["X-Spam-Scan"] == f"partial, {len(sent[0])} of {big.spool.size} bytes " \
         "(the start of each part)"
 
@@ -219,3 +220,14 @@ def test_levels_must_rise():
 def test_the_shared_user_must_be_a_name_spamd_can_use():
     with pytest.raises(ValueError, match="cannot be a spamd user name"):
         SpamAssassinSettings.model_validate({"shared_user": "../etc"})
+
+
+def test_spamd_sees_the_hop_postfix_is_receiving_as_postfix_writes_it(tmp_path):
+    check, spamd = make(tmp_path, 1.0)
+    check.check(message("dave@example.test"))
+    head = spamd.sent[0].split(b"\r\nFrom: Mallory", 1)[0].decode()
+    assert head.startswith("Received: from x (unknown [192.0.2.9])\r\n\tby mx.example.test (Postfix) with ESMTP "
+                           "id 4Q1\r\n\tfor <dave@example.test>; "), head
+    submitted, spamd = make(tmp_path, 1.0, scan_submission=True)
+    submitted.check(message("dave@example.test", "erin@example.test", auth="alice"))
+    assert b"with ESMTPA id 4Q1; " in spamd.sent[0], "an authenticated hop must read as one"
