@@ -96,7 +96,7 @@ from milter_bench import (  # noqa: E402
     start_postfix,
     versions,
 )
-from procstat import cpu_seconds, group_cpu_seconds, load_average, memory_mib  # noqa: E402
+from procstat import cpu_seconds, group_cpu_seconds, group_members, load_average, memory_mib  # noqa: E402
 
 SPAMASS_MILTER = shutil.which("spamass-milter") or "/usr/sbin/spamass-milter"
 SPAMC = shutil.which("spamc") or "/usr/bin/spamc"
@@ -179,15 +179,8 @@ class BenchSpamd(SpamdInstance):
         assert self.proc is not None
         pgid = self.proc.pid
 
-        def forked() -> bool:
-            members = 0
-            for stat in Path("/proc").glob("[0-9]*/stat"):
-                with contextlib.suppress(OSError):
-                    data = stat.read_bytes()
-                    members += int(data[data.rfind(b")") + 2:].split()[2]) == pgid
-            return members >= self.max_children + 1
-
-        wait_for(forked, timeout, what=f"spamd's {self.max_children} children")
+        wait_for(lambda: len(group_members(pgid)) >= self.max_children + 1, timeout,
+                 what=f"spamd's {self.max_children} children")
 
 
 def start_ours(workdir: Path, clamd: ClamdInstance, spamd: SpamdInstance, transport: str,
@@ -290,11 +283,9 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
 
 def group_rss_mib(pgid: int) -> float:
     total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError):
-            data = stat.read_bytes()
-            if int(data[data.rfind(b")") + 2:].split()[2]) == pgid:
-                total += memory_mib(int(stat.parent.name))[0]
+    for pid in group_members(pgid):
+        with contextlib.suppress(OSError):
+            total += memory_mib(pid)[0]
     return total
 
 

@@ -44,6 +44,19 @@ def group_cpu_seconds(pgid: int) -> float:
     return total / CLK_TCK
 
 
+def group_members(pgid: int) -> list[int]:
+    """The live processes of the process group ``pgid``."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = _stat_fields(int(stat.parent.name))
+        except OSError:
+            continue  # exited meanwhile
+        if int(fields[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members
+
+
 def memory_mib(pid: int) -> tuple[float, float]:
     """(VmRSS, VmHWM) in MiB from /proc/PID/status."""
     values = {"VmRSS": 0.0, "VmHWM": 0.0}
