@@ -41,10 +41,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from mailwarden.logs import Throttled, get_logger
 from mailwarden.units import Duration, Size
@@ -53,7 +53,7 @@ from milters.mailbox import MailboxResolver
 from milters.metrics import SCANNER_ERRORS
 from milters.settings import ErrorFate, MilterSettings
 from milters.spam_sample import sample
-from milters.spamd_client import Failure, SpamdClient, SpamdError, SpamdSettings, SpamReport
+from milters.spamd_client import Failure, SpamdClient, SpamdError, SpamdSettings, SpamReport, check_user
 from milters.verdict import REJECT_SPAM, TEMPFAIL_SCANNER, CheckResult, Fate, Verdict
 from quarantine.preferences import Kind, Levels, SpamPreferences
 from quarantine.store import StoreError
@@ -101,6 +101,11 @@ class SpamAssassinSettings(MilterSettings):
     preferences_cache: Duration = 60
     """Seconds a recipient's levels and sender lists are kept in memory before the store is asked again."""
 
+    @field_validator("shared_user")
+    @classmethod
+    def _user(cls, user: str) -> str:
+        return check_user(user)
+
     @model_validator(mode="after")
     def _ordered(self) -> SpamAssassinSettings:
         if not self.tag_level <= self.hold_level <= self.reject_level:
@@ -118,6 +123,19 @@ class Judgement:
     kind: str
     tag_level: float
     """The recipient's tag level (their required= if the copy is tagged for them)."""
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """What the check made of one message."""
+
+    result: CheckResult
+    report: SpamReport | None = None
+    """spamd's answer; None when it was not asked (a submission, every recipient's lists decided)."""
+    user: str = ""
+    """Whom spamd was asked as."""
+    mailboxes: dict[str, str] = field(default_factory=dict)
+    """Each recipient's mailbox."""
 
 
 class SpamAssassinCheck:
@@ -140,20 +158,26 @@ class SpamAssassinCheck:
                                          "levels apply and no sender list", interval=60)
 
     def check(self, message: Message) -> CheckResult:
+        try:
+            return self.assess(message).result
+        except SpamdError as exc:
+            return self._unscanned(message, exc)
+
+    def assess(self, message: Message) -> Assessment:
+        """The verdicts, with spamd's report and whom it was asked as; raises SpamdError when spamd gave
+        no answer (after the retry). ``spam check`` shows this; the milter uses ``check``."""
         if message.authenticated and not self.settings.scan_submission:
-            return Verdict(Fate.ACCEPT, self.name, "authenticated submission: not scored for spam")
+            return Assessment(Verdict(Fate.ACCEPT, self.name, "authenticated submission: not scored for spam"))
         mailbox = {rcpt: self.mailboxes(rcpt) for rcpt in message.recipients}
         levels, lists = self._preferences(message, mailbox)
         to_score = [rcpt for rcpt in message.recipients if lists[rcpt] is None]
         report: SpamReport | None = None
+        user = ""
         if to_score:
             user = self._spamd_user({mailbox[rcpt] for rcpt in to_score})
-            try:
-                report = self._scan(message, user)
-            except SpamdError as exc:
-                return self._unscanned(message, exc)
+            report = self._scan(message, user)
         judged = {rcpt: self._judge(rcpt, report, levels[rcpt], lists[rcpt]) for rcpt in message.recipients}
-        return self._verdicts(message, report, judged)
+        return Assessment(self._verdicts(message, report, judged), report, user, mailbox)
 
     def _preferences(self, message: Message, mailbox: dict[str, str]
                      ) -> tuple[dict[str, Levels], dict[str, Kind | None]]:
@@ -173,8 +197,14 @@ class SpamAssassinCheck:
         return levels, lists
 
     def _spamd_user(self, mailboxes: set[str]) -> str:
+        """The one mailbox, when spamd can take it as a user name (an internationalised address cannot be
+        sent: the shared user scores it rather than the message waiting forever); else the shared user."""
         if self.settings.per_user and len(mailboxes) == 1:
-            return next(iter(mailboxes))
+            mailbox = next(iter(mailboxes))
+            try:
+                return check_user(mailbox)
+            except ValueError:
+                pass
         return self.settings.shared_user
 
     def _scan(self, message: Message, user: str) -> SpamReport:
@@ -208,7 +238,7 @@ class SpamAssassinCheck:
         if listed is Kind.BLACK:
             return Judgement(Fate.QUARANTINE, "sender blacklisted by the recipient", "blacklisted", tag)
         assert report is not None
-        score = report.score
+        score = tidy(report.score)
         if score >= reject:
             return Judgement(Fate.REJECT, f"score {score:g} >= reject level {reject:g}", "spam", tag)
         if score >= hold:
@@ -224,7 +254,7 @@ class SpamAssassinCheck:
         headers = self._headers(message, report, tagged)
         held = self._headers(message, report, [j for j in judged.values() if j.kind == "spam"]) if report else ()
         subject = self.settings.subject_tag if delivered and len(tagged) == len(delivered) else ""
-        fields = (("score", f"{report.score:g}"),) if report is not None else ()
+        fields = (("score", f"{tidy(report.score):g}"),) if report is not None else ()
         return {rcpt: Verdict(j.fate, self.name, j.reason, kind=j.kind, headers=headers, held_headers=held,
                               reply=REJECT_SPAM if j.fate is Fate.REJECT else None,
                               subject_tag=subject if j.fate is Fate.TAG else "", log_fields=fields)
@@ -236,12 +266,13 @@ class SpamAssassinCheck:
         if report is None:
             return ((X_SPAM_STATUS, "No, sender listed by the recipient"),)
         required = min((j.tag_level for j in tagged), default=self.settings.tag_level)
-        status = f"{'Yes' if tagged else 'No'}, score={report.score:.1f} required={required:.1f}"
+        score = tidy(report.score)
+        status = f"{'Yes' if tagged else 'No'}, score={score:.1f} required={required:.1f}"
         if report.rules and not message.authenticated:
             status += " tests=" + ",".join(report.rule_names)
         headers = [(X_SPAM_FLAG, "YES")] if tagged else []
-        headers += [(X_SPAM_STATUS, status), (X_SPAM_SCORE, f"{report.score:.1f}"),
-                    (X_SPAM_LEVEL, "*" * max(0, min(MAX_STARS, int(report.score))))]
+        headers += [(X_SPAM_STATUS, status), (X_SPAM_SCORE, f"{score:.1f}"),
+                    (X_SPAM_LEVEL, "*" * max(0, min(MAX_STARS, int(score))))]
         if report.partial:
             headers.append((X_SPAM_SCAN, f"partial, {report.bytes_scanned} of {message.spool.size} bytes "
                                          "(the start of each part)"))
@@ -262,6 +293,11 @@ class SpamAssassinCheck:
         with self._log_lock:
             self._failures.flush()
             self._store_failures.flush()
+
+
+def tidy(score: float) -> float:
+    """A score as people read it: one decimal, and no "-0.0" for a score a hair below zero."""
+    return round(score, 1) + 0.0
 
 
 def _address_of(header: str | None) -> str:

@@ -51,14 +51,14 @@ def quarantine_group() -> None:
     _quiet_store_log()
 
 
-SPAM_COMMANDS = (("quarantine.spam_cli", "spam_group"),)
-"""Where the ``mailwarden spam`` commands live: (module, click group) pairs whose commands the group joins.
-A later command (``spam learn``, ``spam check``) adds its own module here."""
+SPAM_COMMANDS = (("quarantine.spam_cli", "spam_group"), ("milters.spam_cli", "spam_group"))
+"""Where the ``mailwarden spam`` commands live: (module, click group) pairs whose commands the group joins:
+the preferences (levels, senders) here, Bayes and scoring (learn, check) with the SpamAssassin milter."""
 
 
 @click.group("spam", cls=LazyGroup, sources=SPAM_COMMANDS)
 def spam_group() -> None:
-    """Spam preferences per mailbox or domain: score levels, sender white and black lists."""
+    """Spam: score levels and sender lists per mailbox or domain; Bayes training; scoring a message."""
     _quiet_store_log()
 
 

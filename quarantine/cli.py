@@ -14,7 +14,7 @@ import datetime
 import getpass
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -171,20 +171,56 @@ def show_command(ctx: CliContext, public_id: str, raw: bool, as_json: bool) -> N
     emit(record.as_dict(), as_json, _details(record))
 
 
+Teach = Callable[[QuarantineStore, str, str], str]
+"""(store, public id, "spam" | "ham") -> a note for the result ("" when the row teaches nothing)."""
+
+
+@contextlib.contextmanager
+def bayes_teacher(ctx: CliContext, enabled: bool) -> Iterator[Teach]:
+    """What a release (ham) or delete (spam) of a message the SpamAssassin milter held teaches spamd's Bayes
+    (milters/spam_learning.py; spamd's client is opened at the first such message)."""
+    clients: list[Any] = []
+
+    def teach(store: QuarantineStore, public_id: str, kind: str) -> str:
+        record = store.get(public_id)
+        if not enabled or record is None:
+            return ""
+        from milters.spam_learning import LEARNED_KINDS, learn_held
+        from milters.spamd_client import SpamdClient
+
+        if record.kind not in LEARNED_KINDS:
+            return ""
+        settings = ctx.load().section("milters").spamassassin
+        if not clients:
+            clients.append(SpamdClient(settings.spamd))
+        return learn_held(clients[0], settings, store, record, kind)  # type: ignore[arg-type]
+
+    try:
+        yield teach
+    finally:
+        for client in clients:
+            client.close()
+
+
+LEARN_OPTION = click.option("--learn/--no-learn", default=True, show_default=True,
+                            help="Teach spamd's Bayes from this decision (messages the spam milter held).")
+
+
 @quarantine_group.command("release")
 @click.argument("public_ids", metavar="ID...", nargs=-1, required=True)
 @click.option("--admin", is_flag=True, help="Release kinds that need an admin's decision (a virus) too.")
 @click.option("--by", metavar="NAME", help="Recorded as who released it (default: your login name).")
+@LEARN_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.pass_obj
-def release_command(ctx: CliContext, public_ids: tuple[str, ...], admin: bool, by: str | None,
+def release_command(ctx: CliContext, public_ids: tuple[str, ...], admin: bool, by: str | None, learn: bool,
                     as_json: bool) -> None:
     """Re-inject held messages, each to the one recipient it was held for, with its original sender and
-    bytes, through the [quarantine] reinject listener."""
+    bytes, through the [quarantine] reinject listener. A released spam is learned as ham (--no-learn: not)."""
     who = by or login_name()
     results: list[dict[str, Any]] = []
     codes: list[int] = []
-    with open_store(ctx) as store:
+    with open_store(ctx) as store, bayes_teacher(ctx, learn) as teach:
         for public_id in public_ids:
             try:
                 done = release(store, public_id, who, admin=admin)
@@ -192,9 +228,11 @@ def release_command(ctx: CliContext, public_ids: tuple[str, ...], admin: bool, b
                 results.append({"id": public_id, "ok": False, "error": str(exc), "failure": str(exc.failure)})
                 codes.append(EXIT_FOR[exc.failure])
                 continue
+            note = teach(store, public_id, "ham")
             results.append({"id": public_id, "ok": True, "recipient": done.recipient, "queue_id": done.queue_id,
-                            "by": who, "message": f"{public_id} released to {done.recipient}"
-                            + (f" (queued as {done.queue_id})" if done.queue_id else "")})
+                            "by": who, "bayes": note, "message": f"{public_id} released to {done.recipient}"
+                            + (f" (queued as {done.queue_id})" if done.queue_id else "")
+                            + (f"; {note}" if note else "")})
             codes.append(0)
     finish(results, codes, as_json)
 
@@ -202,18 +240,22 @@ def release_command(ctx: CliContext, public_ids: tuple[str, ...], admin: bool, b
 @quarantine_group.command("delete")
 @click.argument("public_ids", metavar="ID...", nargs=-1, required=True)
 @click.option("--by", metavar="NAME", help="Recorded as who deleted it (default: your login name).")
+@LEARN_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.pass_obj
-def delete_command(ctx: CliContext, public_ids: tuple[str, ...], by: str | None, as_json: bool) -> None:
+def delete_command(ctx: CliContext, public_ids: tuple[str, ...], by: str | None, learn: bool,
+                   as_json: bool) -> None:
     """Delete held messages (for their recipient only; the bytes go at the next purge once no recipient
-    holds the message)."""
+    holds the message). A deleted spam is learned as spam (--no-learn: not)."""
     who = by or login_name()
     results: list[dict[str, Any]] = []
     codes: list[int] = []
-    with open_store(ctx) as store:
+    with open_store(ctx) as store, bayes_teacher(ctx, learn) as teach:
         for public_id in public_ids:
             if store.transition(public_id, [State.HELD], State.DELETED, who):
-                results.append({"id": public_id, "ok": True, "by": who, "message": f"{public_id} deleted"})
+                note = teach(store, public_id, "spam")
+                results.append({"id": public_id, "ok": True, "by": who, "bayes": note,
+                                "message": f"{public_id} deleted" + (f"; {note}" if note else "")})
                 codes.append(0)
                 continue
             record = store.get(public_id)

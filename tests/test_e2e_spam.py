@@ -42,7 +42,9 @@ def test_gtube_is_held_for_its_recipient_and_released_once(milter_stack, clamd, 
     [row] = held_rows(stack)
     assert row["recipient"] == "alice@example.test" and row["kind"] == "spam" and row["state"] == "held"
 
-    mailwarden(stack.milter, "quarantine", "release", row["public_id"])
+    released_out = mailwarden(stack.milter, "quarantine", "release", row["public_id"]).stdout
+    assert "learned as ham for alice@example.test" in released_out
+    assert spamd.bayes_counts("alice@example.test") == (0, 1), "the rescued message did not teach Bayes"
     stack.sink.wait_for_subjects("gtube held", timeout=30)
     again = subprocess.run([sys.executable, "-m", "mailwarden.cli", "--config", str(stack.milter.config_path),
                             "quarantine", "release", row["public_id"]], capture_output=True, text=True, timeout=60)
@@ -51,6 +53,12 @@ def test_gtube_is_held_for_its_recipient_and_released_once(milter_stack, clamd, 
     [released] = stack.sink.with_subject("gtube held")
     assert released.rcpt_tos == ("alice@example.test",)
     assert released.message["X-Spam-Flag"] == "YES", "the held copy says why it was held"
+
+    assert stack.send(gtube("gtube deleted"), rcpts=("bob@example.test",)) is None
+    stack.milters["spamassassin"].wait_log("recipient=bob@example.test")
+    [bobs] = [r for r in held_rows(stack) if r["recipient"] == "bob@example.test"]
+    mailwarden(stack.milter, "quarantine", "delete", bobs["public_id"])
+    assert spamd.bayes_counts("bob@example.test") == (1, 0), "the confirmed spam did not teach Bayes"
 
 
 def test_a_clean_message_says_no_with_a_score_and_forged_verdicts_are_removed(milter_stack, clamd, spamd):

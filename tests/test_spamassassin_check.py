@@ -155,6 +155,7 @@ def test_spamd_is_not_asked_when_every_recipient_listed_the_sender(tmp_path):
     (("sales@example.test", "carol+x@example.test"), True, "carol@example.test"),
     (("carol@example.test", "dave@example.test"), True, "mailwarden"),
     (("carol@example.test",), False, "mailwarden"),
+    (("jürgen@example.test",), True, "mailwarden"),
 ])
 def test_spamd_is_asked_as_the_one_mailbox_else_the_shared_user(tmp_path, rcpts, per_user, user):
     check, spamd = make(tmp_path, 1.0, per_user=per_user)
@@ -213,3 +214,8 @@ def test_a_message_above_max_size_is_sampled_not_skipped(tmp_path):
 def test_levels_must_rise():
     with pytest.raises(ValueError, match="levels must rise"):
         SpamAssassinSettings.model_validate({"tag_level": 9, "hold_level": 8})
+
+
+def test_the_shared_user_must_be_a_name_spamd_can_use():
+    with pytest.raises(ValueError, match="cannot be a spamd user name"):
+        SpamAssassinSettings.model_validate({"shared_user": "../etc"})

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The README's run command. Installs what is missing (Debian packages, the locked venv), then starts
 # Redis (if none answers on 127.0.0.1:6379), an SMTP sink on 127.0.0.1:2500 that keeps what it receives in
-# run/sink/, a private clamd with the local test signatures (there is no freshclam without internet), the
-# ClamAV milter on 127.0.0.1:10030 with its quarantine in run/, a private Postfix on 127.0.0.1:2525 wired to
-# policyd on 127.0.0.1:10023 and to the milter (re-injection listener on 127.0.0.1:10026), and policyd in
+# run/sink/, a private clamd with the local test signatures (there is no freshclam without internet), a
+# private spamd on 127.0.0.1:7830 (local tests only, per-user Bayes), the ClamAV milter on 127.0.0.1:10030 and
+# the SpamAssassin milter on 127.0.0.1:10031 with their quarantine in run/, a private Postfix on
+# 127.0.0.1:2525 wired to policyd on 127.0.0.1:10023 and to the milters (re-injection listener on
+# 127.0.0.1:10026), and policyd in
 # the foreground (Ctrl-C stops it all). Everything it keeps is under run/, config included
 # (run/mailwarden.toml, unless $MAILWARDEN_CONFIG names another). Run again while it runs, it says so and
 # leaves the running one alone.
@@ -46,6 +48,17 @@ database_url = "sqlite:///$RUN/quarantine.sqlite"
 message_dir = "$RUN/quarantine"
 reinject = "127.0.0.1:10026"
 TOML
+  # (a config kept from a quick start before the SpamAssassin milter gets its section)
+  grep -qs '^\[milters.spamassassin\]' "$MAILWARDEN_CONFIG" || cat >> "$MAILWARDEN_CONFIG" <<TOML
+
+[milters.spamassassin]
+listen = "inet:127.0.0.1:10031"
+# the banner's examples log in (to skip greylisting): score their mail too (a site's default: false)
+scan_submission = true
+
+[milters.spamassassin.spamd]
+address = "127.0.0.1:7830"
+TOML
 fi
 
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
@@ -58,8 +71,14 @@ fi
 # a previous run's leftovers (one that was killed before it could clean up)
 "$VENV/bin/python" tests/harness/postfix.py stop "$RUN/postfix" 2>/dev/null || true
 "$VENV/bin/python" tests/harness/clamd.py stop "$RUN/clamd" 2>/dev/null || true
+# spamd runs as debian-spamd, which must reach its directory: not under a 0700 home
+SPAMD_DIR=$RUN/spamd
+runuser -u debian-spamd -- test -x "$RUN" 2>/dev/null || SPAMD_DIR=/tmp/mailwarden-quickstart-spamd
+"$VENV/bin/python" tests/harness/spamd.py stop "$SPAMD_DIR" 2>/dev/null || true
 [ -f "$RUN/sink.pid" ] && kill "$(cat "$RUN/sink.pid")" 2>/dev/null || true
-[ -f "$RUN/milter.pid" ] && kill "$(cat "$RUN/milter.pid")" 2>/dev/null || true
+for name in milter milter-spamassassin; do
+  [ -f "$RUN/$name.pid" ] && kill "$(cat "$RUN/$name.pid")" 2>/dev/null || true
+done
 
 smtp-sink -u nobody -d "$RUN/sink/msg." 127.0.0.1:2500 64 &
 echo $! > "$RUN/sink.pid"
@@ -71,21 +90,29 @@ echo WDVPIVAlQEFQWzRcUFpYNTQoUF4pN0NDKTd9JEVJQ0FSLVNUQU5EQVJELUFOVElWSVJVUy1URVN
 # clamd with the local test signatures only: a site's clamd gets the real ones from freshclam (README)
 mkdir -p "$RUN/clamd"
 "$VENV/bin/python" tests/harness/clamd.py start "$RUN/clamd" --port 3310
-# the quarantine's tables (SQLite in run/), then the ClamAV milter, logging to run/milter.log
+# spamd with the package's rules, local tests only (no network tests without internet)
+"$VENV/bin/python" tests/harness/spamd.py start "$SPAMD_DIR" --port 7830
+# the quarantine's tables (SQLite in run/), then the milters, logging to run/milter.log and
+# run/milter-spamassassin.log
 "$VENV/bin/mailwarden" quarantine migrate
 "$VENV/bin/mailwarden" milter clamav >>"$RUN/milter.log" 2>&1 &
 echo $! > "$RUN/milter.pid"
-for _ in $(seq 100); do grep -qs "msg=ready" "$RUN/milter.log" && break; sleep 0.1; done
+"$VENV/bin/mailwarden" milter spamassassin >>"$RUN/milter-spamassassin.log" 2>&1 &
+echo $! > "$RUN/milter-spamassassin.pid"
+for log in milter.log milter-spamassassin.log; do
+  for _ in $(seq 100); do grep -qs "msg=ready" "$RUN/$log" && break; sleep 0.1; done
+done
 
 mkdir -p "$RUN/postfix" && chmod 755 "$RUN" "$RUN/postfix"
 "$VENV/bin/python" tests/harness/postfix.py start "$RUN/postfix" --smtp-port 2525 --sink-port 2500 --policy-port 10023 \
-  --milters inet:127.0.0.1:10030 --reinject-port 10026
+  --milters "inet:127.0.0.1:10030, inet:127.0.0.1:10031" --reinject-port 10026
 
 cleanup() {
   [ -n "${suite:-}" ] && kill -TERM "$suite" 2>/dev/null && wait "$suite" 2>/dev/null
   "$VENV/bin/python" tests/harness/postfix.py stop "$RUN/postfix" || true
-  kill "$(cat "$RUN/milter.pid")" 2>/dev/null || true
+  kill "$(cat "$RUN/milter.pid")" "$(cat "$RUN/milter-spamassassin.pid")" 2>/dev/null || true
   "$VENV/bin/python" tests/harness/clamd.py stop "$RUN/clamd" || true
+  "$VENV/bin/python" tests/harness/spamd.py stop "$SPAMD_DIR" || true
   kill "$(cat "$RUN/sink.pid")" 2>/dev/null || true
   rm -f "$RUN/quickstart.pid"
 }
@@ -96,12 +123,17 @@ trap 'exit 143' TERM
 cat <<MSG
 
   Postfix listens on 127.0.0.1:2525 and asks mailwarden policyd (127.0.0.1:10023) about every recipient,
-  then the ClamAV milter (127.0.0.1:10030, log $RUN/milter.log) about every message.
+  then the ClamAV milter (127.0.0.1:10030, log $RUN/milter.log) and the SpamAssassin milter
+  (127.0.0.1:10031, log $RUN/milter-spamassassin.log) about every message.
   Try:   swaks --server 127.0.0.1:2525 --from a@example.org --to user@example.test --xclient-addr 192.0.2.20
   (the first attempt is greylisted; accepted mail lands in $RUN/sink/, Postfix's log is $RUN/postfix/maillog)
   A virus (the EICAR test file), refused at end of data with 554 5.7.1:
          swaks --server 127.0.0.1:2525 --from a@example.org --to user@example.test --xclient-login alice \\
                --attach-name eicar.txt --attach @$RUN/eicar.com
+  A spam (the GTUBE test string), refused with 550 5.7.1 (held instead once the recipient's reject level
+  is above its score of 1000: mailwarden spam levels set --for user@example.test --reject 2000):
+         swaks --server 127.0.0.1:2525 --from a@example.org --to user@example.test --xclient-login alice \\
+               --body 'XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X'
 
   The command line, in another terminal, with this run's config:
          export PATH=$VENV/bin:\$PATH MAILWARDEN_CONFIG=$MAILWARDEN_CONFIG
