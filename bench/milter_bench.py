@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,45 +161,46 @@ def start_postfix(name: str, workdir: Path, sink_port: int, milters: str,
                   stack: contextlib.ExitStack) -> PostfixInstance:
     instance = PostfixInstance(workdir / f"pf-{name}", free_port(), sink_port, None, milters=milters)
     instance.write()
-    subprocess.run(["postconf", "-c", str(instance.conf), "-e", f"message_size_limit={MESSAGE_SIZE_LIMIT}"],
-                   check=True, capture_output=True)
+    # delays= in µs (a: from MAIL FROM to the queue manager, the milters' time included): latency percentiles
+    subprocess.run(["postconf", "-c", str(instance.conf), "-e", f"message_size_limit={MESSAGE_SIZE_LIMIT}",
+                    "delay_logging_resolution_limit=6"], check=True, capture_output=True)
     stack.callback(instance.stop)
     instance._postfix("start")
     wait_port(instance.smtp_port, 15)
     return instance
 
 
-@dataclass
-class UnixMilterProcess(MilterProcess):
-    """The harness's milter process, listening on a unix socket instead of a loopback port."""
+def start_milter(base: Path, settings: dict[str, Any], milter: str, transport: str,
+                 stack: contextlib.ExitStack) -> tuple[int, Path, str]:
+    """``mailwarden milter MILTER`` from ``settings`` in ``base`` (its quarantine migrated first); its pid, log
+    and the address Postfix's smtpd_milters names."""
+    milter_proc = MilterProcess(base, settings, name=milter,
+                                unix_socket=base / f"{milter}.sock" if transport == "unix" else None)
+    config = milter_proc.write_config()
+    subprocess.run([sys.executable, "-m", "mailwarden.cli", "--config", str(config), "quarantine", "migrate"],
+                   check=True, capture_output=True, timeout=60)
+    stack.callback(milter_proc.stop)
+    milter_proc.start()
+    assert milter_proc.proc is not None
+    if milter_proc.unix_socket:  # Postfix's smtpd and cleanup (user postfix) connect to it; the milter runs as root
+        milter_proc.unix_socket.chmod(0o666)
+    return milter_proc.proc.pid, milter_proc.log_path, milter_proc.address
 
-    socket_path: Path = Path("/nonexistent")
 
-    @property
-    def address(self) -> str:
-        return f"unix:{self.socket_path}"
+def quarantine_settings(base: Path) -> dict[str, str]:
+    (base / "held").mkdir(parents=True, exist_ok=True)
+    return {"database_url": f"sqlite:///{base}/q.sqlite", "message_dir": str(base / "held")}
 
 
 def start_ours(name: str, checks: list[str], workdir: Path, clamd: ClamdInstance, transport: str,
                stack: contextlib.ExitStack) -> tuple[int, Path, str]:
     base = workdir / name
-    (base / "held").mkdir(parents=True)
     settings = {
         "milters": {"clamav": {"clamd": clamd.unix_address, "checks": checks, "stream_max_length": MAX_SCAN}},
-        "quarantine": {"database_url": f"sqlite:///{base}/q.sqlite", "message_dir": str(base / "held")},
+        "quarantine": quarantine_settings(base),
         "logging": {"level": "info"},
     }
-    milter = (UnixMilterProcess(base, settings, socket_path=base / "milter.sock") if transport == "unix"
-              else MilterProcess(base, settings))
-    config = milter.write_config()
-    subprocess.run([sys.executable, "-m", "mailwarden.cli", "--config", str(config), "quarantine", "migrate"],
-                   check=True, capture_output=True, timeout=60)
-    stack.callback(milter.stop)
-    milter.start()
-    assert milter.proc is not None
-    if transport == "unix":  # Postfix's smtpd and cleanup (user postfix) connect to it; the milter runs as root
-        (base / "milter.sock").chmod(0o666)
-    return milter.proc.pid, milter.log_path, milter.address
+    return start_milter(base, settings, "clamav", transport, stack)
 
 
 def start_clamav_milter(workdir: Path, clamd: ClamdInstance, transport: str,
@@ -250,6 +251,7 @@ class RunResult:
 SENT = re.compile(rb"status=sent")
 PROBLEM = re.compile(rb"status=(deferred|bounced)|milter-reject|reject:")
 MS = re.compile(rb"\bms=([0-9.]+)")
+DELAY_A = re.compile(rb"delays=([0-9.]+)/[^\n]*status=sent")
 
 
 def read_from(path: Path, offset: int) -> bytes:
@@ -260,10 +262,56 @@ def read_from(path: Path, offset: int) -> bytes:
         return f.read()
 
 
+@dataclass
+class Delivery:
+    """One smtp-source run through a Postfix, every message relayed to the sink."""
+
+    wall: float
+    """From starting smtp-source to the last status=sent line."""
+    accept_wall: float
+    """From starting smtp-source to its exit (every message accepted)."""
+    maillog: bytes
+    """What the Postfix logged during the run."""
+
+    def problems(self) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for match in PROBLEM.finditer(self.maillog):
+            key = match.group(0).decode()
+            found[key] = found.get(key, 0) + 1
+        return found
+
+    def queue_delays(self) -> list[float]:
+        """Per message, Postfix's delay a (MAIL FROM to the queue manager: the transfer and every milter)."""
+        return [float(v) for v in DELAY_A.findall(self.maillog)]
+
+
+def send(name: str, pf: PostfixInstance, size: int, sessions: int, messages: int, timeout: float,
+         message_file: Path | None = None) -> Delivery:
+    """``messages`` messages through ``pf`` with smtp-source, ``sessions`` at a time: junk text of ``size`` bytes,
+    or ``message_file`` (header and body) as it is; returns once the sink has every one."""
+    log_offset = pf.maillog.stat().st_size if pf.maillog.exists() else 0
+    body = ["-F", str(message_file)] if message_file else ["-l", str(size)]
+    argv = [SMTP_SOURCE, "-c", *body, "-m", str(messages), "-s", str(sessions),
+            "-t", "to@example.test", "-f", "from@example.org", f"127.0.0.1:{pf.smtp_port}"]
+    started = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+    accepted = time.perf_counter()
+    if done.returncode != 0:
+        raise BenchError(f"{name}: smtp-source exited {done.returncode}: {done.stderr.decode()[-2000:]}")
+    deadline = started + timeout
+    while True:
+        text = read_from(pf.maillog, log_offset)
+        sent = len(SENT.findall(text))
+        if sent >= messages:
+            break
+        if time.perf_counter() > deadline:
+            raise BenchError(f"{name}: {sent} of {messages} delivered after {timeout:g}s; see {pf.maillog}")
+        time.sleep(0.01)
+    return Delivery(time.perf_counter() - started, accepted - started, text)
+
+
 def measure(target: Target, clamd_pid: int, size: int, sessions: int, messages: int, index: int,
             timeout: float) -> RunResult:
-    pf = target.postfix
-    log_offset = pf.maillog.stat().st_size if pf.maillog.exists() else 0
     milter_log_offset = target.log_path.stat().st_size if target.log_path and target.log_path.exists() else 0
     pid = target.milter_pid
     if pid:
@@ -271,41 +319,20 @@ def measure(target: Target, clamd_pid: int, size: int, sessions: int, messages: 
     milter_cpu0 = cpu_seconds(pid) if pid else 0.0
     clamd_cpu0 = cpu_seconds(clamd_pid)
     busy0 = busy_seconds()
-    argv = [SMTP_SOURCE, "-c", "-l", str(size), "-m", str(messages), "-s", str(sessions),
-            "-t", "to@example.test", "-f", "from@example.org", f"127.0.0.1:{pf.smtp_port}"]
-    started = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
-    accepted = time.perf_counter()
-    if done.returncode != 0:
-        raise BenchError(f"{target.name}: smtp-source exited {done.returncode}: {done.stderr.decode()[-2000:]}")
-    deadline = started + timeout
-    sent = 0
-    while True:
-        text = read_from(pf.maillog, log_offset)
-        sent = len(SENT.findall(text))
-        if sent >= messages:
-            break
-        if time.perf_counter() > deadline:
-            raise BenchError(f"{target.name}: {sent} of {messages} delivered after {timeout:g}s; see {pf.maillog}")
-        time.sleep(0.01)
-    finished = time.perf_counter()
+    delivery = send(target.name, target.postfix, size, sessions, messages, timeout)
     busy = busy_seconds() - busy0
     clamd_cpu = cpu_seconds(clamd_pid) - clamd_cpu0
     milter_cpu = cpu_seconds(pid) - milter_cpu0 if pid else 0.0
     rss, hwm = memory_mib(pid) if pid else (0.0, 0.0)
-    problems: dict[str, int] = {}
-    for match in PROBLEM.finditer(text):
-        key = match.group(0).decode()
-        problems[key] = problems.get(key, 0) + 1
     eom = None
     if target.log_path and target.name != THEIRS:
         values = [float(v) for v in MS.findall(read_from(target.log_path, milter_log_offset))]
         eom = statistics.median(values) if values else None
-    wall = finished - started
-    accept = accepted - started
+    wall, accept = delivery.wall, delivery.accept_wall
     return RunResult(target.name, size, sessions, messages, index, wall, accept, messages / wall,
                      sessions * accept / messages * 1000, milter_cpu / messages * 1e6, clamd_cpu / messages * 1e6,
-                     busy / messages * 1e6, busy / wall / (os.cpu_count() or 1) * 100, hwm, rss, eom, problems)
+                     busy / messages * 1e6, busy / wall / (os.cpu_count() or 1) * 100, hwm, rss, eom,
+                     delivery.problems())
 
 
 # -- summary ---------------------------------------------------------------------------------------------
@@ -433,9 +460,23 @@ def versions() -> dict[str, str]:
     }
 
 
-def run_benchmark(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) -> dict[str, Any]:
+def run_passes(names: Sequence[str], loads: Sequence[Load], runs: int,
+               one: Callable[[str, Load, int, int], None]) -> None:
+    """``one(target, load, index, messages)`` for every run: a warm-up pass (index 0, a fifth of the first load's
+    messages, at least one per session), then ``runs`` passes per load, every target once per pass, the order
+    reversed every other pass (ABBA)."""
+    warm = loads[0]
+    for name in names:
+        one(name, warm, 0, max(warm.sessions, warm.messages // 5))
+    for load in loads:
+        for index in range(1, runs + 1):
+            for name in (names if index % 2 else list(reversed(names))):
+                one(name, load, index, load.messages)
+
+
+def start_common(workdir: Path, stack: contextlib.ExitStack) -> tuple[ClamdInstance, Proc, int]:
+    """What every target shares: clamd (and the PYTHONPATH our milters need) and the sink; the sink's port."""
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    progress("starting clamd, smtp-sink ...")
     clamd = ClamdInstance(workdir / "clamd", stream_max_length=MAX_SCAN)
     stack.callback(clamd.stop)
     clamd.start()
@@ -444,6 +485,21 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, stack: contextlib.Exi
     sink = spawn("smtp-sink", [SMTP_SINK, "-u", "nobody", f"127.0.0.1:{sink_port}", "256"], workdir / "sink.log",
                  stack)
     wait_port(sink_port, 10)
+    return clamd, sink, sink_port
+
+
+def run_meta(args: argparse.Namespace, versions: dict[str, str]) -> dict[str, Any]:
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "host": platform.node(), "cpus": os.cpu_count(), "kernel": platform.release(),
+        "loadavg_before": load_average(), "versions": versions,
+        "args": {k: ([asdict(v) for v in val] if k == "loads" else val) for k, val in vars(args).items()},
+    }
+
+
+def run_benchmark(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) -> dict[str, Any]:
+    progress("starting clamd, smtp-sink ...")
+    clamd, sink, sink_port = start_common(workdir, stack)
     targets: dict[str, Target] = {}
     for name in args.targets:
         progress(f"starting {name} ...")
@@ -455,12 +511,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, stack: contextlib.Exi
         elif name == THEIRS:
             pid, log_path, address = start_clamav_milter(workdir, clamd, args.socket, stack)
         targets[name] = Target(name, start_postfix(name, workdir, sink_port, address, stack), pid, log_path)
-    meta: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "host": platform.node(), "cpus": os.cpu_count(), "kernel": platform.release(),
-        "loadavg_before": load_average(), "versions": versions(),
-        "args": {k: ([asdict(v) for v in val] if k == "loads" else val) for k, val in vars(args).items()},
-    }
+    meta = run_meta(args, versions())
     results: list[RunResult] = []
     names = list(args.targets)
 
@@ -479,55 +530,63 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, stack: contextlib.Exi
             raise BenchError(f"{name}: mail was deferred or rejected: {result.problems}; "
                              f"see {targets[name].postfix.maillog}")
 
-    warm = args.loads[0]
-    for name in names:
-        one(name, warm, 0, max(1, warm.messages // 5))
-    for load in args.loads:
-        for index in range(1, args.runs + 1):
-            for name in (names if index % 2 else list(reversed(names))):
-                one(name, load, index, load.messages)
+    run_passes(names, args.loads, args.runs, one)
     meta["loadavg_after"] = load_average()
     rows = summarise(results)
     return {"meta": meta, "summary": [asdict(r) for r in rows], "runs": [asdict(r) for r in results],
             "table": render_table(rows)}
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Benchmark mailwarden's ClamAV milter against clamav-milter through a private Postfix.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--targets", default=",".join(TARGETS),
+def bench_parser(description: str, targets: Sequence[str], loads: Sequence[str], loads_help: str, socket: str,
+                 timeout: float, json_name: str) -> argparse.ArgumentParser:
+    """The options both milter benchmarks take: --targets, --loads, --runs, --socket, --timeout, --json, --keep."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--targets", default=",".join(targets),
                         type=lambda s: [t for t in s.split(",") if t],
-                        help=f"comma-separated subset of {','.join(TARGETS)}")
-    parser.add_argument("--loads", nargs="+", type=parse_load, default=[parse_load(x) for x in DEFAULT_LOADS],
-                        help="SIZE:SESSIONS:MESSAGES per load (smtp-source -l, -s, -m); the first also warms up")
+                        help=f"comma-separated subset of {','.join(targets)}")
+    parser.add_argument("--loads", nargs="+", type=parse_load, default=[parse_load(x) for x in loads],
+                        help=f"SIZE:SESSIONS:MESSAGES per load ({loads_help}); the first also warms up")
     parser.add_argument("--runs", type=int, default=3, help="measured runs per target and load (ABBA order)")
-    parser.add_argument("--socket", choices=("inet", "unix"), default="inet",
+    parser.add_argument("--socket", choices=("inet", "unix"), default=socket,
                         help="how Postfix reaches the milters: a loopback TCP port or a unix socket")
-    parser.add_argument("--timeout", type=float, default=180.0, help="seconds allowed per run")
-    parser.add_argument("--json", type=Path, default=Path(tempfile.gettempdir()) / "milter_bench.json",
+    parser.add_argument("--timeout", type=float, default=timeout, help="seconds allowed per run")
+    parser.add_argument("--json", type=Path, default=Path(tempfile.gettempdir()) / json_name,
                         help="where to write the results as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
-    args = parser.parse_args(argv)
-    bad = [t for t in args.targets if t not in TARGETS]
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, targets: Sequence[str]) -> None:
+    bad = [t for t in args.targets if t not in targets]
     if bad or not args.targets:
-        parser.error(f"--targets: expected a subset of {','.join(TARGETS)}")
+        parser.error(f"--targets: expected a subset of {','.join(targets)}")
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = bench_parser("Benchmark mailwarden's ClamAV milter against clamav-milter through a private Postfix.",
+                          TARGETS, DEFAULT_LOADS, "smtp-source -l, -s, -m", "inet", 180.0, "milter_bench.json")
+    args = parser.parse_args(argv)
+    check_args(parser, args, TARGETS)
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_in_workdir(prefix: str, args: argparse.Namespace,
+                   run: Callable[[argparse.Namespace, Path, contextlib.ExitStack], dict[str, Any]],
+                   missing: Sequence[str] = ()) -> dict[str, Any] | int:
+    """``run(args, workdir, stack)`` in a new work directory; everything it put on the stack is stopped on the
+    way out, on SIGTERM and SIGHUP too. Returns the report (also written to ``args.json`` without its
+    ``table``), or the exit status: 2 when not root or a program in ``missing``, 1 after a failure (the work
+    directory then kept), 130 after an interruption."""
     if os.geteuid() != 0:
         progress("run as root: the private Postfix instances need it")
         return 2
-    missing = [p for p in (SMTP_SOURCE, SMTP_SINK, CLAMAV_MILTER) if not Path(p).exists()]
-    if missing and (THEIRS in args.targets or SMTP_SOURCE in missing or SMTP_SINK in missing):
+    if missing:
         progress(f"missing {', '.join(missing)}: WITH_BENCH=1 bash tools/install-system-deps.sh installs them")
         return 2
-    workdir = Path(tempfile.mkdtemp(prefix="mailwarden-milter-bench-"))
-    workdir.chmod(0o755)  # Postfix's own users must reach the queue directories in here
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    workdir.chmod(0o755)  # Postfix's own users (and spamd's) must reach what is in here
     keep = args.keep
     stack = contextlib.ExitStack()
 
@@ -538,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signum, interrupted)
     try:
         try:
-            report = run_benchmark(args, workdir, stack)
+            report = run(args, workdir, stack)
         finally:
             progress("stopping ...")
             with contextlib.suppress(Exception):
@@ -556,6 +615,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     args.json.write_text(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=2, default=str) + "\n")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    missing = [p for p in (SMTP_SOURCE, SMTP_SINK, CLAMAV_MILTER) if not Path(p).exists()]
+    if THEIRS not in args.targets and SMTP_SOURCE not in missing and SMTP_SINK not in missing:
+        missing = []
+    report = run_in_workdir("mailwarden-milter-bench-", args, run_benchmark, missing)
+    if isinstance(report, int):
+        return report
     meta = report["meta"]
     print(f"{meta['date']}  {meta['cpus']} cores  load average before {meta['loadavg_before']} after "
           f"{meta['loadavg_after']}  mailwarden {meta['versions']['mailwarden']}  {meta['versions']['clamav-milter']}")

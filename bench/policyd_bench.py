@@ -58,7 +58,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar, cast
 
-from procstat import CLK_TCK, cpu_seconds, load_average, memory_mib
+from procstat import CLK_TCK, cpu_seconds, group_cpu_seconds, load_average, memory_mib
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
@@ -640,27 +640,6 @@ def start_postgrey(workdir: Path, stack: contextlib.ExitStack, postgrey: str) ->
 
 
 # -- measurements ---------------------------------------------------------------------------------------
-
-
-
-
-def group_cpu_seconds(pgid: int) -> float:
-    """utime + stime of every live process in the process group ``pgid`` (Dovecot: the master and the
-    services it forked), plus the master's cutime + cstime, where the CPU of services that exited and that
-    it reaped ends up."""
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            data = stat.read_bytes()
-        except OSError:
-            continue  # exited meanwhile
-        fields = data[data.rfind(b")") + 2:].split()
-        if int(fields[2]) != pgid:
-            continue
-        total += int(fields[11]) + int(fields[12])
-        if int(stat.parent.name) == pgid:
-            total += int(fields[13]) + int(fields[14])
-    return total / CLK_TCK
 
 
 
