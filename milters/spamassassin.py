@@ -304,14 +304,17 @@ def received_line(message: Message) -> str:
     """The Received header our Postfix will write for the hop it is receiving, in Postfix's own form, put in
     front of what spamd is sent (not of the delivered message). A milter sees the message before Postfix
     adds it, and without it SpamAssassin finds no relay for the connecting client: no rDNS, HELO or
-    DNSBL rules on it, and no way to tell authenticated submission (``ESMTPA``) apart."""
+    DNSBL rules on it, and no way to tell authenticated submission (``ESMTPA``) apart. Nothing when the
+    client is not known (``spam check`` of a file, the catch-rate bench): no hop is invented."""
+    if not message.client_address:
+        return ""
 
     def clean(text: str, default: str) -> str:
         return "".join(c for c in text if c.isprintable() and c not in " ()[]")[:255] or default
 
     helo = clean(message.helo, clean(message.client_name, "unknown"))
     name = clean(message.client_name, "unknown")
-    address = clean(message.client_address, "127.0.0.1")
+    address = clean(message.client_address, "unknown")
     address = f"IPv6:{address}" if ":" in address else address
     protocol = "ESMTPA" if message.authenticated else "ESMTP"
     queue_id = f" id {clean(message.queue_id, '')}" if message.queue_id else ""

@@ -231,3 +231,11 @@ def test_spamd_sees_the_hop_postfix_is_receiving_as_postfix_writes_it(tmp_path):
     submitted, spamd = make(tmp_path, 1.0, scan_submission=True)
     submitted.check(message("dave@example.test", "erin@example.test", auth="alice"))
     assert b"with ESMTPA id 4Q1; " in spamd.sent[0], "an authenticated hop must read as one"
+
+
+def test_no_hop_is_invented_for_a_message_whose_client_is_not_known(tmp_path):
+    check, spamd = make(tmp_path, 1.0)
+    unknown = message("dave@example.test")
+    unknown.client_address = ""
+    check.check(unknown)
+    assert spamd.sent[0].startswith(b"From: Mallory")
