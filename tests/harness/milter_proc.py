@@ -49,7 +49,9 @@ class MilterProcess:
         self.config_path.write_text(render_toml(settings))
         return self.config_path
 
-    def start(self, timeout: float = 20.0) -> MilterProcess:
+    def start(self, timeout: float = 60.0) -> MilterProcess:
+        """Start it and wait for its ready line (about a second on an idle machine; the bound is for a
+        loaded one, and only a failure waits it out)."""
         self.write_config()
         ready_lines = self.log_text().count(READY)
         log = self.log_path.open("ab")
@@ -63,7 +65,10 @@ class MilterProcess:
                 raise RuntimeError(f"milter exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
             return self.log_text().count(READY) > ready_lines
 
-        wait_for(ready, timeout, what=f"the {self.name} milter to be ready")
+        try:
+            wait_for(ready, timeout, what=f"the {self.name} milter to be ready")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; its log:\n{self.log_text()[-3000:]}") from None
         return self
 
     def stop(self) -> None:
