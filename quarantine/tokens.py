@@ -28,9 +28,9 @@ owner actions (RELEASE ALL, DIGEST DAILY|WEEKLY|IMMEDIATE|OFF) and REPLY are bou
 action is in the MAC: a RELEASE token cannot delete. The digest mints, per listed message, one token per
 button of the HTML part and the release token at the end of the plain line (``reply_parse`` describes the
 line); the digest's Reply-To is ``quarantine+<REPLY token>@``, which does nothing by itself but shows that
-a hand-written reply (``DELETE ab12cd`` typed above the quote) answers this owner's digest.
+a hand-written reply (``DELETE ab23cd`` typed above the quote) answers this owner's digest.
 
-**Keys.** ``TokenSettings.keys``: the first mints, the others are previous keys, each accepted until its
+**Keys.** ``TokenSettings.token_keys``: the first mints, the others are previous keys, each accepted until its
 ``accept_until`` (required: a retired key must stop working some day). Secrets are at least 32 bytes,
 kept as ``SecretStr`` (never in a repr or a log line); each is used through a key derived for this purpose.
 
