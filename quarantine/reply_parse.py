@@ -76,20 +76,26 @@ import codecs
 import email
 import email.message
 import email.policy
+import functools
 import re
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from html.parser import HTMLParser
 
-from quarantine.tokens import MESSAGE_ACTIONS, Action, TokenRefused, decode, find_tokens
+from quarantine.tokens import MESSAGE_ACTIONS, Action, Decoded, TokenRefused, decode, find_tokens
 
 MAX_MESSAGE = 4 << 20
 """Bytes of the reply parsed (a reply with large attachments is cut; its text comes first)."""
 MAX_PARTS = 100
+MAX_HEADER = 2000
+"""Characters of a header field's value parsed: policy.default's header parser takes quadratic time and
+memory on thousands of encoded-words (8000 in a Subject: 480 MB), and a reply needs only the Subject."""
 MAX_TEXT = 128 * 1024
 """Characters of text read (the own text and the quote)."""
 MAX_LINES = 5000
 MAX_COMMANDS = 200
+MAX_HTML = 512 * 1024
+"""Characters of an HTML part rendered (its markup takes room the text would not)."""
 MAX_NOTE_TEXT = 120
 """Characters of a line quoted back in a note."""
 SHORT_ID_LENGTH = 6
@@ -158,9 +164,9 @@ def parse_reply(raw: bytes, recipient: str | None = None) -> Reply:
     if len(raw) > MAX_MESSAGE:
         raw = raw[:MAX_MESSAGE]
         notes.append(f"your reply was longer than {MAX_MESSAGE >> 20} MB: only its beginning was read")
-    raw = raw.replace(b"\0", b"")
+    raw = _few_parts(raw.replace(b"\0", b""), notes)
     try:
-        message = email.message_from_bytes(raw, policy=email.policy.default)
+        message = email.message_from_bytes(raw, policy=POLICY)
     except Exception:  # the parser is lenient; this is the last guard of hostile input
         message = email.message.EmailMessage()
         notes.append("your reply could not be read as a mail")
@@ -168,6 +174,26 @@ def parse_reply(raw: bytes, recipient: str | None = None) -> Reply:
     text = body_text(message, notes)
     lines = split_lines(text, notes)
     return commands_of(lines, subject, recipient, notes)
+
+
+class _ClippedPolicy(email.policy.EmailPolicy):
+    """policy.default, each header value clipped to MAX_HEADER characters before it is parsed."""
+
+    def header_fetch_parse(self, name: str, value: str) -> str:
+        return super().header_fetch_parse(name, value[:MAX_HEADER])
+
+
+POLICY = _ClippedPolicy()
+
+
+def _few_parts(raw: bytes, notes: list[str]) -> bytes:
+    """The message cut before its (2 x MAX_PARTS)th line that starts with "--" (a boundary or a signature),
+    so that the parser never builds thousands of parts (100,000 empty parts in 4 MB: 19 s)."""
+    for count, match in enumerate(re.finditer(rb"\n--", raw)):
+        if count >= 2 * MAX_PARTS:
+            notes.append(f"your reply has more than {MAX_PARTS} MIME parts: the rest were not read")
+            return raw[:match.start() + 1]
+    return raw
 
 
 def _header(message: email.message.Message, name: str) -> str:
@@ -208,7 +234,7 @@ def body_text(message: email.message.Message, notes: list[str]) -> str:
         if str(plain.get_param("format", "", header="content-type")).lower() == "flowed":
             text = unflow(text, str(plain.get_param("delsp", "", header="content-type")).lower() == "yes")
     elif html is not None:
-        text = html_to_text(_decoded(html)[:MAX_TEXT * 8], notes)
+        text = html_to_text(_decoded(html)[:MAX_HTML], notes)
     else:
         return ""
     if len(text) > MAX_TEXT:
@@ -276,13 +302,13 @@ def unflow(text: str, delsp: bool = False) -> str:
     """Join format=flowed lines (RFC 3676): a line ending in a space continues on the next line of the
     same quote depth; space-stuffing removed; "-- " is never flowed."""
     out: list[str] = []
-    buffer: str | None = None
+    buffer: list[str] | None = None
     depth_of = 0
 
     def flush() -> None:
         nonlocal buffer
         if buffer is not None:
-            out.append((">" * depth_of + " " if depth_of else "") + buffer)
+            out.append((">" * depth_of + " " if depth_of else "") + "".join(buffer))
             buffer = None
 
     for line in text.split("\n"):
@@ -294,10 +320,10 @@ def unflow(text: str, delsp: bool = False) -> str:
         if flowed and delsp:
             content = content[:-1]
         if buffer is not None and depth == depth_of:
-            buffer += content
+            buffer.append(content)
         else:
             flush()
-            buffer, depth_of = content, depth
+            buffer, depth_of = [content], depth
         if not flowed:
             flush()
     flush()
@@ -382,13 +408,18 @@ class _HtmlText(HTMLParser):
             self.write(re.sub(r"\s+", " ", data))
 
 
+_LONE_LT = re.compile(r"<(?=[^<>]*(?:<|\Z))")
+"""A ``<`` that no ``>`` closes before the next ``<``: text, not a tag. Escaped before parsing, since
+HTMLParser rescans from each such ``<`` to the end of its input (quadratic: 100 KB of them took 20 s)."""
+
+
 def html_to_text(html: str, notes: list[str] | None = None) -> str:
     """A text rendering of an HTML reply: one line a block, table row or <br>; blockquotes as ``>``
     quotes; scripts, styles and the head dropped; ``mailto:`` links kept after their text (tokens live
     there); entities decoded. No network, no CSS."""
     parser = _HtmlText()
     try:
-        parser.feed(html)
+        parser.feed(_LONE_LT.sub("&lt;", html))
         parser.close()
     except Exception:  # HTMLParser is lenient; a guard for what it is not
         if notes is not None:
@@ -512,8 +543,9 @@ def parse_command(text: str) -> list[tuple[Action, str | None, str | None]]:
     found: list[tuple[Action, str | None, str | None]] = []
     for arg in args:
         token = _token_for(arg, action)
-        if token is not None:
-            public_id = decode(token).public_id
+        decoded = _structure(token) if token is not None else None
+        if token is not None and decoded is not None:
+            public_id = decoded.public_id
             if found and found[-1][2] is None and public_id and found[-1][1] \
                     and public_id.startswith(found[-1][1]):
                 found[-1] = (action, found[-1][1], token)  # "RELEASE ab23cd <token>"
@@ -526,13 +558,20 @@ def parse_command(text: str) -> list[tuple[Action, str | None, str | None]]:
     return found
 
 
-def _token_for(word: str, action: Action | None) -> str | None:
-    """``word`` as a token of ``action`` (structure only, not verified), else None."""
+@functools.lru_cache(maxsize=4096)
+def _structure(word: str) -> Decoded | None:
+    """``word`` decoded as a token (structure only, not verified), else None; cached, as a reply repeats
+    its tokens (a kept line's, the same one in a command)."""
     try:
-        decoded = decode(word)
+        return decode(word)
     except TokenRefused:
         return None
-    return word.lower() if action is None or decoded.action is action else None
+
+
+def _token_for(word: str, action: Action | None) -> str | None:
+    """``word`` as a token of ``action`` (structure only, not verified), else None."""
+    decoded = _structure(word.lower())
+    return word.lower() if decoded is not None and (action is None or decoded.action is action) else None
 
 
 @dataclass
@@ -560,9 +599,8 @@ def commands_of(lines: list[Line], subject: str, recipient: str | None, notes: l
         local = recipient.rsplit("@", 1)[0]
         if "+" in local:
             extension = local.split("+", 1)[1]
-            try:
-                decoded = decode(extension)
-            except TokenRefused:
+            decoded = _structure(extension.lower())
+            if decoded is None:
                 notes.append("the address you replied to carries no valid token")
             else:
                 if decoded.action is Action.REPLY:
@@ -579,7 +617,8 @@ def commands_of(lines: list[Line], subject: str, recipient: str | None, notes: l
             break
     misunderstood = sum(note.startswith(_NOT_UNDERSTOOD) for note in notes[misunderstood:])
     kept, sections = _kept_lines(lines)
-    all_tokens = [token for line in lines if line.zone is not Zone.INSTRUCTIONS for token in find_tokens(line.text)]
+    all_tokens = list(dict.fromkeys(token for line in lines if line.zone is not Zone.INSTRUCTIONS
+                                    for token in find_tokens(line.text)))
     if explicit or misunderstood:
         commands = explicit
         partly = [section for section in sections if len(section.kept) < section.count]
@@ -598,7 +637,7 @@ def commands_of(lines: list[Line], subject: str, recipient: str | None, notes: l
     commands = [_with_token(command, all_tokens) for command in commands]
     commands = _resolve(_merge(commands), notes)
     return Reply(commands=tuple(commands), help=not commands, reply_token=reply_token, subject=subject,
-                 notes=tuple(notes))
+                 notes=tuple(dict.fromkeys(notes)))
 
 
 _NOT_UNDERSTOOD = "not understood, so not done: "
@@ -614,7 +653,10 @@ def _line_commands(text: str, source: Source, notes: list[str]) -> list[Command]
 
 
 def _kept_lines(lines: list[Line]) -> tuple[list[_Kept], list[_Section]]:
+    """The kept digest lines (at most MAX_COMMANDS + 1: more are cut anyway) and the sections, with every
+    short id kept in each counted."""
     kept: list[_Kept] = []
+    seen: set[tuple[str, Action]] = set()
     sections: list[_Section] = []
     for number, line in enumerate(lines):
         if line.zone in (Zone.INSTRUCTIONS, Zone.SIGNATURE, Zone.ATTRIBUTION):
@@ -632,6 +674,9 @@ def _kept_lines(lines: list[Line]) -> tuple[list[_Kept], list[_Section]]:
         action = section.action if section else Action.RELEASE
         if section is not None:
             section.kept.add(short_id)
+        if (short_id, action) in seen or len(kept) > MAX_COMMANDS:
+            continue
+        seen.add((short_id, action))
         block = [line.text]
         for following in lines[number + 1:number + 3]:  # a line wrapped by the client
             if _DIGEST_LINE.match(following.text) or _SECTION.match(following.text) \
@@ -639,17 +684,13 @@ def _kept_lines(lines: list[Line]) -> tuple[list[_Kept], list[_Section]]:
                 break
             block.append(following.text)
         token = next((token for token in find_tokens(" ".join(block)) if _matches(token, action, short_id)), None)
-        if not any(item.short_id == short_id and item.action is action for item in kept):
-            kept.append(_Kept(short_id, action, len(sections) - 1 if sections else None, token, line.text))
+        kept.append(_Kept(short_id, action, len(sections) - 1 if sections else None, token, line.text))
     return kept, sections
 
 
 def _matches(token: str, action: Action, target: str | None) -> bool:
-    try:
-        decoded = decode(token)
-    except TokenRefused:
-        return False
-    if decoded.action is not action:
+    decoded = _structure(token)
+    if decoded is None or decoded.action is not action:
         return False
     return target is None or (decoded.public_id or "").startswith(target)
 

@@ -438,6 +438,35 @@ def test_huge_body_is_bounded_and_fast():
     assert summary(reply) == [cmd(Action.RELEASE_ALL, None, Source.OWN_TEXT)]
 
 
+def _kept_flood() -> bytes:
+    ids = [base64.b32encode(number.to_bytes(10, "big")).decode().lower() for number in range(1, 3001)]
+    lines = [f"[{public_id[-8:]}] x mailto:quarantine+{token(Action.RELEASE, public_id)}@x" for public_id in ids]
+    return mail(crlf(quoted([reply_parse.section_marker("held", 9999), *lines])))
+
+
+def _parts_bomb() -> bytes:
+    return b"Subject: x\r\nContent-Type: multipart/mixed; boundary=x\r\n\r\n" + \
+        b"--x\r\nContent-Type: text/plain\r\n\r\nRELEASE ALL\r\n" * 100_000
+
+
+@pytest.mark.parametrize(("name", "raw"), [
+    ("html lone <", lambda: mail("<" * (1 << 20), ctype="text/html")),
+    ("html <a<a<a", lambda: mail("<a" * (1 << 19) + ">", ctype="text/html")),
+    ("html <!<!<!", lambda: mail("<!" * (1 << 19), ctype="text/html")),
+    ("encoded-words in Subject", lambda: b"Subject: " + b"=?utf-8?q?a?= " * 200_000 + b"\r\n\r\nx\r\n"),
+    ("parameters in Content-Type", lambda: b"Content-Type: text/plain; " + b"a=b; " * 200_000 + b"\r\n\r\nx\r\n"),
+    ("100,000 parts", _parts_bomb),
+    ("3000 kept lines with tokens", _kept_flood),
+    ("3,000,000 empty lines", lambda: mail("\r\n" * 3_000_000)),
+])
+def test_pathological_input_is_fast(name, raw):
+    data = raw()
+    start = time.monotonic()
+    reply = parse_reply(data, REPLY_TO)
+    assert time.monotonic() - start < 2, name
+    assert len(reply.commands) <= reply_parse.MAX_COMMANDS
+
+
 def test_thousands_of_commands_are_bounded():
     ids = [base64.b32encode(number.to_bytes(5, "big")).decode().lower()[-7:] for number in range(3000)]
     reply = parse_reply(mail(crlf([f"DELETE a{short}" for short in ids])), REPLY_TO)
