@@ -239,6 +239,16 @@ def normalise_owner(owner: str) -> str:
     return owner.strip().lower()
 
 
+def reply_address(local_part: str, domain: str, token: str, delimiter: str = "+") -> str:
+    """``local_part+token@domain``; ValueError when the local part would pass SMTP's 64 characters (a reply
+    mailbox longer than MAX_LOCAL_PREFIX; checked at start-up by whoever configures it)."""
+    local = f"{local_part}{delimiter}{token}"
+    if len(local) > 64:
+        raise ValueError(f"{local_part!r}: a reply mailbox may have {MAX_LOCAL_PREFIX + 1 - len(delimiter)} "
+                         f"characters at most, so that {local_part}{delimiter}<token> fits SMTP's 64")
+    return f"{local}@{domain}"
+
+
 def find_tokens(text: str) -> list[str]:
     """Candidate tokens in text (whole base32 words of a token's length), lower case, in order."""
     words = re.findall(r"[A-Za-z0-9]+", text)

@@ -228,3 +228,12 @@ def test_find_tokens_in_text(minter):
     assert tokens.find_tokens(text) == [release, reply]
     decoded = tokens.decode(release)
     assert (decoded.action, decoded.public_id) == (Action.RELEASE, PID)
+
+
+def test_reply_address_keeps_the_local_part_within_64(minter):
+    token = minter.mint(Action.RELEASE, OWNER, PID)
+    assert minter.verify(tokens.reply_address("quarantine", "example.org", token).split("+")[1].split("@")[0],
+                         OWNER).public_id == PID
+    assert len(tokens.reply_address("q" * MAX_LOCAL_PREFIX, "example.org", token).split("@")[0]) == 64
+    with pytest.raises(ValueError, match="22 characters at most"):
+        tokens.reply_address("q" * (MAX_LOCAL_PREFIX + 1), "example.org", token)
