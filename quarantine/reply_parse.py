@@ -51,7 +51,8 @@ anywhere else in the reply, when there is one.
 **Rules** (the digest repeats them to its readers)
 
 - Commands in the subject, the own text and the address are *explicit*; they all count.
-- Kept digest lines (quoted or not) count only when there is no explicit command.
+- Kept digest lines (quoted or not) count only when there is no explicit command. A kept line whose
+  section marker was cut away counts as a release.
 - A reply that keeps every line of every section it quotes (all N of each marker), and has no explicit
   command, does nothing: ``help`` is set (a plain "Reply" and "Send" is not a decision). So a digest of
   one message is released by its button or a ``RELEASE`` line, not by keeping its line.
@@ -128,7 +129,8 @@ class Zone(StrEnum):
 class Command:
     action: Action
     target: str | None
-    """Message actions: a short id (6-16 characters) or a full public id, lower case; else None."""
+    """Message actions: a short id (6-16 characters) or a full public id as written, lower case; else None.
+    When ``token`` is set and verifies, the token's public id is the one to act on (it starts with this)."""
     token: str | None
     """A token that came with it (same action, same message), to be verified; None: none found."""
     source: Source
@@ -158,8 +160,9 @@ class Line:
 # -- the reply's text ------------------------------------------------------------------------------------
 
 
-def parse_reply(raw: bytes, recipient: str | None = None) -> Reply:
-    """The commands of a reply (its raw bytes); ``recipient`` is the envelope recipient from Postfix."""
+def parse_reply(raw: bytes, recipient: str | None = None, delimiter: str = "+") -> Reply:
+    """The commands of a reply (its raw bytes); ``recipient`` is the envelope recipient from Postfix (its
+    extension after ``delimiter``, Postfix's recipient_delimiter, may be a token)."""
     notes: list[str] = []
     if len(raw) > MAX_MESSAGE:
         raw = raw[:MAX_MESSAGE]
@@ -173,7 +176,7 @@ def parse_reply(raw: bytes, recipient: str | None = None) -> Reply:
     subject = _header(message, "subject")
     text = body_text(message, notes)
     lines = split_lines(text, notes)
-    return commands_of(lines, subject, recipient, notes)
+    return commands_of(lines, subject, recipient, notes, delimiter)
 
 
 class _ClippedPolicy(email.policy.EmailPolicy):
@@ -590,15 +593,16 @@ class _Section:
     kept: set[str] = field(default_factory=set)
 
 
-def commands_of(lines: list[Line], subject: str, recipient: str | None, notes: list[str]) -> Reply:
+def commands_of(lines: list[Line], subject: str, recipient: str | None, notes: list[str],
+                delimiter: str = "+") -> Reply:
     """Apply the rules of the module docstring to the split text, the subject and the recipient."""
     explicit: list[Command] = []
     misunderstood = len(notes)
     reply_token = None
     if recipient:
         local = recipient.rsplit("@", 1)[0]
-        if "+" in local:
-            extension = local.split("+", 1)[1]
+        if delimiter in local:
+            extension = local.split(delimiter, 1)[1]
             decoded = _structure(extension.lower())
             if decoded is None:
                 notes.append("the address you replied to carries no valid token")

@@ -258,6 +258,20 @@ def test_reply_token_of_the_address():
     assert bad.reply_token is None and any("no valid token" in note for note in bad.notes)
 
 
+@pytest.mark.parametrize(("action", "subject"), [
+    (Action.DIGEST_OFF, "DIGEST OFF"), (Action.RELEASE_ALL, "RELEASE ALL"), (Action.DIGEST_IMMEDIATE, ""),
+])
+def test_owner_action_buttons(action, subject):
+    owner_token = token(action)
+    raw = mail(b"", subject=subject).replace(REPLY_TO.encode(), f"quarantine+{owner_token}@example.org".encode())
+    reply = parse_reply(raw, f"quarantine+{owner_token.upper()}@example.org")
+    assert [(c.action, c.target, c.token, c.source) for c in reply.commands] == \
+        [(action, None, owner_token, Source.ADDRESS)]
+    assert MINTER.verify(reply.commands[0].token, OWNER, action).action is action
+    # another recipient delimiter
+    assert parse_reply(raw, f"quarantine-{owner_token}@example.org", delimiter="-").commands[0].action is action
+
+
 def test_unchanged_note_and_help():
     reply = parse_reply(everything_unchanged(), REPLY_TO)
     assert reply.help and not reply.commands
