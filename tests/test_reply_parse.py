@@ -440,9 +440,9 @@ def test_html_rendering():
 
 def test_huge_body_is_bounded_and_fast():
     body = (f"RELEASE {SHORT[0]}\r\n" + "x" * 998 + "\r\n") * 10_000 + f"RELEASE {SHORT[2]}\r\n"
-    start = time.monotonic()
+    start = time.process_time()  # CPU, not wall time: a complexity guard, not a speed figure
     reply = parse_reply(mail(body), REPLY_TO)
-    assert time.monotonic() - start < 5
+    assert time.process_time() - start < 5
     assert summary(reply) == [cmd(Action.RELEASE, SHORT[0], Source.OWN_TEXT)]
     assert any("KB of your reply" in note for note in reply.notes)
     long_lines = crlf([f"DELETE {SHORT[1]}", *["z" * 990] * 200, f"DELETE {SHORT[2]}"])  # 200 KB, 202 lines
@@ -475,9 +475,9 @@ def _parts_bomb() -> bytes:
 ])
 def test_pathological_input_is_fast(name, raw):
     data = raw()
-    start = time.monotonic()
+    start = time.process_time()  # CPU, not wall time: a complexity guard, not a speed figure
     reply = parse_reply(data, REPLY_TO)
-    assert time.monotonic() - start < 2, name
+    assert time.process_time() - start < 2, name
     assert len(reply.commands) <= reply_parse.MAX_COMMANDS
 
 
