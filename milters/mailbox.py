@@ -13,17 +13,17 @@ its extension) is used and a warning logged; policyd has already verified the re
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 from mailwarden.backend import BackendError
 from mailwarden.directory import Directory, DirectorySettings, Status, lookup_key
 from mailwarden.logs import get_logger, log_kv
+from mailwarden.ttl_cache import TtlCache
 
 log = get_logger("milter")
 
 CACHE_ENTRIES = 10_000
-"""Addresses kept; when full the cache starts over (a burst of new addresses, not a working set)."""
+"""Addresses kept; when full the least recently stored go first."""
 
 
 class MailboxResolver:
@@ -37,8 +37,7 @@ class MailboxResolver:
         self.directory: Directory | None = None
         """Opened at the first lookup (a map that cannot be read then is tried again at the next)."""
         self.cache_ttl = cache_ttl
-        self._cache: dict[str, tuple[float, str]] = {}
-        self._lock = threading.Lock()
+        self._cache: TtlCache[str] = TtlCache(cache_ttl, time.monotonic, CACHE_ENTRIES)
 
     def __call__(self, recipient: str) -> str:
         address = lookup_key(recipient, self.delimiter)
@@ -46,18 +45,14 @@ class MailboxResolver:
             return recipient.strip().lower()
         if not self.configured:
             return address
-        now = time.monotonic()
-        with self._lock:
-            cached = self._cache.get(address)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        cached = self._cache.get(address)
+        if isinstance(cached, str):
+            return cached
+        generation = self._cache.generation
         mailbox = self._ask(address)
         if mailbox is None:
             return address  # not cached: the next message asks again
-        with self._lock:
-            if len(self._cache) >= CACHE_ENTRIES:
-                self._cache.clear()
-            self._cache[address] = (now + self.cache_ttl, mailbox)
+        self._cache.put({address: mailbox}, generation)
         return mailbox
 
     def _ask(self, address: str) -> str | None:

@@ -56,17 +56,16 @@ import itertools
 import logging
 import math
 import re
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from enum import IntEnum, StrEnum
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
 from mailwarden.logs import get_logger, log_kv
+from mailwarden.ttl_cache import MISSING, TtlCache
 from quarantine.models import SpamLevels, SpamSender
 from quarantine.store import QuarantineStore
 
@@ -74,6 +73,8 @@ log = get_logger("quarantine.preferences")
 
 CACHE_TTL = 60.0
 """Seconds a read is cached per owner."""
+V = TypeVar("V")
+
 CACHE_OWNERS = 100_000
 """Owners kept in each cache at most (the least recently fetched go first)."""
 MAX_SENDERS = 1000
@@ -297,48 +298,6 @@ def check_levels(tag: float | None, hold: float | None, reject: float | None) ->
 
 # -- the cache -----------------------------------------------------------------------------------------
 
-V = TypeVar("V")
-_MISSING = object()
-
-
-class _Cache(Generic[V]):
-    """Owner -> value for ``ttl`` seconds. ``generation`` counts invalidations: a value read from the
-    database is kept only if no write came between the read's start and its ``put`` (else it may be the
-    value from before the write)."""
-
-    def __init__(self, ttl: float, now: Callable[[], float], max_owners: int = CACHE_OWNERS) -> None:
-        self.ttl, self.now, self.max_owners = ttl, now, max_owners
-        self.lock = threading.Lock()
-        self.values: OrderedDict[str, tuple[float, V]] = OrderedDict()
-        self.generation = 0
-
-    def get(self, owner: str) -> V | object:
-        with self.lock:
-            found = self.values.get(owner)
-            if found is None:
-                return _MISSING
-            if found[0] <= self.now():
-                del self.values[owner]
-                return _MISSING
-            return found[1]
-
-    def put(self, values: dict[str, V], generation: int) -> None:
-        with self.lock:
-            if generation != self.generation or self.ttl <= 0:
-                return
-            expires = self.now() + self.ttl
-            for owner, value in values.items():
-                self.values[owner] = (expires, value)
-                self.values.move_to_end(owner)
-            while len(self.values) > self.max_owners:
-                self.values.popitem(last=False)
-
-    def invalidate(self, owner: str) -> None:
-        with self.lock:
-            self.generation += 1
-            self.values.pop(owner, None)
-
-
 class _Unchanged(Exception):
     """add_sender: the entry is there already (the transaction is left without a change)."""
 
@@ -352,8 +311,8 @@ class SpamPreferences:
     def __init__(self, store: QuarantineStore, cache_ttl: float = CACHE_TTL,
                  now: Callable[[], float] = time.monotonic) -> None:
         self.store = store
-        self._levels: _Cache[Levels | None] = _Cache(cache_ttl, now)
-        self._senders: _Cache[tuple[_Entry, ...]] = _Cache(cache_ttl, now)
+        self._levels: TtlCache[Levels | None] = TtlCache(cache_ttl, now, CACHE_OWNERS)
+        self._senders: TtlCache[tuple[_Entry, ...]] = TtlCache(cache_ttl, now, CACHE_OWNERS)
 
     # -- the milter's reads --------------------------------------------------------------------------------
 
@@ -390,10 +349,10 @@ class SpamPreferences:
         entries = self._cached(self._senders, owners, self._fetch_senders)
         return decide(((owner, entries[owner]) for owner in owners), senders)
 
-    def _cached(self, cache: _Cache[V], owners: tuple[str, ...],
+    def _cached(self, cache: TtlCache[V], owners: tuple[str, ...],
                 fetch: Callable[[list[str]], dict[str, V]]) -> dict[str, V]:
         values: dict[str, Any] = {owner: cache.get(owner) for owner in owners}
-        missing = [owner for owner, value in values.items() if value is _MISSING]
+        missing = [owner for owner, value in values.items() if value is MISSING]
         if missing:
             generation = cache.generation
             fetched = fetch(missing)

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from harness.policyd_proc import render_toml
 from test_quarantine_store import db_url, settings_for  # noqa: F401  (db_url: the fixture of both backends)
 
+from mailwarden.ttl_cache import TtlCache
 from quarantine import preferences as prefs_module
 from quarantine import schema
 from quarantine.preferences import (
@@ -31,7 +32,6 @@ from quarantine.preferences import (
     Pattern,
     SpamPreferences,
     Specificity,
-    _Cache,
     parse_owner,
 )
 from quarantine.store import QuarantineStore, SchemaBehind, StoreError
@@ -349,7 +349,7 @@ def test_a_write_through_the_object_is_seen_at_once_another_after_the_ttl(
 def test_a_read_that_started_before_a_write_is_not_cached() -> None:
     """The race the generation guards: a reader fetched the old value, a write invalidated, the reader's
     put comes last: it must not put the old value back for a whole TTL."""
-    cache: _Cache[int] = _Cache(60, lambda: 0.0)
+    cache: TtlCache[int] = TtlCache(60, lambda: 0.0)
     generation = cache.generation
     cache.invalidate("alice@a.test")
     cache.put({"alice@a.test": 1}, generation)
@@ -359,7 +359,7 @@ def test_a_read_that_started_before_a_write_is_not_cached() -> None:
 
 
 def test_the_cache_is_bounded() -> None:
-    cache: _Cache[int] = _Cache(60, lambda: 0.0, max_owners=2)
+    cache: TtlCache[int] = TtlCache(60, lambda: 0.0, max_owners=2)
     for number in range(3):
         cache.put({f"u{number}@a.test": number}, cache.generation)
     assert [cache.get(f"u{number}@a.test") for number in (1, 2)] == [1, 2]
