@@ -62,9 +62,21 @@ def spam_group() -> None:
     _quiet_store_log()
 
 
+DIGEST_COMMANDS = (("quarantine.digest.send_cli", "digest_group"), ("quarantine.digest.reply_cli", "digest_group"))
+"""Where the ``mailwarden digest`` commands live: sending digests (send, status) and reading the replies
+(reply, events)."""
+
+
+@click.group("digest", cls=LazyGroup, sources=DIGEST_COMMANDS)
+def digest_group() -> None:
+    """Users' digests of their held mail, and the replies that release, delete, whitelist or block."""
+    _quiet_store_log()
+
+
 def register_cli(group: click.Group) -> None:
     group.add_command(quarantine_group)
     group.add_command(spam_group)
+    group.add_command(digest_group)
 
 
 CAPABILITY = Capability(name="quarantine", settings_model=QuarantineSettings, register_cli=register_cli,

@@ -109,6 +109,7 @@ class Message(Base):
 class Held(Base):
     __tablename__ = "quarantine_held"
     __table_args__ = (sa.Index("ix_quarantine_held_state_held_at", "state", "held_at"),
+                      sa.Index("ix_quarantine_held_mailbox_held_at", "mailbox", "held_at"),
                       sa.UniqueConstraint("public_id", name="uq_quarantine_held_public_id"))
 
     id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
@@ -168,3 +169,66 @@ class SpamSender(Base):
     kind: Mapped[str] = mapped_column(sa.String(8))
     created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime())
     created_by: Mapped[str] = mapped_column(sa.String(255))
+
+
+INTERVALS = ("daily", "weekly", "immediate", "off")
+
+
+class DigestSubscriber(Base):
+    """One mailbox's digest: its interval (NULL: the site's default) and how far its digests got.
+
+    ``covered_until`` is the cut-off of the last digest sent (messages held up to it were offered once);
+    ``sending_cutoff`` is set while a run sends this mailbox's digest, so a run that dies between claiming and
+    marking never sends it twice (the next run logs the unknown outcome and moves on)."""
+
+    __tablename__ = "digest_subscriber"
+    __table_args__ = (sa.UniqueConstraint("owner", name="uq_digest_subscriber_owner"),
+                      sa.CheckConstraint("digest_interval IS NULL OR digest_interval IN "
+                                         "('daily', 'weekly', 'immediate', 'off')",
+                                         name="ck_digest_subscriber_interval"))
+
+    id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    owner: Mapped[str] = mapped_column(sa.String(ADDRESS))
+    interval: Mapped[str | None] = mapped_column("digest_interval", sa.String(16), nullable=True)
+    """``daily``, ``weekly``, ``immediate``, ``off``; NULL: ``[quarantine.digest] interval``."""
+    last_sent_at: Mapped[datetime.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    covered_until: Mapped[datetime.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    sending_cutoff: Mapped[datetime.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    sending_since: Mapped[datetime.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    changed_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime())
+    changed_by: Mapped[str] = mapped_column(sa.String(255), default="")
+
+
+class DigestRun(Base):
+    """One ``digest send`` run: what it sent, for the stale warning and ``digest status``."""
+
+    __tablename__ = "digest_run"
+
+    id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    started_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime(), index=True)
+    finished_at: Mapped[datetime.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    host: Mapped[str] = mapped_column(sa.String(255), default="")
+    sent: Mapped[int] = mapped_column(sa.Integer(), default=0)
+    failed: Mapped[int] = mapped_column(sa.Integer(), default=0)
+    skipped: Mapped[int] = mapped_column(sa.Integer(), default=0)
+
+
+class DigestEvent(Base):
+    """A reply to a digest that was refused for a reason of security (forged sender, a token of another
+    mailbox, tampered, expired, replayed ...): the security log the team reviews and the metric counts."""
+
+    __tablename__ = "digest_event"
+
+    id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    at: Mapped[datetime.datetime] = mapped_column(UtcDateTime(), index=True)
+    reason: Mapped[str] = mapped_column(sa.String(64))
+    sender: Mapped[str] = mapped_column(sa.String(ADDRESS), default="")
+    owner: Mapped[str] = mapped_column(sa.String(ADDRESS), default="")
+    """The mailbox the reply claimed to act for (a token's or the address's), "" if none."""
+    sasl_user: Mapped[str] = mapped_column(sa.String(255), default="")
+    client_address: Mapped[str] = mapped_column(sa.String(64), default="")
+    message_id: Mapped[str] = mapped_column(sa.String(255), default="")
+    detail: Mapped[str] = mapped_column(sa.Text(), default="")

@@ -42,6 +42,7 @@ from mailwarden.paths import QUARANTINE_DATABASE, QUARANTINE_MESSAGES, system_pa
 from mailwarden.section import Section
 from mailwarden.units import Duration, Size
 from quarantine import schema
+from quarantine.digest.settings import DigestSettings
 from quarantine.models import ADDRESS, LIVE_STATES, Held, Message, State, Storage
 
 log = get_logger("quarantine")
@@ -69,6 +70,8 @@ class QuarantineSettings(Section):
     """Seconds to wait for each reply of the re-injection listener."""
     db_timeout: Duration = 10.0
     """Seconds to wait for the database: connecting and each reply on MariaDB, the write lock on SQLite."""
+    digest: DigestSettings | None = None
+    """``[quarantine.digest]``: the users' digests and their replies (``quarantine/digest/settings.py``)."""
 
     @field_validator("database_url")
     @classmethod

@@ -8,9 +8,8 @@ import datetime
 import pytest
 from pydantic import ValidationError
 
-from quarantine import tokens
-from quarantine.store import new_public_id
-from quarantine.tokens import (
+from quarantine.digest import tokens
+from quarantine.digest.tokens import (
     MAX_LOCAL_PREFIX,
     MESSAGE_TOKEN_LENGTH,
     OWNER_TOKEN_LENGTH,
@@ -20,6 +19,7 @@ from quarantine.tokens import (
     Tokens,
     TokenSettings,
 )
+from quarantine.store import new_public_id
 
 T0 = datetime.datetime(2026, 12, 1, 6, 0, tzinfo=datetime.UTC)
 SECRET_A = "q8Vv1yX0mJ3kZ7pR2sT5uW9bC4dE6fG8hI0jK2lM4nO6"

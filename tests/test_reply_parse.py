@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from quarantine import reply_parse
-from quarantine.reply_parse import Reply, Source, Zone, parse_reply, split_lines
-from quarantine.tokens import Action, Tokens, TokenSettings
+from quarantine.digest import reply_parse
+from quarantine.digest.reply_parse import Reply, Source, Zone, parse_reply, split_lines
+from quarantine.digest.tokens import Action, Tokens, TokenSettings
 
 T0 = datetime.datetime(2026, 12, 1, 6, 0, tzinfo=datetime.UTC)
 OWNER = "alice@example.org"

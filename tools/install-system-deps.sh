@@ -15,10 +15,11 @@ set -euo pipefail
 # libmilter; clamav-daemon: clamd, which the ClamAV milter streams messages to (the tests and the quick start
 # run private instances with local test signatures); spamassassin, spamd: SpamAssassin's rules, sa-learn and its
 # daemon, which the SpamAssassin milter asks (the tests run private spamd instances with per-user Bayes; spamd
-# is a package of its own in bookworm, and only a Recommends of spamc, so it is named).
+# is a package of its own in bookworm, and only a Recommends of spamc, so it is named); chromium, fonts-dejavu-core:
+# the digest's HTML part is rendered in Debian's headless Chromium by its test (a screenshot the README shows).
 PACKAGES=(python3 python3-venv ca-certificates postfix libsasl2-modules redis-server swaks slapd dovecot-core
           dovecot-imapd mariadb-server postgrey db-util gcc libc6-dev python3-dev libmilter-dev clamav-daemon
-          spamassassin spamd)
+          spamassassin spamd chromium fonts-dejavu-core)
 
 # WITH_BENCH=1 (make bench sets it): what only the benchmarks run. clamav-milter: Debian's ClamAV milter, which
 # bench/milter_bench.py runs privately beside ours (smtp-source and smtp-sink, its load and its sink, ship

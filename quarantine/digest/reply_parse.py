@@ -83,7 +83,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from html.parser import HTMLParser
 
-from quarantine.tokens import MESSAGE_ACTIONS, Action, Decoded, TokenRefused, decode, find_tokens
+from quarantine.digest.tokens import MESSAGE_ACTIONS, Action, Decoded, TokenRefused, decode, find_tokens
 
 MAX_MESSAGE = 4 << 20
 """Bytes of the reply parsed (a reply with large attachments is cut; its text comes first)."""
