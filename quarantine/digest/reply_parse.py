@@ -219,7 +219,7 @@ def body_text(message: email.message.Message, notes: list[str]) -> str:
     first text/html part; attachments and attached messages are not read."""
     plain: email.message.Message | None = None
     html: email.message.Message | None = None
-    for part in _parts(message, notes):
+    for part in leaf_parts(message, notes):
         try:
             disposition = part.get_content_disposition()
             ctype = part.get_content_type()
@@ -233,11 +233,11 @@ def body_text(message: email.message.Message, notes: list[str]) -> str:
         elif ctype == "text/html" and html is None:
             html = part
     if plain is not None:
-        text = _decoded(plain)
+        text = decoded_text(plain)
         if str(plain.get_param("format", "", header="content-type")).lower() == "flowed":
             text = unflow(text, str(plain.get_param("delsp", "", header="content-type")).lower() == "yes")
     elif html is not None:
-        text = html_to_text(_decoded(html)[:MAX_HTML], notes)
+        text = html_to_text(decoded_text(html)[:MAX_HTML], notes)
     else:
         return ""
     if len(text) > MAX_TEXT:
@@ -246,8 +246,9 @@ def body_text(message: email.message.Message, notes: list[str]) -> str:
     return text
 
 
-def _parts(message: email.message.Message, notes: list[str]) -> list[email.message.Message]:
-    """Leaf parts, depth first, at most MAX_PARTS; message/* parts (attached mails) are not entered."""
+def leaf_parts(message: email.message.Message, notes: list[str]) -> list[email.message.Message]:
+    """Leaf parts, depth first, at most MAX_PARTS; message/* parts (attached mails) are not entered (the
+    preview of a held message walks it the same way)."""
     found: list[email.message.Message] = []
     stack = [message]
     seen = 0
@@ -269,7 +270,7 @@ def _parts(message: email.message.Message, notes: list[str]) -> list[email.messa
 _LATIN1 = {"iso8859-1", "latin-1"}
 
 
-def _decoded(part: email.message.Message) -> str:
+def decoded_text(part: email.message.Message) -> str:
     """The part's text: transfer encoding undone; its charset, ISO-8859-1 read as windows-1252 (as
     browsers do), undeclared or wrong charsets tried as UTF-8 then windows-1252."""
     try:
