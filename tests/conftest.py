@@ -275,15 +275,17 @@ def milter_stack(tmp_path: Path, clamd: ClamdInstance, sink: Sink) -> Iterator[C
     started: list[MilterStack] = []
 
     def start(settings: dict | None = None, front: bool = False, unix_socket: Path | None = None,
-              postfix_main_cf: str = "", milters: tuple[str, ...] = ("clamav",)) -> MilterStack:
-        """``unix_socket``: the (first) milter listens there instead of a TCP port; ``postfix_main_cf``: lines
-        added to the main.cf of our Postfix (the one with the milters); ``milters``: the milter processes,
-        chained in this order in smtpd_milters, all with the same config."""
+              postfix_main_cf: str = "", milters: tuple[str, ...] = ("clamav",),
+              postfix_master_cf: str = "") -> MilterStack:
+        """``unix_socket``: the (first) milter listens there instead of a TCP port; ``postfix_main_cf`` and
+        ``postfix_master_cf``: lines added to the main.cf and master.cf of our Postfix (the one with the
+        milters); ``milters``: the milter processes, chained in this order in smtpd_milters, all with the same
+        config. A ``quarantine`` section given without ``reinject`` gets the stack's listener."""
         reinject_port = free_port()
         settings = settings or milter_settings(clamd)
-        settings.setdefault("quarantine", {
-            "database_url": f"sqlite:///{tmp_path / 'quarantine.sqlite'}", "message_dir": str(tmp_path / "held"),
-            "reinject": f"127.0.0.1:{reinject_port}"})
+        quarantine = settings.setdefault("quarantine", {
+            "database_url": f"sqlite:///{tmp_path / 'quarantine.sqlite'}", "message_dir": str(tmp_path / "held")})
+        quarantine.setdefault("reinject", f"127.0.0.1:{reinject_port}")
         processes = {name: MilterProcess(tmp_path / "milter", settings, name=name,
                                          unix_socket=unix_socket if index == 0 else None)
                      for index, name in enumerate(milters)}
@@ -297,7 +299,8 @@ def milter_stack(tmp_path: Path, clamd: ClamdInstance, sink: Sink) -> Iterator[C
         directory.chmod(0o755)
         postfix = PostfixInstance(directory, free_port(), sink.port, None,
                                   milters=", ".join(process.address for process in processes.values()),
-                                  reinject_port=reinject_port, extra_main_cf=postfix_main_cf).start()
+                                  reinject_port=reinject_port, extra_main_cf=postfix_main_cf,
+                                  extra_master_cf=postfix_master_cf).start()
         wait_port(postfix.smtp_port)
         stack = MilterStack(postfix, milter, clamd, sink, milters=processes)
         if front:  # the sending MTA: no milter, relays everything to ours and retries what we tempfail

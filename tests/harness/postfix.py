@@ -83,6 +83,22 @@ def documented_reinject_listener(port: int) -> str:
         raise RuntimeError("README.md: no master.cf block in the Quarantine section")
     return block.group(1).replace("127.0.0.1:10026", f"127.0.0.1:{port}")
 
+def documented_digest_reply(directory: Path, command: str, user: str, reply_mailbox: str) -> tuple[str, str]:
+    """The reply handler's pipe transport exactly as README.md's "Replies to digests" section documents it:
+    (master.cf lines, main.cf lines), with the command, the user and the reply mailbox of the test, and
+    the transport map written as a texthash file in ``directory`` (no postmap needed)."""
+    section = README.read_text().split("### Replies to digests", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```\n(.*?)```", section, re.DOTALL)
+    master = next(block for block in blocks if " pipe\n" in block)
+    main = next(block for block in blocks if "transport_maps" in block)
+    transport = next(block for block in blocks if "/etc/postfix/transport:" in block)
+    master = master.replace("/opt/mailwarden/bin/mailwarden", command).replace("user=mailwarden", f"user={user}")
+    path = directory / "transport"
+    path.write_text(transport.replace("quarantine@example.org", reply_mailbox))
+    main = main.replace("hash:/etc/postfix/transport", f"texthash:{path}")
+    return master, main
+
+
 MASTER_CF = """\
 127.0.0.1:{smtp_port} inet n - n - - smtpd
 pickup     unix  n       -       n       60      1       pickup
@@ -128,6 +144,8 @@ class PostfixInstance:
     """A second smtpd on this port that skips milters and policy (the quarantine's re-injection)."""
     extra_main_cf: str = ""
     """Lines appended to main.cf (a later line wins over the one above), e.g. ``message_size_limit = 0``."""
+    extra_master_cf: str = ""
+    """Lines appended to master.cf (a pipe transport ...)."""
 
     @property
     def conf(self) -> Path:
@@ -151,6 +169,7 @@ class PostfixInstance:
         master = MASTER_CF.format(smtp_port=self.smtp_port)
         if self.reinject_port:
             master += documented_reinject_listener(self.reinject_port)
+        master += self.extra_master_cf
         (self.conf / "master.cf").write_text(master)
         self._postfix("check")
 

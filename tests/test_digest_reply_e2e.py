@@ -1,0 +1,575 @@
+"""Replies to digests through the real Postfix: the reply mailbox routed to ``mailwarden digest reply`` by the
+pipe transport exactly as README.md's "Replies to digests" documents it (the harness copies the lines),
+run by Postfix as an unprivileged user, with the SASL login and client address Postfix passes; the held
+mail in the real store (SQLite and MariaDB); releases through the documented re-injection listener to the
+sink; confirmations through the same listener; the handler's log lines read from the syslog socket it
+writes to (pipe(8) discards what a successful command prints).
+
+Replies are built as a mail client builds them from a digest (the line format of reply_parse's docstring,
+tokens minted with the site's key): a ``mailto:`` button (the token in the address, the command in the
+subject), a kept line, a typed command. Each abuse case is its own test and checks that nothing was
+released, that nothing went to the forged address (the sink and Postfix's queue), and the security event
+(log line and ``digest_event`` row)."""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import io
+import os
+import pwd
+import re
+import shutil
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+from conftest import MilterStack, need_postfix, text_message
+from harness.net import free_port, wait_for, wait_port
+from harness.policyd_proc import render_toml
+from harness.postfix import PostfixInstance, documented_digest_reply
+from harness.sink import Received, Sink
+from test_e2e_spam import CHAIN, gtube, spam_settings
+
+from mailwarden.paths import ROOT_ENV_VAR
+from quarantine.digest.subscribers import events
+from quarantine.digest.tokens import Action, Tokens
+from quarantine.models import State
+from quarantine.store import HeldEnvelope, Hold, QuarantineSettings, QuarantineStore
+
+pytestmark = pytest.mark.e2e
+
+NULL_SENDER = ("", "<>")
+"""The envelope sender of confirmations, as the sink records it."""
+PIPE_USER = "nobody"
+"""Postfix runs pipe commands as a user of the operator's choice, never root."""
+SECRET = "k9Qv3xLr8ZpT2mW7yBn4cHs6dFj1gKa5eUo0iRt"
+REPLY_MAILBOX = "quarantine@example.test"
+ALICE, BOB = "alice@example.test", "bob@example.test"
+CAROL, DAVE, ERIN = "carol@example.test", "dave@example.test", "erin@example.test"
+RECIPIENTS = f"{ALICE}\n{BOB}\n{CAROL}\n{DAVE}\n{ERIN}\na.smith@example.test: {ALICE}\n"
+"""The recipient sources: the mailboxes (each spamd test has its own: spamd is shared by the module) and an
+alias of alice's."""
+
+
+# -- the handler as Postfix runs it ----------------------------------------------------------------------
+
+
+def pipe_python() -> list[str]:
+    """How the pipe user runs this checkout's Python: this interpreter when that user may run it, else the
+    system's of the same version with this environment's packages (a pyenv under /root is root's alone)."""
+    probe = subprocess.run(["runuser", "-u", PIPE_USER, "--", sys.executable, "-c", "pass"], capture_output=True,
+                           check=False)
+    if probe.returncode == 0:
+        return [sys.executable]
+    system = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+    if not os.access(system, os.X_OK):
+        pytest.fail(f"{PIPE_USER} cannot run {sys.executable}, and there is no {system}")
+    return [system]
+
+
+def site_packages() -> list[str]:
+    import pydantic
+
+    return [str(Path(pydantic.__file__).parents[1])]
+
+
+class SyslogReceiver:
+    """A unix datagram socket the handler's syslog handler writes to; lines kept for the test."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        path.chmod(0o666)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            with self.cond:
+                self.lines.append(data.decode("utf-8", "replace"))
+                self.cond.notify_all()
+
+    def wait_for(self, *texts: str, timeout: float = 30.0) -> str:
+        """The first line that has every one of ``texts``."""
+        def found() -> str | None:
+            return next((line for line in self.lines if all(text in line for text in texts)), None)
+
+        with self.cond:
+            if not self.cond.wait_for(found, timeout):
+                raise TimeoutError(f"no log line with {texts}: {self.lines[-10:]}")
+            line = found()
+            assert line is not None
+            return line
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class ReplyEnv:
+    """Everything a reply test needs: the directory the pipe user reaches, the settings, the store."""
+
+    directory: Path
+    settings: dict
+    store: QuarantineStore
+    tokens: Tokens
+    syslog: SyslogReceiver
+    sink: Sink
+    postfix: PostfixInstance | None = None
+    smtp_port: int = 0
+    held: list[str] = field(default_factory=list)
+
+    # -- held mail ---------------------------------------------------------------------------------------
+
+    def hold(self, owner: str, subject: str, sender: str = "promo@shop.example", kind: str = "spam",
+             body: str = "Buy now!\n", recipient: str | None = None) -> str:
+        message = EmailMessage()
+        message["From"], message["To"], message["Subject"] = sender, recipient or owner, subject
+        message["Message-ID"] = email.utils.make_msgid(domain="shop.example")
+        message.set_content(body)
+        raw = message.as_bytes()
+        envelope = HeldEnvelope("4Zq000", sender, "198.51.100.7", "", sender, subject, "",
+                                datetime.datetime.now(datetime.UTC))
+        check = "clamav" if kind == "virus" else "spamassassin"
+        [public_id] = self.store.hold(io.BytesIO(raw), len(raw), envelope,
+                                      [Hold(recipient or owner, owner, check, kind, "Eicar-Test-Signature"
+                                            if kind == "virus" else "score 12.5")])
+        return public_id
+
+    def line(self, public_id: str, owner: str, action: Action = Action.RELEASE) -> str:
+        """The digest's plain line of a held message, its release token at the end."""
+        record = self.store.get(public_id)
+        assert record is not None
+        token = self.tokens.mint(action, owner, public_id)
+        return (f"[{public_id[:6]}] {record.held_at:%Y-%m-%d %H:%M} {record.sender} \"{record.subject}\" "
+                f"mailto:quarantine+{token}@example.test?subject={action.value.replace(' ', '%20')}%20{public_id[:6]}")
+
+    def button(self, action: Action, owner: str, public_id: str | None = None, **mint: object) -> tuple[str, str]:
+        """(recipient, subject) of a digest button: the token in the address, the command in the subject."""
+        token = self.tokens.mint(action, owner, public_id, **mint)  # type: ignore[arg-type]
+        return f"quarantine+{token}@example.test", f"{action.value} {public_id[:6]}" if public_id else action.value
+
+    # -- sending replies ---------------------------------------------------------------------------------
+
+    def reply(self, message: EmailMessage | bytes, recipient: str, sender: str, login: str | None = None,
+              client: str = "192.0.2.10") -> str:
+        """Submit the reply to Postfix (XCLIENT: the client address and the SASL login), wait until the pipe
+        transport has run the handler for it, return the maillog line of that delivery."""
+        data = message if isinstance(message, bytes) else message.as_bytes()
+        with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=30) as conn:
+            conn.ehlo("client.example")
+            args = f"ADDR={client} NAME=unknown" + (f" LOGIN={login}" if login else "")
+            assert conn.docmd("XCLIENT", args)[0] == 220
+            conn.ehlo("client.example")
+            assert conn.mail(sender)[0] == 250
+            assert conn.rcpt(recipient)[0] == 250
+            code, text = conn.data(data)
+            assert code == 250, (code, text)
+        match = re.search(rb"queued as ([0-9A-Za-z]+)", text)
+        assert match is not None, text
+        queue_id = match.group(1).decode()
+        assert self.postfix is not None
+        postfix = self.postfix
+        pattern = re.compile(rf"{queue_id}: to=<[^>]*>.*relay=digestreply.*status=(\w+)")
+
+        def delivered() -> str | None:
+            found = pattern.search(postfix.log_text())
+            return found.group(0) if found else None
+
+        line = str(wait_for(delivered, timeout=60, what=f"the pipe delivery of {queue_id}"))
+        assert "status=sent" in line, line  # exit 0: decided (a deferral would be status=deferred)
+        return line
+
+    def confirmations(self, to: str, count: int = 1) -> list[Received]:
+        """The confirmations sent to ``to`` (null envelope sender), once ``count`` of them arrived."""
+        def arrived() -> list[Received] | None:
+            found = [m for m in self.sink.messages if to in m.rcpt_tos and m.mail_from in NULL_SENDER]
+            return found if len(found) >= count else None
+
+        with self.sink.cond:
+            if not self.sink.cond.wait_for(arrived, 30):
+                seen = [(m.mail_from, m.rcpt_tos, m.message["Subject"]) for m in self.sink.messages]
+                raise TimeoutError(f"fewer than {count} confirmation(s) to {to}: the sink has {seen}")
+            found = arrived()
+            assert found is not None
+            return found
+
+    def nothing_queued(self) -> None:
+        assert self.postfix is not None
+        assert self.postfix.queue() == [], "mail left in Postfix's queue"
+
+
+def new_reply(subject: str, body: str = "", sender: str = ALICE, message_id: str | None = None,
+              from_header: str | None = None) -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = from_header or sender
+    message["To"] = REPLY_MAILBOX
+    message["Subject"] = subject
+    message["Message-ID"] = message_id or email.utils.make_msgid(domain="client.example")
+    message["Date"] = email.utils.formatdate()
+    message.set_content(body or "\n")
+    return message
+
+
+def reply_settings(directory: Path, database_url: str, reinject_port: int | None, **digest: object) -> dict:
+    """The test's config; without ``reinject_port`` the milter stack fills in its listener."""
+    recipients = directory / "recipients.map"
+    recipients.write_text(RECIPIENTS)
+    return {
+        "quarantine": {"database_url": database_url, "message_dir": str(directory / "db" / "held"),
+                       **({"reinject": f"127.0.0.1:{reinject_port}"} if reinject_port else {}),
+                       "digest": {"from_address": "postmaster@example.test", "reply_mailbox": REPLY_MAILBOX,
+                                  "token_keys": [{"id": "b", "secret": SECRET}], **digest}},
+        "policyd": {"recipients": {"sources": ["file"], "file": {"paths": [str(recipients)]}}},
+    }
+
+
+def public_directory() -> Path:
+    """A directory the pipe user reaches (pytest's tmp dirs are root's alone), with a db/ of its own for the
+    SQLite catalogue and the message files (the store gives what it creates there to db/'s owner)."""
+    directory = Path(tempfile.mkdtemp(prefix="mw-reply-"))
+    directory.chmod(0o755)
+    (directory / "db").mkdir()
+    user = pwd.getpwnam(PIPE_USER)
+    os.chown(directory / "db", user.pw_uid, user.pw_gid)
+    return directory
+
+
+def write_pipe_command(directory: Path, settings: dict) -> Path:
+    """The command Postfix's pipe runs in the README's place of /opt/mailwarden/bin/mailwarden: this
+    checkout's CLI with the test's config (logging to the test's syslog socket) and an empty system root."""
+    config = directory / "mailwarden.toml"
+    config.write_text(render_toml({**settings, "logging": {"destination": "syslog",
+                                                          "syslog_socket": str(directory / "log.sock")}}))
+    root = directory / "root"
+    root.mkdir(exist_ok=True)
+    repo = Path(__file__).resolve().parents[1]
+    path = ":".join([str(repo), *site_packages()])
+    command = directory / "mailwarden"
+    python = " ".join(pipe_python())
+    command.write_text(f"#!/bin/sh\nexec env PYTHONPATH={path} {ROOT_ENV_VAR}={root} {python} -m mailwarden.cli "
+                       f"--config {config} \"$@\"\n")
+    command.chmod(0o755)
+    return command
+
+
+@pytest.fixture(params=["sqlite", "mariadb"])
+def database_url(request: pytest.FixtureRequest) -> Iterator[Callable[[Path], str]]:
+    def url(directory: Path) -> str:
+        if request.param == "sqlite":
+            return f"sqlite:///{directory / 'db' / 'quarantine.sqlite'}"
+        mariadb = request.getfixturevalue("mariadb")
+        return str(mariadb.create_database("digest_reply", drop=True))
+
+    yield url
+
+
+@pytest.fixture
+def reply_env(sink: Sink, database_url: Callable[[Path], str]) -> Iterator[ReplyEnv]:
+    """A private Postfix with the reply transport and the re-injection listener (no milters: the replies'
+    own path), the store migrated, the handler's syslog socket."""
+    need_postfix()
+    directory = public_directory()
+    reinject_port = free_port()
+    settings = reply_settings(directory, database_url(directory), reinject_port,
+                              learn_on_release=False, learn_on_delete=False)
+    command = write_pipe_command(directory, settings)
+    master, main = documented_digest_reply(directory, str(command), PIPE_USER, REPLY_MAILBOX)
+    syslog = SyslogReceiver(directory / "log.sock")
+    store = QuarantineStore(QuarantineSettings.model_validate(settings["quarantine"]))
+    store.migrate()
+    postfix_dir = Path(tempfile.mkdtemp(prefix="mw-postfix-"))
+    postfix_dir.chmod(0o755)
+    postfix = PostfixInstance(postfix_dir, free_port(), sink.port, None, reinject_port=reinject_port,
+                              extra_main_cf=main, extra_master_cf=master)
+    digest = store.settings.digest
+    assert digest is not None
+    env = ReplyEnv(directory, settings, store, Tokens(digest), syslog, sink, postfix, postfix.smtp_port)
+    try:
+        postfix.start()
+        wait_port(postfix.smtp_port)
+        wait_port(reinject_port)
+        yield env
+    finally:
+        postfix.stop()
+        store.close()
+        syslog.close()
+        shutil.rmtree(postfix_dir, ignore_errors=True)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def released(env: ReplyEnv, subject: str) -> list[Received]:
+    return [m for m in env.sink.messages if m.message["Subject"] == subject and m.mail_from not in NULL_SENDER]
+
+
+def assert_refused(env: ReplyEnv, public_id: str, reason: str, forged: tuple[str, ...] = ()) -> None:
+    """Nothing released, nothing sent to ``forged``, Postfix's queue empty, the security event logged and
+    stored."""
+    record = env.store.get(public_id)
+    assert record is not None and record.state is State.HELD
+    assert [m for m in env.sink.messages if m.mail_from not in NULL_SENDER] == [], "a held message was released"
+    for address in forged:
+        assert [m for m in env.sink.messages if address in m.rcpt_tos] == [], f"mail sent to {address}"
+    env.nothing_queued()
+    line = env.syslog.wait_for("digest reply refused", f"reason={reason}")
+    assert "security=yes" in line
+    assert reason in [event.reason for event in events(env.store)]
+
+
+# -- the owner's replies ---------------------------------------------------------------------------------
+
+
+def test_a_button_releases_once_and_a_replay_changes_nothing(reply_env: ReplyEnv) -> None:
+    env = reply_env
+    public_id = env.hold(ALICE, "Your invoice")
+    other = env.hold(ALICE, "Another one")
+    recipient, subject = env.button(Action.RELEASE, ALICE, public_id)
+    reply = new_reply(subject).as_bytes()  # a mailto: link with an empty body
+    env.reply(reply, recipient, ALICE, login=ALICE)
+    env.sink.wait_for_subjects("Your invoice")
+    [arrived] = released(env, "Your invoice")
+    assert arrived.rcpt_tos == (ALICE,) and arrived.mail_from == "promo@shop.example"
+    [confirmation] = env.confirmations(ALICE)
+    assert "Released" in confirmation.message.get_content() and confirmation.message["Auto-Submitted"] == "auto-replied"
+    record = env.store.get(public_id)
+    assert record is not None and record.state is State.RELEASED and record.state_by.startswith(ALICE)
+
+    env.reply(reply, recipient, ALICE, login=ALICE)  # byte for byte
+    env.reply(new_reply(subject), recipient, ALICE, login=ALICE)  # a new Message-ID
+    assert len(released(env, "Your invoice")) == 1
+    confirmations = env.confirmations(ALICE, 3)
+    assert all("Already released" in m.message.get_content() for m in confirmations[1:])
+    other_record = env.store.get(other)
+    assert other_record is not None and other_record.state is State.HELD
+    assert events(env.store) == [], "a replay by the owner is not a security event"
+    env.nothing_queued()
+
+
+def test_typed_commands_with_the_reply_token_act_on_the_owners_messages(reply_env: ReplyEnv) -> None:
+    env = reply_env
+    keep, drop, look = (env.hold(ALICE, subject) for subject in ("Keep me", "Drop me", "Look at me"))
+    recipient, _ = env.button(Action.REPLY, ALICE)
+    body = f"DELETE {drop[:6]}\nRELEASE {keep[:6]}\nDIGEST WEEKLY\n\n> {env.line(look, ALICE)}\n"
+    env.reply(new_reply("Re: Your quarantine digest", body), recipient, ALICE, login="a.smith@example.test")
+    env.sink.wait_for_subjects("Keep me")
+    [confirmation] = env.confirmations(ALICE)
+    text = confirmation.message.get_content()
+    assert "Deleted" in text and "Released" in text and "once a week" in text
+    states = {public_id: env.store.get(public_id).state for public_id in (keep, drop, look)}  # type: ignore[union-attr]
+    assert states == {keep: State.RELEASED, drop: State.DELETED, look: State.HELD}, "the quoted line counted"
+
+
+def test_preview_answers_with_text_and_no_live_link(reply_env: ReplyEnv) -> None:
+    env = reply_env
+    public_id = env.hold(ALICE, "Verify your account", sender="alerts@bank.example",
+                         body="Log in now at https://bank.example.evil.example/login?id=7 or www.evil.example\n")
+    recipient, subject = env.button(Action.PREVIEW, ALICE, public_id)
+    env.reply(new_reply(subject), recipient, ALICE, login=ALICE)
+    [confirmation] = env.confirmations(ALICE)
+    text = confirmation.message.get_content()
+    assert "hxxps://bank[.]example[.]evil[.]example/login?id=7" in text and "www[.]evil[.]example" in text
+    assert not re.search(r"https?://|www\.evil", text), text
+    assert confirmation.message.get_content_type() == "text/plain" and not confirmation.message.is_multipart()
+    assert env.store.get(public_id).state is State.HELD  # type: ignore[union-attr]
+
+
+def test_a_reply_with_no_command_gets_the_help_text(reply_env: ReplyEnv) -> None:
+    env = reply_env
+    public_id = env.hold(ALICE, "Only one")
+    recipient, _ = env.button(Action.REPLY, ALICE)
+    body = "Thanks!\n\n> ==== mailwarden held 1 ====\n> " + env.line(public_id, ALICE) + "\n"
+    env.reply(new_reply("Re: Your quarantine digest", body), recipient, ALICE, login=ALICE)
+    [answer] = env.confirmations(ALICE)
+    assert "asked for nothing" in answer.message.get_content() and "RELEASE ab23cd" in answer.message.get_content()
+    assert env.store.get(public_id).state is State.HELD  # type: ignore[union-attr]
+
+
+def test_an_auto_reply_is_ignored_without_an_answer(reply_env: ReplyEnv) -> None:
+    env = reply_env
+    public_id = env.hold(ALICE, "Away")
+    recipient, subject = env.button(Action.RELEASE, ALICE, public_id)
+    message = new_reply(subject)
+    message["Auto-Submitted"] = "auto-replied"
+    env.reply(message, recipient, ALICE, login=ALICE)
+    env.syslog.wait_for("digest reply ignored", "Auto-Submitted")
+    assert env.sink.messages == [] and env.store.get(public_id).state is State.HELD  # type: ignore[union-attr]
+    env.nothing_queued()
+
+
+# -- abuse, each its own test ----------------------------------------------------------------------------
+
+
+def test_another_local_user_forwarding_the_owners_line(reply_env: ReplyEnv) -> None:
+    env = reply_env
+    public_id = env.hold(ALICE, "Alice's mail")
+    recipient, _ = env.button(Action.REPLY, BOB)  # bob's own digest's address
+    body = "Could you release this one for me?\n\n" + env.line(public_id, ALICE) + "\n"
+    env.reply(new_reply("Fwd: Your quarantine digest", body, sender=BOB), recipient, BOB, login=BOB)
+    assert_refused(env, public_id, "wrong-owner", forged=(ALICE,))
+    [answer] = env.confirmations(BOB)  # bob logged in as bob: he is told, in plain words
+    assert "another mailbox" in answer.message.get_content()
+
+
+def test_a_token_of_another_user(reply_env: ReplyEnv) -> None:
+    env = reply_env
+    bobs = env.hold(BOB, "Bob's mail")
+    recipient, subject = env.button(Action.RELEASE, BOB, bobs)
+    env.reply(new_reply(subject), recipient, ALICE, login=ALICE)
+    assert_refused(env, bobs, "wrong-owner", forged=(BOB,))
+
+
+def test_one_character_of_the_token_changed(reply_env: ReplyEnv) -> None:
+    env = reply_env
+    public_id = env.hold(ALICE, "Tampered")
+    recipient, subject = env.button(Action.RELEASE, ALICE, public_id)
+    local, domain = recipient.split("@")
+    at = len(local) - 12  # inside the MAC
+    changed = local[:at] + ("a" if local[at] != "a" else "b") + local[at + 1:]
+    env.reply(new_reply(subject), f"{changed}@{domain}", ALICE, login=ALICE)
+    assert_refused(env, public_id, "bad-mac")
+
+
+def test_an_expired_token(reply_env: ReplyEnv) -> None:
+    env = reply_env
+    public_id = env.hold(ALICE, "Too late")
+    old = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=15)
+    recipient, subject = env.button(Action.RELEASE, ALICE, public_id, now=old)
+    env.reply(new_reply(subject), recipient, ALICE, login=ALICE)
+    assert_refused(env, public_id, "expired")
+    assert "expired" in env.confirmations(ALICE)[0].message.get_content()
+
+
+def test_a_virus_is_for_admins_only(reply_env: ReplyEnv) -> None:
+    env = reply_env
+    public_id = env.hold(ALICE, "Invoice attached", kind="virus")
+    recipient, subject = env.button(Action.RELEASE, ALICE, public_id)
+    env.reply(new_reply(subject), recipient, ALICE, login=ALICE)
+    assert_refused(env, public_id, "admin-only")
+
+
+def test_an_id_of_someone_elses_message(reply_env: ReplyEnv) -> None:
+    env = reply_env
+    bobs = env.hold(BOB, "Bob's secret")
+    recipient, _ = env.button(Action.REPLY, ALICE)
+    env.reply(new_reply("Re: Your quarantine digest", f"RELEASE {bobs[:6]}\n"), recipient, ALICE, login=ALICE)
+    assert_refused(env, bobs, "foreign-id", forged=(BOB,))
+
+
+def test_an_outside_sender_with_the_owners_address_and_a_valid_token(reply_env: ReplyEnv) -> None:
+    env = reply_env
+    public_id = env.hold(ALICE, "Forged from outside")
+    recipient, subject = env.button(Action.RELEASE, ALICE, public_id)  # a stolen, valid token
+    env.reply(new_reply(subject), recipient, ALICE, login=None, client="203.0.113.66")
+    assert_refused(env, public_id, "not-authenticated", forged=(ALICE,))
+    assert env.sink.messages == [], "no confirmation to a sender who did not log in"
+
+
+def test_a_local_user_sending_as_the_owner(reply_env: ReplyEnv) -> None:
+    env = reply_env
+    public_id = env.hold(ALICE, "Bob pretends")
+    recipient, subject = env.button(Action.RELEASE, ALICE, public_id)
+    env.reply(new_reply(subject), recipient, ALICE, login=BOB)
+    assert_refused(env, public_id, "forged-sender", forged=(ALICE, BOB))
+    assert env.sink.messages == []
+
+
+def test_a_display_name_spoof(reply_env: ReplyEnv) -> None:
+    env = reply_env
+    public_id = env.hold(ALICE, "Spoofed")
+    recipient, subject = env.button(Action.RELEASE, ALICE, public_id)
+    spoof = new_reply(subject, sender="attacker@evil.example", from_header=f'"{ALICE}" <attacker@evil.example>')
+    env.reply(spoof, recipient, "attacker@evil.example", login=None, client="203.0.113.66")
+    assert_refused(env, public_id, "not-an-owner", forged=("attacker@evil.example", ALICE))
+    assert env.sink.messages == []
+
+
+# -- through the milters and spamd: what the actions teach and change ------------------------------------
+
+
+@pytest.fixture
+def spam_reply_env(milter_stack: Callable[..., MilterStack], clamd, spamd, sink: Sink
+                   ) -> Iterator[tuple[ReplyEnv, MilterStack]]:
+    """The milter stack (ClamAV and SpamAssassin milters, clamd, spamd with per-user Bayes) with the reply
+    transport; the spam preferences read without a cache, so a WHITELIST or BLOCK applies to the next mail."""
+    directory = public_directory()
+    settings = spam_settings(clamd, spamd, reject_level=5000, preferences_cache="0s")
+    settings.update(reply_settings(directory, f"sqlite:///{directory / 'db' / 'quarantine.sqlite'}", None))
+    command = directory / "mailwarden"
+    master, main = documented_digest_reply(directory, str(command), PIPE_USER, REPLY_MAILBOX)
+    syslog = SyslogReceiver(directory / "log.sock")
+    try:
+        stack = milter_stack(settings, milters=CHAIN, postfix_main_cf=main, postfix_master_cf=master)
+        write_pipe_command(directory, settings)  # the stack filled in its re-injection listener
+        store = QuarantineStore(QuarantineSettings.model_validate(settings["quarantine"]))
+        digest = store.settings.digest
+        assert digest is not None
+        try:
+            yield ReplyEnv(directory, settings, store, Tokens(digest), syslog, sink, stack.postfix,
+                           stack.postfix.smtp_port), stack
+        finally:
+            store.close()
+    finally:
+        syslog.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def held_for(env: ReplyEnv, stack: MilterStack, mailbox: str, subject: str) -> str:
+    stack.milters["spamassassin"].wait_log(f"recipient={mailbox}")
+    [record] = [r for r in env.store.find(mailbox=mailbox, state=State.HELD) if r.subject == subject]
+    return record.public_id
+
+
+def test_release_by_reply_teaches_bayes_ham(spam_reply_env: tuple[ReplyEnv, MilterStack], spamd) -> None:
+    env, stack = spam_reply_env
+    assert stack.send(gtube("rescued"), rcpts=(CAROL,)) is None
+    public_id = held_for(env, stack, CAROL, "rescued")
+    recipient, subject = env.button(Action.RELEASE, CAROL, public_id)
+    env.reply(new_reply(subject, sender=CAROL), recipient, CAROL, login=CAROL)
+    env.sink.wait_for_subjects("rescued")
+    assert spamd.bayes_counts(CAROL) == (0, 1), "the released message was not learnt as ham"
+    [confirmation] = env.confirmations(CAROL)
+    assert "Released" in confirmation.message.get_content()
+    assert "score" not in confirmation.message.get_content().lower()
+
+
+def test_whitelist_delivers_the_next_one_and_block_holds_the_next_one(
+        spam_reply_env: tuple[ReplyEnv, MilterStack]) -> None:
+    env, stack = spam_reply_env
+    assert stack.send(gtube("from a friend", sender="friend@partner.example"), rcpts=(DAVE,)) is None
+    friend = held_for(env, stack, DAVE, "from a friend")
+    recipient, subject = env.button(Action.WHITELIST, DAVE, friend)
+    env.reply(new_reply(subject, sender=DAVE), recipient, DAVE, login=DAVE)
+    env.sink.wait_for_subjects("from a friend")
+    assert stack.send(gtube("from a friend again", sender="friend@partner.example"), rcpts=(DAVE,)) is None
+    env.sink.wait_for_subjects("from a friend again")  # whitelisted: delivered whatever its score
+
+    assert stack.send(gtube("bulk offer", sender="offers@bulk.example"), rcpts=(ERIN,)) is None
+    bulk = held_for(env, stack, ERIN, "bulk offer")
+    recipient, subject = env.button(Action.BLOCK, ERIN, bulk)
+    env.reply(new_reply(subject, sender=ERIN), recipient, ERIN, login=ERIN)
+    [confirmation] = env.confirmations(ERIN)
+    assert "blocked" in confirmation.message.get_content()
+    assert env.store.get(bulk).state is State.DELETED  # type: ignore[union-attr]
+    assert stack.send(text_message("harmless text", sender="offers@bulk.example", to=ERIN),
+                      rcpts=(ERIN,), sender="offers@bulk.example") is None
+    stack.milters["spamassassin"].wait_log("kind=blacklisted")
+    stack.marker()
+    assert env.sink.with_subject("harmless text") == [], "a blocked sender's clean mail was delivered"
+    [held] = [r for r in env.store.find(mailbox=ERIN, state=State.HELD)]
+    assert held.subject == "harmless text" and held.kind == "blacklisted"
