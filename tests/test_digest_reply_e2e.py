@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import email.utils
 import io
+import json
 import os
 import pwd
 import re
@@ -168,9 +169,10 @@ class ReplyEnv:
     # -- sending replies ---------------------------------------------------------------------------------
 
     def reply(self, message: EmailMessage | bytes, recipient: str, sender: str, login: str | None = None,
-              client: str = "192.0.2.10") -> str:
+              client: str = "192.0.2.10", status: str = "sent") -> str:
         """Submit the reply to Postfix (XCLIENT: the client address and the SASL login), wait until the pipe
-        transport has run the handler for it, return the maillog line of that delivery."""
+        transport has run the handler for it with ``status`` (sent: exit 0; deferred: 75), return the queue
+        id."""
         data = message if isinstance(message, bytes) else message.as_bytes()
         with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=30) as conn:
             conn.ehlo("client.example")
@@ -184,17 +186,16 @@ class ReplyEnv:
         match = re.search(rb"queued as ([0-9A-Za-z]+)", text)
         assert match is not None, text
         queue_id = match.group(1).decode()
+        self.wait_delivery(queue_id, status)
+        return queue_id
+
+    def wait_delivery(self, queue_id: str, status: str = "sent") -> None:
+        """Until the maillog shows the pipe's delivery attempt of ``queue_id`` with ``status``."""
         assert self.postfix is not None
         postfix = self.postfix
-        pattern = re.compile(rf"{queue_id}: to=<[^>]*>.*relay=digestreply.*status=(\w+)")
-
-        def delivered() -> str | None:
-            found = pattern.search(postfix.log_text())
-            return found.group(0) if found else None
-
-        line = str(wait_for(delivered, timeout=60, what=f"the pipe delivery of {queue_id}"))
-        assert "status=sent" in line, line  # exit 0: decided (a deferral would be status=deferred)
-        return line
+        pattern = re.compile(rf"{queue_id}: to=<[^>]*>.*relay=digestreply.*status={status}")
+        wait_for(lambda: pattern.search(postfix.log_text()), timeout=60,
+                 what=f"status={status} for {queue_id}: {postfix.log_text()[-1500:]}")
 
     def confirmations(self, to: str, count: int = 1) -> list[Received]:
         """The confirmations sent to ``to`` (null envelope sender), once ``count`` of them arrived."""
@@ -573,3 +574,76 @@ def test_whitelist_delivers_the_next_one_and_block_holds_the_next_one(
     assert env.sink.with_subject("harmless text") == [], "a blocked sender's clean mail was delivered"
     [held] = [r for r in env.store.find(mailbox=ERIN, state=State.HELD)]
     assert held.subject == "harmless text" and held.kind == "blacklisted"
+
+
+# -- exit codes: decided is 0, "try again" is 75 ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_store_that_cannot_be_opened_defers_and_the_retry_acts_once(reply_env: ReplyEnv) -> None:
+    env = reply_env
+    assert env.postfix is not None
+    public_id = env.hold(ALICE, "After the outage")
+    recipient, subject = env.button(Action.RELEASE, ALICE, public_id)
+    catalogue = env.directory / "db" / "quarantine.sqlite"
+    mode = catalogue.stat().st_mode
+    catalogue.chmod(0)  # the pipe's user cannot open it: as when the database is down
+    try:
+        queue_id = env.reply(new_reply(subject), recipient, ALICE, login=ALICE, status="deferred")
+        assert [item["queue_id"] for item in env.postfix.queue()] == [queue_id], "Postfix keeps the reply"
+        env.syslog.wait_for("digest reply deferred")
+    finally:
+        catalogue.chmod(mode)
+    env.postfix.flush()
+    env.wait_delivery(queue_id)
+    env.sink.wait_for_subjects("After the outage")
+    assert len(released(env, "After the outage")) == 1
+    assert len(env.confirmations(ALICE)) == 1
+    env.nothing_queued()
+
+
+def run_reply(config: Path, message: bytes, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mailwarden.cli", "--config", str(config), "digest", "reply",
+                           *args], input=message.decode(), capture_output=True, text=True, timeout=60)
+
+
+def test_the_exit_codes_postfix_acts_on(tmp_path: Path) -> None:
+    """0 for a refused reply (a bounce would go to a forged sender) and an ignored one, 75 when the database
+    cannot be reached for an owner's reply or the config is bad (Postfix keeps the reply and retries)."""
+    unreachable = f"mysql+pymysql://root@127.0.0.1:{free_port()}/nothing"
+    settings = reply_settings(tmp_path, unreachable, free_port())
+    settings["quarantine"]["db_timeout"] = "1s"
+    config = tmp_path / "mailwarden.toml"
+    config.write_text(render_toml(settings))
+    reply = new_reply("RELEASE ab23cd", sender="attacker@evil.example").as_bytes()
+    common = ("--recipient", REPLY_MAILBOX, "--client", "203.0.113.66")
+    outsider = run_reply(config, reply, "--sender", "attacker@evil.example", *common)
+    # refused: decided without the database (its row could not be stored, its log line is written)
+    assert outsider.returncode == 0, outsider.stderr
+    assert "reason=not-an-owner" in outsider.stderr and "security event not stored" in outsider.stderr
+    # a reply from an owner needs the database to act: tried again later
+    owner = run_reply(config, new_reply("RELEASE ab23cd").as_bytes(), "--sender", ALICE, "--sasl-user", ALICE,
+                      *common)
+    assert owner.returncode == 75 and "deferred" in owner.stderr, owner.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[quarantine.digest]\nunknown_key = 1\n")
+    assert run_reply(bad, reply, "--sender", ALICE, *common).returncode == 75
+    null = run_reply(config, reply, "--sender", "", *common)
+    assert null.returncode == 0 and "ignored" in null.stdout, (null.stdout, null.stderr)
+
+
+def test_digest_events_lists_the_refusals(reply_env: ReplyEnv) -> None:
+    env = reply_env
+    public_id = env.hold(ALICE, "Listed")
+    recipient, subject = env.button(Action.RELEASE, ALICE, public_id)
+    env.reply(new_reply(subject, sender="attacker@evil.example"), recipient, "attacker@evil.example",
+              client="203.0.113.66")
+    env.reply(new_reply(subject), recipient, ALICE, login=BOB)
+    config = env.directory / "mailwarden.toml"
+    done = subprocess.run([sys.executable, "-m", "mailwarden.cli", "--config", str(config), "digest", "events",
+                           "--since", "1h", "--json"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    listed = json.loads(done.stdout)
+    assert [event["reason"] for event in listed["events"]] == ["forged-sender", "not-an-owner"]
+    assert listed["counts"] == {"forged-sender": 1, "not-an-owner": 1}
+    assert listed["events"][0]["sasl_user"] == BOB and listed["events"][1]["client_address"] == "203.0.113.66"
