@@ -41,7 +41,9 @@ from harness.sink import Received, Sink
 from test_e2e_spam import CHAIN, gtube, spam_settings
 
 from mailwarden.paths import ROOT_ENV_VAR
-from quarantine.digest.subscribers import events
+from quarantine.digest.reply_parse import INSTRUCTIONS_BEGIN, INSTRUCTIONS_END, section_marker
+from quarantine.digest.settings import Interval
+from quarantine.digest.subscribers import events, interval_of
 from quarantine.digest.tokens import Action, Tokens
 from quarantine.models import State
 from quarantine.store import HeldEnvelope, Hold, QuarantineSettings, QuarantineStore
@@ -374,6 +376,62 @@ def test_typed_commands_with_the_reply_token_act_on_the_owners_messages(reply_en
     assert "Deleted" in text and "Released" in text and "once a week" in text
     states = {public_id: env.store.get(public_id).state for public_id in (keep, drop, look)}  # type: ignore[union-attr]
     assert states == {keep: State.RELEASED, drop: State.DELETED, look: State.HELD}, "the quoted line counted"
+    assert interval_of(env.store, ALICE, Interval.DAILY) is Interval.WEEKLY
+
+
+def test_release_all_releases_the_owners_held_mail_but_viruses(reply_env: ReplyEnv) -> None:
+    env = reply_env
+    first, second = env.hold(ALICE, "First of all"), env.hold(ALICE, "Second of all")
+    virus = env.hold(ALICE, "Infected", kind="virus")
+    bobs = env.hold(BOB, "Not alice's")
+    recipient, subject = env.button(Action.RELEASE_ALL, ALICE)
+    env.reply(new_reply(subject), recipient, ALICE, login=ALICE)
+    env.sink.wait_for_subjects("First of all", "Second of all")
+    text = env.confirmations(ALICE)[0].message.get_content()
+    assert "virus" in text and "only the mail administrators" in text
+    states = {public_id: env.store.get(public_id).state  # type: ignore[union-attr]
+              for public_id in (first, second, virus, bobs)}
+    assert states == {first: State.RELEASED, second: State.RELEASED, virus: State.HELD, bobs: State.HELD}
+
+
+def digest_text(env: ReplyEnv, owner: str, public_ids: list[str]) -> str:
+    """The plain part of a digest as reply_parse's docstring describes it (instructions, a held section)."""
+    return "\n".join([INSTRUCTIONS_BEGIN, "Reply to this mail. Keep the lines of the messages you want, or write",
+                      "one command a line above the quote: RELEASE ab23cd, DELETE ab23cd ...", INSTRUCTIONS_END, "",
+                      section_marker("held", len(public_ids)), *(env.line(p, owner) for p in public_ids)])
+
+
+def test_replies_as_clients_write_them(reply_env: ReplyEnv) -> None:
+    env = reply_env
+    ids = [env.hold(ALICE, f"Held {n}") for n in range(1, 7)]
+    recipient, _ = env.button(Action.REPLY, ALICE)
+    # inline-quoted, keeping two of three lines (the third deleted), format=flowed client
+    digest = digest_text(env, ALICE, ids[:3]).split("\n")
+    kept = "\n".join("> " + line for line in digest if not line.startswith(f"[{ids[2][:6]}]"))
+    inline = new_reply("Re: Your quarantine digest", f"On Tue, the quarantine wrote:\n{kept}\n")
+    env.reply(inline, recipient, ALICE, login=ALICE)
+    env.sink.wait_for_subjects("Held 1", "Held 2")
+    # an HTML-only reply with a typed command above the quoted digest
+    html = EmailMessage()
+    html["From"], html["To"], html["Subject"] = ALICE, REPLY_MAILBOX, "Re: Your quarantine digest"
+    quoted = "<br>".join(digest_text(env, ALICE, ids[3:]).split("\n"))
+    html.set_content(f"<html><body><div>RELEASE {ids[3][:6]}</div><blockquote>{quoted}</blockquote></body></html>",
+                     subtype="html")
+    env.reply(html, recipient, ALICE, login=ALICE)
+    env.sink.wait_for_subjects("Held 4")
+    # German Outlook: AW:, ISO-8859-1, base64, top-posted above "Ursprüngliche Nachricht"
+    outlook = EmailMessage()
+    outlook["From"], outlook["To"], outlook["Subject"] = ALICE, REPLY_MAILBOX, "AW: Ihre Quarantäne-Übersicht"
+    body = (f"RELEASE {ids[4][:6]}\n\nGrüße, Alice\n\n-----Ursprüngliche Nachricht-----\nVon: Quarantäne\n"
+            f"Gesendet: Dienstag, 1. Dezember 2026 06:00\n\n{digest_text(env, ALICE, ids[3:])}\n")
+    outlook.set_content(body.encode("iso-8859-1"), maintype="text", subtype="plain", cte="base64",
+                        params={"charset": "iso-8859-1"})
+    env.reply(outlook, recipient, ALICE, login=ALICE)
+    env.sink.wait_for_subjects("Held 5")
+    env.confirmations(ALICE, 3)
+    states = [env.store.get(public_id).state for public_id in ids]  # type: ignore[union-attr]
+    assert states == [State.RELEASED, State.RELEASED, State.HELD, State.RELEASED, State.RELEASED, State.HELD]
+    assert all(len(released(env, f"Held {n}")) == 1 for n in (1, 2, 4, 5))
 
 
 def test_preview_answers_with_text_and_no_live_link(reply_env: ReplyEnv) -> None:
