@@ -4,12 +4,14 @@ login is theirs, the loop guard, short ids, and the preview's sanitising (bounde
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
+from mailwarden.directory import DirectorySettings
 from quarantine.digest.actions import block_pattern, single_use
 from quarantine.digest.preview import MAX_ATTACHMENTS, MAX_LINES, MAX_TEXT, defang, preview
-from quarantine.digest.reply import login_is_owner, loop_reason, matching, trusted
+from quarantine.digest.reply import DirectoryOwners, login_is_owner, loop_reason, matching, trusted
 from quarantine.digest.settings import BlockDomain, DigestSettings
 
 
@@ -48,6 +50,24 @@ class _Map:
 
     def mailbox_of(self, address: str) -> str | None:
         return self.known.get(address.lower())
+
+
+def test_the_owner_is_the_mailbox_the_sources_know(tmp_path: Path) -> None:
+    recipients = tmp_path / "recipients.map"
+    recipients.write_text("alice@example.org\na.smith@example.org: alice@example.org\n"
+                          "team@example.org: alice@example.org, bob@example.org\n")
+    owners = DirectoryOwners(DirectorySettings(sources=["file"], file={"paths": [recipients]}))
+    try:
+        assert owners.mailbox_of("Alice@Example.org") == "alice@example.org"
+        assert owners.mailbox_of("alice+digest@example.org") == "alice@example.org"
+        assert owners.mailbox_of("a.smith@example.org") == "alice@example.org"  # an alias
+        assert owners.mailbox_of("team@example.org") is None                    # a list: no one owner
+        assert owners.mailbox_of("mallory@evil.example") is None                # not ours
+        assert owners.mailbox_of("") is None
+    finally:
+        owners.close()
+    unconfigured = DirectoryOwners(DirectorySettings())  # no sources: the address itself
+    assert unconfigured.mailbox_of("Bob+x@Example.org") == "bob@example.org"
 
 
 def test_the_login_must_be_the_owner() -> None:

@@ -68,6 +68,8 @@ security_log = get_logger("quarantine.digest.security")
 TEMPLATES = Path(__file__).parent / "templates"
 MAX_HEAD = 64 * 1024
 """Bytes of the reply read for the loop guard's headers."""
+MAX_MATCHES = 20
+"""Rows of the owner a short id is compared with (more than one: "write more of the id")."""
 
 
 class Refusal(StrEnum):
@@ -93,6 +95,10 @@ PLAIN_WORDS: dict[str, str] = {
     Refusal.ID_MISMATCH: "the id and the link beside it do not belong together",
     Refusal.ADMIN_ONLY: "it was held because it carries a virus: only the mail administrators can act on it",
 }
+
+
+def plain_words(reason: str) -> str:
+    return PLAIN_WORDS.get(reason, "it could not be verified")
 
 
 class Decision(StrEnum):
@@ -254,7 +260,7 @@ class ReplyHandler:
                 reply_ok = True
             except TokenRefused as exc:
                 self._event(result, exc.reason, envelope, message_id, owner, f"the address's token: {exc}")
-                result.refused.append(f"The address you replied to: {PLAIN_WORDS[exc.reason]}.")
+                result.refused.append(f"The address you replied to: {plain_words(exc.reason)}.")
         previews: list[tuple[str, str]] = []
         try:
             for command in reply.commands:
@@ -281,7 +287,7 @@ class ReplyHandler:
                 claim = self.tokens.verify(command.token, owner, command.action)
             except TokenRefused as exc:
                 self._event(result, exc.reason, envelope, message_id, owner, f"{named}: {exc}")
-                return [Outcome(False, f"Not done: {named}: {PLAIN_WORDS[exc.reason]}.")]
+                return [Outcome(False, f"Not done: {named}: {plain_words(exc.reason)}.")]
             public_id = claim.public_id
             if public_id is not None and command.target and not public_id.startswith(command.target):
                 self._event(result, Refusal.ID_MISMATCH, envelope, message_id, owner,
@@ -312,13 +318,13 @@ class ReplyHandler:
         if public_id is None:
             if not target:
                 return Outcome(False, f"Not done: {named}: no message named.")
-            ids = self._ids_of(owner, target)
-            mine = matching(ids[owner], target)
+            candidates, elsewhere = self._ids_of(owner, target)
+            mine = matching(candidates, target)
             if len(mine) > 1:
                 return Outcome(False, f"Not done: {named}: several of your messages start with {target}: "
                                       "write more of the id.")
             if not mine:
-                if any(others for mailbox, others in ids.items() if mailbox != owner):
+                if elsewhere:
                     self._event(result, Refusal.FOREIGN_ID, envelope, message_id, owner,
                                 f"{named}: the id is another mailbox's")
                     return Outcome(False, f"Not done: {named}: {PLAIN_WORDS[Refusal.FOREIGN_ID]}.")
@@ -334,15 +340,15 @@ class ReplyHandler:
             return Outcome(False, f"Not done: {named}: {PLAIN_WORDS[Refusal.FOREIGN_ID]}.")
         return record
 
-    def _ids_of(self, owner: str, prefix: str) -> dict[str, list[str]]:
-        """Public ids starting with ``prefix``, by mailbox (the owner's always present)."""
+    def _ids_of(self, owner: str, prefix: str) -> tuple[list[str], bool]:
+        """The owner's public ids that start with ``prefix``, and whether another mailbox has one."""
         prefix = re.sub(r"[^a-z2-7]", "", prefix.lower())
-        query = sa.select(Held.mailbox, Held.public_id).where(Held.public_id.like(f"{prefix}%")).limit(50)
-        found: dict[str, list[str]] = {owner: []}
+        starts = Held.public_id.like(f"{prefix}%")
         with self.store.reading("look up a short id") as conn:
-            for mailbox, public_id in conn.execute(query):
-                found.setdefault(str(mailbox).lower(), []).append(str(public_id))
-        return found
+            mine = [str(public_id) for public_id in conn.execute(
+                sa.select(Held.public_id).where(starts, Held.mailbox == owner).limit(MAX_MATCHES)).scalars()]
+            others = conn.execute(sa.select(Held.id).where(starts, Held.mailbox != owner).limit(1)).first()
+        return mine, others is not None
 
     def _event(self, result: Result, reason: str, envelope: Envelope, message_id: str, owner: str,
                detail: str) -> None:

@@ -73,7 +73,7 @@ def _read_stdin() -> bytes:
 
 
 def _handle(config: Any, raw: bytes, sender: str, recipient: str, sasl_user: str, client_address: str) -> int:
-    from mailwarden.logs import setup_logging
+    from mailwarden.logs import get_logger, log_kv, setup_logging
     from quarantine.digest.actions import Unavailable
     from quarantine.digest.outbox import Outbox
     from quarantine.digest.reply import DirectoryOwners, Envelope, ReplyHandler
@@ -91,8 +91,6 @@ def _handle(config: Any, raw: bytes, sender: str, recipient: str, sasl_user: str
             handler = ReplyHandler(store, digest, Tokens(digest) if digest else None, owners, outbox, teacher)
             result = handler.handle(raw, Envelope(sender, recipient, sasl_user, client_address))
     except (Unavailable, StoreError) as exc:
-        from mailwarden.logs import get_logger, log_kv
-
         log_kv(get_logger("quarantine.digest.reply"), logging.WARNING,
                "digest reply deferred: tried again later", sender=sender, error=str(exc))
         click.echo(f"mailwarden: digest reply deferred: {exc}", err=True)
