@@ -11,7 +11,7 @@ import pytest
 from mailwarden.directory import DirectorySettings
 from quarantine.digest.actions import block_pattern, single_use
 from quarantine.digest.preview import MAX_ATTACHMENTS, MAX_LINES, MAX_TEXT, defang, preview
-from quarantine.digest.reply import DirectoryOwners, login_is_owner, loop_reason, matching, trusted
+from quarantine.digest.reply import DirectoryOwners, login_is_owner, loop_reason, matching, redacted, trusted
 from quarantine.digest.settings import BlockDomain, DigestSettings
 
 
@@ -106,6 +106,13 @@ def test_trusted_networks() -> None:
 ])
 def test_the_loop_guard(head: bytes, sender: str, ignored: bool) -> None:
     assert (loop_reason(head, sender) is not None) is ignored
+
+
+def test_tokens_are_cut_from_logged_recipients() -> None:
+    token = "b" + "a" * 40
+    assert redacted(f"quarantine+{token}@example.org") == "quarantine+baaa...@example.org"
+    assert redacted(f"quarantine-{token}@example.org", "-") == "quarantine-baaa...@example.org"
+    assert redacted("quarantine@example.org") == "quarantine@example.org"
 
 
 def test_short_ids_match_prefixes_only() -> None:

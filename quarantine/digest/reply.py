@@ -63,7 +63,6 @@ from quarantine.release import ADMIN_ONLY_KINDS
 from quarantine.store import HeldRecord, QuarantineStore, StoreError
 
 log = get_logger("quarantine.digest.reply")
-security_log = get_logger("quarantine.digest.security")
 
 TEMPLATES = Path(__file__).parent / "templates"
 MAX_HEAD = 64 * 1024
@@ -181,6 +180,15 @@ def loop_reason(head: bytes, sender: str) -> str | None:
     return None
 
 
+def redacted(recipient: str, delimiter: str = "+") -> str:
+    """The recipient for a log line: its token (a credential) after the delimiter cut to 4 characters."""
+    local, at, domain = recipient.rpartition("@")
+    if delimiter in local:
+        base, token = local.split(delimiter, 1)
+        local = f"{base}{delimiter}{token[:4]}..."
+    return f"{local}{at}{domain}"
+
+
 def trusted(client_address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
     try:
         address = ipaddress.ip_address(client_address.strip().strip("[]").removeprefix("IPv6:"))
@@ -226,7 +234,7 @@ class ReplyHandler:
         why = loop_reason(raw, envelope.sender)
         if why is not None:
             log_kv(log, logging.INFO, "digest reply ignored", why=why, sender=envelope.sender,
-                   recipient=envelope.recipient)
+                   recipient=redacted(envelope.recipient, self.settings.recipient_delimiter if self.settings else "+"))
             return Result(Decision.IGNORED)
         if self.settings is None or self.tokens is None:
             log_kv(log, logging.WARNING, "digest reply ignored: [quarantine.digest] is not configured",
