@@ -295,14 +295,14 @@ class ReplyHandler:
                 claim = self.tokens.verify(command.token, owner, command.action)
             except TokenRefused as exc:
                 self._event(result, exc.reason, envelope, message_id, owner, f"{named}: {exc}")
-                return [Outcome(False, f"Not done: {named}: {plain_words(exc.reason)}.")]
+                return [Outcome(False, f"{named}: {plain_words(exc.reason)}.")]
             public_id = claim.public_id
             if public_id is not None and command.target and not public_id.startswith(command.target):
                 self._event(result, Refusal.ID_MISMATCH, envelope, message_id, owner,
                             f"{named}: the token is for {public_id[:6]}...")
-                return [Outcome(False, f"Not done: {named}: {PLAIN_WORDS[Refusal.ID_MISMATCH]}.")]
+                return [Outcome(False, f"{named}: {PLAIN_WORDS[Refusal.ID_MISMATCH]}.")]
         elif not reply_ok:
-            return [Outcome(False, f"Not done: {named}: write commands in a reply to your newest digest (the "
+            return [Outcome(False, f"{named}: write commands in a reply to your newest digest (the "
                                    "reply address carries the code that shows it is yours).")]
         if not command.action.on_message:
             if command.action is Action.RELEASE_ALL:
@@ -316,7 +316,7 @@ class ReplyHandler:
         if record.kind.lower() in ADMIN_ONLY_KINDS:
             self._event(result, Refusal.ADMIN_ONLY, envelope, message_id, owner,
                         f"{named}: held as {record.kind}")
-            return [Outcome(False, f"Not done: {command.action} {describe(record)}: "
+            return [Outcome(False, f"{command.action} {describe(record)}: "
                                    f"{PLAIN_WORDS[Refusal.ADMIN_ONLY]}.")]
         return [actions.run(command.action, record)]
 
@@ -325,27 +325,27 @@ class ReplyHandler:
         """The owner's row the command names, or the Outcome that refuses it."""
         if public_id is None:
             if not target:
-                return Outcome(False, f"Not done: {named}: no message named.")
+                return Outcome(False, f"{named}: no message named.")
             candidates, elsewhere = self._ids_of(owner, target)
             mine = matching(candidates, target)
             if len(mine) > 1:
-                return Outcome(False, f"Not done: {named}: several of your messages start with {target}: "
+                return Outcome(False, f"{named}: several of your messages start with {target}: "
                                       "write more of the id.")
             if not mine:
                 if elsewhere:
                     self._event(result, Refusal.FOREIGN_ID, envelope, message_id, owner,
                                 f"{named}: the id is another mailbox's")
-                    return Outcome(False, f"Not done: {named}: {PLAIN_WORDS[Refusal.FOREIGN_ID]}.")
-                return Outcome(False, f"Not done: {named}: there is no such message in your quarantine.")
+                    return Outcome(False, f"{named}: {PLAIN_WORDS[Refusal.FOREIGN_ID]}.")
+                return Outcome(False, f"{named}: there is no such message in your quarantine.")
             public_id = mine[0]
         record = self.store.get(public_id)
         if record is None:
-            return Outcome(False, f"Not done: {named}: the message is no longer in the quarantine (it was kept "
+            return Outcome(False, f"{named}: the message is no longer in the quarantine (it was kept "
                                   "as long as the quarantine keeps mail).")
         if record.mailbox.lower() != owner:
             self._event(result, Refusal.FOREIGN_ID, envelope, message_id, owner,
                         f"{named}: the row is {record.mailbox}'s")
-            return Outcome(False, f"Not done: {named}: {PLAIN_WORDS[Refusal.FOREIGN_ID]}.")
+            return Outcome(False, f"{named}: {PLAIN_WORDS[Refusal.FOREIGN_ID]}.")
         return record
 
     def _ids_of(self, owner: str, prefix: str) -> tuple[list[str], bool]:
