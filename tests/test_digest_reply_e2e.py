@@ -284,37 +284,46 @@ def database_url(request: pytest.FixtureRequest) -> Iterator[Callable[[Path], st
 
 
 @pytest.fixture
-def reply_env(sink: Sink, database_url: Callable[[Path], str]) -> Iterator[ReplyEnv]:
+def reply_env_factory(sink: Sink, database_url: Callable[[Path], str]) -> Iterator[Callable[..., ReplyEnv]]:
     """A private Postfix with the reply transport and the re-injection listener (no milters: the replies'
-    own path), the store migrated, the handler's syslog socket."""
+    own path), the store migrated, the handler's syslog socket; ``digest`` settings on top of the test's."""
     need_postfix()
-    directory = public_directory()
-    reinject_port = free_port()
-    settings = reply_settings(directory, database_url(directory), reinject_port,
-                              learn_on_release=False, learn_on_delete=False)
-    command = write_pipe_command(directory, settings)
-    master, main = documented_digest_reply(directory, str(command), PIPE_USER, REPLY_MAILBOX)
-    syslog = SyslogReceiver(directory / "log.sock")
-    store = QuarantineStore(QuarantineSettings.model_validate(settings["quarantine"]))
-    store.migrate()
-    postfix_dir = Path(tempfile.mkdtemp(prefix="mw-postfix-"))
-    postfix_dir.chmod(0o755)
-    postfix = PostfixInstance(postfix_dir, free_port(), sink.port, None, reinject_port=reinject_port,
-                              extra_main_cf=main, extra_master_cf=master)
-    digest = store.settings.digest
-    assert digest is not None
-    env = ReplyEnv(directory, settings, store, Tokens(digest), syslog, sink, postfix, postfix.smtp_port)
-    try:
+    cleanup: list[Callable[[], None]] = []
+
+    def start(**digest: object) -> ReplyEnv:
+        directory = public_directory()
+        cleanup.append(lambda: shutil.rmtree(directory, ignore_errors=True))
+        reinject_port = free_port()
+        settings = reply_settings(directory, database_url(directory), reinject_port,
+                                  **{"learn_on_release": False, "learn_on_delete": False, **digest})
+        command = write_pipe_command(directory, settings)
+        master, main = documented_digest_reply(directory, str(command), PIPE_USER, REPLY_MAILBOX)
+        syslog = SyslogReceiver(directory / "log.sock")
+        cleanup.append(syslog.close)
+        store = QuarantineStore(QuarantineSettings.model_validate(settings["quarantine"]))
+        cleanup.append(store.close)
+        store.migrate()
+        postfix_dir = Path(tempfile.mkdtemp(prefix="mw-postfix-"))
+        postfix_dir.chmod(0o755)
+        cleanup.append(lambda: shutil.rmtree(postfix_dir, ignore_errors=True))
+        postfix = PostfixInstance(postfix_dir, free_port(), sink.port, None, reinject_port=reinject_port,
+                                  extra_main_cf=main, extra_master_cf=master)
+        cleanup.append(postfix.stop)
         postfix.start()
         wait_port(postfix.smtp_port)
         wait_port(reinject_port)
-        yield env
-    finally:
-        postfix.stop()
-        store.close()
-        syslog.close()
-        shutil.rmtree(postfix_dir, ignore_errors=True)
-        shutil.rmtree(directory, ignore_errors=True)
+        assert store.settings.digest is not None
+        return ReplyEnv(directory, settings, store, Tokens(store.settings.digest), syslog, sink, postfix,
+                        postfix.smtp_port)
+
+    yield start
+    for step in reversed(cleanup):
+        step()
+
+
+@pytest.fixture
+def reply_env(reply_env_factory: Callable[..., ReplyEnv]) -> ReplyEnv:
+    return reply_env_factory()
 
 
 def released(env: ReplyEnv, subject: str) -> list[Received]:
@@ -705,3 +714,21 @@ def test_digest_events_lists_the_refusals(reply_env: ReplyEnv) -> None:
     assert [event["reason"] for event in listed["events"]] == ["forged-sender", "not-an-owner"]
     assert listed["counts"] == {"forged-sender": 1, "not-an-owner": 1}
     assert listed["events"][0]["sasl_user"] == BOB and listed["events"][1]["client_address"] == "203.0.113.66"
+
+
+# -- settings: trusted networks ---------------------------------------------------------------------------
+
+
+def test_a_trusted_network_needs_no_login_and_others_still_do(reply_env_factory: Callable[..., ReplyEnv]) -> None:
+    env = reply_env_factory(trusted_networks=["192.0.2.0/28"])  # the webmail host
+    from_webmail, from_elsewhere = env.hold(ALICE, "Via webmail"), env.hold(ALICE, "Via elsewhere")
+    recipient, subject = env.button(Action.RELEASE, ALICE, from_webmail)
+    env.reply(new_reply(subject), recipient, ALICE, client="192.0.2.10")
+    env.sink.wait_for_subjects("Via webmail")
+    env.confirmations(ALICE)
+    recipient, subject = env.button(Action.RELEASE, ALICE, from_elsewhere)
+    env.reply(new_reply(subject), recipient, ALICE, client="192.0.2.99")
+    env.syslog.wait_for("digest reply refused", "reason=not-authenticated", "client=192.0.2.99")
+    assert env.store.get(from_elsewhere).state is State.HELD  # type: ignore[union-attr]
+    env.nothing_queued()  # anything the handler had sent would be in the queue or the sink by now
+    assert len(env.confirmations(ALICE)) == 1
