@@ -468,6 +468,19 @@ def test_a_reply_with_no_command_gets_the_help_text(reply_env: ReplyEnv) -> None
     assert env.store.get(public_id).state is State.HELD  # type: ignore[union-attr]
 
 
+def test_a_token_for_a_purged_message_says_so(reply_env: ReplyEnv) -> None:
+    env = reply_env
+    public_id = env.hold(ALICE, "Kept too long")
+    recipient, subject = env.button(Action.RELEASE, ALICE, public_id)
+    purged = env.store.purge(datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=1))
+    assert purged.expired == 1 and purged.raw_removed == 1
+    env.reply(new_reply(subject), recipient, ALICE, login=ALICE)
+    text = env.confirmations(ALICE)[0].message.get_content()
+    assert "kept as long as the quarantine keeps mail" in text and "Released" not in text
+    assert [m for m in env.sink.messages if m.mail_from not in NULL_SENDER] == []
+    assert events(env.store) == []
+
+
 def test_an_auto_reply_is_ignored_without_an_answer(reply_env: ReplyEnv) -> None:
     env = reply_env
     public_id = env.hold(ALICE, "Away")
