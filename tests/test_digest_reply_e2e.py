@@ -341,6 +341,7 @@ def assert_refused(env: ReplyEnv, public_id: str, reason: str, forged: tuple[str
     env.nothing_queued()
     line = env.syslog.wait_for("digest reply refused", f"reason={reason}")
     assert "security=yes" in line
+    env.syslog.wait_for("event=decision service=digest stage=reply", f"reason={reason}")  # the core's event
     assert reason in [event.reason for event in events(env.store)]
 
 
@@ -370,6 +371,8 @@ def test_a_button_releases_once_and_a_replay_changes_nothing(reply_env: ReplyEnv
     other_record = env.store.get(other)
     assert other_record is not None and other_record.state is State.HELD
     assert events(env.store) == [], "a replay by the owner is not a security event"
+    decision = env.syslog.wait_for("event=decision service=digest stage=reply", "reason=done")
+    assert f"recipient={ALICE}" in decision and "action=accept" in decision and "quarantine+" not in decision
     env.nothing_queued()
 
 

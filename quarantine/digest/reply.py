@@ -129,6 +129,8 @@ class Result:
     """The reasons of the security events recorded."""
     queue_id: str = ""
     """The confirmation's queue id."""
+    reason: str = ""
+    """Why, in one word: the first security event's reason, the loop guard's, or ``done``/``nothing done``."""
 
 
 class Owners(Protocol):
@@ -235,11 +237,11 @@ class ReplyHandler:
         if why is not None:
             log_kv(log, logging.INFO, "digest reply ignored", why=why, sender=envelope.sender,
                    recipient=redacted(envelope.recipient, self.settings.recipient_delimiter if self.settings else "+"))
-            return Result(Decision.IGNORED)
+            return Result(Decision.IGNORED, reason=why)
         if self.settings is None or self.tokens is None:
             log_kv(log, logging.WARNING, "digest reply ignored: [quarantine.digest] is not configured",
                    sender=envelope.sender)
-            return Result(Decision.IGNORED)
+            return Result(Decision.IGNORED, reason="not configured")
         message_id = self._message_id(raw)
         result = Result(Decision.REFUSED)
         owner = self.owners.mailbox_of(envelope.sender)
@@ -283,6 +285,7 @@ class ReplyHandler:
                commands=len(reply.commands), done=len(result.done), refused=len(result.refused),
                help="yes" if reply.help else "no", message_id=message_id)
         result.queue_id = self._confirm(owner, reply, result, previews, message_id)
+        result.reason = result.events[0] if result.events else "done" if result.done else "nothing done"
         return result
 
     def _command(self, command: Command, reply_ok: bool, owner: str, envelope: Envelope, message_id: str,
@@ -361,6 +364,7 @@ class ReplyHandler:
     def _event(self, result: Result, reason: str, envelope: Envelope, message_id: str, owner: str,
                detail: str) -> None:
         result.events.append(str(reason))
+        result.reason = result.reason or str(reason)
         event = SecurityEvent(reason=str(reason), sender=envelope.sender, owner=owner, sasl_user=envelope.sasl_user,
                               client_address=envelope.client_address, message_id=message_id, detail=detail)
         try:

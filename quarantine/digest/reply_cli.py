@@ -20,6 +20,7 @@ import datetime
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 import click
@@ -73,6 +74,7 @@ def _read_stdin() -> bytes:
 
 
 def _handle(config: Any, raw: bytes, sender: str, recipient: str, sasl_user: str, client_address: str) -> int:
+    from mailwarden.decision import Action, Decision
     from mailwarden.logs import get_logger, log_kv, setup_logging
     from quarantine.digest.actions import Unavailable
     from quarantine.digest.outbox import Outbox
@@ -80,7 +82,8 @@ def _handle(config: Any, raw: bytes, sender: str, recipient: str, sasl_user: str
     from quarantine.digest.tokens import Tokens
     from quarantine.store import QuarantineStore, StoreError
 
-    setup_logging(config.section("logging"))
+    decisions = setup_logging(config.section("logging"))
+    started = time.monotonic()
     settings = config.section("quarantine")
     digest = settings.digest
     store = QuarantineStore(settings)
@@ -94,11 +97,18 @@ def _handle(config: Any, raw: bytes, sender: str, recipient: str, sasl_user: str
         log_kv(get_logger("quarantine.digest.reply"), logging.WARNING,
                "digest reply deferred: tried again later", sender=sender, error=str(exc))
         click.echo(f"mailwarden: digest reply deferred: {exc}", err=True)
+        decisions.emit(Decision("digest", "reply", "reply", Action.DEFER, "unavailable", time.monotonic() - started,
+                                sender=sender, user=sasl_user, client=client_address).logfmt())
         return EX_TEMPFAIL
     finally:
         teacher.close()
         owners.close()
         store.close()
+    action = Action.ACCEPT if result.decision == "answered" else Action.REJECT
+    decisions.emit(Decision("digest", "reply", "reply", action, result.reason, time.monotonic() - started,
+                            sender=sender, recipient=result.owner, user=sasl_user, client=client_address,
+                            extra={"outcome": str(result.decision), "done": len(result.done),
+                                   "refused": len(result.refused)}).logfmt())
     click.echo(f"{result.decision}: {len(result.done)} done, {len(result.refused)} refused")
     return 0
 
