@@ -130,6 +130,29 @@ def test_a_store_that_cannot_keep_the_record_costs_the_record_not_the_message(st
     assert [row.state for row in store.find()] == [State.DELIVERED]
 
 
+def test_mariadb_stopped_costs_the_record_not_the_message(tmp_path, monkeypatch, caplog, mariadb):
+    """The same on MariaDB, stopped after the store answered once: the connection is refused at once."""
+    settings = QuarantineSettings(database_url=mariadb.create_database("milter_record", drop=True),
+                                  message_dir=tmp_path / "m", db_timeout="1s")
+    store = QuarantineStore(settings)
+    try:
+        store.migrate()
+        store.check()
+        mariadb.stop()
+        try:
+            with caplog.at_level(logging.WARNING, logger="mailwarden.milter"):
+                rc, ctx, lines = run(store, monkeypatch, {"alice@example.test": TAGGED})
+        finally:
+            mariadb.start()
+        assert rc == Milter.ACCEPT and ctx._reply is None and ctx.added == list(SPAM_HEADERS)
+        assert any("record of delivered mail skipped" in r.getMessage() for r in caplog.records)
+        assert "recorded_id=skipped" in lines
+        run(store, monkeypatch, {"alice@example.test": TAGGED})
+        assert [row.state for row in store.find()] == [State.DELIVERED], "not recorded once MariaDB was back"
+    finally:
+        store.close()
+
+
 def test_a_held_recipient_still_needs_the_store(store, monkeypatch):
     """With a held recipient beside the tagged one, the one write is a hold: 451 when it fails (nothing
     is lost: the client retries), as for any held mail."""
