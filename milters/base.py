@@ -9,6 +9,12 @@ Postfix about 10 ms of wall time (../shared/PERF-NOTES.md), so only end of messa
 Nothing is lost: a check that raises, a store that cannot commit, anything unexpected at end of message
 answers 451 (Postfix keeps the message in the client's hands, who retries); a held message is committed
 before Postfix is told to discard it or to drop that recipient.
+
+Records of delivered mail (a verdict with ``record``: the SpamAssassin milter's tagged spam) are kept in
+the same store write as the message's held copies, if any (one copy of the bytes; a failure is then a
+failure to hold: 451). A message with nothing held is delivered whatever happens to its record: a store
+that cannot keep it costs the record only, with a warning line (fail-open: the record is a convenience
+for the digest, the message is the user's).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
@@ -58,18 +64,20 @@ class HoldFailed(Exception):
 @dataclass(frozen=True, slots=True)
 class HeldCopy:
     """What the milter asks the store to keep: the message (with the held-only headers in front) and, for
-    each held recipient, the verdict that held it."""
+    each held recipient, the verdict that held it; for each delivered recipient to record (state
+    ``delivered``), its verdict."""
 
     message: Message
     raw: BinaryIO
     size: int
     holds: dict[str, Verdict]
     mailboxes: dict[str, str]
+    recorded: dict[str, Verdict] = field(default_factory=dict)
 
 
 class Holder(Protocol):
-    """The quarantine store as the milter sees it; ``hold`` returns once the copy is committed and raises
-    HoldFailed otherwise."""
+    """The quarantine store as the milter sees it; ``hold`` returns once the copy is committed (one public
+    id per held recipient, in order, then one per recorded one) and raises HoldFailed otherwise."""
 
     def hold(self, copy: HeldCopy) -> list[str]: ...
 
@@ -216,22 +224,23 @@ class MessageMilter(Milter.Base):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("end of message", extra={"kv": {"milter": self.app.name, "queue_id": message.queue_id,
                                                       "size": message.spool.size}})
+        kept: dict[str, str] = {}
         try:
             verdicts = self._run_checks(message)
             resolution = resolve(message.recipients, verdicts)
-            held_ids = self._hold(message, resolution)
+            kept = self._keep(message, resolution)
             result = self._answer(resolution)
         except HoldFailed as exc:
             resolution = Resolution(Fate.TEMPFAIL, TEMPFAIL_STORE)
             self._log_failure(message, "the quarantine store could not keep the message", exc)
-            verdicts, held_ids = {}, []
+            verdicts, kept = {}, {}
             result = self._answer(resolution)
         except Exception as exc:  # a bug must not lose mail: the client retries
             resolution = Resolution(Fate.TEMPFAIL, TEMPFAIL_SCANNER)
             self._log_failure(message, "end of message failed", exc, traceback=True)
-            verdicts, held_ids = {}, []
+            verdicts, kept = {}, {}
             result = self._answer(resolution)
-        self._record(message, verdicts, resolution, held_ids, time.monotonic() - started)
+        self._record(message, verdicts, resolution, kept, time.monotonic() - started)
         self._discard_message()
         return result
 
@@ -271,17 +280,43 @@ class MessageMilter(Milter.Base):
                 break
         return merged
 
-    def _hold(self, message: Message, resolution: Resolution) -> list[str]:
-        if not resolution.held or resolution.fate not in (Fate.ACCEPT, Fate.QUARANTINE):
-            return []
+    def _keep(self, message: Message, resolution: Resolution) -> dict[str, str]:
+        """Commit the held recipients' copy, and the records of delivered ones, in one store write; the
+        public id of each recipient kept. Raises HoldFailed when a held copy could not be committed; a
+        record alone that cannot be kept is skipped with a warning (``_record_delivered``)."""
+        held = resolution.held if resolution.fate in (Fate.ACCEPT, Fate.QUARANTINE) else {}
+        recorded = resolution.recorded if resolution.fate is Fate.ACCEPT else {}
+        if not held:
+            return self._record_delivered(message, recorded) if recorded else {}
         if self.app.holder is None:
             raise HoldFailed("no quarantine store is configured for this milter")
-        prefix = b"".join(f"{name}: {value}\r\n".encode() for verdict in _unique(resolution.held.values())
-                          for name, value in verdict.held_headers)
-        copy = HeldCopy(message, io.BufferedReader(PrefixedReader(prefix, message.spool.reader())),
-                        message.spool.size + len(prefix), resolution.held,
-                        {rcpt: self.app.mailboxes(rcpt) for rcpt in resolution.held})
-        return self.app.holder.hold(copy)
+        ids = self.app.holder.hold(self._copy(message, held, recorded))
+        return dict(zip([*held, *recorded], ids, strict=False))
+
+    def _record_delivered(self, message: Message, recorded: dict[str, Verdict]) -> dict[str, str]:
+        """Records of a message delivered to every recipient: never at its cost. Whatever fails (the store,
+        or a bug here), the message goes on, with a warning line and the skipped records counted."""
+        try:
+            if self.app.holder is None:
+                raise HoldFailed("no quarantine store is configured for this milter")
+            ids = self.app.holder.hold(self._copy(message, {}, recorded))
+            return dict(zip(recorded, ids, strict=False))
+        except Exception as exc:
+            metrics.RECORDS_SKIPPED.labels(self.app.name, type(exc).__name__).inc()
+            log.warning("record of delivered mail skipped: the quarantine store could not keep it; the message "
+                        "is delivered", exc_info=None if isinstance(exc, HoldFailed) else exc,
+                        extra={"kv": {"milter": self.app.name, "queue_id": message.queue_id or "-",
+                                      "recipients": ",".join(recorded), "error": str(exc)}})
+            return {}
+
+    def _copy(self, message: Message, held: dict[str, Verdict], recorded: dict[str, Verdict]) -> HeldCopy:
+        """The copy the store keeps: the verdicts' held-only headers in front of the message as received."""
+        headers = _unique(header for verdict in [*held.values(), *recorded.values()]
+                          for header in verdict.held_headers)
+        prefix = b"".join(f"{name}: {value}\r\n".encode() for name, value in headers)
+        return HeldCopy(message, io.BufferedReader(PrefixedReader(prefix, message.spool.reader())),
+                        message.spool.size + len(prefix), held,
+                        {rcpt: self.app.mailboxes(rcpt) for rcpt in [*held, *recorded]}, recorded)
 
     def _answer(self, resolution: Resolution) -> int:
         if resolution.fate in (Fate.REJECT, Fate.TEMPFAIL):
@@ -314,10 +349,9 @@ class MessageMilter(Milter.Base):
     # --- logging -----------------------------------------------------------------------------------
 
     def _record(self, message: Message, verdicts: dict[str, Verdict | None], resolution: Resolution,
-                held_ids: list[str], seconds: float) -> None:
+                kept: dict[str, str], seconds: float) -> None:
         """One decision line per recipient, and the metrics."""
         app = self.app
-        held_id = iter(held_ids)
         reply = f"{resolution.reply.code} {resolution.reply.status} {resolution.reply.text}" \
             if resolution.reply and resolution.fate in (Fate.REJECT, Fate.TEMPFAIL) else ""
         for rcpt in message.recipients:
@@ -332,7 +366,9 @@ class MessageMilter(Milter.Base):
             if verdict is not None and verdict.kind:
                 extra["kind"] = verdict.kind
             if rcpt in resolution.held:
-                extra["held_id"] = next(held_id, "")
+                extra["held_id"] = kept.get(rcpt, "")
+            elif rcpt in resolution.recorded and resolution.fate is Fate.ACCEPT:
+                extra["recorded_id"] = kept.get(rcpt, "skipped")
             if verdict is not None:
                 extra.update(verdict.log_fields)
             app.decisions.emit(Decision(
@@ -356,11 +392,13 @@ class MessageMilter(Milter.Base):
             self.message = None
 
 
-def _unique(verdicts: Any) -> list[Verdict]:
-    seen: list[Verdict] = []
-    for verdict in verdicts:
-        if verdict not in seen:
-            seen.append(verdict)
+def _unique(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Each header once, in order: recipients held (or recorded) for different reasons share one copy, and
+    the check gives them the same held-only headers."""
+    seen: list[tuple[str, str]] = []
+    for header in headers:
+        if header not in seen:
+            seen.append(header)
     return seen
 
 

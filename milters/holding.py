@@ -1,5 +1,6 @@
-"""The milter's side of the quarantine: a held copy becomes a committed row per held recipient, or a
-HoldFailed (the milter answers 451 and the sender retries)."""
+"""The milter's side of the quarantine: a held copy becomes a committed row per held recipient (and a row
+in state ``delivered`` per recorded one), or a HoldFailed (the milter answers 451 and the sender retries,
+unless only records were asked for: milters/base.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from datetime import UTC, datetime
 
 from mailwarden.logs import get_logger, log_kv
 from milters.base import HeldCopy, HoldFailed
+from quarantine.models import State
 from quarantine.store import HeldEnvelope, Hold, QuarantineSettings, QuarantineStore, SchemaBehind, StoreError
 
 log = get_logger("milter")
@@ -54,7 +56,9 @@ class StoreHolder:
             subject=decoded(message.header("Subject")), date=decoded(message.header("Date")),
             received_at=datetime.now(UTC))
         holds = [Hold(recipient=rcpt, mailbox=copy.mailboxes[rcpt], check=verdict.check, kind=verdict.kind,
-                      reason=verdict.reason) for rcpt, verdict in copy.holds.items()]
+                      reason=verdict.reason, state=state)
+                 for verdicts, state in ((copy.holds, State.HELD), (copy.recorded, State.DELIVERED))
+                 for rcpt, verdict in verdicts.items()]
         try:
             return self.store.hold(copy.raw, copy.size, envelope, holds)
         except StoreError as exc:

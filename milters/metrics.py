@@ -14,5 +14,8 @@ MESSAGE_BYTES = Histogram("mailwarden_milter_message_bytes", "Size of the messag
                           buckets=(1 << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24, 1 << 26))
 FAILURES = Counter("mailwarden_milter_failures", "Messages answered 451 because a check or the store failed, "
                    "by error type", ["milter", "error"])
+RECORDS_SKIPPED = Counter("mailwarden_milter_records_skipped", "Delivered messages whose record in the quarantine "
+                          "store (tagged spam, state delivered) was skipped because the store failed, by error "
+                          "type", ["milter", "error"])
 SCANNER_ERRORS = Counter("mailwarden_milter_scanner_errors", "Failed calls to a scanner (unreachable, timed out, "
                          "an error reply), retries included, by check", ["check"])

@@ -15,6 +15,12 @@ still get it); at ``reject``, rejected with 550 5.7.1, but only when every recip
 one answer per message after DATA, so otherwise those recipients are quarantined (milters/verdict.py).
 When every recipient's lists decide, spamd is not asked at all.
 
+**Tagged mail is recorded** (``record_tagged``): a recipient it is delivered to with a score at or above
+their tag level (and below their hold level) gets a row in the quarantine store in state ``delivered``,
+with the message's bytes, so the digest lists it and a REPORT learns it as spam. The delivered copy is not
+changed by it; a store that cannot keep the record costs the record, never the message
+(milters/base.py).
+
 **One copy, one set of headers.** The delivered copy is the same for every recipient it goes to, so the
 ``X-Spam-*`` headers describe the message, not one recipient: ``X-Spam-Score`` and ``X-Spam-Level`` the
 score; ``X-Spam-Flag: YES`` and ``X-Spam-Status: Yes`` when the score reaches the tag level of any
@@ -101,6 +107,10 @@ class SpamAssassinSettings(MilterSettings):
     """When spamd cannot answer, for mail from unauthenticated clients."""
     on_error_submission: ErrorFate = "accept"
     """The same for authenticated submissions (with scan_submission); accepted mail says Unscanned."""
+    record_tagged: bool = True
+    """Keep a record (state ``delivered``, with the bytes) in the quarantine store of each tagged message
+    delivered, per recipient, for the digest's second section and its REPORT. Fail-open: a store that
+    cannot keep it skips the record, with a warning, and the message is delivered all the same."""
     preferences_cache: Duration = 60
     """Seconds a recipient's levels and sender lists are kept in memory before the store is asked again."""
 
@@ -262,7 +272,8 @@ class SpamAssassinCheck:
         fields = (("score", f"{tidy(report.score):g}"),) if report is not None else ()
         return {rcpt: Verdict(j.fate, self.name, j.reason, kind=j.kind, headers=headers, held_headers=held,
                               reply=REJECT_SPAM if j.fate is Fate.REJECT else None,
-                              subject_tag=subject if j.fate is Fate.TAG else "", log_fields=fields)
+                              subject_tag=subject if j.fate is Fate.TAG else "", log_fields=fields,
+                              record=j.fate is Fate.TAG and self.settings.record_tagged)
                 for rcpt, j in judged.items()}
 
     def _headers(self, message: Message, report: SpamReport | None, tagged: Sequence[Judgement]

@@ -12,6 +12,10 @@ strongest wins, ``SEVERITY``) and the message-level answer follows (``resolve``)
 - otherwise the rejected and quarantined recipients are held (committed to the store first), removed
   with ``delrcpt``, and the message goes on to the others; when nobody is left it is discarded, after
   the store has committed it.
+
+A delivered recipient whose verdict says ``record`` (the SpamAssassin milter's tagged mail) is also
+recorded in the store, as delivered (``Resolution.recorded``): best effort, never at the cost of the
+message (milters/base.py).
 """
 
 from __future__ import annotations
@@ -73,6 +77,10 @@ class Verdict:
     for the same tag (a visible change nobody gets unasked)."""
     log_fields: tuple[tuple[str, str], ...] = ()
     """Added to the recipient's decision line (the spam score ...)."""
+    record: bool = False
+    """For a delivered recipient (ACCEPT, TAG): keep a record of the message in the quarantine store, in
+    state ``delivered`` with this verdict's check, kind and reason (tagged spam, for the digest's REPORT).
+    Best effort: a store that cannot keep it costs the record, never the message."""
 
     @property
     def severity(self) -> int:
@@ -121,6 +129,8 @@ class Resolution:
     reply: Reply | None = None
     held: dict[str, Verdict] = field(default_factory=dict)
     delivered: dict[str, Verdict | None] = field(default_factory=dict)
+    recorded: dict[str, Verdict] = field(default_factory=dict)
+    """The delivered recipients whose verdict asks for a record (``Verdict.record``)."""
     headers: list[tuple[str, str]] = field(default_factory=list)
     """Added to the delivered copy: the union of the delivered recipients' verdicts' headers, in order."""
     subject_tag: str = ""
@@ -142,6 +152,8 @@ def resolve(recipients: Sequence[str], verdicts: Mapping[str, Verdict | None]) -
             resolution.held[rcpt] = verdict
         else:
             resolution.delivered[rcpt] = verdict
+            if verdict is not None and verdict.record:
+                resolution.recorded[rcpt] = verdict
     if not resolution.delivered:
         resolution.fate = Fate.QUARANTINE
     for verdict in resolution.delivered.values():

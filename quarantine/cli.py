@@ -89,8 +89,9 @@ def _details(record: HeldRecord) -> str:
     state = f"{record.state} by {record.state_by} at {when(record.state_at)}"
     if record.released_queue_id:
         state += f", re-injected as {record.released_queue_id}"
+    kept = "delivered" if record.state in (State.DELIVERED, State.REPORTED) else "held"
     rows = [("id", record.public_id), ("state", state), ("recipient", record.recipient),
-            ("mailbox", record.mailbox), ("held", f"{when(record.held_at)} by {record.check}: {record.kind}"),
+            ("mailbox", record.mailbox), (kept, f"{when(record.held_at)} by {record.check}: {record.kind}"),
             ("reason", record.reason), ("sender", record.sender or "<>"), ("from", record.header_from),
             ("subject", record.subject), ("date", record.date), ("received", when(record.received_at)),
             ("queue id", record.queue_id), ("client", record.client_address), ("sasl user", record.auth_user or "-"),
@@ -127,14 +128,16 @@ def quarantine_group() -> None:
 @click.option("--since", metavar="WHEN", help="Held since: a duration ago ('2d') or a date/time (UTC).")
 @click.option("--until", metavar="WHEN", help="Held before: a duration ago or a date/time (UTC).")
 @click.option("--kind", metavar="KIND", help="virus, heuristic, banned, spam ...")
-@click.option("--state", type=click.Choice([str(s) for s in State]), help="held, releasing, released ...")
+@click.option("--state", type=click.Choice([str(s) for s in State]),
+              help="held, releasing, released ..., delivered (tagged spam, recorded).")
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many, newest first.")
 @click.option("--json", "as_json", is_flag=True, help="Print the messages as JSON.")
 @click.pass_obj
 def list_command(ctx: CliContext, recipient: str | None, mailbox: str | None, sender: str | None,
                  since: str | None, until: str | None, kind: str | None, state: str | None, limit: int | None,
                  as_json: bool) -> None:
-    """List held messages, newest first (every state unless --state is given)."""
+    """List held messages, newest first (every state unless --state is given: tagged spam that was delivered
+    and recorded too, as state delivered; --state held for held mail only)."""
     now = utcnow()
     start, end = parse_moment("--since", since, now), parse_moment("--until", until, now)
     with open_store(ctx) as store:
@@ -261,6 +264,8 @@ def delete_command(ctx: CliContext, public_ids: tuple[str, ...], by: str | None,
             record = store.get(public_id)
             error = (f"no quarantined message {public_id}" if record is None
                      else f"{public_id} is not held (it is {record.state}): not deleted")
+            if record is not None and record.state in (State.DELIVERED, State.REPORTED):
+                error += " (it was delivered to its recipient: their mailbox has it)"
             results.append({"id": public_id, "ok": False, "error": error})
             codes.append(1)
     finish(results, codes, as_json)

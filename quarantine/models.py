@@ -6,7 +6,10 @@ raw bytes, stored once however many recipients it is held for: zlib-compressed i
 ``storage = "purged"`` once no recipient holds it any more and purge removed the bytes.
 
 ``quarantine_held``: one row per recipient it is held for, with its own public id, reason and state, so
-releasing the message to one recipient leaves it held for the others.
+releasing the message to one recipient leaves it held for the others. The SpamAssassin milter also keeps
+a row, in state ``delivered``, for a recipient it delivered tagged mail to (a score between their tag and
+hold levels: ``record_tagged``), so the digest can list it and a REPORT can learn it as spam from its
+bytes; such a row was never held and is never released.
 
 ``spam_levels`` and ``spam_senders``: the per-recipient spam preferences (``quarantine/preferences.py``),
 kept beside the catalogue so the milters, the CLI and the digest replies share one database: each row's
@@ -35,11 +38,19 @@ class State(StrEnum):
     RELEASED = "released"
     DELETED = "deleted"
     EXPIRED = "expired"
-    """Held longer than the retention: purge expired it."""
+    """Held (or recorded as delivered) longer than the retention: purge expired it."""
+    DELIVERED = "delivered"
+    """Not held: delivered to the recipient, tagged (a score between their tag and hold levels), and kept
+    so the recipient can report it as spam from the digest. Release and delete refuse it."""
+    REPORTED = "reported"
+    """A delivered row its recipient reported as spam (the digest's REPORT: learned as spam)."""
 
 
-LIVE_STATES = (State.HELD, State.RELEASING)
+LIVE_STATES = (State.HELD, State.RELEASING, State.DELIVERED)
 """A message whose rows are all in other states is no longer needed: purge removes its bytes."""
+
+RETAINED_STATES = (State.HELD, State.DELIVERED)
+"""Rows purge expires once they are older than the retention (by the time they were held or recorded)."""
 
 
 class Storage(StrEnum):

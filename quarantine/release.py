@@ -8,7 +8,9 @@ claims the row first with a conditional update held -> releasing, and only the o
 the listener's 250 the row becomes released, with who, when and the queue id of the new copy; if sending
 fails the row goes back to held and the caller gets a ReleaseError saying why.
 
-Messages of a kind in ``ADMIN_ONLY_KINDS`` (a virus) are released only with ``admin=True``.
+Messages of a kind in ``ADMIN_ONLY_KINDS`` (a virus) are released only with ``admin=True``. A row in state
+``delivered`` (tagged spam the recipient already got) is not held: release refuses it, as it refuses a
+message released already.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class Failure(StrEnum):
     UNKNOWN = "unknown"
     """No such id."""
     NOT_HELD = "not_held"
-    """Released, being released, deleted or expired already."""
+    """Released, being released, deleted or expired already; or never held (delivered, reported)."""
     ADMIN_ONLY = "admin_only"
     """A virus: needs ``admin=True``."""
     SEND = "send"
@@ -86,6 +88,9 @@ def _release(store: QuarantineStore, public_id: str, by: str, admin: bool) -> Re
     if record.kind.lower() in ADMIN_ONLY_KINDS and not admin:
         raise ReleaseError(f"{public_id} was held as {record.kind} ({record.reason}): only an admin releases it, "
                            "with --admin", Failure.ADMIN_ONLY)
+    if record.state in (State.DELIVERED, State.REPORTED):
+        raise ReleaseError(f"{public_id} is not held: it was delivered to {record.recipient} (tagged, "
+                           f"{record.reason}); nothing to release", Failure.NOT_HELD)
     if not store.transition(public_id, [State.HELD], State.RELEASING, by):
         now = store.get(public_id)
         state = f"{now.state} by {now.state_by or '?'} at {now.state_at:%Y-%m-%d %H:%M:%S} UTC" if now else "gone"

@@ -1,5 +1,6 @@
 """The quarantine store: held messages in SQL (SQLite by default, MariaDB/MySQL for a site with several
-hosts), their raw bytes once per message, one held row per recipient.
+hosts), their raw bytes once per message, one held row per recipient; and, beside them, records of tagged
+spam that was delivered (rows in state ``delivered``: kept like held ones, never released).
 
 Called from libmilter worker threads, several at once: every method is synchronous and thread-safe (one
 Engine, one connection per call from its pool). ``hold`` has committed when it returns, so the milter may
@@ -43,7 +44,7 @@ from mailwarden.section import Section
 from mailwarden.units import Duration, Size
 from quarantine import schema
 from quarantine.digest.settings import DigestSettings
-from quarantine.models import ADDRESS, LIVE_STATES, Held, Message, State, Storage
+from quarantine.models import ADDRESS, LIVE_STATES, RETAINED_STATES, Held, Message, State, Storage
 
 log = get_logger("quarantine")
 T = TypeVar("T")
@@ -61,8 +62,8 @@ class QuarantineSettings(Section):
     inline_max_size: Size = 1 << 20
     """Messages up to this size (bytes, "1MB") are kept compressed in the database, larger ones as files."""
     retention: Duration = 30 * 86400
-    """Seconds ("30d") a message stays held before ``quarantine purge`` expires it; records of released,
-    deleted and expired messages are kept as long again."""
+    """Seconds ("30d") a message stays held (or a delivered one recorded) before ``quarantine purge``
+    expires it; records of released, deleted, reported and expired messages are kept as long again."""
     reinject: str = "127.0.0.1:10026"
     """host:port of the Postfix listener that released messages are re-injected to (it must skip the
     milters and the policy service: see README, "Quarantine")."""
@@ -137,6 +138,13 @@ class Hold:
     check: str
     kind: str
     reason: str
+    state: State = State.HELD
+    """``held``, or ``delivered`` for a record of a message delivered to this recipient (tagged spam): kept
+    like a held one, never released."""
+
+
+HOLD_STATES = (State.HELD, State.DELIVERED)
+"""The states a row starts in."""
 
 
 @dataclass(frozen=True)
@@ -437,6 +445,8 @@ class QuarantineStore:
         and leaves nothing behind."""
         if not holds:
             raise ValueError("hold needs at least one recipient")
+        if any(hold.state not in HOLD_STATES for hold in holds):
+            raise ValueError(f"a row starts {' or '.join(HOLD_STATES)}")
         if envelope.received_at.tzinfo is None:
             raise ValueError("HeldEnvelope.received_at must be an aware datetime (UTC)")
         self.check()
@@ -469,7 +479,7 @@ class QuarantineStore:
                         {"public_id": public_id, "message_id": message_id, "recipient": clip(hold.recipient, ADDRESS),
                          "mailbox": clip(hold.mailbox.lower(), ADDRESS), "check_name": clip(hold.check, 64),
                          "kind": clip(hold.kind, 64), "reason": clip(hold.reason, TEXT), "held_at": now,
-                         "state": State.HELD.value, "state_by": clip(hold.check, 255), "state_at": now,
+                         "state": str(hold.state), "state_by": clip(hold.check, 255), "state_at": now,
                          "released_queue_id": ""}
                         for public_id, hold in zip(ids, holds, strict=True)])
                     committing = True  # leaving the block commits
@@ -479,9 +489,14 @@ class QuarantineStore:
             if path is not None and not committing:
                 _unlink_quietly(path)
             raise
-        log_kv(log, logging.INFO, "held", queue_id=envelope.queue_id, ids=",".join(ids),
-               recipients=",".join(h.recipient for h in holds), check=holds[0].check, kind=holds[0].kind,
-               reason=holds[0].reason, size=size, storage="file" if path else "inline")
+        for state in HOLD_STATES:
+            rows = [(public_id, hold) for public_id, hold in zip(ids, holds, strict=True) if hold.state is state]
+            if rows:
+                log_kv(log, logging.INFO, "held" if state is State.HELD else "recorded delivered",
+                       queue_id=envelope.queue_id, ids=",".join(public_id for public_id, _ in rows),
+                       recipients=",".join(hold.recipient for _, hold in rows), check=rows[0][1].check,
+                       kind=rows[0][1].kind, reason=rows[0][1].reason, size=size,
+                       storage="file" if path else "inline")
         return ids
 
     def _write_file(self, raw: BinaryIO) -> tuple[Path, int]:
@@ -595,16 +610,17 @@ class QuarantineStore:
         return won
 
     def purge(self, older_than: datetime.datetime) -> Purged:
-        """Expire rows held since before ``older_than``, forget records of finished rows (released, deleted,
-        expired) changed before it, put rows releasing for over an hour back to held, remove the bytes of
-        every message no row holds any more, and files no row names (an hour old at least). Safe while
-        holds run (they wait on SQLite's lock, or not at all on MariaDB)."""
+        """Expire rows held (or recorded as delivered) since before ``older_than``, forget records of
+        finished rows (released, deleted, reported, expired) changed before it, put rows releasing for over
+        an hour back to held, remove the bytes of every message no row needs any more (none held, releasing
+        or delivered), and files no row names (an hour old at least). Safe while holds run (they wait on
+        SQLite's lock, or not at all on MariaDB)."""
         now = self.now()
         live = [str(s) for s in LIVE_STATES]
         done = [str(s) for s in State if s not in LIVE_STATES]
         expired = self._batched("expire held messages", sa.update(Held).values(
-            state=State.EXPIRED.value, state_by="purge", state_at=now), Held.state == State.HELD.value,
-            Held.held_at < older_than)
+            state=State.EXPIRED.value, state_by="purge", state_at=now),
+            Held.state.in_([str(s) for s in RETAINED_STATES]), Held.held_at < older_than)
         forgotten = self._batched("forget old records", sa.delete(Held), Held.state.in_(done),
                                   Held.state_at < older_than)
         unstuck = self._batched("hold unfinished releases again", sa.update(Held).values(

@@ -1,16 +1,25 @@
 """The SpamAssassin milter through the real Postfix, chained after the ClamAV milter, with the real clamd and
 the real spamd (per-user preferences and Bayes): per-recipient verdicts, the sender lists and levels of
 the preferences store, aliases judged as their mailbox, forged X-Spam-* headers removed, a large spam
-sampled rather than skipped, and spamd stopped costing a retry, not a message."""
+sampled rather than skipped, spamd stopped costing a retry, not a message, and tagged mail delivered and
+recorded in the store (record_tagged), the store failing costing the record, not the message."""
 
 from __future__ import annotations
 
 import json
+import re
+import sqlite3
 import subprocess
 import sys
 from email.message import EmailMessage
 
 from conftest import mailwarden, milter_settings, text_message
+
+from milters.spam_learning import learn_held
+from milters.spamassassin import SpamAssassinSettings
+from milters.spamd_client import SpamdClient
+from quarantine.preferences import SpamPreferences
+from quarantine.store import QuarantineSettings, QuarantineStore
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 CHAIN = ("clamav", "spamassassin")
@@ -28,7 +37,12 @@ def gtube(subject: str, sender: str = "sender@example.org") -> EmailMessage:
 
 
 def held_rows(stack) -> list[dict]:
-    listed = json.loads(mailwarden(stack.milter, "quarantine", "list", "--json").stdout)
+    """The rows in state held (tagged mail delivered is recorded beside them, in state delivered)."""
+    return store_rows(stack, "--state", "held")
+
+
+def store_rows(stack, *filters: str) -> list[dict]:
+    listed = json.loads(mailwarden(stack.milter, "quarantine", "list", "--json", *filters).stdout)
     return listed if isinstance(listed, list) else listed["messages"]
 
 
@@ -137,3 +151,96 @@ def test_spamd_stopped_gives_451_and_the_retry_delivers(milter_stack, clamd, spa
     stack.sink.wait_for_subjects("while spamd was down", timeout=60)
     [arrived] = stack.sink.with_subject("while spamd was down")
     assert arrived.message["X-Spam-Status"].startswith("No, score=")
+
+
+TINA, HANK, CLEO = "tina@example.test", "hank@example.test", "cleo@example.test"
+
+
+def test_tagged_mail_is_delivered_and_recorded_and_a_failing_store_costs_only_the_record(milter_stack, clamd,
+                                                                                         spamd, tmp_path):
+    """One GTUBE message to three recipients: tina's levels put it between her tag and hold levels
+    (delivered, tagged, and recorded as delivered with its bytes, which Bayes learns as spam from the store as
+    the digest's REPORT will), hank's defaults hold it (held, as before), cleo's tag level is above its score
+    (delivered, no row). Then, with the SQLite catalogue write-locked by another writer past db_timeout, a
+    tagged message is delivered all the same, with a warning and no row; and with record_tagged = false
+    (the milter restarted, Postfix kept) no row either. The CLI is run where it is what is shown (each run
+    costs seconds); the rest reads the store in this process."""
+    database = tmp_path / "tagged.sqlite"
+    settings = spam_settings(clamd, spamd, reject_level=5000)
+    settings["quarantine"] = {"database_url": f"sqlite:///{database}", "message_dir": str(tmp_path / "tagged-held"),
+                              "db_timeout": "1s"}
+    stack = milter_stack(settings, milters=CHAIN)
+    store = QuarantineStore(QuarantineSettings.model_validate(settings["quarantine"]))
+    preferences = SpamPreferences(store)
+    preferences.set_levels(TINA, tag=5, hold=2000, reject=3000, by="test")
+    preferences.set_levels(CLEO, tag=1500, hold=2000, reject=3000, by="test")
+    try:
+        between_the_levels(stack, spamd, store, settings)
+        locked_store(stack, store, database)
+        record_tagged_off(stack, store)
+    finally:
+        store.close()
+
+
+def between_the_levels(stack, spamd, store: QuarantineStore, settings: dict) -> None:
+    assert stack.send(gtube("between the levels"), rcpts=(TINA, HANK, CLEO)) is None
+    stack.sink.wait_for_subjects("between the levels")
+    stack.marker()
+    copies = stack.sink.with_subject("between the levels")
+    assert sorted(rcpt for copy in copies for rcpt in copy.rcpt_tos) == [CLEO, TINA]
+    for copy in copies:  # the delivered copy as without the record: flagged, the subject left alone
+        assert copy.message["X-Spam-Flag"] == "YES" and copy.message["Subject"] == "between the levels"
+    rows = {row["recipient"]: row for row in store_rows(stack)}  # the CLI's default listing: every state
+    assert {rcpt: row["state"] for rcpt, row in rows.items()} == {TINA: "delivered", HANK: "held"}
+    tina = rows[TINA]
+    assert (tina["check"], tina["kind"], tina["mailbox"]) == ("spamassassin", "spam", TINA)
+    assert re.fullmatch(r"score [\d.]+ >= tag level 5", tina["reason"]), tina["reason"]
+    log = stack.milters["spamassassin"].log_text()
+    assert f"recorded_id={tina['public_id']}" in log and f"held_id={rows[HANK]['public_id']}" in log
+    raw = store.raw(tina["public_id"])
+    assert GTUBE.encode() in raw and raw.startswith(b"X-Spam-Flag: YES\r\n")
+
+    shown = mailwarden(stack.milter, "quarantine", "show", tina["public_id"]).stdout
+    assert "delivered by spamassassin" in shown
+    refused = subprocess.run([sys.executable, "-m", "mailwarden.cli", "--config", str(stack.milter.config_path),
+                              "quarantine", "release", tina["public_id"]], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "not held: it was delivered" in refused.stderr
+
+    # what REPORT does with the record: learn its bytes, read from the store, as spam in tina's Bayes
+    spam = SpamAssassinSettings.model_validate(settings["milters"]["spamassassin"])
+    client = SpamdClient(spam.spamd)
+    try:
+        record = store.get(tina["public_id"])
+        assert record is not None
+        assert learn_held(client, spam, store, record, "spam") == f"learned as spam for {TINA}"
+    finally:
+        client.close()
+    assert spamd.bayes_counts(TINA) == (1, 0), "the recorded message did not teach Bayes"
+
+
+def locked_store(stack, store: QuarantineStore, database) -> None:
+    """Another writer holds the catalogue's write lock past db_timeout: delivered all the same, a warning, no
+    row (as root a directory cannot be made unwritable, so the lock is how this store fails)."""
+    lock = sqlite3.connect(database, isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        assert stack.send(gtube("while the store was locked"), rcpts=(TINA,)) is None
+        stack.sink.wait_for_subjects("while the store was locked")
+    finally:
+        lock.close()
+    log = stack.milters["spamassassin"].wait_log("record of delivered mail skipped")
+    assert "recorded_id=skipped" in log
+    assert "while the store was locked" not in {record.subject for record in store.find()}
+
+
+def record_tagged_off(stack, store: QuarantineStore) -> None:
+    """The same milter restarted with record_tagged = false (Postfix keeps calling the same address)."""
+    milter = stack.milters["spamassassin"]
+    milter.kill()
+    milter.settings["milters"]["spamassassin"]["record_tagged"] = False
+    milter.start()
+    assert stack.send(gtube("record_tagged off"), rcpts=(TINA,)) is None
+    stack.sink.wait_for_subjects("record_tagged off")
+    [copy] = stack.sink.with_subject("record_tagged off")
+    assert copy.message["X-Spam-Flag"] == "YES"
+    assert {record.subject for record in store.find()} == {"between the levels"}

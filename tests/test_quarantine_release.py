@@ -222,6 +222,23 @@ def test_a_virus_needs_admin(store, listener) -> None:
     assert [got.data for got in listener.got] == [RAW]  # only the admin's release was sent
 
 
+def test_a_delivered_record_is_not_released(store, listener) -> None:
+    """Tagged spam the recipient already got (state delivered): release refuses it as not held, sends
+    nothing, and leaves the row as it was (the digest's REPORT needs it)."""
+    envelope = HeldEnvelope(queue_id="4ZbQ001", sender="news@example.com", client_address="192.0.2.10",
+                            auth_user="", header_from="", subject="offer", date="", received_at=T0)
+    [public_id] = store.hold(io.BytesIO(RAW), len(RAW), envelope, [Hold(
+        "alice@example.test", "alice@example.test", "spamassassin", "spam", "score 6.2 >= tag level 5",
+        state=State.DELIVERED)])
+    with pytest.raises(ReleaseError, match=r"not held: it was delivered to alice@example\.test") as refused:
+        release(store, public_id, "postmaster", admin=True)
+    assert refused.value.failure is Failure.NOT_HELD
+    assert listener.got == []
+    record = store.get(public_id)
+    assert record is not None and record.state is State.DELIVERED and record.state_by == "spamassassin"
+    assert store.raw(public_id) == RAW
+
+
 def test_unknown_id(store) -> None:
     with pytest.raises(ReleaseError) as unknown:
         release(store, "nosuchid", "postmaster")

@@ -444,6 +444,64 @@ def test_purge_expires_old_holds_and_removes_bytes_nobody_holds(store: Quarantin
         store.raw(kept[1])
 
 
+def delivered_for(recipient: str) -> Hold:
+    return Hold(recipient=recipient, mailbox=recipient, check="spamassassin", kind="spam",
+                reason="score 6.2 >= tag level 5", state=State.DELIVERED)
+
+
+def test_delivered_records_keep_their_bytes_until_the_retention_expires_them(store: QuarantineStore,
+                                                                             clock: Clock) -> None:
+    """Tagged spam the SpamAssassin milter delivered and recorded: stored once with the held copy of the
+    same message, found by state, its bytes kept while its row is delivered (after the held row beside it
+    is gone), expired by purge after the retention like a held row, and its bytes freed then."""
+    big = message(INLINE_MAX * 3, "tagged")
+    held, delivered = store.hold(io.BytesIO(big), len(big), envelope(),
+                                 [hold_for("bob@example.test", kind="spam", check="spamassassin"),
+                                  delivered_for("alice@example.test")])
+    assert count(store, "quarantine_message") == 1 and len(message_files(store)) == 1
+    record = store.get(delivered)
+    assert record is not None and record.state is State.DELIVERED and record.state_by == "spamassassin"
+    assert (record.kind, record.reason, record.held_at) == ("spam", "score 6.2 >= tag level 5", T0)
+    assert [r.public_id for r in store.find(state=State.DELIVERED)] == [delivered]
+    assert [r.public_id for r in store.find(state=State.HELD)] == [held]
+    assert {r.public_id for r in store.find()} == {held, delivered}, "the default listing is every state"
+
+    assert store.transition(held, [State.HELD], State.DELETED, "bob")
+    clock.advance(days=29)
+    result = store.purge(clock() - datetime.timedelta(days=30))
+    assert (result.expired, result.raw_removed) == (0, 0)
+    assert store.raw(delivered) == big, "a delivered row's bytes went while it can still be reported"
+
+    clock.advance(days=2)
+    result = store.purge(clock() - datetime.timedelta(days=30))
+    assert (result.expired, result.raw_removed) == (1, 1)
+    record = store.get(delivered)
+    assert record is not None and record.state is State.EXPIRED and record.state_by == "purge"
+    with pytest.raises(UnknownMessage, match="purged"):
+        store.raw(delivered)
+    assert message_files(store) == []
+
+
+def test_a_reported_record_frees_its_bytes_and_is_forgotten_after_the_retention(store: QuarantineStore,
+                                                                               clock: Clock) -> None:
+    raw = message(200, "reported")
+    [public_id] = store.hold(io.BytesIO(raw), len(raw), envelope(), [delivered_for("alice@example.test")])
+    assert not store.transition(public_id, [State.HELD], State.DELETED, "alice"), "a delivered row was deleted"
+    assert store.transition(public_id, [State.DELIVERED], State.REPORTED, "alice")
+    result = store.purge(clock() - datetime.timedelta(days=30))
+    assert (result.expired, result.forgotten, result.raw_removed) == (0, 0, 1)
+    clock.advance(days=31)
+    assert store.purge(clock() - datetime.timedelta(days=30)).forgotten == 1
+    assert store.get(public_id) is None
+
+
+def test_a_row_starts_held_or_delivered(store: QuarantineStore) -> None:
+    with pytest.raises(ValueError, match="held or delivered"):
+        store.hold(io.BytesIO(b"x"), 1, envelope(), [Hold("a@example.test", "a@example.test", "x", "spam", "r",
+                                                          state=State.RELEASED)])
+    assert count(store, "quarantine_message") == 0
+
+
 def test_purge_works_in_batches(store: QuarantineStore, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("quarantine.store.BATCH", 3)
     raw = message(INLINE_MAX * 2, "batch")

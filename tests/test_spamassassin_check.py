@@ -94,6 +94,23 @@ def test_the_score_against_the_default_levels(tmp_path, score, fate):
     assert ("score", f"{score:g}") in verdict.log_fields
 
 
+@pytest.mark.parametrize(("score", "record_tagged", "recorded"), [
+    (4.9, True, set()), (5.0, True, {"dave@example.test"}), (7.9, True, {"dave@example.test"}),
+    (8.0, True, set()), (6.0, False, set())])
+def test_tagged_mail_is_recorded_per_recipient_between_the_tag_and_hold_levels(tmp_path, score, record_tagged,
+                                                                              recorded):
+    """record_tagged: a recipient it is delivered to tagged (tag <= score < hold, their own levels) is
+    recorded as delivered (Resolution.recorded); below tag, held, or with record_tagged off: not."""
+    prefs = FakePreferences(levels={"carol@example.test": Levels(tag=10.0, hold=20.0, reject=None)})
+    check, _ = make(tmp_path, score, prefs, record_tagged=record_tagged)
+    judged = verdicts(check.check(message("carol@example.test", "dave@example.test")))
+    resolution = resolve(["carol@example.test", "dave@example.test"], judged)
+    assert set(resolution.recorded) == recorded
+    for verdict in resolution.recorded.values():
+        assert (verdict.check, verdict.kind, verdict.reason) == ("spamassassin", "spam",
+                                                                f"score {score:g} >= tag level 5")
+
+
 def test_a_clean_message_says_no_with_its_score_and_no_flag(tmp_path):
     check, _ = make(tmp_path, 1.4)
     [verdict] = verdicts(check.check(message("dave@example.test"))).values()
