@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import io
 import json
+import re
 import shutil
 import smtplib
 import subprocess
@@ -73,6 +74,8 @@ class Site:
     config: Path
     postfix: PostfixInstance
     sink: Sink
+    stderr: str = ""
+    """Of the last command: its log lines."""
 
     def store(self, shift: datetime.timedelta = datetime.timedelta(0)) -> QuarantineStore:
         """The store, its clock ``shift`` away from now (holds in the past, runs in the future)."""
@@ -82,6 +85,7 @@ class Site:
         done = subprocess.run([sys.executable, "-m", "mailwarden.cli", "--config", str(self.config), "digest", *args,
                                "--json"], capture_output=True, text=True, timeout=120)
         assert done.returncode == expect, (args, done.returncode, done.stdout, done.stderr)
+        self.stderr = done.stderr
         return json.loads(done.stdout)
 
     def marker(self, subject: str) -> None:
@@ -147,6 +151,12 @@ def test_digest_send_through_postfix(site: Site) -> None:
 
     first = site.cli("send", expect=0)
     assert (first["sent"], first["failed"], first["skipped"]) == (3, 0, 1)
+    sent_lines = [line for line in site.stderr.splitlines() if 'msg="digest sent"' in line]
+    assert sorted(line.split("owner=")[1].split()[0] for line in sent_lines) == [
+        "alice@example.test", "bob@example.test", "carol@example.test"]
+    assert all(re.search(r" queue_id=[0-9A-Za-z]+ ", line) for line in sent_lines)  # Postfix's queue ids
+    [run_line] = [line for line in site.stderr.splitlines() if 'msg="digest run"' in line]
+    assert " sent=3 failed=0 skipped=1 " in run_line
     rerun = site.cli("send")
     assert (rerun["sent"], rerun["failed"]) == (0, 0)
     site.marker("after the rerun")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from harness.net import free_port, wait_port
+from harness.policyd_proc import render_toml
 from harness.sink import Sink
 
 from quarantine.digest import send
@@ -101,11 +102,15 @@ def clock() -> Clock:
     return Clock()
 
 
+def settings_data(url: str, tmp_path: Path, port: int, **digest: object) -> dict:
+    """``[quarantine]`` as the config file has it."""
+    return {"database_url": url, "message_dir": str(tmp_path / "held"), "reinject": f"127.0.0.1:{port}",
+            "reinject_timeout": "5s", "digest": digest_settings(metrics_file=str(tmp_path / "m" / "digest.prom"),
+                                                                **digest)}
+
+
 def make_settings(url: str, tmp_path: Path, port: int, **digest: object) -> QuarantineSettings:
-    return QuarantineSettings.model_validate({
-        "database_url": url, "message_dir": str(tmp_path / "held"), "reinject": f"127.0.0.1:{port}",
-        "reinject_timeout": "5s", "digest": digest_settings(metrics_file=str(tmp_path / "m" / "digest.prom"),
-                                                            **digest)})
+    return QuarantineSettings.model_validate(settings_data(url, tmp_path, port, **digest))
 
 
 @pytest.fixture
@@ -244,6 +249,33 @@ def test_admin_copy_once_a_day(db_url: str, tmp_path: Path, sink: Sink, clock: C
         assert run(store).admin_copy == "sent"
     finally:
         store.close()
+
+
+def test_status_exits_1_and_warns_when_digests_are_stale(db_url: str, tmp_path: Path, sink: Sink) -> None:
+    data = settings_data(db_url, tmp_path, sink.port)
+    settings = QuarantineSettings.model_validate(data)
+    config = tmp_path / "mailwarden.toml"
+    config.write_text(render_toml({"quarantine": data}))
+    old = QuarantineStore(settings, now=lambda: datetime.datetime.now(datetime.UTC) - 3 * 24 * HOUR)
+    try:
+        old.migrate()
+        assert cli(config, "digest", "status").returncode == 0
+        hold(old, "Old spam", "alice@example.test")
+    finally:
+        old.close()
+    done = cli(config, "digest", "status")
+    assert done.returncode == 1 and "digests are stale: no digest was ever sent" in done.stderr, done
+    done = cli(config, "digest", "send", "--dry-run")
+    assert done.returncode == 1 and "alice@example.test: 1 held (daily)" in done.stdout
+    assert "digests are stale" in done.stderr and not sink.messages
+    done = cli(config, "digest", "send")
+    assert done.returncode == 0 and done.stdout.startswith("1 digest(s) sent, 0 failed"), done
+    assert cli(config, "digest", "status").returncode == 0
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mailwarden.cli", "--config", str(config), *args],
+                          capture_output=True, text=True, timeout=60)
 
 
 # -- memory ------------------------------------------------------------------------------------------------

@@ -60,11 +60,11 @@ def send_command(ctx: CliContext, owner: str | None, dry_run: bool, as_json: boo
                  f"{result.waiting} not due yet" + (f"; {result.unknown} of a run that died counted as sent"
                                                      if result.unknown else "")
                  + (f"; admin copy {result.admin_copy}" if result.admin_copy else ""))
-    if result.stopped:
-        human += f"\nstopped: {result.stopped}"
-    if result.stale:
-        human += f"\nwarning: {result.stale.message(result.started_at)}"
     emit(data, as_json, human)
+    if result.stopped and not as_json:
+        click.echo(f"mailwarden: stopped: {result.stopped}", err=True)
+    if result.stale and not as_json:
+        click.echo(f"mailwarden: warning: {result.stale.message(result.started_at)}", err=True)
     if result.stopped:
         sys.exit(EX_UNAVAILABLE)
     if result.failed or result.stale:
@@ -91,8 +91,8 @@ def status_command(ctx: CliContext, as_json: bool) -> None:
              f"in progress: {found.claims} claim(s)",
              f"all runs:    {found.totals['runs']} run(s), {found.totals['sent']} sent, {found.totals['failed']} "
              f"failed, {found.totals['skipped']} skipped"]
-    if found.stale:
-        lines.append(f"warning: {found.stale.message(now)}")
     emit(found.as_dict() | {"ok": found.stale is None}, as_json, "\n".join(lines))
     if found.stale:
+        if not as_json:
+            click.echo(f"mailwarden: warning: {found.stale.message(now)}", err=True)
         sys.exit(1)
