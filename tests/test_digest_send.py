@@ -265,12 +265,15 @@ def test_status_exits_1_and_warns_when_digests_are_stale(db_url: str, tmp_path: 
         old.close()
     done = cli(config, "digest", "status")
     assert done.returncode == 1 and "digests are stale: no digest was ever sent" in done.stderr, done
+    done = cli(config, "config", "check")
+    assert "stale_after" in done.stdout + done.stderr and "digests are stale" in done.stdout + done.stderr, done
     done = cli(config, "digest", "send", "--dry-run")
     assert done.returncode == 1 and "alice@example.test: 1 held (daily)" in done.stdout
     assert "digests are stale" in done.stderr and not sink.messages
     done = cli(config, "digest", "send")
     assert done.returncode == 0 and done.stdout.startswith("1 digest(s) sent, 0 failed"), done
     assert cli(config, "digest", "status").returncode == 0
+    assert "digests are stale" not in cli(config, "config", "check").stdout
 
 
 def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
