@@ -292,11 +292,12 @@ def entries(store: QuarantineStore, owner: str, state: str, since: datetime.date
     if since is not None:
         where.append(Held.held_at > since)
     with store.reading("read the messages of a digest") as conn:
-        total = conn.execute(sa.select(sa.func.count()).select_from(Held).where(*where)).scalar_one()
         rows = conn.execute(
             sa.select(Held.public_id, Held.held_at, Message.sender, Message.header_from, Message.subject, Held.check,
                       Held.kind, Held.reason).join(Message, Held.message_id == Message.id).where(*where)
-            .order_by(Held.held_at, Held.id).limit(limit)).all() if total else []
+            .order_by(Held.held_at, Held.id).limit(limit)).all()
+        total = len(rows) if len(rows) < limit else \
+            conn.execute(sa.select(sa.func.count()).select_from(Held).where(*where)).scalar_one()
     return Section([Entry(row[0], _aware(row[1]), *row[2:]) for row in rows], total)
 
 
