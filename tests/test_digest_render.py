@@ -279,6 +279,10 @@ def test_hostile_fields_in_the_html_part(tokens: Tokens) -> None:
     assert [m.group(1) for line in lines if (m := reply_parse._DIGEST_LINE.match(line.text))] == [
         "ab23cde", "ab23cdx", "cd34ef", "ef56gh"]
     assert "\x1b" not in html and "\x07" not in html and "\u202e" not in html
+    # the whole HTML part as a reply's own text (forwarded inline, not quoted): nothing commands, all kept
+    parsed = parse_reply(reply(html, ctype="text/html"))
+    assert parsed.commands == () and parsed.help
+    assert not [note for note in parsed.notes if note.startswith("not understood")]
 
 
 def test_neutral_clips_and_defuses() -> None:
