@@ -348,7 +348,7 @@ def send_digests(store: QuarantineStore, settings: QuarantineSettings, outbox: S
             if failures_in_a_row >= MAX_CONSECUTIVE_FAILURES:
                 result.stopped = f"{failures_in_a_row} sends failed in a row: the listener is failing"
                 break
-    if not dry_run and digest.admin_copy and not result.stopped:
+    if not dry_run and owner is None and digest.admin_copy and not result.stopped:
         result.admin_copy = _admin_copy(store, digest, outbox, now)
     result.stale = stale(store, digest, store.now())
     if not dry_run:
