@@ -179,9 +179,18 @@ class Candidate:
     has_row: bool
 
 
-def _new_rows(cutoff: datetime.datetime) -> sa.ColumnElement[bool]:
-    return sa.and_(Held.state == State.HELD.value, Held.held_at <= cutoff,
+def _new_rows(cutoff: datetime.datetime, by_mailbox: bool = False) -> sa.ColumnElement[bool]:
+    """Held rows up to ``cutoff`` that no digest covered (the query joins DigestSubscriber by owner)."""
+    return sa.and_(_state(State.HELD.value, by_mailbox), Held.held_at <= cutoff,
                    sa.or_(DigestSubscriber.covered_until.is_(None), Held.held_at > DigestSubscriber.covered_until))
+
+
+def _state(state: str, by_mailbox: bool) -> sa.ColumnElement[bool]:
+    """``Held.state == state``; ``by_mailbox``: written so that no index serves it (``state || ''``), for the
+    queries that go by mailbox. SQLite has no statistics unless ANALYZE ran, and then takes the (state,
+    held_at) index for them: every held row of every mailbox read, 0.13 s per digest with 200,000 held rows,
+    where the (mailbox, held_at) index reads the mailbox's own."""
+    return (Held.state + "" if by_mailbox else Held.state) == state
 
 
 def candidates(store: QuarantineStore, cutoff: datetime.datetime, owner: str | None = None) -> Iterator[Candidate]:
@@ -193,7 +202,7 @@ def candidates(store: QuarantineStore, cutoff: datetime.datetime, owner: str | N
                            sa.func.max(DigestSubscriber.covered_until), sa.func.max(DigestSubscriber.sending_cutoff),
                            sa.func.count(DigestSubscriber.id))
                  .select_from(Held).outerjoin(DigestSubscriber, DigestSubscriber.owner == Held.mailbox)
-                 .where(_new_rows(cutoff), Held.mailbox > after)
+                 .where(_new_rows(cutoff, by_mailbox=True), Held.mailbox > after)
                  .group_by(Held.mailbox).order_by(Held.mailbox).limit(BATCH))
         if owner is not None:
             query = query.where(Held.mailbox == owner.lower())
@@ -288,7 +297,7 @@ def entries(store: QuarantineStore, owner: str, state: str, since: datetime.date
             cutoff: datetime.datetime, limit: int) -> Section:
     """The owner's rows in ``state`` held after ``since`` up to ``cutoff``: the first ``limit``, oldest first,
     and how many there are."""
-    where = [Held.mailbox == owner, Held.state == state, Held.held_at <= cutoff]
+    where = [Held.mailbox == owner, _state(state, by_mailbox=True), Held.held_at <= cutoff]
     if since is not None:
         where.append(Held.held_at > since)
     with store.reading("read the messages of a digest") as conn:
