@@ -281,6 +281,24 @@ def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
+def test_the_per_mailbox_queries_use_the_mailbox_index(tmp_path: Path, sink: Sink, clock: Clock) -> None:
+    """SQLite without statistics (no ANALYZE) reads every held row of every mailbox per digest when it takes
+    the (state, held_at) index: each query must go by (mailbox, held_at)."""
+    store = QuarantineStore(make_settings(f"sqlite:///{tmp_path / 'q.sqlite'}", tmp_path, sink.port), now=clock)
+    try:
+        store.migrate()
+        hold(store, "Spam", "alice@example.test", "bob@example.test")
+        for query in (send.entries_query("alice@example.test", "held", T0 - HOUR, T0, 200),
+                      send.entries_query("alice@example.test", "delivered", None, T0, 200),
+                      send.candidates_query(T0, "alice@example.test")):
+            sql = str(query.compile(store.engine, compile_kwargs={"literal_binds": True}))
+            with store.engine.connect() as conn:
+                plan = " | ".join(row[3] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}"))
+            assert "USING INDEX ix_quarantine_held_mailbox_held_at" in plan and "state_held_at" not in plan, plan
+    finally:
+        store.close()
+
+
 # -- memory ------------------------------------------------------------------------------------------------
 
 @pytest.fixture

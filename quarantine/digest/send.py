@@ -197,23 +197,26 @@ def candidates(store: QuarantineStore, cutoff: datetime.datetime, owner: str | N
     """Every mailbox with held mail no digest covered yet, in order, BATCH per query."""
     after = ""
     while True:
-        query = (sa.select(Held.mailbox, sa.func.count(), sa.func.min(Held.held_at),
-                           sa.func.max(DigestSubscriber.interval), sa.func.max(DigestSubscriber.last_sent_at),
-                           sa.func.max(DigestSubscriber.covered_until), sa.func.max(DigestSubscriber.sending_cutoff),
-                           sa.func.count(DigestSubscriber.id))
-                 .select_from(Held).outerjoin(DigestSubscriber, DigestSubscriber.owner == Held.mailbox)
-                 .where(_new_rows(cutoff, by_mailbox=True), Held.mailbox > after)
-                 .group_by(Held.mailbox).order_by(Held.mailbox).limit(BATCH))
-        if owner is not None:
-            query = query.where(Held.mailbox == owner.lower())
         with store.reading("find the mailboxes with new held mail") as conn:
-            rows = conn.execute(query).all()
+            rows = conn.execute(candidates_query(cutoff, after, owner)).all()
         for mailbox, new, first, interval, last_sent, covered, claim, has_row in rows:
             yield Candidate(mailbox, new, _aware(first), Interval(interval) if interval else None, _aware(last_sent),
                             _aware(covered), claim is not None, bool(has_row))
         if len(rows) < BATCH:
             return
         after = rows[-1][0]
+
+
+def candidates_query(cutoff: datetime.datetime, after: str, owner: str | None = None) -> sa.Select[Any]:
+    """The next BATCH mailboxes after ``after`` with held mail no digest covered, with their digest rows."""
+    query = (sa.select(Held.mailbox, sa.func.count(), sa.func.min(Held.held_at),
+                       sa.func.max(DigestSubscriber.interval), sa.func.max(DigestSubscriber.last_sent_at),
+                       sa.func.max(DigestSubscriber.covered_until), sa.func.max(DigestSubscriber.sending_cutoff),
+                       sa.func.count(DigestSubscriber.id))
+             .select_from(Held).outerjoin(DigestSubscriber, DigestSubscriber.owner == Held.mailbox)
+             .where(_new_rows(cutoff, by_mailbox=True), Held.mailbox > after)
+             .group_by(Held.mailbox).order_by(Held.mailbox).limit(BATCH))
+    return query if owner is None else query.where(Held.mailbox == owner.lower())
 
 
 def _aware(value: Any) -> Any:
@@ -293,18 +296,26 @@ def settle_abandoned(store: QuarantineStore, now: datetime.datetime, older_than:
             return settled
 
 
+def _entries_where(owner: str, state: str, since: datetime.datetime | None,
+                   cutoff: datetime.datetime) -> list[sa.ColumnElement[bool]]:
+    where = [Held.mailbox == owner, _state(state, by_mailbox=True), Held.held_at <= cutoff]
+    return where if since is None else [*where, Held.held_at > since]
+
+
+def entries_query(owner: str, state: str, since: datetime.datetime | None, cutoff: datetime.datetime,
+                  limit: int) -> sa.Select[Any]:
+    return (sa.select(Held.public_id, Held.held_at, Message.sender, Message.header_from, Message.subject, Held.check,
+                      Held.kind, Held.reason).join(Message, Held.message_id == Message.id)
+            .where(*_entries_where(owner, state, since, cutoff)).order_by(Held.held_at, Held.id).limit(limit))
+
+
 def entries(store: QuarantineStore, owner: str, state: str, since: datetime.datetime | None,
             cutoff: datetime.datetime, limit: int) -> Section:
     """The owner's rows in ``state`` held after ``since`` up to ``cutoff``: the first ``limit``, oldest first,
     and how many there are."""
-    where = [Held.mailbox == owner, _state(state, by_mailbox=True), Held.held_at <= cutoff]
-    if since is not None:
-        where.append(Held.held_at > since)
+    where = _entries_where(owner, state, since, cutoff)
     with store.reading("read the messages of a digest") as conn:
-        rows = conn.execute(
-            sa.select(Held.public_id, Held.held_at, Message.sender, Message.header_from, Message.subject, Held.check,
-                      Held.kind, Held.reason).join(Message, Held.message_id == Message.id).where(*where)
-            .order_by(Held.held_at, Held.id).limit(limit)).all()
+        rows = conn.execute(entries_query(owner, state, since, cutoff, limit)).all()
         total = len(rows) if len(rows) < limit else \
             conn.execute(sa.select(sa.func.count()).select_from(Held).where(*where)).scalar_one()
     return Section([Entry(row[0], _aware(row[1]), *row[2:]) for row in rows], total)
