@@ -73,6 +73,8 @@ DELIVERED = "delivered"
 ADMIN_COPY_OWNER = "(admin copy)"
 """The ``digest_subscriber`` row that keeps when the admin copy was last sent (no mailbox has this form)."""
 BY = "digest send"
+Rows = sa.Select[*tuple[Any, ...]]
+"""A query of digest rows (columns of several types)."""
 
 
 class Sender(Protocol):
@@ -207,7 +209,7 @@ def candidates(store: QuarantineStore, cutoff: datetime.datetime, owner: str | N
         after = rows[-1][0]
 
 
-def candidates_query(cutoff: datetime.datetime, after: str, owner: str | None = None) -> sa.Select[Any]:
+def candidates_query(cutoff: datetime.datetime, after: str, owner: str | None = None) -> Rows:
     """The next BATCH mailboxes after ``after`` with held mail no digest covered, with their digest rows."""
     query = (sa.select(Held.mailbox, sa.func.count(), sa.func.min(Held.held_at),
                        sa.func.max(DigestSubscriber.interval), sa.func.max(DigestSubscriber.last_sent_at),
@@ -303,7 +305,7 @@ def _entries_where(owner: str, state: str, since: datetime.datetime | None,
 
 
 def entries_query(owner: str, state: str, since: datetime.datetime | None, cutoff: datetime.datetime,
-                  limit: int) -> sa.Select[Any]:
+                  limit: int) -> Rows:
     return (sa.select(Held.public_id, Held.held_at, Message.sender, Message.header_from, Message.subject, Held.check,
                       Held.kind, Held.reason).join(Message, Held.message_id == Message.id)
             .where(*_entries_where(owner, state, since, cutoff)).order_by(Held.held_at, Held.id).limit(limit))
