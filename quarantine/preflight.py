@@ -1,5 +1,6 @@
 """What the store would trip over at its first hold, beyond the settings schema: a message directory or
-SQLite catalogue directory it cannot create or write; a catalogue behind the schema this version needs.
+SQLite catalogue directory it cannot create or write; a catalogue behind the schema this version needs;
+digests that are stale (a warning).
 
 A catalogue at an older (or unknown) revision is an error: the milters refuse to start on it, so
 ``config check`` says so first (the forgotten ``migrate`` after an upgrade; policyd's unit checks
@@ -35,9 +36,29 @@ def preflight(settings: QuarantineSettings) -> list[Problem]:
             problems.append(Problem(key, f"the catalogue {url.database} is not created yet: run 'mailwarden "
                                     "quarantine migrate' before starting the milters", warning=True))
             return problems  # nothing to open (and opening would create it)
-    if (problem := schema_problem(settings)) is not None:
+    problem = schema_problem(settings) or digest_problem(settings)  # stale: only asked of a catalogue that works
+    if problem is not None:
         problems.append(problem)
     return problems
+
+
+def digest_problem(settings: QuarantineSettings) -> Problem | None:
+    """A warning when digests are stale (``digest.send.stale``: none went out for ``stale_after`` while mail
+    waits for one); None without ``[quarantine.digest]`` or when the store cannot say."""
+    if settings.digest is None:
+        return None
+    from quarantine.digest.send import stale  # its templates and SMTP only when digests are configured
+
+    store = QuarantineStore(settings)
+    try:
+        found = stale(store, settings.digest, store.now())
+    except StoreError:
+        return None  # schema_problem reported what the store trips over
+    finally:
+        store.close()
+    if found is None:
+        return None
+    return Problem(("quarantine", "digest", "stale_after"), found.message(store.now()), warning=True)
 
 
 def schema_problem(settings: QuarantineSettings) -> Problem | None:
