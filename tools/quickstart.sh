@@ -28,7 +28,7 @@ echo $$ > "$RUN/quickstart.pid"
 
 bash tools/bootstrap.sh
 
-mkdir -p "$RUN/sink"
+mkdir -p "$RUN/sink" "$RUN/db"
 chown nobody "$RUN/sink"
 if [ -z "${MAILWARDEN_CONFIG:-}" ]; then
   export MAILWARDEN_CONFIG=$RUN/mailwarden.toml
@@ -44,8 +44,8 @@ listen = "inet:127.0.0.1:10030"
 clamd = "unix:$RUN/clamd/clamd.sock"
 
 [quarantine]
-database_url = "sqlite:///$RUN/quarantine.sqlite"
-message_dir = "$RUN/quarantine"
+database_url = "sqlite:///$RUN/db/quarantine.sqlite"
+message_dir = "$RUN/db/messages"
 reinject = "127.0.0.1:10026"
 TOML
   # (a config kept from a quick start before the SpamAssassin milter gets its section)
@@ -59,7 +59,32 @@ scan_submission = true
 [milters.spamassassin.spamd]
 address = "127.0.0.1:7830"
 TOML
+  # (a config kept from a quick start before digests: its catalogue moves to run/db, which the reply pipe's
+  # user may write, and it gets a [quarantine.digest] section with a token key of its own)
+  if ! grep -qs '^\[quarantine.digest\]' "$MAILWARDEN_CONFIG"; then
+    if grep -qs "^database_url = \"sqlite:///$RUN/quarantine.sqlite\"" "$MAILWARDEN_CONFIG"; then
+      mkdir -p "$RUN/db"
+      for f in "$RUN"/quarantine.sqlite*; do [ -e "$f" ] && mv "$f" "$RUN/db/"; done
+      [ -d "$RUN/quarantine" ] && mv "$RUN/quarantine" "$RUN/db/messages"
+      sed -i -e "s#^database_url = \"sqlite:///$RUN/quarantine.sqlite\"#database_url = \"sqlite:///$RUN/db/quarantine.sqlite\"#" \
+             -e "s#^message_dir = \"$RUN/quarantine\"#message_dir = \"$RUN/db/messages\"#" "$MAILWARDEN_CONFIG"
+    fi
+    cat >> "$MAILWARDEN_CONFIG" <<TOML
+
+[quarantine.digest]
+from_address = "postmaster@example.test"
+reply_mailbox = "quarantine@example.test"
+# SASL logins without a domain (swaks --xclient-login user) are user@example.test
+login_domain = "example.test"
+[[quarantine.digest.token_keys]]
+id = "a"
+secret = "$(python3 -c 'import secrets; print(secrets.token_urlsafe(48))')"
+TOML
+  fi
 fi
+# the quarantine's catalogue: the reply pipe's user (nobody, below) writes it too; what root creates in
+# run/db the store gives to the directory's owner
+chown -R nobody "$RUN/db"
 
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   echo "quickstart: starting redis-server on 127.0.0.1:6379"
@@ -104,8 +129,33 @@ for log in milter.log milter-spamassassin.log; do
 done
 
 mkdir -p "$RUN/postfix" && chmod 755 "$RUN" "$RUN/postfix"
+# replies to digests: Postfix pipes quarantine@example.test to `mailwarden digest reply` as user nobody (pipe(8)
+# runs no command as root), which must run this checkout's Python and write the catalogue in run/db
+PIPE_USER=nobody
+PIPE_PYTHON="$VENV/bin/python"
+if ! runuser -u "$PIPE_USER" -- "$PIPE_PYTHON" -c "import mailwarden.cli" 2>/dev/null; then
+  # a venv whose interpreter the pipe user cannot run (a pyenv under /root): Debian's, with the venv's packages
+  site=$("$VENV/bin/python" -c "import pathlib, pydantic; print(pathlib.Path(pydantic.__file__).parents[1])")
+  PIPE_PYTHON="env PYTHONPATH=$PWD:$site /usr/bin/python3"
+  runuser -u "$PIPE_USER" -- $PIPE_PYTHON -c "import mailwarden.cli" 2>/dev/null || PIPE_PYTHON=""
+fi
+reply_args=()
+if [ -n "$PIPE_PYTHON" ]; then
+  touch "$RUN/digest-reply.log" && chown "$PIPE_USER" "$RUN/digest-reply.log"
+  cat > "$RUN/digest-reply" <<SH
+#!/bin/sh
+# what the quick start's Postfix pipes replies to (README, "Replies to digests"); the pipe discards output
+exec env MAILWARDEN_CONFIG=$MAILWARDEN_CONFIG $PIPE_PYTHON -m mailwarden.cli "\$@" 2>>$RUN/digest-reply.log
+SH
+  chmod 755 "$RUN/digest-reply"
+  reply_args=(--digest-reply-command "$RUN/digest-reply" --digest-reply-user "$PIPE_USER"
+              --reply-mailbox quarantine@example.test)
+else
+  echo "quickstart: user $PIPE_USER cannot run this checkout's Python (is it under a private home directory?):"
+  echo "quickstart: replies to digests are not wired; clone it under /srv or /opt to try them"
+fi
 "$VENV/bin/python" tests/harness/postfix.py start "$RUN/postfix" --smtp-port 2525 --sink-port 2500 --policy-port 10023 \
-  --milters "inet:127.0.0.1:10030, inet:127.0.0.1:10031" --reinject-port 10026
+  --milters "inet:127.0.0.1:10030, inet:127.0.0.1:10031" --reinject-port 10026 "${reply_args[@]}"
 
 cleanup() {
   [ -n "${suite:-}" ] && kill -TERM "$suite" 2>/dev/null && wait "$suite" 2>/dev/null
@@ -134,6 +184,13 @@ cat <<MSG
   is above its score of 1000: mailwarden spam levels set --for user@example.test --reject 2000):
          swaks --server 127.0.0.1:2525 --from a@example.org --to user@example.test --xclient-login alice \\
                --body 'XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X'
+
+  A digest of what was held for user@example.test (it lands in $RUN/sink/), sent now whatever its interval:
+         mailwarden digest send --owner user@example.test
+  Reply to it as its owner: a button's address and subject, through Postfix, logged in (replies log to
+  $RUN/digest-reply.log):
+         swaks --server 127.0.0.1:2525 --from user@example.test --xclient-login user \\
+               --to 'quarantine+<the token of the link>@example.test' --header 'Subject: RELEASE <shortid>' --body thanks
 
   The command line, in another terminal, with this run's config:
          export PATH=$VENV/bin:\$PATH MAILWARDEN_CONFIG=$MAILWARDEN_CONFIG

@@ -218,9 +218,18 @@ def main() -> None:
     parser.add_argument("--relay-domains", default="example.test")
     parser.add_argument("--milters", default="", help="smtpd_milters, e.g. inet:127.0.0.1:10030")
     parser.add_argument("--reinject-port", type=int, default=None)
+    parser.add_argument("--digest-reply-command", default=None,
+                        help="route --reply-mailbox to this command through README's pipe transport")
+    parser.add_argument("--digest-reply-user", default="nobody")
+    parser.add_argument("--reply-mailbox", default="quarantine@example.test")
     args = parser.parse_args()
+    master = main_cf = ""
+    if args.digest_reply_command and args.command == "start":
+        master, main_cf = documented_digest_reply(args.directory.resolve(), args.digest_reply_command,
+                                                  args.digest_reply_user, args.reply_mailbox)
     instance = PostfixInstance(args.directory.resolve(), args.smtp_port, args.sink_port, args.policy_port,
-                               args.relay_domains, args.milters, args.reinject_port)
+                               args.relay_domains, args.milters, args.reinject_port, extra_main_cf=main_cf,
+                               extra_master_cf=master)
     if args.command == "start":
         instance.start()
         print(f"postfix listening on 127.0.0.1:{args.smtp_port}, log {instance.maillog}")
