@@ -535,3 +535,13 @@ if __name__ == "__main__":  # writes the sample fixtures
     for name, build, _recipient, _expected in SAMPLES:
         path = FIXTURES / (name.replace(" ", "-").replace(":", "").replace("/", "-").replace(",", "") + ".eml")
         path.write_bytes(build())
+
+
+def test_a_section_kept_whole_does_nothing_when_another_is_trimmed():
+    """Two of three held lines deleted, the delivered section left as it was: the kept held line is
+    released, and the untouched delivered line is not reported (as spam, teaching Bayes)."""
+    text = [line for line in digest_text(delivered=True)
+            if not line.startswith((f"[{SHORT[1]}]", f"[{SHORT[2]}]"))]
+    reply = parse_reply(mail(crlf(["Just this one please", "", *quoted(text)])))
+    assert [(c.action, c.target) for c in reply.commands] == [(Action.RELEASE, SHORT[0])]
+    assert any("unchanged" in note for note in reply.notes)

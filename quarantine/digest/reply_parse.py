@@ -53,9 +53,12 @@ anywhere else in the reply, when there is one.
 - Commands in the subject, the own text and the address are *explicit*; they all count.
 - Kept digest lines (quoted or not) count only when there is no explicit command. A kept line whose
   section marker was cut away counts as a release.
-- A reply that keeps every line of every section it quotes (all N of each marker), and has no explicit
-  command, does nothing: ``help`` is set (a plain "Reply" and "Send" is not a decision). So a digest of
-  one message is released by its button or a ``RELEASE`` line, not by keeping its line.
+- When the reply trims a section (keeps some of its lines, not all), the sections it keeps whole do
+  nothing: left as they were, they are not a decision (trimming the held lines must not also report every
+  delivered one). A section kept whole counts when the others were emptied (all the held lines deleted,
+  the delivered one kept: report it). A reply with no explicit command that keeps every section whole
+  does nothing at all: ``help`` is set (a plain "Reply" and "Send" is not a decision). So a digest of one
+  message is released by its button or a ``RELEASE`` line, not by keeping its line.
 - Nothing between the instruction markers ever counts, quoted or not; a missing end marker runs to the
   end of the text. Nothing in quoted text counts as an explicit command.
 - The same command twice counts once. ``RELEASE`` with ``WHITELIST`` on one message is ``WHITELIST``,
@@ -634,8 +637,14 @@ def commands_of(lines: list[Line], subject: str, recipient: str | None, notes: l
         notes.append("you kept every line of the digest and added no command, so nothing was done")
         commands = []
     else:
+        whole = {index for index, section in enumerate(sections) if len(section.kept) >= section.count}
+        trimmed = any(0 < len(section.kept) < section.count for section in sections)
+        used = [item for item in kept if item.section is None or not trimmed or item.section not in whole]
+        if len(used) < len(kept):
+            notes.append("you kept every line of a section unchanged while trimming another, so the unchanged "
+                         "section's lines were not used")
         commands = [Command(item.action, item.short_id, item.token, Source.KEPT_LINE, _clip(item.text))
-                    for item in kept]
+                    for item in used]
     if len(commands) > MAX_COMMANDS:
         notes.append(f"your reply has more than {MAX_COMMANDS} commands: the rest were ignored")
         commands = commands[:MAX_COMMANDS]
