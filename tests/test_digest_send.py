@@ -24,7 +24,7 @@ from quarantine.digest import send
 from quarantine.digest.outbox import Outbox
 from quarantine.digest.send import RunResult, is_due, send_digests, status
 from quarantine.digest.settings import DigestSettings, Interval
-from quarantine.digest.subscribers import set_interval
+from quarantine.digest.subscribers import SecurityEvent, record_event, set_interval
 from quarantine.models import DigestSubscriber
 from quarantine.store import HeldEnvelope, Hold, QuarantineSettings, QuarantineStore
 
@@ -198,10 +198,16 @@ def test_stale_warning_and_metrics(store: QuarantineStore, clock: Clock, sink: S
     result = run(store, dry_run=True)
     assert result.stale is not None and result.stale.last_digest_at is None
     assert "no digest was ever sent" in result.stale.message(clock())
+    record_event(store, SecurityEvent(reason="bad-mac", sender="mallory@example.net"))
+    record_event(store, SecurityEvent(reason="bad-mac", sender="mallory@example.net"))
+    record_event(store, SecurityEvent(reason="not-authenticated", sender="alice@example.test"))
     done = run(store)
     assert done.sent == 1 and done.skipped == 1 and done.stale is None
     metrics_file = Path(str(store.settings.digest.metrics_file))  # type: ignore[union-attr]
     metrics = metrics_file.read_text()
+    assert re.search(r'^mailwarden_digest_refused_replies_total\{reason="bad-mac"\} 2$', metrics, re.MULTILINE)
+    assert re.search(r'^mailwarden_digest_refused_replies_total\{reason="not-authenticated"\} 1$', metrics,
+                     re.MULTILINE)
     assert re.search(r"^mailwarden_digest_sent_total 1$", metrics, re.MULTILINE)
     assert re.search(r"^mailwarden_digest_seconds_since_last_digest 0$", metrics, re.MULTILINE)
     assert re.search(r"^mailwarden_digest_stale 0$", metrics, re.MULTILINE)

@@ -55,6 +55,7 @@ from mailwarden.logs import get_logger, log_kv
 from quarantine.digest.outbox import OutboxError
 from quarantine.digest.render import Entry, Renderer, Section
 from quarantine.digest.settings import WEEKDAYS, DigestSettings, Interval
+from quarantine.digest.subscribers import event_counts
 from quarantine.digest.tokens import Tokens
 from quarantine.models import DigestRun, DigestSubscriber, Held, Message, State
 from quarantine.store import QuarantineSettings, QuarantineStore, clip
@@ -538,6 +539,11 @@ def write_metrics(store: QuarantineStore, digest: DigestSettings, path: Path, re
         f"mailwarden_digest_last_sent_timestamp_seconds {last.timestamp() if last else 0:.3f}",
         "# HELP mailwarden_digest_stale 1 when no digest went out for stale_after while mail waits for one.",
         "# TYPE mailwarden_digest_stale gauge", f"mailwarden_digest_stale {1 if result.stale else 0}",
+        "# HELP mailwarden_digest_refused_replies_total Replies to digests refused as security events "
+        "(digest events), by reason.",
+        "# TYPE mailwarden_digest_refused_replies_total counter",
+        *(f'mailwarden_digest_refused_replies_total{{reason="{reason}"}} {count}'
+          for reason, count in sorted(event_counts(store).items())),
     ]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
