@@ -13,8 +13,10 @@ released, that nothing went to the forged address (the sink and Postfix's queue)
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import email.utils
+import functools
 import io
 import json
 import os
@@ -83,6 +85,33 @@ def site_packages() -> list[str]:
     import pydantic
 
     return [str(Path(pydantic.__file__).parents[1])]
+
+
+PACKAGES = ("mailwarden", "policyd", "milters", "quarantine", "phishhook")
+
+
+@functools.cache
+def pipe_pythonpath() -> str:
+    """The PYTHONPATH the pipe user imports mailwarden from: this checkout and its packages where that user
+    can read them; else (a checkout under a private home directory) a copy of both in a directory of the
+    test run's own, made once per test process."""
+    repo = Path(__file__).resolve().parents[1]
+    paths = [str(repo), *site_packages()]
+    probe = subprocess.run(["runuser", "-u", PIPE_USER, "--", "test", "-r", str(repo / "mailwarden" / "__init__.py"),
+                            "-a", "-r", str(Path(paths[1]) / "pydantic" / "__init__.py")],
+                           capture_output=True, check=False)
+    if probe.returncode == 0:
+        return ":".join(paths)
+    copy = Path(tempfile.mkdtemp(prefix="mw-pipe-code-"))
+    copy.chmod(0o755)
+    for package in PACKAGES:
+        if (repo / package).is_dir():
+            shutil.copytree(repo / package, copy / "code" / package)
+    shutil.copy(repo / "README.md", copy / "code" / "README.md")
+    shutil.copytree(paths[1], copy / "site-packages", symlinks=True)
+    subprocess.run(["chmod", "-R", "a+rX", str(copy)], check=True)
+    atexit.register(shutil.rmtree, copy, ignore_errors=True)
+    return f"{copy / 'code'}:{copy / 'site-packages'}"
 
 
 class SyslogReceiver:
@@ -262,8 +291,7 @@ def write_pipe_command(directory: Path, settings: dict) -> Path:
                                                           "syslog_socket": str(directory / "log.sock")}}))
     root = directory / "root"
     root.mkdir(exist_ok=True)
-    repo = Path(__file__).resolve().parents[1]
-    path = ":".join([str(repo), *site_packages()])
+    path = pipe_pythonpath()
     command = directory / "mailwarden"
     python = " ".join(pipe_python())
     command.write_text(f"#!/bin/sh\nexec env PYTHONPATH={path} {ROOT_ENV_VAR}={root} {python} -m mailwarden.cli "
