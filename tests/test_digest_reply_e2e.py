@@ -13,6 +13,7 @@ released, that nothing went to the forged address (the sink and Postfix's queue)
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import email.utils
 import io
@@ -586,16 +587,12 @@ def test_a_display_name_spoof(reply_env: ReplyEnv) -> None:
 # -- through the milters and spamd: what the actions teach and change ------------------------------------
 
 
-@pytest.fixture
-def spam_reply_env(milter_stack: Callable[..., MilterStack], clamd, spamd, sink: Sink
-                   ) -> Iterator[tuple[ReplyEnv, MilterStack]]:
-    """The milter stack (ClamAV and SpamAssassin milters, clamd, spamd with per-user Bayes) with the reply
-    transport; the spam preferences read without a cache, so a WHITELIST or BLOCK applies to the next mail."""
-    directory = public_directory()
-    settings = spam_settings(clamd, spamd, reject_level=5000, preferences_cache="0s")
-    settings.update(reply_settings(directory, f"sqlite:///{directory / 'db' / 'quarantine.sqlite'}", None))
-    command = directory / "mailwarden"
-    master, main = documented_digest_reply(directory, str(command), PIPE_USER, REPLY_MAILBOX)
+@contextlib.contextmanager
+def reply_stack(milter_stack: Callable[..., MilterStack], sink: Sink, directory: Path, settings: dict
+                ) -> Iterator[tuple[ReplyEnv, MilterStack]]:
+    """The milter stack of ``settings`` (with the reply settings of ``directory``) and the reply transport as
+    README documents it, run by the pipe user from ``directory``; the directory removed afterwards."""
+    master, main = documented_digest_reply(directory, str(directory / "mailwarden"), PIPE_USER, REPLY_MAILBOX)
     syslog = SyslogReceiver(directory / "log.sock")
     try:
         stack = milter_stack(settings, milters=CHAIN, postfix_main_cf=main, postfix_master_cf=master)
@@ -611,6 +608,18 @@ def spam_reply_env(milter_stack: Callable[..., MilterStack], clamd, spamd, sink:
     finally:
         syslog.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def spam_reply_env(milter_stack: Callable[..., MilterStack], clamd, spamd, sink: Sink
+                   ) -> Iterator[tuple[ReplyEnv, MilterStack]]:
+    """The milter stack (ClamAV and SpamAssassin milters, clamd, spamd with per-user Bayes) with the reply
+    transport; the spam preferences read without a cache, so a WHITELIST or BLOCK applies to the next mail."""
+    directory = public_directory()
+    settings = spam_settings(clamd, spamd, reject_level=5000, preferences_cache="0s")
+    settings.update(reply_settings(directory, f"sqlite:///{directory / 'db' / 'quarantine.sqlite'}", None))
+    with reply_stack(milter_stack, sink, directory, settings) as env:
+        yield env
 
 
 def held_for(env: ReplyEnv, stack: MilterStack, mailbox: str, subject: str) -> str:
