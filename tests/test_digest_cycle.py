@@ -15,7 +15,8 @@ changing nothing), and a virus-held message listed with Delete and Block only: P
 ``admin-only``, its Delete button deleting it.
 
 One Postfix, one milter pair and one clamd per store (the expensive part); spamd is the module's, so each
-store's users have names of their own."""
+store's users have names of their own. MariaDB runs a shorter variant (``Cycle.full``): the replies whose
+point is only how they are read are left to the SQLite run."""
 
 from __future__ import annotations
 
@@ -52,6 +53,10 @@ class Cycle:
     bob: str
     tina: str
     """Tagged mail between her levels and a virus: the digest's second section and the virus rule."""
+    full: bool
+    """SQLite: every reply. MariaDB: those that read or change the store differently; the replies whose point
+    is only how they are read (a top-posted command, Outlook's block with PREVIEW, the virus row's two) are
+    left to the SQLite run, to keep the suite's time down."""
 
     @property
     def store(self) -> QuarantineStore:
@@ -115,7 +120,7 @@ def cycle(request: pytest.FixtureRequest, milter_stack: Callable[..., MilterStac
     settings.update(reply_settings(directory, url, None, interval="immediate", immediate_every="1h"))
     (directory / "recipients.map").write_text(f"{alice}\n{bob}\n{tina}\n")
     with reply_stack(milter_stack, sink, directory, settings) as (env, stack):
-        yield Cycle(env, stack, alice, bob, tina)
+        yield Cycle(env, stack, alice, bob, tina, full=db == "sqlite")
 
 
 # -- reading the real digest -----------------------------------------------------------------------------
@@ -216,6 +221,9 @@ def test_the_real_digest_round_trips(cycle: Cycle, spamd) -> None:
     assert '"sent": 3' in first and '"failed": 0' in first, first
     rerun = mailwarden(stack.milter, "digest", "send", "--json").stdout
     assert '"sent": 0' in rerun and '"failed": 0' in rerun, rerun
+    # not only the interval: asked to send alice's now, whatever her interval, there is nothing new for her
+    forced = mailwarden(stack.milter, "digest", "send", "--owner", alice, "--json").stdout
+    assert '"sent": 0' in forced and '"failed": 0' in forced, forced
     stack.marker("after the rerun")
     sent = digests(env.sink)
     assert sorted(sent) == sorted([alice, bob, tina]) and all(len(each) == 1 for each in sent.values()), sent
@@ -237,10 +245,11 @@ def test_the_real_digest_round_trips(cycle: Cycle, spamd) -> None:
     env.sink.wait_for_subjects("bob-one", "bob-two")
 
     # 3. alice top-posts RELEASE <id> above the full quote (every line kept: the command wins)
-    full = "\n".join(f"> {line}" for line in alices.text.splitlines())
-    env.reply(reply_message(alice, f"Re: {alices.subject}", f"RELEASE {alices.short_id('alice-top')}\n\n{full}\n"),
-              alices.reply_to, alice, login=alice)
-    env.sink.wait_for_subjects("alice-top")
+    if cycle.full:
+        full = "\n".join(f"> {line}" for line in alices.text.splitlines())
+        top = reply_message(alice, f"Re: {alices.subject}", f"RELEASE {alices.short_id('alice-top')}\n\n{full}\n")
+        env.reply(top, alices.reply_to, alice, login=alice)
+        env.sink.wait_for_subjects("alice-top")
 
     # 4. alice answers in HTML only, WHITELIST typed above the quoted HTML part
     body = alices.html.split("<body", 1)[1].split(">", 1)[1].rsplit("</body>", 1)[0]
@@ -260,35 +269,38 @@ def test_the_real_digest_round_trips(cycle: Cycle, spamd) -> None:
     env.reply(b64, bobs.reply_to, bob, login=bob)
 
     # 6. German Outlook: AW:, ISO-8859-1, PREVIEW above an unquoted "Ursprüngliche Nachricht" block
-    outlook = EmailMessage()
-    outlook["From"], outlook["To"], outlook["Subject"] = alice, REPLY_MAILBOX, f"AW: {alices.subject}"
-    german = (f"PREVIEW {alices.short_id('alice-preview')}\n\nViele Grüße\nAlice\n\n"
-              "-----Ursprüngliche Nachricht-----\nVon: Mail quarantine <postmaster@example.test>\n"
-              f"Gesendet: Dienstag, 1. Dezember 2026 06:00\nAn: {alice}\nBetreff: {alices.subject}\n\n{alices.text}")
-    outlook.set_content(german.encode("iso-8859-1"), maintype="text", subtype="plain", cte="quoted-printable",
-                        params={"charset": "iso-8859-1"})
-    env.reply(outlook, alices.reply_to, alice, login=alice)
+    if cycle.full:
+        outlook = EmailMessage()
+        outlook["From"], outlook["To"], outlook["Subject"] = alice, REPLY_MAILBOX, f"AW: {alices.subject}"
+        german = (f"PREVIEW {alices.short_id('alice-preview')}\n\nViele Grüße\nAlice\n\n"
+                  "-----Ursprüngliche Nachricht-----\nVon: Mail quarantine <postmaster@example.test>\n"
+                  f"Gesendet: Dienstag, 1. Dezember 2026 06:00\nAn: {alice}\nBetreff: {alices.subject}\n\n"
+                  f"{alices.text}")
+        outlook.set_content(german.encode("iso-8859-1"), maintype="text", subtype="plain", cte="quoted-printable",
+                            params={"charset": "iso-8859-1"})
+        env.reply(outlook, alices.reply_to, alice, login=alice)
 
     # one confirmation a reply, only to the owner (they arrive in any order: Postfix queues them)
-    texts = {owner: cycle.answers(owner, count) for owner, count in ((alice, 4), (bob, 2))}
-    [preview] = [text for text in texts[alice] if "Preview of" in text]
-    assert "hxxps://bank[.]example[.]evil[.]example/login?id=7" in preview
-    assert not re.search(r"https?://", preview), preview
+    texts = {owner: cycle.answers(owner, count) for owner, count in ((alice, 4 if cycle.full else 2), (bob, 2))}
+    if cycle.full:
+        [preview] = [text for text in texts[alice] if "Preview of" in text]
+        assert "hxxps://bank[.]example[.]evil[.]example/login?id=7" in preview
+        assert not re.search(r"https?://", preview), preview
     assert sum("is now blocked for you" in text for text in texts[bob]) == 1, texts[bob]
 
     # exactly the chosen messages reached their recipient, once; the rest are where the replies left them
     stack.marker("after the replies")
-    chosen = {"alice-link", "alice-top", "alice-html", "bob-one", "bob-two"}
-    for subject in (*chosen, "alice-stays", "alice-preview", "bob-block", "tina-virus"):
+    chosen = {"alice-link", "alice-html", "bob-one", "bob-two", *(["alice-top"] if cycle.full else [])}
+    for subject in (*chosen, "alice-top", "alice-stays", "alice-preview", "bob-block", "tina-virus"):
         copies = cycle.delivered(subject)
         assert len(copies) == (subject in chosen), (subject, len(copies))
         assert all(copy.rcpt_tos == (held[subject].recipient,) for copy in copies)
     states = {subject: cycle.state(record.public_id) for subject, record in held.items()}
-    assert states == {**{subject: State.RELEASED for subject in chosen}, "alice-stays": State.HELD,
-                      "alice-preview": State.HELD, "bob-block": State.DELETED, "tina-virus": State.HELD,
-                      "tina-tagged": State.DELIVERED}
+    assert states == {"alice-top": State.HELD, **{subject: State.RELEASED for subject in chosen},
+                      "alice-stays": State.HELD, "alice-preview": State.HELD, "bob-block": State.DELETED,
+                      "tina-virus": State.HELD, "tina-tagged": State.DELIVERED}
     # spamd's own Bayes databases (sa-learn reads the files): released as ham, blocked as spam
-    assert spamd.bayes_counts(alice) == (0, 3)
+    assert spamd.bayes_counts(alice) == (0, len(chosen) - 2)
     assert spamd.bayes_counts(bob) == (1, 2)
 
     # after WHITELIST the sender's next spam is delivered; after BLOCK the sender's next clean mail is held
@@ -301,7 +313,8 @@ def test_the_real_digest_round_trips(cycle: Cycle, spamd) -> None:
     assert events(cycle.store) == [], "the owners' own replies are no security events"
 
     report_from_the_digest(cycle, tinas, spamd)
-    virus_rows_allow_delete_and_block_only(cycle, tinas, held["tina-virus"], spamd)
+    if cycle.full:
+        virus_rows_allow_delete_and_block_only(cycle, tinas, held["tina-virus"], spamd)
     env.nothing_queued()
 
 
