@@ -541,11 +541,25 @@ def test_an_expired_token(reply_env: ReplyEnv) -> None:
 
 
 def test_a_virus_is_for_admins_only(reply_env: ReplyEnv) -> None:
+    """RELEASE, WHITELIST and PREVIEW of a virus-held message are refused; its owner may BLOCK its sender
+    (and so delete it), which lets nothing of it out."""
     env = reply_env
     public_id = env.hold(ALICE, "Invoice attached", kind="virus")
     recipient, subject = env.button(Action.RELEASE, ALICE, public_id)
     env.reply(new_reply(subject), recipient, ALICE, login=ALICE)
     assert_refused(env, public_id, "admin-only")
+    recipient, _ = env.button(Action.REPLY, ALICE)
+    typed = f"WHITELIST {public_id[:6]}\nPREVIEW {public_id[:6]}\n"
+    env.reply(new_reply("Re: Your quarantine digest", typed), recipient, ALICE, login=ALICE)
+    refused = env.confirmations(ALICE, 2)[1].message.get_content()
+    assert refused.count("only the mail administrators") == 2 and "Preview of" not in refused, refused
+    assert [event.reason for event in events(env.store)] == ["admin-only"] * 3
+    assert env.store.get(public_id).state is State.HELD  # type: ignore[union-attr]
+    recipient, subject = env.button(Action.BLOCK, ALICE, public_id)
+    env.reply(new_reply(subject), recipient, ALICE, login=ALICE)
+    assert "now blocked for you" in env.confirmations(ALICE, 3)[2].message.get_content()
+    assert env.store.get(public_id).state is State.DELETED  # type: ignore[union-attr]
+    assert [m for m in env.sink.messages if m.mail_from not in NULL_SENDER] == []
 
 
 def test_an_id_of_someone_elses_message(reply_env: ReplyEnv) -> None:
