@@ -40,10 +40,6 @@ from quarantine.preferences import SpamPreferences, split_sender
 from quarantine.release import ADMIN_ONLY_KINDS, Failure, ReleaseError, release
 from quarantine.store import HeldRecord, QuarantineStore, StoreError, UnknownMessage
 
-DELIVERED = "delivered"
-"""State of a row the SpamAssassin milter recorded as delivered with a score between tag and hold."""
-REPORTED = "reported"
-"""State of a delivered row its owner reported as spam."""
 USER_ACTIONS_ON_ADMIN_ONLY = frozenset({Action.DELETE, Action.BLOCK})
 """What the owner may do to a message of a kind only an admin releases (a virus): harmless, nothing of it
 reaches the user. RELEASE, WHITELIST and PREVIEW of it are refused (``admin-only``); the digest offers
@@ -207,9 +203,9 @@ class Actions:
 
     def report(self, record: HeldRecord) -> Outcome:
         what = describe(record)
-        if not self.store.transition(record.public_id, [DELIVERED], REPORTED, self.by):
+        if not self.store.transition(record.public_id, [State.DELIVERED], State.REPORTED, self.by):
             now = self.store.get(record.public_id)
-            if now is not None and now.state == REPORTED:
+            if now is not None and now.state is State.REPORTED:
                 return Outcome(False, f"Already reported: {what}.")
             return Outcome(False, f"Not reported: {what} is not among the delivered mail of your digest "
                                   "(use DELETE for held mail).")
