@@ -213,7 +213,7 @@ def test_every_mailto_button_is_a_command_with_its_token(tokens: Tokens) -> None
         assert len(actions) == 1, (href, actions)
         seen |= actions
     virus = {action for action, public_id in seen if public_id == VIRUS}
-    assert virus == {Action.DELETE, Action.BLOCK, Action.PREVIEW}  # no release, no whitelist
+    assert virus == {Action.DELETE, Action.BLOCK}  # no release, no whitelist, no preview
     assert {action for action, public_id in seen if public_id == IDS[0]} == {
         Action.RELEASE, Action.DELETE, Action.WHITELIST, Action.BLOCK, Action.PREVIEW}
     assert {action for action, public_id in seen if public_id == DELIVERED} == {Action.REPORT, Action.BLOCK}

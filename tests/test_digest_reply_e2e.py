@@ -14,6 +14,7 @@ released, that nothing went to the forged address (the sink and Postfix's queue)
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import email.utils
 import functools
@@ -568,11 +569,25 @@ def test_an_expired_token(reply_env: ReplyEnv) -> None:
 
 
 def test_a_virus_is_for_admins_only(reply_env: ReplyEnv) -> None:
+    """RELEASE, WHITELIST and PREVIEW of a virus-held message are refused; its owner may BLOCK its sender
+    (and so delete it), which lets nothing of it out."""
     env = reply_env
     public_id = env.hold(ALICE, "Invoice attached", kind="virus")
     recipient, subject = env.button(Action.RELEASE, ALICE, public_id)
     env.reply(new_reply(subject), recipient, ALICE, login=ALICE)
     assert_refused(env, public_id, "admin-only")
+    recipient, _ = env.button(Action.REPLY, ALICE)
+    typed = f"WHITELIST {public_id[:6]}\nPREVIEW {public_id[:6]}\n"
+    env.reply(new_reply("Re: Your quarantine digest", typed), recipient, ALICE, login=ALICE)
+    refused = env.confirmations(ALICE, 2)[1].message.get_content()
+    assert refused.count("only the mail administrators") == 2 and "Preview of" not in refused, refused
+    assert [event.reason for event in events(env.store)] == ["admin-only"] * 3
+    assert env.store.get(public_id).state is State.HELD  # type: ignore[union-attr]
+    recipient, subject = env.button(Action.BLOCK, ALICE, public_id)
+    env.reply(new_reply(subject), recipient, ALICE, login=ALICE)
+    assert "now blocked for you" in env.confirmations(ALICE, 3)[2].message.get_content()
+    assert env.store.get(public_id).state is State.DELETED  # type: ignore[union-attr]
+    assert [m for m in env.sink.messages if m.mail_from not in NULL_SENDER] == []
 
 
 def test_an_id_of_someone_elses_message(reply_env: ReplyEnv) -> None:
@@ -614,16 +629,12 @@ def test_a_display_name_spoof(reply_env: ReplyEnv) -> None:
 # -- through the milters and spamd: what the actions teach and change ------------------------------------
 
 
-@pytest.fixture
-def spam_reply_env(milter_stack: Callable[..., MilterStack], clamd, spamd, sink: Sink
-                   ) -> Iterator[tuple[ReplyEnv, MilterStack]]:
-    """The milter stack (ClamAV and SpamAssassin milters, clamd, spamd with per-user Bayes) with the reply
-    transport; the spam preferences read without a cache, so a WHITELIST or BLOCK applies to the next mail."""
-    directory = public_directory()
-    settings = spam_settings(clamd, spamd, reject_level=5000, preferences_cache="0s")
-    settings.update(reply_settings(directory, f"sqlite:///{directory / 'db' / 'quarantine.sqlite'}", None))
-    command = directory / "mailwarden"
-    master, main = documented_digest_reply(directory, str(command), PIPE_USER, REPLY_MAILBOX)
+@contextlib.contextmanager
+def reply_stack(milter_stack: Callable[..., MilterStack], sink: Sink, directory: Path, settings: dict
+                ) -> Iterator[tuple[ReplyEnv, MilterStack]]:
+    """The milter stack of ``settings`` (with the reply settings of ``directory``) and the reply transport as
+    README documents it, run by the pipe user from ``directory``; the directory removed afterwards."""
+    master, main = documented_digest_reply(directory, str(directory / "mailwarden"), PIPE_USER, REPLY_MAILBOX)
     syslog = SyslogReceiver(directory / "log.sock")
     try:
         stack = milter_stack(settings, milters=CHAIN, postfix_main_cf=main, postfix_master_cf=master)
@@ -639,6 +650,18 @@ def spam_reply_env(milter_stack: Callable[..., MilterStack], clamd, spamd, sink:
     finally:
         syslog.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def spam_reply_env(milter_stack: Callable[..., MilterStack], clamd, spamd, sink: Sink
+                   ) -> Iterator[tuple[ReplyEnv, MilterStack]]:
+    """The milter stack (ClamAV and SpamAssassin milters, clamd, spamd with per-user Bayes) with the reply
+    transport; the spam preferences read without a cache, so a WHITELIST or BLOCK applies to the next mail."""
+    directory = public_directory()
+    settings = spam_settings(clamd, spamd, reject_level=5000, preferences_cache="0s")
+    settings.update(reply_settings(directory, f"sqlite:///{directory / 'db' / 'quarantine.sqlite'}", None))
+    with reply_stack(milter_stack, sink, directory, settings) as env:
+        yield env
 
 
 def held_for(env: ReplyEnv, stack: MilterStack, mailbox: str, subject: str) -> str:

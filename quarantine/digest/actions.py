@@ -6,13 +6,15 @@ replayed reply (byte for byte, or with a new Message-ID) changes nothing more an
 
 - ``RELEASE``: ``release.release`` (held -> releasing -> released, re-injected once), then Bayes learns it
   as ham for the owner when ``learn_on_release``;
-- ``DELETE``: held -> deleted, then Bayes learns it as spam when ``learn_on_delete``;
+- ``DELETE``: held -> deleted, then Bayes learns it as spam when ``learn_on_delete`` (not a virus);
 - ``WHITELIST``: the sender on the owner's white list, then ``RELEASE``;
 - ``BLOCK``: the sender on the owner's black list (its address, or its domain when ``block_domain`` says
   so: ``auto`` when the address looks single-use, ``single_use``), then ``DELETE``;
 - ``REPORT``: a row the SpamAssassin milter recorded as delivered (state ``delivered``) -> ``reported``,
   learnt as spam when ``learn_on_delete``;
 - ``PREVIEW``: the sanitised text of the message (``preview.py``), no change;
+- of a virus-held message (``release.ADMIN_ONLY_KINDS``) only ``DELETE`` and ``BLOCK``
+  (``USER_ACTIONS_ON_ADMIN_ONLY``; the handler refuses the rest as ``admin-only``);
 - ``RELEASE ALL``: ``RELEASE`` of every row of the owner still held, except the kinds only an admin
   releases (``release.ADMIN_ONLY_KINDS``);
 - ``DIGEST DAILY|WEEKLY|IMMEDIATE|OFF``: the owner's interval (``subscribers.set_interval``).
@@ -38,10 +40,10 @@ from quarantine.preferences import SpamPreferences, split_sender
 from quarantine.release import ADMIN_ONLY_KINDS, Failure, ReleaseError, release
 from quarantine.store import HeldRecord, QuarantineStore, StoreError, UnknownMessage
 
-DELIVERED = "delivered"
-"""State of a row the SpamAssassin milter recorded as delivered with a score between tag and hold."""
-REPORTED = "reported"
-"""State of a delivered row its owner reported as spam."""
+USER_ACTIONS_ON_ADMIN_ONLY = frozenset({Action.DELETE, Action.BLOCK})
+"""What the owner may do to a message of a kind only an admin releases (a virus): harmless, nothing of it
+reaches the user. RELEASE, WHITELIST and PREVIEW of it are refused (``admin-only``); the digest offers
+only these buttons for it."""
 MAX_RELEASE_ALL = 500
 """Rows one ``RELEASE ALL`` releases at most (the rest: another RELEASE ALL)."""
 
@@ -175,8 +177,8 @@ class Actions:
         what = describe(record)
         if not self.store.transition(record.public_id, [State.HELD], State.DELETED, self.by):
             return Outcome(False, self._not_held(record, "deleted"))
-        if self.settings.learn_on_delete:
-            self.teach(record, "spam")
+        if self.settings.learn_on_delete and record.kind.lower() not in ADMIN_ONLY_KINDS:
+            self.teach(record, "spam")  # a virus says nothing about what spam looks like to this user
         return Outcome(True, f"Deleted: {what}.")
 
     def whitelist(self, record: HeldRecord) -> Outcome:
@@ -201,9 +203,9 @@ class Actions:
 
     def report(self, record: HeldRecord) -> Outcome:
         what = describe(record)
-        if not self.store.transition(record.public_id, [DELIVERED], REPORTED, self.by):
+        if not self.store.transition(record.public_id, [State.DELIVERED], State.REPORTED, self.by):
             now = self.store.get(record.public_id)
-            if now is not None and now.state == REPORTED:
+            if now is not None and now.state is State.REPORTED:
                 return Outcome(False, f"Already reported: {what}.")
             return Outcome(False, f"Not reported: {what} is not among the delivered mail of your digest "
                                   "(use DELETE for held mail).")

@@ -17,8 +17,9 @@ image, no font, no stylesheet link), so it looks the same offline and tells no t
 (``nobreak``), so that a client that wraps a quoted line never starts a new line inside it, and the field
 starts with ``<``, ``"`` or ``(``, never with a command word. The HTML part is autoescaped.
 
-Virus-held messages (``release.ADMIN_ONLY_KINDS``) are listed with DELETE, BLOCK and PREVIEW only: no
-release or whitelist link, "ask your postmaster" instead.
+Virus-held messages (``release.ADMIN_ONLY_KINDS``) are listed with DELETE and BLOCK only (harmless: nothing
+of the message reaches the user): no release, whitelist or preview link, "ask your postmaster" instead. The
+reply handler follows the same rule (``actions.USER_ACTIONS_ON_ADMIN_ONLY``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import jinja2
 
+from quarantine.digest.actions import USER_ACTIONS_ON_ADMIN_ONLY
 from quarantine.digest.reply_parse import INSTRUCTIONS_BEGIN, INSTRUCTIONS_END, section_marker
 from quarantine.digest.settings import DigestSettings
 from quarantine.digest.tokens import Action, Tokens, reply_address
@@ -50,7 +52,8 @@ of the digest shares (reply_parse reads 6 to 16)."""
 FIELD_MAX = 80
 """Characters of a sender, subject or reason shown (clipped with an ellipsis)."""
 HELD_ACTIONS = (Action.RELEASE, Action.DELETE, Action.WHITELIST, Action.BLOCK, Action.PREVIEW)
-ADMIN_ONLY_ACTIONS = (Action.DELETE, Action.BLOCK, Action.PREVIEW)
+ADMIN_ONLY_ACTIONS = tuple(action for action in HELD_ACTIONS if action in USER_ACTIONS_ON_ADMIN_ONLY)
+"""The buttons of a virus-held message: only what the reply handler lets its owner do to it."""
 DELIVERED_ACTIONS = (Action.REPORT, Action.BLOCK)
 OWNER_ACTIONS = (Action.RELEASE_ALL, Action.DIGEST_DAILY, Action.DIGEST_WEEKLY, Action.DIGEST_IMMEDIATE,
                  Action.DIGEST_OFF)

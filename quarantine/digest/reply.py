@@ -18,7 +18,8 @@
    ``expired``, of a retired key (``key-retired``) ... refuses that command. A token's message must start with
    the short id written beside it (``id-mismatch``). A short id without a token of its own needs a valid
    REPLY token and is looked up among the owner's own rows only; an id of someone else's message is
-   ``foreign-id``. Messages held because of a virus are for admins only (``admin-only``).
+   ``foreign-id``. Of a message held because of a virus the owner may only DELETE it or BLOCK its sender
+   (harmless); RELEASE, WHITELIST and PREVIEW of it are for admins only (``admin-only``).
 5. **Actions** (``actions.py``), each at most once through the store's state transitions: a replayed reply
    says "already done" and is not a security event.
 6. **One confirmation** to the owner (never to the envelope sender as such, never when step 2 or 3 refused):
@@ -50,7 +51,7 @@ import sqlalchemy as sa
 from mailwarden.backend import BackendError
 from mailwarden.directory import Directory, DirectorySettings, Status, lookup_key
 from mailwarden.logs import get_logger, log_kv
-from quarantine.digest.actions import Actions, Outcome, Teach, Unavailable, describe
+from quarantine.digest.actions import USER_ACTIONS_ON_ADMIN_ONLY, Actions, Outcome, Teach, Unavailable, describe
 from quarantine.digest.outbox import Outbox, OutboxError
 from quarantine.digest.preview import clean
 from quarantine.digest.reply_parse import Command, Reply, parse_reply, strip_subject
@@ -92,7 +93,8 @@ PLAIN_WORDS: dict[str, str] = {
     Reason.WRONG_ACTION: "the link was made for another action",
     Refusal.FOREIGN_ID: "there is no such message in your quarantine",
     Refusal.ID_MISMATCH: "the id and the link beside it do not belong together",
-    Refusal.ADMIN_ONLY: "it was held because it carries a virus: only the mail administrators can act on it",
+    Refusal.ADMIN_ONLY: "it was held because it carries a virus: only the mail administrators can deliver or "
+                        "show it (you may delete it or block its sender)",
 }
 
 
@@ -316,7 +318,7 @@ class ReplyHandler:
         record = self._record(public_id, command.target, owner, named, envelope, message_id, result)
         if isinstance(record, Outcome):
             return [record]
-        if record.kind.lower() in ADMIN_ONLY_KINDS:
+        if record.kind.lower() in ADMIN_ONLY_KINDS and command.action not in USER_ACTIONS_ON_ADMIN_ONLY:
             self._event(result, Refusal.ADMIN_ONLY, envelope, message_id, owner,
                         f"{named}: held as {record.kind}")
             return [Outcome(False, f"{command.action} {describe(record)}: "

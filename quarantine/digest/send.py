@@ -69,8 +69,6 @@ IMMEDIATE_SLACK = datetime.timedelta(seconds=30)
 not exactly ``immediate_every`` apart, and a digest must not wait a whole extra run for a second."""
 MAX_CONSECUTIVE_FAILURES = 20
 """Sends failing in a row (the listener down) stop the run: the rest would fail alike."""
-DELIVERED = "delivered"
-"""The state of rows the SpamAssassin milter records for tagged mail it delivered (listed with REPORT)."""
 ADMIN_COPY_OWNER = "(admin copy)"
 """The ``digest_subscriber`` row that keeps when the admin copy was last sent (no mailbox has this form)."""
 BY = "digest send"
@@ -395,8 +393,8 @@ def _send_one(store: QuarantineStore, digest: DigestSettings, renderer: Renderer
     """Render and send one claimed digest: "sent", "failed" or "empty" (released meanwhile)."""
     try:
         held = entries(store, candidate.owner, State.HELD.value, candidate.covered_until, cutoff, digest.max_listed)
-        delivered = entries(store, candidate.owner, DELIVERED, candidate.covered_until, cutoff, digest.max_listed) \
-            if digest.list_tagged else Section([], 0)
+        delivered = entries(store, candidate.owner, State.DELIVERED.value, candidate.covered_until, cutoff,
+                            digest.max_listed) if digest.list_tagged else Section([], 0)
         if not held.total:
             release_claim(store, candidate.owner, cutoff)
             return "empty"
