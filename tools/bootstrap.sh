@@ -16,8 +16,16 @@ bash tools/install-system-deps.sh
 # installed: the lock says which versions, PyPI's files and the lock's hashes say which bytes.
 export PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 
+# Our own modules compiled now: commands that run as a service user (the digest reply pipe runs as one that
+# cannot write __pycache__ here) would otherwise compile every module from source at each start.
+compile_sources() {
+  "$VENV/bin/python" -m compileall -q mailwarden policyd milters quarantine phishhook >/dev/null \
+    || echo "bootstrap: compileall failed (the commands still run, each compiling at start)" >&2
+}
+
 stamp=$(cat "$LOCK" pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ -f "$VENV/.installed" ] && [ "$(cat "$VENV/.installed")" = "$stamp" ] && [ -x "$VENV/bin/mailwarden" ]; then
+  compile_sources
   exit 0
 fi
 echo "bootstrap: building $VENV from $LOCK"
@@ -26,4 +34,5 @@ python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q --require-hashes --no-deps -r "$LOCK"
 "$VENV/bin/pip" install -q --no-deps -e .
 "$VENV/bin/pip" check >/dev/null || { "$VENV/bin/pip" check; echo "bootstrap: the lock is inconsistent" >&2; exit 1; }
+compile_sources
 echo "$stamp" > "$VENV/.installed"
