@@ -141,22 +141,15 @@ class Actions:
 
     def run(self, action: Action, record: HeldRecord) -> Outcome:
         """A message action on the owner's row ``record``; raises Unavailable."""
+        verbs = {Action.RELEASE: self.release, Action.DELETE: self.delete, Action.WHITELIST: self.whitelist,
+                 Action.BLOCK: self.block, Action.REPORT: self.report, Action.PREVIEW: self.preview}
+        verb = verbs.get(action)
+        if verb is None:
+            raise ValueError(f"{action} is not a message action")
         try:
-            if action is Action.RELEASE:
-                return self.release(record)
-            if action is Action.DELETE:
-                return self.delete(record)
-            if action is Action.WHITELIST:
-                return self.whitelist(record)
-            if action is Action.BLOCK:
-                return self.block(record)
-            if action is Action.REPORT:
-                return self.report(record)
-            if action is Action.PREVIEW:
-                return self.preview(record)
+            return verb(record)
         except StoreError as exc:
             raise Unavailable(str(exc)) from None
-        raise ValueError(f"{action} is not a message action")
 
     def release(self, record: HeldRecord) -> Outcome:
         what = describe(record)
