@@ -16,10 +16,11 @@ set -euo pipefail
 # run private instances with local test signatures); spamassassin, spamd: SpamAssassin's rules, sa-learn and its
 # daemon, which the SpamAssassin milter asks (the tests run private spamd instances with per-user Bayes; spamd
 # is a package of its own in bookworm, and only a Recommends of spamc, so it is named); chromium, fonts-dejavu-core:
-# the digest's HTML part is rendered in Debian's headless Chromium by its test (a screenshot the README shows).
+# the digest's HTML part is rendered in Debian's headless Chromium by its test (a screenshot the README shows);
+# chromium-driver: the phish review page is driven in that Chromium through Selenium by its test.
 PACKAGES=(python3 python3-venv ca-certificates postfix libsasl2-modules redis-server swaks slapd dovecot-core
           dovecot-imapd mariadb-server postgrey db-util gcc libc6-dev python3-dev libmilter-dev clamav-daemon
-          spamassassin spamd chromium fonts-dejavu-core)
+          spamassassin spamd chromium chromium-driver fonts-dejavu-core)
 
 # WITH_BENCH=1 (make bench sets it): what only the benchmarks run. clamav-milter: Debian's ClamAV milter, which
 # bench/milter_bench.py runs privately beside ours (smtp-source and smtp-sink, its load and its sink, ship
