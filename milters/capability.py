@@ -11,6 +11,7 @@ from milters.app import CHECKS, MILTERS
 from milters.banned import BannedSettings
 from milters.clamav import ClamavSettings
 from milters.cli import register_cli
+from milters.phish import PhishMilterSettings
 from milters.spamassassin import SpamAssassinSettings
 
 
@@ -21,6 +22,9 @@ class MiltersSettings(Section):
     """The ClamAV milter (``mailwarden milter clamav``) and its scanner."""
     spamassassin: SpamAssassinSettings = Field(default_factory=SpamAssassinSettings)
     """The SpamAssassin milter (``mailwarden milter spamassassin``)."""
+    phish: PhishMilterSettings = Field(default_factory=PhishMilterSettings)
+    """The phish milter (``mailwarden milter phish``): SMTP AUTH logins and the outbound rule, judged by
+    phishhook (``[phishhook]``)."""
     banned: BannedSettings = Field(default_factory=BannedSettings)
     """The banned-attachments check (``[milters.banned]``), run by the milters whose ``checks`` name it."""
 

@@ -7,36 +7,16 @@ capability's commands, and the quarantine's bring Alembic and SMTP with them.
 
 from __future__ import annotations
 
-import importlib
 import logging
 
 import click
 
 from mailwarden.capability import Capability
+from mailwarden.lazy_group import LazyGroup
 from quarantine.preflight import preflight
 from quarantine.store import QuarantineSettings, log
 
-__all__ = ["CAPABILITY", "QuarantineSettings"]
-
-
-class LazyGroup(click.Group):
-    """A click group whose subcommands live in other modules, imported on first use: the commands of each
-    ``(module, attribute)`` in ``sources``, a click group there (the first source that has a name wins)."""
-
-    def __init__(self, *args: object, sources: tuple[tuple[str, str], ...], **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._sources = sources
-
-    def _groups(self) -> list[click.Group]:
-        groups = [getattr(importlib.import_module(module), name) for module, name in self._sources]
-        assert all(isinstance(group, click.Group) for group in groups)
-        return groups
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({name for group in self._groups() for name in group.list_commands(ctx)})
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        return next((command for group in self._groups() if (command := group.get_command(ctx, cmd_name))), None)
+__all__ = ["CAPABILITY", "LazyGroup", "QuarantineSettings"]
 
 
 def _quiet_store_log() -> None:

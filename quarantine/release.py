@@ -30,7 +30,11 @@ from quarantine.store import QuarantineSettings, QuarantineStore, StoreError, Un
 
 log = get_logger("quarantine.release")
 
-ADMIN_ONLY_KINDS = frozenset({"virus"})
+ADMIN_ONLY_KINDS = frozenset({"virus", "phish"})
+
+SECURITY_KINDS = frozenset({"phish"})
+"""Held for the security team, not for the recipient (the message that snagged its sender, phishhook): never
+listed in a recipient's digest, released only by an admin."""
 """Kinds released only by an admin who says so (``release --admin``)."""
 QUEUED_AS = re.compile(rb"queued as ([0-9A-Za-z]+)")
 """Postfix's 250 reply to the end of data: ``250 2.0.0 Ok: queued as 4ZbQ3x5yQ7z9``."""
