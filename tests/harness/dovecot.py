@@ -23,6 +23,7 @@ Verdicts: success and unknown user -> DUNNO (no verdict, later restrictions run)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -99,7 +100,32 @@ service quota-status {{
   }}
   client_limit = 1
 }}
+{auth_policy}"""
+
+AUTH_POLICY_CONF = """\
+# the auth policy server (phishhook): allow before and after authentication, report after it
+auth_policy_server_url = {url}
+auth_policy_server_api_header = {api_header}
+auth_policy_hash_nonce = mw-test-nonce
+auth_policy_server_timeout_msecs = {timeout_ms}
+auth_policy_request_attributes = login=%{{requested_username}} pwhash=%{{hashed_password}} remote=%{{rip}} \
+device_id=%{{client_id}} protocol=%s session_id=%{{session}}
+auth_policy_check_before_auth = yes
+auth_policy_check_after_auth = yes
+auth_policy_report_after_auth = yes
+auth_policy_reject_on_fail = no
+# a proxy on loopback may pass the client's address (IMAP ID x-originating-ip)
+login_trusted_networks = 127.0.0.0/8
 """
+
+
+@dataclass(frozen=True)
+class AuthPolicy:
+    """Dovecot's auth policy pointed at a server (phishhook's ``/policy``), as the README documents it."""
+
+    url: str
+    api_header: str
+    timeout_ms: int = 2000
 
 
 @dataclass(frozen=True)
@@ -153,6 +179,7 @@ class DovecotInstance(ServerLifecycle):
     imap_port: int = field(default_factory=free_port)
     quota_port: int = field(default_factory=free_port)
     users: tuple[MailUser, ...] = DEFAULT_USERS
+    auth_policy: AuthPolicy | None = None
     proc: subprocess.Popen[bytes] | None = None
     _owns_directory: bool = field(default=False, init=False, repr=False)
     _built: bool = field(default=False, init=False, repr=False)
@@ -216,8 +243,10 @@ class DovecotInstance(ServerLifecycle):
             f"{u.address}:{{PLAIN}}{u.password}:{MAIL_UID}:{MAIL_GID}::{d}/mail/{u.address}::"
             + (f"userdb_quota_rule=*:storage={u.quota}" if u.quota else "") + "\n"
             for u in self.users))
+        policy = "" if self.auth_policy is None else AUTH_POLICY_CONF.format(
+            url=self.auth_policy.url, api_header=self.auth_policy.api_header, timeout_ms=self.auth_policy.timeout_ms)
         self.conf.write_text(DOVECOT_CONF.format(d=d, imap_port=self.imap_port, quota_port=self.quota_port,
-                                                 overquota=OVERQUOTA))
+                                                 overquota=OVERQUOTA, auth_policy=policy))
         for user in self.users:
             maildir = self.maildir(user.address)
             for sub in ("new", "cur", "tmp"):
@@ -289,6 +318,29 @@ class DovecotInstance(ServerLifecycle):
                 pass
             time.sleep(0.02)
         raise TimeoutError(f"dovecot not ready after {timeout}s: {self.log_text()[-2000:]}")
+
+
+def imap_login(port: int, user: str, password: str, originating_ip: str | None = None,
+               timeout: float = 10.0) -> tuple[bool, str]:
+    """Log in over IMAP as a proxy would: with ``originating_ip``, an IMAP ID ``x-originating-ip`` first
+    (believed because loopback is in login_trusted_networks). (logged in, the server's words)."""
+    import imaplib
+
+    client = imaplib.IMAP4("127.0.0.1", port, timeout=timeout)
+    try:
+        if originating_ip:
+            imaplib.Commands.setdefault("ID", ("NONAUTH", "AUTH", "SELECTED"))
+            client._simple_command("ID", f'("x-originating-ip" "{originating_ip}" "x-originating-port" "50123" '
+                                         '"x-connected-ip" "127.0.0.1")')
+        try:
+            typ, data = client.login(user, password)
+        except imaplib.IMAP4.error as exc:
+            return False, str(exc)
+        client.logout()
+        return typ == "OK", b" ".join(d for d in data if isinstance(d, bytes)).decode(errors="replace")
+    finally:
+        with contextlib.suppress(OSError):
+            client.shutdown()
 
 
 def _imap_greeting(port: int) -> bytes:
