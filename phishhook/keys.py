@@ -24,6 +24,10 @@ are hashed to a fixed length (``policyd.keys.digest``), so a hostile login name 
   spraying). Lives one ``failed_window``.
 - ``ph:fn:<address or hash(user)>`` string, brute force: the window's alert was already raised. Lives one
   ``failed_window``.
+- ``ph:rl:a:<address>`` string, the review page: failed (and refused) review logins from the address in the
+  current window. Lives ``[phishhook.review] failed_window`` from the first failure.
+- ``ph:rl:u:<hash(login name)>`` string, the review page: failed (and refused) review logins with the login
+  name (lower case; unknown names too) in the current window. Lives ``[phishhook.review] failed_window``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ FAILED_ADDRESS = "ph:fa:"
 FAILED_USER = "ph:fu:"
 FAILED_SPRAY = "ph:fs:"
 FAILED_NOTIFIED = "ph:fn:"
+REVIEW_FAILED_ADDRESS = "ph:rl:a:"
+REVIEW_FAILED_ACCOUNT = "ph:rl:u:"
 
 
 def user_key(prefix: str, kind: str, user: str) -> str:

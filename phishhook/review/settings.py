@@ -33,6 +33,37 @@ class ReviewSettings(Section):
     """Wrong passwords from one address (or for one account) within ``failed_window`` before further
     attempts are refused (429) until the window passes."""
     failed_window: Duration = 900
+    """Seconds ("15m") the failed-login count runs from the first failure; the refusals last until it ends."""
+
+    @field_validator("accounts")
+    @classmethod
+    def _accounts(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, hashed in value.items():
+            if not name.strip() or len(name) > 128 or name != name.strip():
+                raise ValueError(f"{name!r}: a login name of 1 to 128 characters without surrounding spaces")
+            if not hashed.startswith("$argon2"):
+                raise ValueError(f"{name}: not an argon2 hash (`mailwarden phish passwd {name}` prints one); "
+                                 "never put a password itself here")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        if value and not value.startswith(("https://", "http://")):
+            raise ValueError(f"{value!r}: give the page's full address (https://host/path)")
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not an address or CIDR network") from None
+        return value
 
     @field_validator("session_secret")
     @classmethod
