@@ -160,8 +160,8 @@ def _open(path: Path, key: str, expect: str) -> geoip2.database.Reader:
     database_type = reader.metadata().database_type
     if expect not in database_type:
         reader.close()
-        raise GeoDatabaseError(f"{what}: this is a {database_type} database, not a {expect} one: point {key} at a "
-                               f"GeoIP2/GeoLite2 {expect} database (.mmdb)")
+        raise GeoDatabaseError(f"{what}: this is a {database_type} database where a {expect} one is expected: point "
+                               f"{key} at a GeoIP2/GeoLite2 {expect} database (.mmdb)")
     try:  # a corrupt data section opens fine and fails on lookups: decode a few records now
         with maxminddb.open_database(str(path), maxminddb.MODE_AUTO) as probe:
             for count, _record in enumerate(probe, start=1):

@@ -21,6 +21,7 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 import tempfile
 import tomllib
 from bisect import bisect_right
@@ -152,6 +153,25 @@ def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise ValueError(f"{text!r} has host bits set: did you mean {loose}?") from None
 
 
+def _cidr_range(text: str) -> tuple[int, int, int]:
+    """(IP version, first, last address as integers) of a CIDR in canonical form, about ten times faster
+    than ipaddress (a provider's list has 200,000 of them); anything unusual goes through ``_network``
+    (its checks and messages)."""
+    address, slash, length = text.partition("/")
+    family, bits = (socket.AF_INET6, 128) if ":" in address else (socket.AF_INET, 32)
+    try:
+        value = int.from_bytes(socket.inet_pton(family, address), "big")
+        prefix = int(length) if slash else bits
+    except (OSError, ValueError):
+        prefix = -1
+    if 0 <= prefix <= bits and length == (str(prefix) if slash else ""):
+        host = (1 << (bits - prefix)) - 1
+        if not value & host:
+            return (4 if bits == 32 else 6), value, value | host
+    network = _network(text)
+    return network.version, int(network.network_address), int(network.broadcast_address)
+
+
 class _RangeTable:
     """Disjoint integer ranges [start, end] with a label each, for one IP version; the most specific
     prefix wins where prefixes nest (CIDR prefixes either nest or are disjoint)."""
@@ -198,16 +218,16 @@ class _RangeTable:
 
 
 class _Tables:
-    """One range table per IP version for one set of labelled networks."""
+    """One range table per IP version for one set of labelled networks (CIDR strings)."""
 
     __slots__ = ("count", "v4", "v6")
 
-    def __init__(self, labelled: Iterable[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]]) -> None:
+    def __init__(self, labelled: Iterable[tuple[str, str]]) -> None:
         v4: list[tuple[int, int, str]] = []
         v6: list[tuple[int, int, str]] = []
         for network, label in labelled:
-            (v4 if network.version == 4 else v6).append(
-                (int(network.network_address), int(network.broadcast_address), label))
+            version, first, last = _cidr_range(network)
+            (v4 if version == 4 else v6).append((first, last, label))
         self.count = len(v4) + len(v6)
         self.v4 = _RangeTable(v4)
         self.v6 = _RangeTable(v6)
@@ -252,7 +272,7 @@ def read_relay_file(path: Path) -> dict[str, RelayGroup]:
             raise RelayFileError(f"{where}: 'networks' must be a list of CIDR strings")
         for network in networks:
             try:
-                _network(network)
+                _cidr_range(network)
             except ValueError as exc:
                 raise RelayFileError(f"{where}: {exc}") from None
         description, source = table.get("description", ""), table.get("source", "")
@@ -296,7 +316,7 @@ def write_relay_file(path: Path, groups: Mapping[str, Sequence[str]], *,
              "# A group here replaces the shipped group of the same name.", ""]
     for name, networks in groups.items():
         for network in networks:
-            _network(network)
+            _cidr_range(network)
         lines += ["[[group]]", f"name = {json.dumps(name)}",
                   f"description = {json.dumps(f'{len(networks)} networks imported')}",
                   f"source = {json.dumps(sources.get(name, ''))}", "networks = ["]
@@ -326,8 +346,8 @@ class NetworkClassifier:
         """Reads the shipped and site relay files; RelayFileError when one is missing or broken."""
         self.settings = settings
         self.shipped = shipped if shipped is not None else shipped_rules_file(RELAYS_FILE)
-        self._private = _Tables((ipaddress.ip_network(n), "") for n in _PRIVATE_NETWORKS)
-        self._trusted = _Tables((_network(entry), entry.strip()) for entry in settings.trusted)
+        self._private = _Tables((network, "") for network in _PRIVATE_NETWORKS)
+        self._trusted = _Tables((str(_network(entry)), entry.strip()) for entry in settings.trusted)
         files = [self.shipped] + ([settings.relay_file] if settings.relay_file else [])
         self._watch = FileWatch(files)
         self._relays: _Relays = self._watch.read(self._read_relays)
@@ -341,8 +361,7 @@ class NetworkClassifier:
             log_kv(log, logging.WARNING, "relay_groups_disabled names groups that do not exist",
                    groups=",".join(unknown), known=",".join(sorted(groups)))
         used = {name: group for name, group in groups.items() if name not in self.settings.relay_groups_disabled}
-        tables = _Tables((ipaddress.ip_network(network), name)
-                         for name, group in used.items() for network in group.networks)
+        tables = _Tables((network, name) for name, group in used.items() for network in group.networks)
         return _Relays(used, tables)
 
     def reload(self) -> bool:
