@@ -1,0 +1,1 @@
+"""phishhook: phished accounts detected by geo-velocity and mass mail, snag actions, the review page."""
