@@ -276,6 +276,19 @@ def test_redis_down_is_a_failed_block_and_the_rest_still_runs(own_redis, tmp_pat
     assert results[1].ok and marker.exists()
 
 
+def test_an_action_that_raises_is_a_failure_logged_with_its_traceback(redis_server, tmp_path, sink, caplog) -> None:
+    (tmp_path / "ticket.txt.j2").write_text("{{ user }} {{ no_such_field }}\n")  # a site's template with a typo
+    run = runner(redis_server, {"type": "ticket", "to": ["s@example.org"], "from_address": "p@example.org",
+                                "smtp": f"127.0.0.1:{sink.port}", "templates": str(tmp_path)},
+                 {"type": "block-account"})
+    with caplog.at_level(logging.ERROR, logger="mailwarden.phishhook.actions"):
+        ticket, block = run.run(evidence())
+    assert not ticket.ok and ticket.detail == "UndefinedError: 'no_such_field' is undefined"
+    assert block.ok
+    [record] = caplog.records
+    assert record.exc_info and record.kv == {"snag": "SNAG42", "action": "ticket"}  # type: ignore[attr-defined]
+
+
 def test_a_result_store_that_raises_does_not_stop_the_actions(redis_server) -> None:
     seen = []
 
@@ -312,7 +325,7 @@ json.dump({{"stdin": sys.stdin.read(), "argv": sys.argv[1:], "env": dict(os.envi
 def test_a_command_that_ignores_a_large_stdin_does_not_hang(redis_server, tmp_path) -> None:
     big = evidence(padding="x" * 1_000_000)
     [result] = runner(redis_server, {"type": "command", "name": "deaf", "timeout": 20,
-                                     "argv": [script(tmp_path, "deaf", "exit 0")]}).run(big)
+                                     "argv": [script(tmp_path, "deaf", "head -c 200000 /dev/zero\nexit 0")]}).run(big)
     assert result.ok and result.seconds < 5
 
 
