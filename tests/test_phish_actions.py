@@ -171,6 +171,15 @@ def test_private_or_missing_addresses_are_skipped_not_blocked(redis_server) -> N
     assert BlockList(redis_server.client(), PREFIX).entries() == []
 
 
+def test_an_ipv6_or_ipv4_mapped_source_is_blocked_in_the_form_policyd_reads(redis_server) -> None:
+    run = runner(redis_server, {"type": "block-address"})
+    assert run.run(evidence(address="2001:4860:4860:0::8888"))[0].detail == \
+        "address 2001:4860:4860::8888 blocked for 30d"
+    assert run.run(evidence(address="::ffff:1.0.16.1"))[0].detail == f"address {CN} blocked for 30d"
+    assert (policyd_refuses(redis_server.url, client="2001:4860:4860::8888") or "").startswith("client blocked")
+    assert (policyd_refuses(redis_server.url, client=CN) or "").startswith("client blocked")
+
+
 def test_an_account_block_may_expire(redis_server) -> None:
     [result] = runner(redis_server, {"type": "block-account", "expires": "2h"}).run(evidence())
     assert "blocked for 2h" in result.detail
