@@ -1,1 +1,2 @@
-"""phishhook: phished accounts found by their logins and their mail, snagged, and reviewed."""
+"""phishhook: phished accounts found by their logins (geo-velocity) and their mail (mass mail), snagged,
+and reviewed by the security team."""
