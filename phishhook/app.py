@@ -35,6 +35,6 @@ def build_detector(config: Config, decisions: DecisionLog | None, *, background:
     parts = DetectorParts(settings=settings, client=client, prefix=redis_settings.key_prefix, geo=geo,
                           classifier=NetworkClassifier(settings.networks), snags=SnagStore.open(
                               config.section("quarantine")), actions=actions,
-                          worker=ActionWorker(actions) if background else None, decisions=decisions,
+                          worker=ActionWorker() if background else None, decisions=decisions,
                           forced_alert=forced_alert)
     return Detector(parts)
