@@ -79,7 +79,8 @@ class PhishCheck:
                 reasons.append(f"snag {outcome.snag.public_id}: {outcome.snag.kind}")
         found = self.detector.outbound(queue_id=message.queue_id, auth_user=message.auth_user,
                                        client_address=message.client_address, sender=message.sender,
-                                       from_header=message.header("From"), recipients=message.recipients)
+                                       from_header=message.header("From"), recipients=message.recipients,
+                                       subject=message.header("Subject") or "")
         if found.snag is not None:
             snagged = snagged or found.snag.mode == Mode.ENFORCE
             reasons.append(f"snag {found.snag.public_id}: {found.finding.reason}")

@@ -2,34 +2,26 @@
 
 from __future__ import annotations
 
-import logging
-
 from mailwarden.config import Config
-from mailwarden.logs import DecisionLog, get_logger, log_kv
+from mailwarden.logs import DecisionLog, get_logger
 from mailwarden.redis_sync import sync_client
 from phishhook.actions import ActionRunner, ActionWorker
 from phishhook.detector import Detector, DetectorParts
-from phishhook.geo import GeoDatabaseError, GeoLocator
+from phishhook.geo import GeoLocator, GeoSettings
 from phishhook.networks import NetworkClassifier
 from phishhook.snags import SnagStore
 
 log = get_logger("phishhook")
 
 
-def open_geo(settings: object) -> tuple[GeoLocator | None, str]:
-    """The geo databases, or (None, why) when they cannot be opened and ``on_error = "alert-only"``;
-    GeoDatabaseError (a start-up error naming the file and key) otherwise."""
-    geo_settings = settings.geo  # type: ignore[attr-defined]
-    if geo_settings.city_database is None:
+def open_geo(settings: GeoSettings) -> tuple[GeoLocator | None, str]:
+    """The geo databases, and why every snag must be alert-only ("" when they are fine): GeoLocator.open
+    raises GeoDatabaseError (a start-up error naming the file and key) unless ``on_error = "alert-only"``."""
+    if settings.city_database is None:
         return None, ""
-    try:
-        return GeoLocator(geo_settings), ""
-    except GeoDatabaseError as exc:
-        if geo_settings.on_error != "alert-only":
-            raise
-        log_kv(log, logging.ERROR, "geo database unusable: every snag is alert-only until it is fixed",
-               error=str(exc))
-        return None, f"geo database unusable: {exc}"
+    locator = GeoLocator.open(settings)
+    return (locator if locator.enabled else None), (f"geo database unusable: {locator.problem}"
+                                                    if locator.problem else "")
 
 
 def build_detector(config: Config, decisions: DecisionLog | None, *, background: bool = True) -> Detector:
@@ -38,11 +30,11 @@ def build_detector(config: Config, decisions: DecisionLog | None, *, background:
     settings = config.section("phishhook")
     redis_settings = config.section("redis")
     client = sync_client(redis_settings)
-    geo, forced_alert = open_geo(settings)
+    geo, forced_alert = open_geo(settings.geo)
     actions = ActionRunner(settings.actions, client, redis_settings.key_prefix)
     parts = DetectorParts(settings=settings, client=client, prefix=redis_settings.key_prefix, geo=geo,
                           classifier=NetworkClassifier(settings.networks), snags=SnagStore.open(
                               config.section("quarantine")), actions=actions,
-                          worker=ActionWorker(actions) if background else None, decisions=decisions,
+                          worker=ActionWorker() if background else None, decisions=decisions,
                           forced_alert=forced_alert)
     return Detector(parts)

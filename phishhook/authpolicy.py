@@ -22,11 +22,9 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-
 from mailwarden.logs import Throttled, get_logger
 from mailwarden.section import Section
 from phishhook import metrics
-
 from phishhook.events import BadEvent, LoginEvent, normalise_address, normalise_service, normalise_user
 
 if TYPE_CHECKING:

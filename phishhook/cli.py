@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -332,8 +331,14 @@ def relays_import(ctx: CliContext, group: str, source: Any, as_json: bool) -> No
     except ValueError as exc:
         fail(str(exc), 2)
     path = Path(settings.relay_file)
-    groups = read_relay_file(path) if path.exists() else {}
+    try:
+        existing = read_relay_file(path) if path.exists() else {}
+    except ValueError as exc:
+        fail(str(exc), EX_CONFIG)
+    groups: dict[str, list[str]] = {name: list(kept.networks) for name, kept in existing.items()}
+    sources = {name: kept.source for name, kept in existing.items()}
     groups[group] = networks
-    write_relay_file(path, groups)
+    sources[group] = getattr(source, "name", "") or ""
+    write_relay_file(path, groups, sources=sources)
     emit({"ok": True, "group": group, "networks": len(networks), "file": str(path)}, as_json,
          f"{group}: {len(networks)} networks written to {path}; `systemctl reload mailwarden-phishhook` applies them")

@@ -23,6 +23,7 @@ import redis
 
 from mailwarden.decision import Action, Decision
 from mailwarden.logs import DecisionLog, get_logger, log_kv
+from phishhook import metrics
 from phishhook.actions import ActionResult, ActionRunner, ActionWorker, Evidence
 from phishhook.bruteforce import FailedLogins
 from phishhook.events import LoginEvent
@@ -35,6 +36,9 @@ from phishhook.snags import Snag, SnagStore
 from phishhook.velocity import Sighting, Travel, judge
 
 log = get_logger("phishhook")
+
+WORKER_DRAIN = 30.0
+"""Seconds a stopping service waits for queued slow actions (tickets, commands, webhooks) to finish."""
 
 
 @dataclass(frozen=True)
@@ -102,11 +106,13 @@ class Detector:
         if travel is not None and not exempt:
             mode = self._mode(recall, event.at)
             snag = self.raise_snag(event.user, travel.rule, _travel_reason(travel), {
-                "finding": "login", "travel": travel.as_dict(), "service": event.service, "via": event.via,
-                "session": event.session}, sighting.address, mode, learning=mode is Mode.ALERT
-                and self.history.in_learning(recall, event.at))
+                "finding": "login", "travel": travel.as_dict(), "sightings": _sighting_rows(travel),
+                "service": event.service, "via": event.via, "session": event.session}, sighting.address, mode,
+                learning=mode is Mode.ALERT and self.history.in_learning(recall, event.at))
         self.history.remember(event.user, sighting, recall)
         self._decide(event, sighting, travel, exempt, snag, time.monotonic() - started)
+        outcome = "snag" if snag is not None else "exempt" if exempt else "accept"
+        metrics.LOGINS.labels(event.via.partition(":")[0], outcome).inc()
         return LoginOutcome(sighting, travel, exempt, snag)
 
     def failed_login(self, event: LoginEvent) -> None:
@@ -127,6 +133,7 @@ class Detector:
                             {"finding": "failed-logins", "failures": counted.user_failures,
                              "service": event.service}, classified.address, Mode.ALERT)
             reason += f"; account alert: {counted.alert_user}"
+        metrics.LOGINS.labels(event.via.partition(":")[0], "failed").inc()
         self._emit(Decision("phishhook", "login", "brute-force", action, reason, time.monotonic() - started,
                             queue_id=event.session, client=classified.address, user=event.user,
                             extra={"service": event.service, "via": event.via, "result": "failed"}))
@@ -159,7 +166,7 @@ class Detector:
     # --- outbound ----------------------------------------------------------------------------------------
 
     def outbound(self, *, queue_id: str, auth_user: str, client_address: str, sender: str,
-                 from_header: str | None, recipients: list[str]) -> OutboundOutcome:
+                 from_header: str | None, recipients: list[str], subject: str = "") -> OutboundOutcome:
         finding = judge_outbound(self.settings.outbound, auth_user, sender, from_header, recipients)
         if finding.verdict != OutboundVerdict.ANOMALY:
             return OutboundOutcome(finding, None)
@@ -167,8 +174,10 @@ class Detector:
         recall = self.history.recall(user, None)
         mode = self._mode(recall, self.now())
         snag = self.raise_snag(user, "outbound", finding.reason, {
-            "finding": "outbound", "queue_id": queue_id, "sender": sender, "from": finding.from_address,
-            "recipients": finding.recipients, "client": client_address}, client_address, mode)
+            "finding": "outbound", "client": client_address, "messages": [{
+                "queue_id": queue_id, "sender": sender, "header_from": finding.from_address,
+                "recipients": finding.recipients, "subject": subject[:200], "at": self.now()}]},
+            client_address, mode)
         return OutboundOutcome(finding, snag)
 
     # --- snags -------------------------------------------------------------------------------------------
@@ -190,12 +199,17 @@ class Detector:
         def record(result: ActionResult) -> None:
             self.record_action(snag, result)
 
+        metrics.SNAGS.labels(kind, str(mode)).inc()
         self.parts.actions.immediate(evidence, record)
-        if snag.new:
+        if snag.new:  # a finding added to an open snag: the account is blocked and the team told already
+
+            def deferred(evidence: Evidence) -> object:
+                return self.parts.actions.deferred(evidence, record)
+
             if self.parts.worker is not None:
-                self.parts.worker.submit(evidence, record)
+                self.parts.worker.submit(evidence, deferred)
             else:
-                self.parts.actions.deferred(evidence, record)
+                deferred(evidence)
         log_kv(log, 30, "account snagged" if snag.new else "finding added to an open snag", snag=snag.public_id,
                user=user, kind=kind, mode=str(mode), reason=reason, address=source_address)
         return snag
@@ -237,7 +251,7 @@ class Detector:
     def close(self) -> None:
         """Drain the action worker (bounded), then close the stores."""
         if self.parts.worker is not None:
-            self.parts.worker.close()
+            self.parts.worker.close(WORKER_DRAIN)
         self.parts.snags.close()
         if self.parts.geo is not None:
             self.parts.geo.close()
@@ -266,6 +280,15 @@ def _travel_reason(travel: Travel) -> str:
     where = f"{_label(before.place)} -> {_label(after.place)}"
     speed = "instantly" if travel.hours <= 0 else f"{travel.speed_kmh:.0f} km/h"
     return f"{travel.rule}: {where}, {travel.distance_km:.0f} km in {travel.hours:.2f} h ({speed})"
+
+
+def _sighting_rows(travel: Travel) -> list[dict[str, object]]:
+    """The two logins of a travel as the ticket lists them: the later with its distance, hours and speed."""
+    first = {"at": travel.before.at, "address": travel.before.address, "place": _label(travel.before.place)}
+    speed = travel.speed_kmh if travel.speed_kmh != float("inf") else None
+    second = {"at": travel.after.at, "address": travel.after.address, "place": _label(travel.after.place),
+              "distance_km": travel.distance_km, "hours": travel.hours, "speed_kmh": speed}
+    return [first, second]
 
 
 def _label(place: Place | None) -> str:

@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from pydantic import Field
@@ -114,7 +115,7 @@ class LoginHistory:
             day = int(sighting.at // DAY)
             places = self._key(keys.PLACES, user)
             stored = self.client.hget(places, label) if recall.place_days else None
-            last_day = int(stored.split(b":")[1]) if stored and b":" in stored else None
+            last_day = _last_day(stored)
             days = recall.place_days + (0 if last_day == day else 1)
             pipe.hset(places, label, f"{days}:{day}")
             pipe.expire(places, ttl)
@@ -129,7 +130,7 @@ class LoginHistory:
     def recent(self, user: str, limit: int | None = None) -> list[Sighting]:
         """The user's recent logins, newest first (``phish logins``, the review page)."""
         end = (limit or self.settings.size) - 1
-        return _sightings(self.client.lrange(self._key(keys.HISTORY, user), 0, end))
+        return _sightings(list(self.client.lrange(self._key(keys.HISTORY, user), 0, end)))
 
     def clear(self, user: str, at: float | None = None) -> None:
         """The account was confirmed safe at ``at`` (default now): logins until then are not compared with
@@ -145,6 +146,16 @@ class LoginHistory:
         return recall.first_seen is None or at - recall.first_seen < self.settings.learning_period
 
 
+def _last_day(stored: object) -> int | None:
+    """The day number in a ``days:last day`` entry of the user's places."""
+    if not isinstance(stored, bytes) or b":" not in stored:
+        return None
+    try:
+        return int(stored.split(b":")[1])
+    except ValueError:
+        return None
+
+
 def _float(raw: bytes | None) -> float | None:
     try:
         return float(raw) if raw is not None else None
@@ -152,7 +163,7 @@ def _float(raw: bytes | None) -> float | None:
         return None
 
 
-def _sightings(raw: list[bytes]) -> list[Sighting]:
+def _sightings(raw: list[Any]) -> list[Sighting]:
     found = []
     for item in raw:
         try:

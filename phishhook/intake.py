@@ -14,11 +14,9 @@ import json
 import math
 from typing import TYPE_CHECKING, Any
 
-
 from mailwarden.section import Section
 from phishhook import metrics
 from phishhook.authpolicy import MAX_BODY
-, LoginOutcome
 from phishhook.events import BadEvent, LoginEvent, normalise_address, normalise_service, normalise_user
 
 if TYPE_CHECKING:

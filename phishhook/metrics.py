@@ -1,4 +1,5 @@
-"""phishhook's Prometheus metrics (served on ``[phishhook] listen`` at ``/metrics``)."""
+"""phishhook's Prometheus metrics (served on ``[phishhook] listen`` at ``/metrics``; the phish milter's on its
+own ``metrics_listen``)."""
 
 from prometheus_client import Counter, Histogram
 
@@ -6,6 +7,8 @@ LOGINS = Counter("mailwarden_phish_logins", "Logins judged, by where they were h
                  "(accept, exempt, snag, failed)", ["via", "outcome"])
 SNAGS = Counter("mailwarden_phish_snags", "Snags raised (a finding added to an open snag counts too), by kind and "
                 "mode", ["kind", "mode"])
+ACTIONS = Counter("mailwarden_phish_actions", "Snag actions run, by configured action name and result (ok, failed, "
+                  "skipped: alert-only, or nothing to do such as no public source address)", ["action", "result"])
 AUTH_POLICY = Counter("mailwarden_phish_auth_policy_requests", "Dovecot auth policy requests, by command and "
                       "result (allowed, refused, success, failure, bad, unauthorised)", ["command", "result"])
 AUTH_POLICY_SECONDS = Histogram("mailwarden_phish_auth_policy_seconds", "Time to answer a Dovecot auth policy "

@@ -9,10 +9,10 @@ from mailwarden.section import Section
 from phishhook.actions import ActionsSettings
 from phishhook.authpolicy import DovecotSettings
 from phishhook.bruteforce import BruteForceSettings
-from phishhook.mode import Mode
 from phishhook.geo import GeoSettings
 from phishhook.history import HistorySettings
 from phishhook.intake import IntakeSettings
+from phishhook.mode import Mode
 from phishhook.networks import NetworkSettings
 from phishhook.outbound import OutboundSettings
 from phishhook.review.settings import ReviewSettings

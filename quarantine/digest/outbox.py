@@ -25,9 +25,22 @@ class OutboxError(Exception):
 class Outbox:
     def __init__(self, settings: QuarantineSettings) -> None:
         digest = settings.digest
-        self.address = (digest.submit if digest and digest.submit else None) or settings.reinject
-        self.host, self.port = split_host_port(self.address)
-        self.timeout = settings.reinject_timeout
+        address = (digest.submit if digest and digest.submit else None) or settings.reinject
+        self._open(address, settings.reinject_timeout, "[quarantine.digest] submit, else [quarantine] reinject")
+
+    @classmethod
+    def to_listener(cls, address: str, timeout: float, configured_by: str) -> Outbox:
+        """An outbox for another capability's mail (phishhook's tickets): ``address`` is host:port,
+        ``configured_by`` names the setting, for the error that says what to fix."""
+        outbox = cls.__new__(cls)
+        outbox._open(address, timeout, configured_by)
+        return outbox
+
+    def _open(self, address: str, timeout: float, configured_by: str) -> None:
+        self.address = address
+        self.host, self.port = split_host_port(address)
+        self.timeout = timeout
+        self.configured_by = configured_by
         self._smtp: _RecordingSMTP | None = None
 
     def __enter__(self) -> Outbox:
@@ -65,8 +78,8 @@ class Outbox:
                 raise OutboxError(f"the listener at {self.address} answered {exc.smtp_code} {error}") from None
             except (OSError, smtplib.SMTPException) as exc:
                 self.close()
-                raise OutboxError(f"cannot send through {self.address} ([quarantine.digest] submit, else "
-                                  f"[quarantine] reinject): {getattr(exc, 'strerror', None) or exc}") from None
+                raise OutboxError(f"cannot send through {self.address} ({self.configured_by}): "
+                                  f"{getattr(exc, 'strerror', None) or exc}") from None
         raise AssertionError("unreachable")
 
     def _connection(self) -> _RecordingSMTP:
