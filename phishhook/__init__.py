@@ -1,0 +1,1 @@
+"""phishhook: detection of phished accounts (geo-velocity, mass mail), snag actions and their review."""
