@@ -112,8 +112,11 @@ def serve(detector: Detector) -> None:
     if settings.review.listen:
         sockets.append(bind(settings.review.listen, "the review page, [phishhook.review] listen"))
         ports["review"] = sockets[1].getsockname()[1]
+    # proxy_headers off: uvicorn would otherwise take the client address from X-Forwarded-For of any request
+    # from 127.0.0.1; the review page believes a proxy's headers only from [phishhook.review] trusted_proxies
     config = uvicorn.Config(build_asgi(detector, ports), lifespan="on", log_config=None, access_log=False,
-                            http="httptools", server_header=False, timeout_graceful_shutdown=10)
+                            http="httptools", server_header=False, timeout_graceful_shutdown=10,
+                            proxy_headers=False)
     try:
         uvicorn.Server(config).run(sockets=sockets)
     finally:

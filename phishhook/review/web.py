@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
+import math
 import re
 import secrets
 import urllib.parse
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from phishhook.detector import Detector
     from phishhook.snags import Snag
     from phishhook.velocity import Sighting
+    from quarantine.store import QuarantineStore
 
 log = get_logger("phishhook.review")
 
@@ -61,6 +63,8 @@ MAX_NOTE = 1000
 """Characters of a note kept."""
 MAX_TRAVEL_DAYS = 366
 SNAGS_SHOWN = 300
+MESSAGES_SHOWN = 50
+"""Held messages of one snag looked up in the quarantine."""
 LOGINS_SHOWN = 50
 COUNTRY = re.compile(r"^[A-Z]{2}$")
 VERDICTS = ("confirm", "safe", "dismiss")
@@ -94,23 +98,25 @@ class TimelineRow:
     """"before"/"after": one of the snag's travel pair; "" otherwise."""
 
 
-def timeline(sightings: Iterable[Sighting], travel: dict[str, Any] | None = None) -> list[TimelineRow]:
+def timeline(sightings: Iterable[Sighting], travels: Iterable[dict[str, Any]] = ()) -> list[TimelineRow]:
     """The logins oldest first, each with the distance, time and implied speed from the one before it; the
-    travel pair (``travel["before"]``/``["after"]``, sighting dicts) marked. The same login found twice (in
-    the history and in the evidence) is shown once."""
+    logins of each travel (``travel["before"]``/``["after"]``, sighting dicts as the evidence keeps them)
+    added when the history no longer has them, and marked. A login found twice (in the history and in the
+    evidence) is shown once."""
     from phishhook.velocity import Sighting, speed
 
     pair: dict[tuple[float, str], str] = {}
     extra: list[Sighting] = []
-    for mark in ("before", "after"):
-        raw = (travel or {}).get(mark)
-        if isinstance(raw, dict):
-            try:
-                sighting = Sighting.from_dict(raw)
-            except (KeyError, TypeError, ValueError):
-                continue
-            pair[_moment(sighting)] = mark
-            extra.append(sighting)
+    for travel in travels:
+        for mark in ("before", "after"):
+            raw = travel.get(mark)
+            if isinstance(raw, dict):
+                try:
+                    sighting = Sighting.from_dict(raw)
+                except (KeyError, TypeError, ValueError):
+                    continue
+                pair.setdefault(_moment(sighting), mark)
+                extra.append(sighting)
     unique: dict[tuple[float, str], Sighting] = {}
     for sighting in [*extra, *sightings]:
         unique.setdefault(_moment(sighting), sighting)
@@ -118,7 +124,7 @@ def timeline(sightings: Iterable[Sighting], travel: dict[str, Any] | None = None
     previous: Sighting | None = None
     for sighting in sorted(unique.values(), key=lambda s: s.at):
         distance = hours = kmh = None
-        if previous is not None and previous.place is not None and sighting.place is not None:
+        if previous is not None:
             distance, hours, kmh = speed(previous, sighting)
         rows.append(TimelineRow(at=sighting.at, address=sighting.address, service=sighting.service,
                                 kind=str(sighting.kind), group=sighting.group or "",
@@ -133,19 +139,50 @@ def _moment(sighting: Sighting) -> tuple[float, str]:
     return round(sighting.at, 3), sighting.address
 
 
-def findings(snag: Snag) -> list[dict[str, Any]]:
-    """The snag's findings (its evidence is one finding, or a list of them when more were added)."""
-    evidence = snag.evidence if isinstance(snag.evidence, list) else [snag.evidence]
-    return [finding for finding in evidence if isinstance(finding, dict)]
+def evidences(snag: Snag) -> list[dict[str, Any]]:
+    """Each kept finding's evidence (the detector's details: ``finding``, ``travel``, ``messages`` ...)."""
+    return [finding.evidence for finding in snag.findings if isinstance(finding.evidence, dict)]
 
 
-def travel_of(snag: Snag) -> dict[str, Any] | None:
-    """The first login finding's travel, or None."""
-    for finding in findings(snag):
-        travel = finding.get("travel")
-        if isinstance(travel, dict):
-            return travel
-    return None
+def travels_of(snag: Snag) -> list[dict[str, Any]]:
+    """The travels of the snag's login findings, first found first."""
+    return [evidence["travel"] for evidence in evidences(snag) if isinstance(evidence.get("travel"), dict)]
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    """A message that triggered an outbound finding."""
+
+    at: object
+    queue_id: str
+    sender: str
+    header_from: str
+    recipients: object
+    """A count, or the list of them."""
+    subject: str
+    client: str
+
+
+def messages_of(snag: Snag) -> list[MessageRow]:
+    """The messages of the snag's outbound findings (``messages`` lists, or a finding that is one message)."""
+    rows = []
+    for evidence in evidences(snag):
+        if evidence.get("finding") != "outbound":
+            continue
+        listed = evidence.get("messages")
+        items = listed if isinstance(listed, list) else [evidence]
+        for item in items:
+            if isinstance(item, dict):
+                rows.append(MessageRow(
+                    at=item.get("at"), queue_id=str(item.get("queue_id", "")), sender=str(item.get("sender", "")),
+                    header_from=str(item.get("header_from", item.get("from", "")) or ""),
+                    recipients=item.get("recipients", ""), subject=str(item.get("subject", "")),
+                    client=str(item.get("client", evidence.get("client", "")) or "")))
+    return rows
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
 
 
 def _utc(value: object) -> str:
@@ -164,10 +201,16 @@ def _utc(value: object) -> str:
 
 
 def _number(value: object, digits: int = 0) -> str:
+    """``1,234`` (``digits`` decimals); "unknown" for NaN (a place without coordinates), "instant" for an
+    infinite speed (two logins in the same second), "" for None."""
     if value is None:
         return ""
     if not isinstance(value, int | float):
         return str(value)
+    if math.isnan(value):
+        return "unknown"
+    if math.isinf(value):
+        return "instant"
     return f"{value:,.{digits}f}"
 
 
@@ -243,8 +286,9 @@ Handler = Callable[["Request", str, "FormData | None"], Awaitable["Response"]]
 class ReviewPage:
     """The endpoints, with what they share: the detector, the login gate, the templates."""
 
-    def __init__(self, detector: Detector) -> None:
+    def __init__(self, detector: Detector, quarantine: QuarantineStore | None = None) -> None:
         self.detector = detector
+        self.quarantine = quarantine
         self.settings = detector.settings.review
         self.gate = Gate(self.settings, detector.now)
         self.passwords = PasswordCheck(self.settings.accounts)
@@ -397,30 +441,20 @@ class ReviewPage:
         return self.render(request, "snags.html.j2", user=user, waiting=waiting, rest=rest, only=only or "")
 
     def _snag_context(self, snag: Snag) -> dict[str, Any]:
-        store = self.detector.parts.snags
-        travel = travel_of(snag)
-        recent = self.detector.history.recent(snag.user, LOGINS_SHOWN)
-        outbound = [finding for finding in findings(snag) if finding.get("finding") == "outbound"]
-        held = self._held(outbound)
-        other = [finding for finding in findings(snag) if finding.get("finding") not in ("login", "outbound")]
-        rows = timeline(recent, travel)
-        return {"snag": snag, "state": str(snag.state), "travel": travel, "rows": rows,
-                "pair": {row.mark: row for row in rows if row.mark},
-                "outbound": outbound, "held": held, "other": other, "audit": store.audit(snag.public_id),
-                "findings": findings(snag)}
+        travels = travels_of(snag)
+        rows = timeline(self.detector.history.recent(snag.user, LOGINS_SHOWN), travels)
+        pairs = [(_row_of(rows, travel.get("before")), _row_of(rows, travel.get("after")), travel)
+                 for travel in travels]
+        return {"snag": snag, "state": str(snag.state), "rows": rows, "pairs": [p for p in pairs if p[0] and p[1]],
+                "messages": messages_of(snag), "held": self._held(snag),
+                "audit": self.detector.parts.snags.audit(snag.public_id)}
 
-    def _held(self, outbound: list[dict[str, Any]]) -> list[Any]:
-        """The quarantine rows of the messages that triggered the outbound findings (by queue id), when the
-        snag store can look them up; [] otherwise (the page still shows the findings)."""
-        find = getattr(self.detector.parts.snags, "held_for", None)
-        if find is None:
+    def _held(self, snag: Snag) -> list[Any]:
+        """The quarantine rows of the messages held for the snag, when the page has the quarantine store."""
+        if self.quarantine is None or not snag.message_ids:
             return []
-        rows: list[Any] = []
-        for finding in outbound:
-            queue_id = finding.get("queue_id")
-            if isinstance(queue_id, str) and queue_id:
-                rows.extend(find(queue_id))
-        return rows
+        found = (self.quarantine.get(public_id) for public_id in snag.message_ids[:MESSAGES_SHOWN])
+        return [record for record in found if record is not None]
 
     async def snag(self, request: Request, user: str, _form: FormData | None) -> Response:
         from starlette.concurrency import run_in_threadpool
@@ -500,6 +534,13 @@ class ReviewPage:
                         headers={"Cache-Control": "max-age=3600"})
 
 
+def _row_of(rows: list[TimelineRow], raw: object) -> TimelineRow | None:
+    if not isinstance(raw, dict) or not _finite(raw.get("at")):
+        return None
+    moment = (round(float(raw["at"]), 3), str(raw.get("address", "")))
+    return next((row for row in rows if (round(row.at, 3), row.address) == moment), None)
+
+
 def _minutes(seconds: int) -> str:
     return f"{seconds} seconds" if seconds < 120 else f"{(seconds + 59) // 60} minutes"
 
@@ -527,15 +568,16 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-def review_app(detector: Detector) -> Starlette:
-    """The review page's ASGI application (``[phishhook.review]`` of the detector's settings)."""
+def review_app(detector: Detector, quarantine: QuarantineStore | None = None) -> Starlette:
+    """The review page's ASGI application (``[phishhook.review]`` of the detector's settings). With
+    ``quarantine``, a snag's page also lists the messages held for it."""
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.middleware.sessions import SessionMiddleware
     from starlette.routing import Route
 
     settings = detector.settings.review
-    page = ReviewPage(detector)
+    page = ReviewPage(detector, quarantine)
     secret = settings.session_secret or secrets.token_urlsafe(48)
     routes = [
         Route("/login", page.login_page, methods=["GET"]),
