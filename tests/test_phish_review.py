@@ -190,7 +190,7 @@ def test_failed_logins_rate_limited_by_address(fresh: Review) -> None:
     for name in ("alice", "bob", "mallory"):
         _, answer = fresh.login(name, "wrong password", proxy=True, forwarded=address)
         assert answer.status_code == 401
-    client, answer = fresh.login("alice", PASSWORD, proxy=True, forwarded=address)
+    _, answer = fresh.login("alice", PASSWORD, proxy=True, forwarded=address)
     assert answer.status_code == 429, answer.text
     assert "Too many failed logins" in answer.text
     assert 0 < int(answer.headers["retry-after"]) <= WINDOW

@@ -186,13 +186,17 @@ def _finite(value: object) -> bool:
 
 
 def _utc(value: object) -> str:
-    if isinstance(value, int | float):
+    """``2026-12-02 05:28:39`` (UTC) from epoch seconds, a datetime (naive ones are UTC, as the SQL store
+    gives them back from SQLite) or ISO text; anything else as it is."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int | float) and math.isfinite(value):
         value = datetime.datetime.fromtimestamp(value, datetime.UTC)
-    if isinstance(value, str):
+    elif isinstance(value, str):
         try:
             value = datetime.datetime.fromisoformat(value)
         except ValueError:
-            return value
+            return str(value)
     if isinstance(value, datetime.datetime):
         if value.tzinfo is None:
             value = value.replace(tzinfo=datetime.UTC)
