@@ -354,3 +354,48 @@ def test_review_page_only_on_its_own_port(fresh: Review) -> None:
     with httpx.Client(base_url=fresh.service.url) as policy:
         assert policy.get("/login").status_code in (404, 405)
         assert policy.get("/audit").status_code == 404
+
+
+# --- small pure cases ------------------------------------------------------------------------------------------
+
+
+def test_an_unknown_name_costs_one_argon2_verification() -> None:
+    """So the answer's timing does not tell which names exist."""
+    from phishhook.review.auth import PasswordCheck
+
+    check = PasswordCheck({"alice": PasswordHasher().hash(PASSWORD)})
+    calls: list[str] = []
+    real = check.hasher
+
+    class Counting:
+        def verify(self, hashed: str, password: str) -> bool:
+            calls.append(hashed)
+            return real.verify(hashed, password)
+
+    check.hasher = Counting()  # type: ignore[assignment]
+    assert not check.verify("nobody", PASSWORD)
+    assert calls == [check.dummy]
+    assert not check.verify("alice", "wrong") and check.verify("alice", PASSWORD)
+    assert len(calls) == 3
+
+
+def test_timeline_marks_the_travel_and_measures_each_step() -> None:
+    from phishhook.geo import Place
+    from phishhook.networks import AddressClass
+    from phishhook.review.web import _number, timeline
+    from phishhook.velocity import Sighting
+
+    boston = Place(country="US", city="Boston", latitude=42.3451, longitude=-71.0993, radius_km=5)
+    beijing = Place(country="CN", city="Beijing", latitude=39.9289, longitude=116.3883, radius_km=1)
+    home = Sighting(1000.0, US_BOSTON_A, boston, AddressClass.PUBLIC, "", "imap")
+    nowhere = Sighting(2000.0, "192.0.2.1", None, AddressClass.PUBLIC, "", "imap")
+    away = Sighting(1000.0 + 3600, CN_BEIJING, beijing, AddressClass.PUBLIC, "", "webmail")
+    travel = {"before": home.as_dict(), "after": away.as_dict()}
+    rows = timeline([away, nowhere], [travel])  # the history lost the Boston login: the evidence has it
+    assert [row.address for row in rows] == [US_BOSTON_A, "192.0.2.1", CN_BEIJING]
+    assert [row.mark for row in rows] == ["before", "", "after"]
+    assert rows[0].distance_km is None
+    assert _number(rows[1].distance_km) == "unknown" and _number(rows[2].speed_kmh) == "unknown"
+    direct = timeline([home, away])
+    assert direct[1].distance_km is not None and 10_700 < direct[1].distance_km < 10_900
+    assert direct[1].hours == 1.0 and _number(direct[1].speed_kmh).replace(",", "").isdigit()
