@@ -356,6 +356,26 @@ def test_review_page_only_on_its_own_port(fresh: Review) -> None:
         assert policy.get("/audit").status_code == 404
 
 
+def test_a_backend_down_is_a_clear_503(review: Review, own_redis: RedisProcess, tmp_path: Path) -> None:
+    """Redis gone: a login is answered 503 saying so (never let in, never a bare 500), and works again once
+    Redis is back."""
+    settings = {**review.service.settings, "redis": {"url": own_redis.url, "key_prefix": PREFIX}}
+    service = PhishhookProcess(tmp_path, settings, review_port=free_port()).start()
+    try:
+        client = httpx.Client(base_url=service.review_url, follow_redirects=False, timeout=30)
+        token = csrf_of(client.get("/login").text)
+        own_redis.stop()
+        answer = client.post("/login", data={"csrf": token, "name": "alice", "password": PASSWORD})
+        assert answer.status_code == 503
+        assert "Redis did not answer" in answer.text
+        assert client.get("/").status_code == 303
+        own_redis.start()
+        answer = client.post("/login", data={"csrf": token, "name": "alice", "password": PASSWORD})
+        assert answer.status_code == 303
+    finally:
+        service.stop()
+
+
 # --- small pure cases ------------------------------------------------------------------------------------------
 
 

@@ -28,10 +28,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jinja2
+import redis
 
 from mailwarden.logs import get_logger, log_kv
 from phishhook.review import csrf
 from phishhook.review.auth import SESSION_COOKIE, Gate, LoginLimiter, PasswordCheck, actor, clean_name
+from quarantine.store import StoreError
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -531,6 +533,14 @@ class ReviewPage:
         snags = await run_in_threadpool(self.detector.parts.snags.list, None, login, 20) if login else []
         return self.render(request, "logins.html.j2", user=user, login=login, rows=timeline(recent), snags=snags)
 
+    async def unavailable(self, request: Request, exc: Exception) -> Response:
+        """A backend that did not answer (the SQL store, Redis): 503 with what failed, logged; a verdict may
+        have been half done (the state changed, an unblock not), and the snag's page then says so."""
+        what = str(exc) if isinstance(exc, StoreError) else f"Redis did not answer: {exc}"
+        log_kv(log, logging.ERROR, "review: backend unavailable", path=request.url.path, error=what)
+        return self.error(request, 503, "A backend did not answer", f"{what}. Look at the snag again before "
+                          "repeating a verdict: the state may have changed already.")
+
     async def stylesheet(self, _request: Request) -> Response:
         from starlette.responses import Response
 
@@ -599,5 +609,5 @@ def review_app(detector: Detector, quarantine: QuarantineStore | None = None) ->
                   Middleware(SessionMiddleware, secret_key=secret, session_cookie=SESSION_COOKIE,
                              max_age=int(settings.session_lifetime), same_site="strict",
                              https_only=settings.secure_cookie, path=page.root or "/")]
-    app = Starlette(routes=routes, middleware=middleware)
-    return app
+    handlers = {StoreError: page.unavailable, redis.RedisError: page.unavailable}
+    return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
