@@ -157,6 +157,10 @@ def test_every_page_needs_a_login(fresh: Review) -> None:
         assert "Log in first" in answer.text
     assert str(fresh.store.get(snag).state) == "open"
     assert client.get("/static/review.css").status_code == 200  # the login page's stylesheet
+    # a ticket's link: the login leads back to the snag asked for
+    assert client.get(f"/snags/{snag}").status_code == 303
+    answer = fresh.post_login(client, "alice", PASSWORD)
+    assert answer.status_code == 303 and answer.headers["location"] == f"/snags/{snag}"
 
 
 def test_login_and_logout(fresh: Review) -> None:

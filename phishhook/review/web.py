@@ -69,6 +69,8 @@ MESSAGES_SHOWN = 50
 """Held messages of one snag looked up in the quarantine."""
 LOGINS_SHOWN = 50
 COUNTRY = re.compile(r"^[A-Z]{2}$")
+NEXT = "next"
+"""Session key: the page asked for before the login, where the login leads (a ticket's link to a snag)."""
 VERDICTS = ("confirm", "safe", "dismiss")
 """The verdict forms' paths: confirm compromised, confirm safe, dismiss."""
 MAX_BODY = 64 * 1024
@@ -353,6 +355,8 @@ class ReviewPage:
             user = self.gate.user(identity, request.session)
             if user is None:
                 if request.method == "GET":
+                    raw = request.scope.get("raw_path") or request.url.path.encode()
+                    request.session[NEXT] = raw.decode("latin-1")  # back here after the login (a ticket's link)
                     return self.redirect("/login")
                 return self.error(request, 401, "Log in first", "This needs a login: your session has ended or "
                                   "you were never logged in. Log in again and repeat what you did.")
@@ -401,11 +405,12 @@ class ReviewPage:
             await run_in_threadpool(self._failed, identity.address, account)
             return self.render(request, "login.html.j2", 401, name=name,
                                problem="Wrong login name or password.")
+        wanted = request.session.get(NEXT)
         self.gate.log_in(request.session, name)
         await run_in_threadpool(self.detector.parts.snags.log_audit, actor(name), "login",
                                 f"review page login from {identity.address}")
         log_kv(log, logging.INFO, "review: logged in", user=name, address=identity.address)
-        return self.redirect("/")
+        return self.redirect(wanted if isinstance(wanted, str) and _local_path(wanted) else "/")
 
     def _failed(self, address: str, account: str) -> None:
         counted = self.limiter.count(address, account)
@@ -553,6 +558,12 @@ def _row_of(rows: list[TimelineRow], raw: object) -> TimelineRow | None:
         return None
     moment = (round(float(raw["at"]), 3), str(raw.get("address", "")))
     return next((row for row in rows if (round(row.at, 3), row.address) == moment), None)
+
+
+def _local_path(path: object) -> bool:
+    """Whether ``path`` is a path of this page (not ``//host/...``, not a URL): where a login may lead."""
+    return isinstance(path, str) and path.startswith("/") and not path.startswith("//") and "\\" not in path \
+        and len(path) < 1000
 
 
 def _minutes(seconds: int) -> str:
