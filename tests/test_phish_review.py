@@ -284,6 +284,8 @@ def test_confirm_safe_unblocks_and_audits(fresh: Review) -> None:
     blocks = BlockList(fresh.redis, PREFIX)
     assert any(entry.kind == "user" and entry.value == "frank" for entry in blocks.entries())
     client, _ = fresh.login()
+    listing = client.get("/").text
+    assert listing.index('id="waiting"') < listing.index(f"/snags/{snag}") < listing.index('id="decided"')
     page = client.get(f"/snags/{snag}")
     assert page.status_code == 200
     assert page.headers["cache-control"] == "no-store"
@@ -298,6 +300,8 @@ def test_confirm_safe_unblocks_and_audits(fresh: Review) -> None:
     assert any(entry.actor == "review:alice" and entry.action == "confirm-safe" and entry.detail == "on a trip"
                for entry in fresh.store.audit(snag))
     assert "review:alice" in client.get("/audit").text
+    listing = client.get("/").text
+    assert listing.index(f"/snags/{snag}") > listing.index('id="decided"'), "a decided snag is listed as decided"
     # a second verdict on the decided snag: a clear conflict, nothing changed
     conflict = client.post(f"/snags/{snag}/dismiss", data={"csrf": csrf_of(after.text), "note": "late"})
     assert conflict.status_code == 409

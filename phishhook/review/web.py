@@ -75,8 +75,6 @@ VERDICTS = ("confirm", "safe", "dismiss")
 """The verdict forms' paths: confirm compromised, confirm safe, dismiss."""
 MAX_BODY = 64 * 1024
 """Bytes of a posted form: a verdict with a long note is a few kilobytes."""
-OPEN_STATES = ("open", "alert")
-"""Listed first: the snags still waiting for a verdict."""
 
 
 class FormError(ValueError):
@@ -443,12 +441,16 @@ class ReviewPage:
     # -- pages
 
     async def snags(self, request: Request, user: str, _form: FormData | None) -> Response:
+        """The snags waiting for a verdict (however old), then the decided ones, newest first."""
         from starlette.concurrency import run_in_threadpool
 
+        from phishhook.snags import UNDECIDED, SnagState
+
         only = clean_name(request.query_params.get("user", "")).lower() or None
-        snags = await run_in_threadpool(self.detector.parts.snags.list, None, only, SNAGS_SHOWN)
-        waiting = [snag for snag in snags if str(snag.state) in OPEN_STATES]
-        rest = [snag for snag in snags if str(snag.state) not in OPEN_STATES]
+        decided = [state for state in SnagState if state not in UNDECIDED]
+        store = self.detector.parts.snags
+        waiting = await run_in_threadpool(store.list, UNDECIDED, only, SNAGS_SHOWN)
+        rest = await run_in_threadpool(store.list, decided, only, SNAGS_SHOWN)
         return self.render(request, "snags.html.j2", user=user, waiting=waiting, rest=rest, only=only or "")
 
     def _snag_context(self, snag: Snag) -> dict[str, Any]:
