@@ -317,6 +317,72 @@ def _first_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:300]
 
 
+def engine_for(settings: QuarantineSettings) -> sa.Engine:
+    """``make_engine`` for the settings' database and timeout; a bad URL or a missing driver as StoreError."""
+    url = settings.resolved_database_url()
+    try:
+        return make_engine(url, settings.db_timeout)
+    except Exception as exc:  # a bad URL or a missing driver: sa.exc.ArgumentError, ImportError ...
+        raise StoreError(f"quarantine database_url {describe_url(url)}: {_first_line(exc)}") from None
+
+
+@contextmanager
+def database_errors(what: str, where: str) -> Iterator[None]:
+    """The database's failures as a StoreError saying what failed and what to do (``where``: the database,
+    its password hidden); a StoreError raised inside passes unchanged. For every store on the catalogue's
+    database (the quarantine's, phishhook's snags)."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError) as exc:
+        raise StoreError(f"cannot {what}: quarantine database {where}: {_first_line(exc)}; check "
+                         "that it is running and reachable, and [quarantine] database_url") from None
+    except sa.exc.SQLAlchemyError as exc:
+        raise StoreError(f"cannot {what}: quarantine database {where}: {_first_line(exc)} (was the "
+                         "schema changed by hand? 'mailwarden quarantine migrate' sets it right)") from None
+
+
+def check_schema(engine: sa.Engine, where: str) -> None:
+    """Raise StoreError unless the database answers, SchemaBehind unless it is at the head revision."""
+    with database_errors("open the catalogue", where), engine.connect() as conn:
+        revision = schema.current_revision(conn)
+    head = schema.head_revision()
+    if revision is not None and revision != head and not schema.known_revision(revision):
+        raise SchemaBehind(f"quarantine database {where} is at revision {revision}, which this version "
+                           f"of mailwarden does not know (it needs {head}): was it written by a newer one?",
+                           revision)
+    if revision != head:
+        state = "empty (never migrated)" if revision is None else f"at revision {revision}"
+        raise SchemaBehind(f"quarantine database {where} is {state}, this version needs "
+                           f"revision {head}: run 'mailwarden quarantine migrate'", revision)
+
+
+def retry_deadlocks(writer: sa.Engine, what: str, work: Callable[[sa.Connection], T], attempts: int = 3,
+                    conflicts: bool = False) -> T:
+    """``work`` in a transaction of ``writer`` (an Engine with ``quarantine_write=True``: BEGIN IMMEDIATE on
+    SQLite), run again when MariaDB chose it as a deadlock's victim: the server rolled it back whole, so
+    running it again is safe. With ``conflicts``, also after an IntegrityError (a unique key another writer
+    took meanwhile: the work looks again and finds its row). Other failures propagate as SQLAlchemy raised
+    them, and these too after ``attempts`` runs."""
+    attempt = 1
+    while True:
+        try:
+            with writer.begin() as conn:
+                return work(conn)
+        except sa.exc.IntegrityError:
+            if not conflicts or attempt >= attempts:
+                raise
+            log_kv(log, logging.DEBUG, "unique key taken meanwhile: the transaction runs again", what=what,
+                   attempt=attempt)
+            attempt += 1
+        except sa.exc.OperationalError as exc:
+            if attempt >= attempts or getattr(exc.orig, "args", (None,))[:1] != (DEADLOCK,):
+                raise
+            log_kv(log, logging.INFO, "deadlock: the transaction runs again", what=what, attempt=attempt)
+            attempt += 1
+
+
 class QuarantineStore:
     def __init__(self, settings: QuarantineSettings, now: Callable[[], datetime.datetime] = utcnow) -> None:
         self.settings = settings
@@ -324,10 +390,7 @@ class QuarantineStore:
         self.url = settings.resolved_database_url()
         self.message_dir = settings.resolved_message_dir()
         self.where = describe_url(self.url)
-        try:
-            self.engine = make_engine(self.url, settings.db_timeout)
-        except Exception as exc:  # a bad URL or a missing driver: sa.exc.ArgumentError, ImportError ...
-            raise StoreError(f"quarantine database_url {self.where}: {_first_line(exc)}") from None
+        self.engine = engine_for(settings)
         self._writer = self.engine.execution_options(quarantine_write=True)
         self._ready = False
 
@@ -341,17 +404,7 @@ class QuarantineStore:
             return
         with self._errors("open the catalogue"):
             self._sqlite_directory()
-            with self.engine.connect() as conn:
-                revision = schema.current_revision(conn)
-        head = schema.head_revision()
-        if revision is not None and revision != head and not schema.known_revision(revision):
-            raise SchemaBehind(f"quarantine database {self.where} is at revision {revision}, which this version "
-                               f"of mailwarden does not know (it needs {head}): was it written by a newer one?",
-                               revision)
-        if revision != head:
-            state = "empty (never migrated)" if revision is None else f"at revision {revision}"
-            raise SchemaBehind(f"quarantine database {self.where} is {state}, this version needs "
-                               f"revision {head}: run 'mailwarden quarantine migrate'", revision)
+        check_schema(self.engine, self.where)
         self._ready = True
 
     def migrate(self) -> tuple[str | None, str]:
@@ -383,15 +436,10 @@ class QuarantineStore:
     @contextmanager
     def _errors(self, what: str) -> Iterator[None]:
         try:
-            yield
+            with database_errors(what, self.where):
+                yield
         except (StoreError, UnknownMessage):
             raise
-        except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError) as exc:
-            raise StoreError(f"cannot {what}: quarantine database {self.where}: {_first_line(exc)}; check "
-                             "that it is running and reachable, and [quarantine] database_url") from None
-        except sa.exc.SQLAlchemyError as exc:
-            raise StoreError(f"cannot {what}: quarantine database {self.where}: {_first_line(exc)} (was the "
-                             "schema changed by hand? 'mailwarden quarantine migrate' sets it right)") from None
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             raise StoreError(f"cannot {what}: {where}{exc.strerror or exc}; check [quarantine] message_dir "
@@ -425,17 +473,8 @@ class QuarantineStore:
         MariaDB chose it as a deadlock's victim: the server rolled it back whole, so running it again is
         safe (two writers inserting the same new unique key at once). Failures as StoreError."""
         self.check()
-        attempt = 1
         with self._errors(what):
-            while True:
-                try:
-                    with self._writer.begin() as conn:
-                        return work(conn)
-                except sa.exc.OperationalError as exc:
-                    if attempt >= attempts or getattr(exc.orig, "args", (None,))[:1] != (DEADLOCK,):
-                        raise
-                    log_kv(log, logging.INFO, "deadlock: the transaction runs again", what=what, attempt=attempt)
-                    attempt += 1
+            return retry_deadlocks(self._writer, what, work, attempts)
 
     # -- holding -----------------------------------------------------------------------------------------
 

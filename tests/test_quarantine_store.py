@@ -22,6 +22,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
+import phishhook.models  # noqa: F401  (phishhook's tables share the catalogue's Base and migrations)
 from mailwarden.config import ENV_VAR
 from quarantine import schema
 from quarantine.models import Base, State, Storage

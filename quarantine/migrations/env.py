@@ -5,6 +5,9 @@ From ``mailwarden quarantine migrate`` (quarantine.schema) the connection arrive
 upgrade head``) the URL is ``-x url=...``, else ``sqlalchemy.url`` of the ini file, else the one the store
 uses: ``[quarantine] database_url`` of the mailwarden config ($MAILWARDEN_CONFIG or
 /etc/mailwarden/mailwarden.toml), else the default SQLite file.
+
+The catalogue's database also holds phishhook's tables (``phishhook/models.py``, on the same ``Base``), so
+the migrations here create them and autogenerate compares them too.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging.config
 import sqlalchemy as sa
 from alembic import context
 
+import phishhook.models  # noqa: F401  (its tables join Base.metadata: they share our migrations)
 from quarantine.models import Base
 from quarantine.schema import VERSION_TABLE
 
