@@ -22,7 +22,7 @@ from phishhook.events import BadEvent
 from phishhook.geo import GeoDatabaseError
 from phishhook.intake import outcome_json, parse_event
 from phishhook.resolution import Learn, Resolver, parse_countries
-from phishhook.snags import Snag, SnagState, SnagStateError
+from phishhook.snags import Snag, SnagState, SnagStateError, UnknownEntry, UnknownSnag
 from quarantine.cli import login_name, parse_moment, shown, when
 from quarantine.store import SchemaBehind, StoreError
 
@@ -43,8 +43,10 @@ def detector_for(ctx: CliContext) -> Iterator[Detector]:
         fail(str(exc), EX_UNAVAILABLE)
     except redis.RedisError as exc:
         fail(f"cannot reach Redis: {exc}", EX_UNAVAILABLE)
-    except (BadEvent, SnagStateError) as exc:
-        fail(str(exc), 1 if isinstance(exc, SnagStateError) else 2)
+    except (SnagStateError, UnknownSnag, UnknownEntry) as exc:
+        fail(str(exc).strip("'\""), 1)
+    except BadEvent as exc:
+        fail(str(exc), 2)
     except ValueError as exc:
         fail(str(exc), 2)
     finally:
@@ -242,8 +244,9 @@ def travel_add(ctx: CliContext, user: str, countries: str, places: str, starts: 
     assert end is not None
     with detector_for(ctx) as detector:
         notice = detector.parts.snags.add_travel(user.strip().lower(), list(parse_countries(countries)),
-                                                 [p.strip() for p in places.split(",") if p.strip()], start, end,
-                                                 by or f"cli:{login_name()}", note)
+                                                 [p.strip() for p in places.split(",") if p.strip()],
+                                                 starts_at=start, ends_at=end, by=by or f"cli:{login_name()}",
+                                                 note=note)
         emit(notice.as_dict(), as_json, f"travel notice {notice.id} for {user}: {when(start)} .. {when(end)}")
 
 
@@ -290,9 +293,7 @@ def travel_remove(ctx: CliContext, notice_id: int, by: str | None, as_json: bool
     """Remove a travel notice."""
     with detector_for(ctx) as detector:
         removed = detector.parts.snags.remove_travel(notice_id, by or f"cli:{login_name()}")
-        if not removed:
-            fail(f"no travel notice {notice_id}", 1)
-        emit({"ok": True, "removed": notice_id}, as_json, f"travel notice {notice_id} removed")
+        emit({"ok": True, "removed": removed.as_dict()}, as_json, f"travel notice {notice_id} removed")
 
 
 @phish.command("passwd")

@@ -13,7 +13,6 @@ alert mode (nothing blocked) when the site runs alert-only, the geo database cou
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,14 +152,13 @@ class Detector:
             return f"a usual place of the organisation (~{recall.org_users} users)"
         place = sighting.place
         at = datetime.datetime.fromtimestamp(sighting.at, datetime.UTC)
+        country = place.country if place is not None else None
         for notice in self.parts.snags.travel_for(user, at):
-            if _notice_covers(notice, place):
+            if (not notice.countries and not notice.places) or notice.matches(country, place.city if place else None):
                 return f"travel notice {notice.id} ({notice.note or 'registered'})"
         for entry in self.parts.snags.allows_for(user):
-            if entry.network and _in_network(sighting.address, entry.network):
-                return f"allow entry {entry.id} ({entry.network})"
-            if entry.country and place is not None and place.country == entry.country:
-                return f"allow entry {entry.id} ({entry.country})"
+            if entry.matches(sighting.address, country):
+                return f"allow entry {entry.id} ({entry.network or entry.country})"
         return ""
 
     # --- outbound ----------------------------------------------------------------------------------------
@@ -201,7 +199,7 @@ class Detector:
 
         metrics.SNAGS.labels(kind, str(mode)).inc()
         self.parts.actions.immediate(evidence, record)
-        if snag.new:  # a finding added to an open snag: the account is blocked and the team told already
+        if snag.run_actions:  # a finding added to an undecided snag: the team was told already
 
             def deferred(evidence: Evidence) -> object:
                 return self.parts.actions.deferred(evidence, record)
@@ -215,8 +213,10 @@ class Detector:
         return snag
 
     def record_action(self, snag: Snag, result: ActionResult) -> None:
+        started = datetime.datetime.fromtimestamp(self.now() - result.seconds, datetime.UTC)
+        detail = f"skipped: {result.detail}" if result.skipped else result.detail
         try:
-            self.parts.snags.record_action(snag.id, result)
+            self.parts.snags.record_action(snag.public_id, result.name, result.ok, detail, started, result.seconds)
         except Exception as exc:  # the action happened; only its record is lost, and the log has it
             log_kv(log, 40, "could not record a snag action", snag=snag.public_id, action=result.name,
                    ok=result.ok, error=str(exc))
@@ -293,22 +293,3 @@ def _sighting_rows(travel: Travel) -> list[dict[str, object]]:
 
 def _label(place: Place | None) -> str:
     return place.label() if place is not None else "unknown"
-
-
-def _notice_covers(notice: Any, place: Place | None) -> bool:
-    """Whether a travel notice (countries and/or places) covers where the login came from: a notice with
-    neither covers everywhere (the user is travelling, destination unknown)."""
-    countries = [c for c in (notice.countries or []) if c]
-    places = [p.lower() for p in (notice.places or []) if p]
-    if not countries and not places:
-        return True
-    if place is None:
-        return False
-    return (place.country in countries) or (bool(place.city) and place.city.lower() in places)
-
-
-def _in_network(address: str, network: str) -> bool:
-    try:
-        return ipaddress.ip_address(address) in ipaddress.ip_network(network, strict=False)
-    except ValueError:
-        return False
