@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import redis
 
 from mailwarden.cli import EX_CONFIG, EX_UNAVAILABLE, CliContext, emit, fail, start_logging, startup_errors
 from mailwarden.config import require_startable
-from phishhook.app import build_detector
+from phishhook.app import build_detector, log
 from phishhook.detector import Detector
 from phishhook.events import BadEvent
 from phishhook.geo import GeoDatabaseError
@@ -57,6 +58,9 @@ def detector_for(ctx: CliContext) -> Iterator[Detector]:
 @click.group("phish")
 def phish() -> None:
     """Phished accounts: logins, snags, their review."""
+    # a command's outcome is its output and exit code; the lines the detector logs for the services (an
+    # account snagged ...) would repeat it on stderr through logging's last resort
+    logging.getLogger(log.name).addHandler(logging.NullHandler())
 
 
 @phish.command("serve")

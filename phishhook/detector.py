@@ -235,9 +235,9 @@ class Detector:
         if travel is None:
             action, reason = Action.ACCEPT, "no impossible travel"
         elif exempt:
-            action, reason = Action.ACCEPT, f"{_travel_reason(travel)}; exempt: {exempt}"
+            action, reason = Action.ACCEPT, f"{travel.rule}: {_travel_reason(travel)}; exempt: {exempt}"
         else:
-            action, reason = Action.SNAG, _travel_reason(travel)
+            action, reason = Action.SNAG, f"{travel.rule}: {_travel_reason(travel)}"
             assert snag is not None
             extra["snag"] = snag.public_id
             extra["mode"] = snag.mode
@@ -279,7 +279,7 @@ def _travel_reason(travel: Travel) -> str:
     before, after = travel.before, travel.after
     where = f"{_label(before.place)} -> {_label(after.place)}"
     speed = "instantly" if travel.hours <= 0 else f"{travel.speed_kmh:.0f} km/h"
-    return f"{travel.rule}: {where}, {travel.distance_km:.0f} km in {travel.hours:.2f} h ({speed})"
+    return f"{where}, {travel.distance_km:.0f} km in {travel.hours:.2f} h ({speed})"
 
 
 def _sighting_rows(travel: Travel) -> list[dict[str, object]]:
