@@ -185,6 +185,8 @@ class Detector:
         """Record the snag (or add this finding to the user's open one) and run its actions: the blocks at
         once, the slower ones (commands, ticket, webhook) on the worker, in order."""
         details = {**details, "address": source_address}
+        if source_address and self.parts.classifier.classify(source_address).kind is not AddressClass.PUBLIC:
+            source_address = ""  # never block a campus, VPN, relay or private address: its users are many
         if learning:
             details = {**details, "learning": True}
         if self.parts.forced_alert:
