@@ -22,6 +22,7 @@ from phishhook.detector import Detector
 from phishhook.events import BadEvent
 from phishhook.geo import GeoDatabaseError
 from phishhook.intake import outcome_json, parse_event
+from phishhook.ratelimit_signal import RateLimitWatcher, user_limits
 from phishhook.resolution import Learn, Resolver, parse_countries
 from phishhook.snags import Snag, SnagState, SnagStateError, UnknownEntry, UnknownSnag
 from quarantine.cli import login_name, parse_moment, shown, when
@@ -77,7 +78,9 @@ def serve_command(ctx: CliContext) -> None:
             detector = build_detector(config, decisions)
         except (GeoDatabaseError, SchemaBehind) as exc:
             fail(str(exc), EX_CONFIG)
-        serve(detector)
+        watcher = RateLimitWatcher(detector.parts.client, detector.parts.prefix, detector.settings.ratelimit,
+                                   user_limits(config.section("policyd")), detector.rate_limit_hit)
+        serve(detector, watcher)
 
 
 @phish.command("login")

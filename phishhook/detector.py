@@ -178,6 +178,14 @@ class Detector:
             client_address, mode)
         return OutboundOutcome(finding, snag)
 
+    def rate_limit_hit(self, user: str, reason: str, details: dict[str, Any], mode: Mode) -> Snag:
+        """policyd refused the user's mail for a rate limit (``ratelimit_signal``): a snag of its own kind."""
+        started = time.monotonic()
+        snag = self.raise_snag(user, "rate-limit", reason, details, "", mode)
+        self._emit(Decision("phishhook", "other", "rate-limit", Action.SNAG, reason, time.monotonic() - started,
+                            user=user, extra={"snag": snag.public_id, "mode": str(mode)}))
+        return snag
+
     # --- snags -------------------------------------------------------------------------------------------
 
     def raise_snag(self, user: str, kind: str, reason: str, details: dict[str, Any], source_address: str,

@@ -209,3 +209,33 @@ def test_the_counters_live_one_window(client: redis.Redis) -> None:
     failures = counter(client, window="90s")
     failures.count("carol", "203.0.113.11")
     assert 0 < client.ttl("t:ph:fa:203.0.113.11") <= 90
+
+
+# --- policyd's rate-limit hits ----------------------------------------------------------------------------
+
+def test_a_users_rate_limit_hit_raises_one_snag_per_quiet_period(client: redis.Redis) -> None:
+    from phishhook.mode import Mode
+    from phishhook.ratelimit_signal import RateLimitSignalSettings, RateLimitWatcher
+
+    raised: list[tuple[str, str, Mode]] = []
+    clock = [1000.0]
+    watcher = RateLimitWatcher(client, "t:", RateLimitSignalSettings(quiet=600), {"user-messages-per-hour"},
+                               lambda user, reason, _details, mode: raised.append((user, reason, mode)),
+                               now=lambda: clock[0])
+    watcher.last_id = "0"
+
+    def hit(limit: str, key: str) -> None:
+        client.xadd("t:ev:ratelimit", {"limit": limit, "key": key, "count": "201", "max": "200", "at": "1"})
+
+    hit("user-messages-per-hour", "Mallory")
+    hit("user-messages-per-hour", "mallory")  # the same blast
+    hit("client-per-minute", "203.0.113.5")  # a limit not counted per user: not a phish signal
+    assert watcher.poll(block_ms=10) == 1
+    assert raised == [("mallory", "hit the rate limit user-messages-per-hour: 201 counted, 200 allowed",
+                       Mode.ALERT)]
+    clock[0] += 601
+    hit("user-messages-per-hour", "mallory")
+    assert watcher.poll(block_ms=10) == 1
+    watcher.settings = RateLimitSignalSettings(action="off")
+    hit("user-messages-per-hour", "oscar")
+    assert watcher.poll(block_ms=10) == 0
