@@ -163,7 +163,7 @@ def parse_journal_entry(entry: Mapping[str, Any], now: float) -> list[LoginEvent
 
 def _parse_message(ident: str, message: str, at: float) -> list[LoginEvent]:
     """The one parser of a message, whichever way it came (a text line or a journal entry)."""
-    if "\n" in message or "\r" in message:
+    if "\n" in message or "\r" in message or not _encodable(ident) or not _encodable(message):
         return []
     if ident == "dovecot":  # syslog: "dovecot: imap-login: Login: ..."
         prefix = _DOVECOT_PREFIX.match(message)
@@ -179,6 +179,15 @@ def _parse_message(ident: str, message: str, at: float) -> list[LoginEvent]:
     if smtpd is not None:
         return _postfix(smtpd["service"] or "smtp", message, at)
     return []
+
+
+def _encodable(text: str) -> bool:
+    """False for text with lone surrogates (JSON can carry them): no login name, and Redis could not store it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _dovecot(service: str, text: str, at: float) -> list[LoginEvent]:
@@ -330,22 +339,28 @@ class _Tail:
         self.complained = why
 
     def read(self, out: list[str], budget: int) -> bool:
-        """Complete lines into ``out``, until the end of the file (False) or ``budget`` bytes (True: more
-        may be waiting); then notice truncation and rotation."""
-        if self.file is None and not self.open(0):  # a file that appears after the start is new: all of it
-            return False
+        """Complete lines into ``out``, up to the end of the file (False) or ``budget`` bytes (True: more may
+        be waiting); a file found truncated or replaced at the end is read again, or the new one."""
+        for _ in range(3):  # this file; after a truncation or a rotation, the file again or the new one
+            if self.file is None and not self.open(0):  # a file that appears after the start is new: all of it
+                return False
+            budget = self._read_to_end(out, budget)
+            if budget <= 0:
+                return True
+            if not self._replaced(out):
+                return False
+        return True
+
+    def _read_to_end(self, out: list[str], budget: int) -> int:
         assert self.file is not None
-        while budget > 0:
-            chunk = self.file.read(min(65536, budget))
-            if not chunk:
-                break
+        while budget > 0 and (chunk := self.file.read(min(65536, budget))):
             self._take(chunk, out)
             budget -= len(chunk)
-        else:
-            return True
-        return self._check_replaced(out)
+        return budget
 
-    def _check_replaced(self, out: list[str]) -> bool:
+    def _replaced(self, out: list[str]) -> bool:
+        """At the end of the file: whether it shrank (read it again from its start) or another file took its
+        path (the old one closed, its unfinished last line given as a line)."""
         assert self.file is not None
         if os.fstat(self.file.fileno()).st_size < self.position:
             log_kv(log, logging.INFO, "log file truncated: reading it from the start", path=self.path)
@@ -364,7 +379,7 @@ class _Tail:
         if self.pending and not self.skipping:  # the old file's last line will not be finished
             out.append(_text(self.pending))
         self.close()
-        return self.open(0)
+        return True
 
     def _take(self, chunk: bytes, out: list[str]) -> None:
         base, start = self.position, 0
@@ -447,16 +462,18 @@ class FileFollower:
         """Where to start reading ``path``: its end (None), unless the state file knows it."""
         if not isinstance(saved, dict):
             return None
+        numbers = (saved.get("device"), saved.get("inode"), saved.get("offset"))
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers):
+            return None
+        device, inode, offset = numbers
         try:
             st = os.stat(path)
         except OSError:
             return 0
-        offset = saved.get("offset")
-        if (saved.get("device"), saved.get("inode")) != (st.st_dev, st.st_ino):
+        if (device, inode) != (st.st_dev, st.st_ino):
             return 0  # rotated while we were away: the file at the path is a newer one
-        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
-            return None
-        return offset if offset <= st.st_size else 0  # truncated while we were away
+        assert isinstance(offset, int)
+        return offset if offset <= st.st_size else 0  # shorter: truncated while we were away
 
     def _load_state(self) -> dict[str, object]:
         if not self.state_file:
