@@ -25,6 +25,7 @@ Where each format comes from (read in the projects' sources at those tags):
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -33,11 +34,12 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from mailwarden.cli import CliContext
 from phishhook.events import LoginEvent
@@ -746,3 +748,99 @@ def test_settings_defaults() -> None:
     settings = FollowSettings()
     assert settings.units == ["dovecot", "postfix@-"] and settings.poll == 1.0 and settings.state_file == ""
     assert FollowSettings(poll="500ms").poll == 0.5
+
+
+# --- the command, with a stand-in detector (phishhook.cli's detector_for yields it) ---------------------------
+
+
+class FakeDetector:
+    """Records what it is given; after ``stop_after`` events it sends this process SIGTERM, as systemd would."""
+
+    def __init__(self, stop_after: int) -> None:
+        self.stop_after = stop_after
+        self.events: list[LoginEvent] = []
+        self.settings = types.SimpleNamespace(history=types.SimpleNamespace(ttl=90 * 86400.0))
+
+    def now(self) -> float:
+        return NOW
+
+    def login(self, event: LoginEvent) -> None:
+        assert event.success
+        self._take(event)
+
+    def failed_login(self, event: LoginEvent) -> None:
+        assert not event.success
+        self._take(event)
+
+    def _take(self, event: LoginEvent) -> None:
+        self.events.append(event)
+        if len(self.events) == self.stop_after:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.fixture
+def run_follow(monkeypatch: pytest.MonkeyPatch) -> Callable[[list[str], FakeDetector], Result]:
+    """``mailwarden phish follow ARGS`` with ``detector``; a broken run ends after 20 s (SIGALRM), not never."""
+
+    def run(args: list[str], detector: FakeDetector) -> Result:
+        @contextlib.contextmanager
+        def detector_for(ctx: CliContext) -> Iterator[FakeDetector]:
+            yield detector
+
+        monkeypatch.setitem(sys.modules, "phishhook.cli", types.SimpleNamespace(detector_for=detector_for))
+
+        def too_long(signum: int, frame: object) -> None:
+            raise TimeoutError("the command did not stop")
+
+        previous = signal.signal(signal.SIGALRM, too_long)
+        signal.alarm(20)
+        try:
+            return CliRunner().invoke(follow_command, args, obj=CliContext(config_path=None))
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+
+    return run
+
+
+def test_the_command_follows_files(tmp_path: Path, log_file: Path, run_follow: Callable[..., Result]) -> None:
+    lines = [row[1] for row in LINES if row[2] is not None]
+    append(log_file, "".join(f"{line}\n" for line in lines))
+    stat = log_file.stat()
+    state = tmp_path / "state.json"  # saved by an earlier run before these lines
+    state.write_text(json.dumps({"files": {str(log_file): {"device": stat.st_dev, "inode": stat.st_ino,
+                                                           "offset": len("old line 1\nold line 2\n")}}}))
+    expected = [e for line in lines for e in parse_line(line, NOW)]
+    detector = FakeDetector(stop_after=len(expected))
+    result = run_follow(["--poll", "10ms", "--state", str(state), str(log_file)], detector)
+    assert result.exit_code == 0, result.output
+    assert detector.events == expected
+    assert json.loads(state.read_text())["files"][str(log_file)]["offset"] == log_file.stat().st_size
+
+
+def test_the_command_follows_the_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         fake_journalctl: Callable[..., tuple[str, Path]],
+                                         run_follow: Callable[..., Result]) -> None:
+    _, record = fake_journalctl([json.dumps(JOURNAL_DOVECOT).encode() + b"\n",
+                                 json.dumps(JOURNAL_POSTFIX).encode() + b"\n"], True)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    detector = FakeDetector(stop_after=2)
+    result = run_follow(["--journal", "--unit", "dovecot"], detector)
+    assert result.exit_code == 0, result.output
+    assert detector.events == parse_journal_entry(JOURNAL_DOVECOT, NOW) + parse_journal_entry(JOURNAL_POSTFIX, NOW)
+    ran = json.loads(record.read_text())
+    assert ran["argv"][-1] == "--unit=dovecot"
+    with pytest.raises(ProcessLookupError):  # journalctl stopped with the command
+        os.kill(ran["pid"], 0)
+
+
+def test_the_command_when_journalctl_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          fake_journalctl: Callable[..., tuple[str, Path]],
+                                          run_follow: Callable[..., Result]) -> None:
+    fake_journalctl([json.dumps(JOURNAL_DOVECOT).encode() + b"\n"], False)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    detector = FakeDetector(stop_after=99)
+    result = run_follow(["--journal"], detector)
+    assert result.exit_code == 69
+    assert "journalctl ended with status 3" in result.output
+    assert len(detector.events) == 1
