@@ -20,6 +20,7 @@ from mailwarden.config import require_startable
 from phishhook.app import build_detector, log
 from phishhook.detector import Detector
 from phishhook.events import BadEvent
+from phishhook.follow import follow_command
 from phishhook.geo import GeoDatabaseError
 from phishhook.intake import outcome_json, parse_event
 from phishhook.ratelimit_signal import RateLimitWatcher, user_limits
@@ -62,6 +63,9 @@ def phish() -> None:
     # a command's outcome is its output and exit code; the lines the detector logs for the services (an
     # account snagged ...) would repeat it on stderr through logging's last resort
     logging.getLogger(log.name).addHandler(logging.NullHandler())
+
+
+phish.add_command(follow_command)
 
 
 @phish.command("serve")

@@ -637,7 +637,8 @@ def follow_command(ctx: CliContext, files: tuple[str, ...], journal: bool, units
     if journal and state_file:
         fail("--state goes with FILEs (the journal is read from now on)", 2)
     try:
-        settings = FollowSettings(poll=poll, state_file=state_file, **({"units": list(units)} if units else {}))
+        settings = FollowSettings.model_validate({"poll": poll, "state_file": state_file,
+                                                  **({"units": list(units)} if units else {})})
     except ValidationError as exc:
         fail("; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()), 2)
 
