@@ -24,7 +24,7 @@ def milter_command(ctx: CliContext, name: str, listen: str | None) -> None:
     config = ctx.load()
     with startup_errors():
         decisions = start_logging(config)
-        require_startable(config, ["milters", "quarantine"])
+        require_startable(config, ["milters", "quarantine", *(["phishhook"] if name == "phish" else [])])
         try:
             app = build_app(config, name, decisions)
         except SchemaBehind as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from mailwarden.capability import Capability
+from mailwarden.config import Problem
 from mailwarden.lazy_group import LazyGroup
 from phishhook.settings import PhishhookSettings
 
@@ -19,4 +20,11 @@ def register_cli(group: click.Group) -> None:
     group.add_command(phish_group)
 
 
-CAPABILITY = Capability(name="phishhook", settings_model=PhishhookSettings, register_cli=register_cli)
+def _preflight(settings: PhishhookSettings) -> list[Problem]:
+    from phishhook.preflight import preflight  # geoip2 and the relay files only when checked
+
+    return preflight(settings)
+
+
+CAPABILITY = Capability(name="phishhook", settings_model=PhishhookSettings, register_cli=register_cli,
+                        preflight=_preflight)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,15 @@ import redis
 
 from mailwarden.cli import EX_CONFIG, EX_UNAVAILABLE, CliContext, emit, fail, start_logging, startup_errors
 from mailwarden.config import require_startable
-from phishhook.app import build_detector
+from phishhook.app import build_detector, log
 from phishhook.detector import Detector
 from phishhook.events import BadEvent
+from phishhook.follow import follow_command
 from phishhook.geo import GeoDatabaseError
 from phishhook.intake import outcome_json, parse_event
+from phishhook.ratelimit_signal import RateLimitWatcher, user_limits
 from phishhook.resolution import Learn, Resolver, parse_countries
-from phishhook.snags import Snag, SnagState, SnagStateError
+from phishhook.snags import Snag, SnagState, SnagStateError, UnknownEntry, UnknownSnag
 from quarantine.cli import login_name, parse_moment, shown, when
 from quarantine.store import SchemaBehind, StoreError
 
@@ -43,8 +46,10 @@ def detector_for(ctx: CliContext) -> Iterator[Detector]:
         fail(str(exc), EX_UNAVAILABLE)
     except redis.RedisError as exc:
         fail(f"cannot reach Redis: {exc}", EX_UNAVAILABLE)
-    except (BadEvent, SnagStateError) as exc:
-        fail(str(exc), 1 if isinstance(exc, SnagStateError) else 2)
+    except (SnagStateError, UnknownSnag, UnknownEntry) as exc:
+        fail(str(exc).strip("'\""), 1)
+    except BadEvent as exc:
+        fail(str(exc), 2)
     except ValueError as exc:
         fail(str(exc), 2)
     finally:
@@ -55,6 +60,12 @@ def detector_for(ctx: CliContext) -> Iterator[Detector]:
 @click.group("phish")
 def phish() -> None:
     """Phished accounts: logins, snags, their review."""
+    # a command's outcome is its output and exit code; the lines the detector logs for the services (an
+    # account snagged ...) would repeat it on stderr through logging's last resort
+    logging.getLogger(log.name).addHandler(logging.NullHandler())
+
+
+phish.add_command(follow_command)
 
 
 @phish.command("serve")
@@ -71,7 +82,9 @@ def serve_command(ctx: CliContext) -> None:
             detector = build_detector(config, decisions)
         except (GeoDatabaseError, SchemaBehind) as exc:
             fail(str(exc), EX_CONFIG)
-        serve(detector)
+        watcher = RateLimitWatcher(detector.parts.client, detector.parts.prefix, detector.settings.ratelimit,
+                                   user_limits(config.section("policyd")), detector.rate_limit_hit)
+        serve(detector, watcher)
 
 
 @phish.command("login")
@@ -242,8 +255,9 @@ def travel_add(ctx: CliContext, user: str, countries: str, places: str, starts: 
     assert end is not None
     with detector_for(ctx) as detector:
         notice = detector.parts.snags.add_travel(user.strip().lower(), list(parse_countries(countries)),
-                                                 [p.strip() for p in places.split(",") if p.strip()], start, end,
-                                                 by or f"cli:{login_name()}", note)
+                                                 [p.strip() for p in places.split(",") if p.strip()],
+                                                 starts_at=start, ends_at=end, by=by or f"cli:{login_name()}",
+                                                 note=note)
         emit(notice.as_dict(), as_json, f"travel notice {notice.id} for {user}: {when(start)} .. {when(end)}")
 
 
@@ -290,9 +304,7 @@ def travel_remove(ctx: CliContext, notice_id: int, by: str | None, as_json: bool
     """Remove a travel notice."""
     with detector_for(ctx) as detector:
         removed = detector.parts.snags.remove_travel(notice_id, by or f"cli:{login_name()}")
-        if not removed:
-            fail(f"no travel notice {notice_id}", 1)
-        emit({"ok": True, "removed": notice_id}, as_json, f"travel notice {notice_id} removed")
+        emit({"ok": True, "removed": removed.as_dict()}, as_json, f"travel notice {notice_id} removed")
 
 
 @phish.command("passwd")

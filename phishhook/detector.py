@@ -13,7 +13,6 @@ alert mode (nothing blocked) when the site runs alert-only, the geo database cou
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,14 +152,13 @@ class Detector:
             return f"a usual place of the organisation (~{recall.org_users} users)"
         place = sighting.place
         at = datetime.datetime.fromtimestamp(sighting.at, datetime.UTC)
+        country = place.country if place is not None else None
         for notice in self.parts.snags.travel_for(user, at):
-            if _notice_covers(notice, place):
+            if (not notice.countries and not notice.places) or notice.matches(country, place.city if place else None):
                 return f"travel notice {notice.id} ({notice.note or 'registered'})"
         for entry in self.parts.snags.allows_for(user):
-            if entry.network and _in_network(sighting.address, entry.network):
-                return f"allow entry {entry.id} ({entry.network})"
-            if entry.country and place is not None and place.country == entry.country:
-                return f"allow entry {entry.id} ({entry.country})"
+            if entry.matches(sighting.address, country):
+                return f"allow entry {entry.id} ({entry.network or entry.country})"
         return ""
 
     # --- outbound ----------------------------------------------------------------------------------------
@@ -180,6 +178,14 @@ class Detector:
             client_address, mode)
         return OutboundOutcome(finding, snag)
 
+    def rate_limit_hit(self, user: str, reason: str, details: dict[str, Any], mode: Mode) -> Snag:
+        """policyd refused the user's mail for a rate limit (``ratelimit_signal``): a snag of its own kind."""
+        started = time.monotonic()
+        snag = self.raise_snag(user, "rate-limit", reason, details, "", mode)
+        self._emit(Decision("phishhook", "other", "rate-limit", Action.SNAG, reason, time.monotonic() - started,
+                            user=user, extra={"snag": snag.public_id, "mode": str(mode)}))
+        return snag
+
     # --- snags -------------------------------------------------------------------------------------------
 
     def raise_snag(self, user: str, kind: str, reason: str, details: dict[str, Any], source_address: str,
@@ -187,6 +193,8 @@ class Detector:
         """Record the snag (or add this finding to the user's open one) and run its actions: the blocks at
         once, the slower ones (commands, ticket, webhook) on the worker, in order."""
         details = {**details, "address": source_address}
+        if source_address and self.parts.classifier.classify(source_address).kind is not AddressClass.PUBLIC:
+            source_address = ""  # never block a campus, VPN, relay or private address: its users are many
         if learning:
             details = {**details, "learning": True}
         if self.parts.forced_alert:
@@ -201,7 +209,7 @@ class Detector:
 
         metrics.SNAGS.labels(kind, str(mode)).inc()
         self.parts.actions.immediate(evidence, record)
-        if snag.new:  # a finding added to an open snag: the account is blocked and the team told already
+        if snag.run_actions:  # a finding added to an undecided snag: the team was told already
 
             def deferred(evidence: Evidence) -> object:
                 return self.parts.actions.deferred(evidence, record)
@@ -215,8 +223,10 @@ class Detector:
         return snag
 
     def record_action(self, snag: Snag, result: ActionResult) -> None:
+        started = datetime.datetime.fromtimestamp(self.now() - result.seconds, datetime.UTC)
+        detail = f"skipped: {result.detail}" if result.skipped else result.detail
         try:
-            self.parts.snags.record_action(snag.id, result)
+            self.parts.snags.record_action(snag.public_id, result.name, result.ok, detail, started, result.seconds)
         except Exception as exc:  # the action happened; only its record is lost, and the log has it
             log_kv(log, 40, "could not record a snag action", snag=snag.public_id, action=result.name,
                    ok=result.ok, error=str(exc))
@@ -235,9 +245,9 @@ class Detector:
         if travel is None:
             action, reason = Action.ACCEPT, "no impossible travel"
         elif exempt:
-            action, reason = Action.ACCEPT, f"{_travel_reason(travel)}; exempt: {exempt}"
+            action, reason = Action.ACCEPT, f"{travel.rule}: {_travel_reason(travel)}; exempt: {exempt}"
         else:
-            action, reason = Action.SNAG, _travel_reason(travel)
+            action, reason = Action.SNAG, f"{travel.rule}: {_travel_reason(travel)}"
             assert snag is not None
             extra["snag"] = snag.public_id
             extra["mode"] = snag.mode
@@ -279,7 +289,7 @@ def _travel_reason(travel: Travel) -> str:
     before, after = travel.before, travel.after
     where = f"{_label(before.place)} -> {_label(after.place)}"
     speed = "instantly" if travel.hours <= 0 else f"{travel.speed_kmh:.0f} km/h"
-    return f"{travel.rule}: {where}, {travel.distance_km:.0f} km in {travel.hours:.2f} h ({speed})"
+    return f"{where}, {travel.distance_km:.0f} km in {travel.hours:.2f} h ({speed})"
 
 
 def _sighting_rows(travel: Travel) -> list[dict[str, object]]:
@@ -293,22 +303,3 @@ def _sighting_rows(travel: Travel) -> list[dict[str, object]]:
 
 def _label(place: Place | None) -> str:
     return place.label() if place is not None else "unknown"
-
-
-def _notice_covers(notice: Any, place: Place | None) -> bool:
-    """Whether a travel notice (countries and/or places) covers where the login came from: a notice with
-    neither covers everywhere (the user is travelling, destination unknown)."""
-    countries = [c for c in (notice.countries or []) if c]
-    places = [p.lower() for p in (notice.places or []) if p]
-    if not countries and not places:
-        return True
-    if place is None:
-        return False
-    return (place.country in countries) or (bool(place.city) and place.city.lower() in places)
-
-
-def _in_network(address: str, network: str) -> bool:
-    try:
-        return ipaddress.ip_address(address) in ipaddress.ip_network(network, strict=False)
-    except ValueError:
-        return False

@@ -42,18 +42,6 @@ class Resolved:
                 "learnt": self.learnt}
 
 
-def snag_addresses(snag: Snag) -> list[str]:
-    """Every source address the snag's findings blocked (its first, and those of findings added later)."""
-    found = [snag.source_address] if snag.source_address else []
-    evidence = snag.evidence if isinstance(snag.evidence, list) else [snag.evidence]
-    for finding in evidence:
-        if isinstance(finding, dict):
-            address = finding.get("address")
-            if isinstance(address, str) and address and address not in found:
-                found.append(address)
-    return found
-
-
 class Resolver:
     def __init__(self, detector: Detector) -> None:
         self.detector = detector
@@ -74,7 +62,7 @@ class Resolver:
     def _close(self, public_id: str, state: SnagState, by: str, note: str) -> Resolved:
         snag = self.snags.transition(public_id, state, by, note)
         undone: list[ActionResult] = []
-        for address in snag_addresses(snag) or [""]:
+        for address in snag.source_addresses or ("",):
             evidence = Evidence(snag_id=snag.public_id, user=snag.user, kind=snag.kind, reason=snag.reason,
                                 source_address=address, mode=snag.mode, at=self.detector.now(), details={},
                                 review_url="")
@@ -83,6 +71,8 @@ class Resolver:
                 undone.extend(result for result in results if result not in undone)
         for result in undone:
             self.detector.record_action(snag, result)
+        lifted = ", ".join(result.name for result in undone if result.ok and not result.skipped) or "nothing"
+        self.snags.log_audit(by, "unblock", f"lifted: {lifted}", snag_id=snag.public_id)
         self.detector.history.clear(snag.user)
         return Resolved(snag, undone)
 
@@ -90,13 +80,15 @@ class Resolver:
         learnt = []
         now = datetime.datetime.fromtimestamp(self.detector.now(), datetime.UTC)
         if learn.travel_days > 0:
-            notice = self.snags.add_travel(snag.user, list(learn.travel_countries), [], now,
-                                           now + datetime.timedelta(days=learn.travel_days), by,
-                                           note or f"confirmed safe (snag {snag.public_id})")
+            notice = self.snags.add_travel(snag.user, list(learn.travel_countries), [], starts_at=now,
+                                           ends_at=now + datetime.timedelta(days=learn.travel_days), by=by,
+                                           note=note or f"confirmed safe (snag {snag.public_id})",
+                                           snag_id=snag.public_id)
             learnt.append(f"travel notice {notice.id}")
         if learn.allow_network or learn.allow_country:
-            entry = self.snags.add_allow(snag.user, learn.allow_network or None, learn.allow_country or None, by,
-                                         note or f"confirmed safe (snag {snag.public_id})")
+            entry = self.snags.add_allow(snag.user, learn.allow_network or None, learn.allow_country or None, by=by,
+                                         note=note or f"confirmed safe (snag {snag.public_id})",
+                                         snag_id=snag.public_id)
             learnt.append(f"allow entry {entry.id}")
         return learnt
 

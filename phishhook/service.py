@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 import socket
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,6 +24,7 @@ from mailwarden.service import sd_notify
 from phishhook.authpolicy import dovecot_endpoint
 from phishhook.detector import Detector
 from phishhook.intake import intake_endpoint
+from phishhook.ratelimit_signal import RateLimitWatcher
 from quarantine.store import split_host_port
 
 log = get_logger("phishhook")
@@ -82,17 +84,24 @@ class PortDispatcher:
         await app(scope, receive, send)
 
 
-def build_asgi(detector: Detector, ports: dict[str, int]) -> Any:
+def build_asgi(detector: Detector, ports: dict[str, int], watcher: RateLimitWatcher | None = None) -> Any:
     from starlette.applications import Starlette
+
+    def reload() -> None:  # Apple's full relay list takes a second or two of CPU: off the event loop
+        threading.Thread(target=detector.parts.classifier.reload, name="phish-reload", daemon=True).start()
 
     @asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, detector.parts.classifier.reload)
+        loop.add_signal_handler(signal.SIGHUP, reload)
+        if watcher is not None:
+            watcher.start()
         log_kv(log, logging.INFO, "phishhook serving", **{name: port for name, port in ports.items()})
         sd_notify("READY=1")
         yield
         sd_notify("STOPPING=1")
+        if watcher is not None:
+            await asyncio.to_thread(watcher.stop)
 
     policy = Starlette(routes=policy_routes(detector))
     apps = {ports["policy"]: policy}
@@ -103,7 +112,7 @@ def build_asgi(detector: Detector, ports: dict[str, int]) -> Any:
     return PortDispatcher(apps, Starlette(lifespan=lifespan))
 
 
-def serve(detector: Detector) -> None:
+def serve(detector: Detector, watcher: RateLimitWatcher | None = None) -> None:
     import uvicorn
 
     settings = detector.settings
@@ -114,7 +123,7 @@ def serve(detector: Detector) -> None:
         ports["review"] = sockets[1].getsockname()[1]
     # proxy_headers off: uvicorn would otherwise take the client address from X-Forwarded-For of any request
     # from 127.0.0.1; the review page believes a proxy's headers only from [phishhook.review] trusted_proxies
-    config = uvicorn.Config(build_asgi(detector, ports), lifespan="on", log_config=None, access_log=False,
+    config = uvicorn.Config(build_asgi(detector, ports, watcher), lifespan="on", log_config=None, access_log=False,
                             http="httptools", server_header=False, timeout_graceful_shutdown=10,
                             proxy_headers=False)
     try:

@@ -15,6 +15,7 @@ from phishhook.intake import IntakeSettings
 from phishhook.mode import Mode
 from phishhook.networks import NetworkSettings
 from phishhook.outbound import OutboundSettings
+from phishhook.ratelimit_signal import RateLimitSignalSettings
 from phishhook.review.settings import ReviewSettings
 from phishhook.velocity import VelocitySettings
 from quarantine.store import split_host_port
@@ -33,6 +34,7 @@ class PhishhookSettings(Section):
     history: HistorySettings = Field(default_factory=HistorySettings)
     outbound: OutboundSettings = Field(default_factory=OutboundSettings)
     bruteforce: BruteForceSettings = Field(default_factory=BruteForceSettings)
+    ratelimit: RateLimitSignalSettings = Field(default_factory=RateLimitSignalSettings)
     dovecot: DovecotSettings = Field(default_factory=DovecotSettings)
     intake: IntakeSettings = Field(default_factory=IntakeSettings)
     actions: ActionsSettings = Field(default_factory=ActionsSettings)

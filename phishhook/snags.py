@@ -56,7 +56,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -240,6 +240,8 @@ class ActionRecord:
 
 @dataclass(frozen=True)
 class Snag:
+    """A snagged account: its state, its findings, the messages held for it and its action runs."""
+
     public_id: str
     user: str
     kind: str
@@ -261,7 +263,7 @@ class Snag:
     actions: tuple[ActionRecord, ...] = ()
     new: bool = False
     """Set by ``create``: this call made the snag (else it added a finding to the user's undecided one)."""
-    escalated: bool = field(default=False)
+    escalated: bool = False
     """Set by ``create``: this call's enforce finding turned the user's alert-only snag ``open``."""
 
     @property

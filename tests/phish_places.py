@@ -46,6 +46,9 @@ US_CAMBRIDGE = "18.9.22.169"
 CN_BEIJING = "166.111.4.100"
 """Tsinghua University: CN / AS, Beijing, BJ, 39.9289 116.3883, radius 1 km (record 166.111.0.0/16);
 about 10,800 km from Boston."""
+CN_BEIJING_B = "162.105.129.122"
+"""Peking University: CN / AS, Beijing, radius 50 km (record 162.105.0.0/16): a second Beijing address, for a
+test that must not meet the block an earlier test's snag put on CN_BEIJING."""
 JP_TOKYO = "203.178.141.194"
 """WIDE Project: JP / AS, Tokyo, subdivision 13, 35.685 139.7514, radius 20 km (record 203.178.128.0/19)."""
 CN_BEIJING_V6 = "2001:da8:200::1"
