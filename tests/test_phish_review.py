@@ -315,11 +315,36 @@ def test_a_bad_learn_field_is_refused(fresh: Review) -> None:
     token = csrf_of(client.get(f"/snags/{snag}").text)
     for field, value, text in (("allow_country", "China", "not a two-letter country code"),
                                ("allow_network", "10.0.0.0/33", "is not an address or CIDR network"),
-                               ("travel_days", "forever", "expected a number of days")):
+                               ("travel_days", "forever", "expected a number of days"),
+                               ("travel_days", "14", "name the countries the user travels to"),
+                               ("travel_countries", "CN", "given without days")):
         answer = client.post(f"/snags/{snag}/safe", data={"csrf": token, field: value})
         assert answer.status_code == 400, field
         assert text in html.unescape(answer.text)
     assert str(fresh.store.get(snag).state) == "open"
+
+
+def test_confirm_safe_can_learn(fresh: Review) -> None:
+    """A travel notice and an allow entry recorded with the verdict, by the reviewer; the next impossible
+    travel from Boston to Beijing no longer snags."""
+    snag = fresh.snag("hank")
+    client, _ = fresh.login()
+    token = csrf_of(client.get(f"/snags/{snag}").text)
+    answer = client.post(f"/snags/{snag}/safe", data={"csrf": token, "note": "semester in Beijing",
+                                                      "travel_days": "30", "travel_countries": "cn, jp",
+                                                      "allow_network": "166.111.0.0/16"})
+    assert answer.status_code == 303
+    flash = client.get(f"/snags/{snag}").text
+    assert re.search(r"Learnt: travel notice \d+, allow entry \d+\.", flash), flash
+    [notice] = fresh.store.list_travel("hank")
+    assert notice.countries == ("CN", "JP") and notice.created_by == "review:alice"
+    assert [entry.network for entry in fresh.store.list_allow("hank")] == ["166.111.0.0/16"]
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    now = time.time()  # logins before the verdict are not compared with later ones: these two come after it
+    fresh.service.post("/login", {"user": "hank", "address": US_BOSTON_A, "at": now + 1}, bearer)
+    status, again = fresh.service.post("/login", {"user": "hank", "address": CN_BEIJING, "at": now + 240}, bearer)
+    assert status == 200 and again["travel"] and again["snag"] is None, again
+    assert "travel notice" in again["exempt"], again
 
 
 def test_hostile_text_is_escaped(fresh: Review) -> None:

@@ -269,6 +269,9 @@ def parse_learn(form: FormData) -> Any:
             raise FormError(f"travel notice countries: {country!r} is not a two-letter country code")
     if countries and not days:
         raise FormError("travel notice countries given without days: say how many days the notice lasts")
+    if days and not countries:
+        raise FormError("travel notice: name the countries the user travels to (a notice for anywhere would "
+                        "let any login through)")
     network = form_text(form, "allow_network", 64)
     if network:
         try:
@@ -511,8 +514,8 @@ class ReviewPage:
             else:
                 resolved = await run_in_threadpool(resolver.dismiss, public_id, actor(user), note)
                 done = "Dismissed: the account is unblocked, nothing learnt."
-        except (FormError, SnagStateError) as exc:
-            status = 400 if isinstance(exc, FormError) else 409
+        except ValueError as exc:  # FormError, SnagStateError (409), or the store refusing what was learnt
+            status = 409 if isinstance(exc, SnagStateError) else 400
             log_kv(log, logging.INFO, "review: verdict refused", snag=public_id, verdict=verb, user=user,
                    error=str(exc))
             context = await run_in_threadpool(self._snag_context, snag)
