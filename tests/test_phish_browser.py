@@ -5,10 +5,11 @@ the full GeoLite2 City database.
 
 A snag made for real: two logins posted to the intake an hour apart, from Boston (US) and then from
 Beijing (CN). The account is then blocked everywhere (the block list has it, Dovecot's ``allow`` is
-refused). In the browser a reviewer logs in, opens the snag from the list, sees the timeline (both places,
-the implied speed, the travel pair highlighted), confirms it safe with a note, and sees the new state and
-the audit row naming them. Then, for real again: the block list has no entry for the account and Dovecot's
-``allow`` answers status 0 (the account can log in, and policyd lets it send). Every wait is on an element
+refused). In the browser the ticket's link leads a reviewer to the login page, where a wrong password is
+refused; then they log in, open the snag from the list, see the timeline (both places, the implied speed,
+the travel pair highlighted), confirm it safe with a note, and see the new state and the audit row naming
+them. Then, for real again: the block list has no entry for the account and Dovecot's ``allow`` answers
+status 0 (the account can log in, and policyd lets it send). Every wait is on an element
 or a text (WebDriverWait), never a pause.
 """
 
@@ -138,8 +139,14 @@ def test_review_in_a_browser(stack: Stack, tool: ModuleType, tmp_path: Path) -> 
 
     driver = tool.browser(tmp_path)
     try:
-        tool.log_in(driver, stack.service.review_url, REVIEWER, PASSWORD)
         wait = tool.wait(driver)
+        driver.get(f"{stack.service.review_url}/snags/{snag}")  # the ticket's link: to the login first
+        wait.until(ec.element_to_be_clickable((By.ID, "name"))).send_keys(REVIEWER)
+        driver.find_element(By.ID, "password").send_keys("not the password")
+        driver.find_element(By.ID, "login").click()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "problem"), "Wrong login name or password."))
+        tool.log_in(driver, stack.service.review_url, REVIEWER, PASSWORD)
+        driver.find_element(By.LINK_TEXT, "Snags").click()
         link = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, f'#waiting a[href="/snags/{snag}"]')))
         link.click()
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#timeline tr.travel-after")))
