@@ -452,3 +452,22 @@ def test_timeline_marks_the_travel_and_measures_each_step() -> None:
     direct = timeline([home, away])
     assert direct[1].distance_km is not None and 10_700 < direct[1].distance_km < 10_900
     assert direct[1].hours == 1.0 and _number(direct[1].speed_kmh).replace(",", "").isdigit()
+
+
+def test_a_session_ends_with_its_lifetime_or_its_account() -> None:
+    from phishhook.review.auth import Gate, Identity
+    from phishhook.review.settings import ReviewSettings
+
+    clock = [1000.0]
+    settings = ReviewSettings(accounts={"alice": PasswordHasher().hash(PASSWORD)}, session_lifetime="1h")
+    gate = Gate(settings, now=lambda: clock[0])
+    nobody = Identity(peer="127.0.0.1", address="127.0.0.1", proxy_user="")
+    session: dict = {"csrf": "pre-login token"}
+    gate.log_in(session, "alice")
+    assert "csrf" not in session, "the pre-login session's token does not survive the login"
+    clock[0] += 3599
+    assert gate.user(nobody, session) == "alice"
+    clock[0] += 1
+    assert gate.user(nobody, session) is None and "user" not in session
+    gone: dict = {"user": "zed", "login_at": clock[0]}
+    assert gate.user(nobody, gone) is None and gone == {}

@@ -14,7 +14,8 @@ logins is the last one the proxy appended to ``X-Forwarded-For`` (only from a tr
 (``session_secret``, or a random key per start), HttpOnly, SameSite=Strict, Secure with ``secure_cookie``,
 ``Max-Age`` = ``session_lifetime``. The login time is kept in it and checked on each request, so a session
 ends ``session_lifetime`` after the login even if the cookie was re-signed since (a flash message re-signs
-it). Logging out empties the cookie; a copied cookie stays valid until its lifetime ends (nothing is kept
+it), and at once when its account is no longer in the config (after the service restarts with it removed).
+Logging out empties the cookie; a copied cookie stays valid until its lifetime ends (nothing is kept
 server-side): keep the lifetime short on shared machines.
 
 **Failed logins.** Counted in Redis per client address and per account (the login name, hashed), whatever
@@ -148,6 +149,9 @@ class Gate:
         name = session.get("user")
         started = session.get("login_at")
         if not isinstance(name, str) or not isinstance(started, int | float):
+            return None
+        if name not in self.settings.accounts:  # the account was removed from the config since the login
+            session.clear()
             return None
         if not 0 <= self.now() - started < self.settings.session_lifetime:
             session.pop("user", None)
