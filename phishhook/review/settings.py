@@ -35,17 +35,6 @@ class ReviewSettings(Section):
     failed_window: Duration = 900
     """Seconds ("15m") the failed-login count runs from the first failure; the refusals last until it ends."""
 
-    @field_validator("accounts")
-    @classmethod
-    def _accounts(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, hashed in value.items():
-            if not name.strip() or len(name) > 128 or name != name.strip():
-                raise ValueError(f"{name!r}: a login name of 1 to 128 characters without surrounding spaces")
-            if not hashed.startswith("$argon2"):
-                raise ValueError(f"{name}: not an argon2 hash (`mailwarden phish passwd {name}` prints one); "
-                                 "never put a password itself here")
-        return value
-
     @field_validator("public_url")
     @classmethod
     def _public_url(cls, value: str) -> str:
