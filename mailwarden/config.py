@@ -284,16 +284,20 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 # -- showing the config --------------------------------------------------------------------------------
 
 MASK = "***"
-_SECRET_KEY = re.compile(r"(?:^|_)password$")
+_SECRET_KEY = re.compile(r"(?:^|_)(?:password|secret)$|^(?:api_header|tokens|headers|accounts)$")
+"""Keys whose values are secrets: passwords, signing secrets, the Dovecot API header, bearer tokens, webhook
+headers (an Authorization), review accounts' hashes. A table under such a key keeps its names."""
 _URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^:@/\s]*:)[^@\s]*?(?=@)")
 _QUERY_PASSWORD = re.compile(r"(?P<head>[?&](?:password|passwd|pwd)=)[^&#\s]*", re.IGNORECASE)
 
 
 def redacted(data: Any, key: str = "") -> Any:
-    """``data`` (a dumped config) with every secret replaced by ``***``: the values of ``password`` and
-    ``*_password`` keys, and the password in URLs (``redis://:pw@host``, ``mysql+pymysql://user:pw@host``,
+    """``data`` (a dumped config) with every secret replaced by ``***``: the values of the keys ``_SECRET_KEY``
+    names, and the password in URLs (``redis://:pw@host``, ``mysql+pymysql://user:pw@host``,
     ``...?password=pw``)."""
     if isinstance(data, dict):
+        if _SECRET_KEY.search(key):
+            return {name: MASK for name in data}
         return {name: redacted(value, str(name)) for name, value in data.items()}
     if isinstance(data, list):
         return [redacted(value, key) for value in data]

@@ -337,12 +337,21 @@ bind_dn = "cn=mw,dc=example,dc=org"
 bind_password = "ldap-secret"
 [policyd.greylist.opt_out_sql]
 url = "postgresql://u:optout-secret@db/x?sslmode=require"
+[phishhook.dovecot]
+api_header = "X-API-Key: dovecot-secret"
+[phishhook.intake]
+tokens = { webmail = "intake-token-secret" }
+[phishhook.review]
+session_secret = "review-session-secret-0123456789abcdef"
+accounts = { sam = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$hash-secret" }
+[phishhook.actions]
+run = [{ type = "webhook", url = "https://soc.example.org/hook", headers = { Authorization = "Bearer hook-secret" } }]
 ''')
     human = mailwarden("--config", str(path), "config", "show")
     as_json = mailwarden("--config", str(path), "config", "show", "--json")
     for result in (human, as_json):
         assert result.returncode == 0, result.stderr
-        assert "secret" not in result.stdout
+        assert "-secret" not in result.stdout
     data = json.loads(as_json.stdout)
     assert data["redis"]["url"] == "redis://:***@127.0.0.1:6379/0"
     assert data["redis"]["sentinel_password"] == "***"
@@ -350,6 +359,9 @@ url = "postgresql://u:optout-secret@db/x?sslmode=require"
     assert data["policyd"]["recipients"]["ldap"]["bind_password"] == "***"
     assert data["policyd"]["recipients"]["ldap"]["bind_dn"] == "cn=mw,dc=example,dc=org"
     assert "[policyd.greylist]" in human.stdout and 'url = "redis://:***@127.0.0.1:6379/0"' in human.stdout
+    assert data["phishhook"]["intake"]["tokens"] == {"webmail": "***"}
+    assert data["phishhook"]["review"]["accounts"] == {"sam": "***"}
+    assert data["phishhook"]["actions"]["run"][0]["headers"] == {"Authorization": "***"}
 
 
 # -- templates ---------------------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 # Redis (if none answers on 127.0.0.1:6379), an SMTP sink on 127.0.0.1:2500 that keeps what it receives in
 # run/sink/, a private clamd with the local test signatures (there is no freshclam without internet), a
 # private spamd on 127.0.0.1:7830 (local tests only, per-user Bayes), the ClamAV milter on 127.0.0.1:10030 and
-# the SpamAssassin milter on 127.0.0.1:10031 with their quarantine in run/, a private Postfix on
-# 127.0.0.1:2525 wired to policyd on 127.0.0.1:10023 and to the milters (re-injection listener on
-# 127.0.0.1:10026), and policyd in
+# the SpamAssassin milter on 127.0.0.1:10031 and the phish milter on 127.0.0.1:10032 with their quarantine in
+# run/, phishhook (Dovecot's auth policy endpoint and the intake on 127.0.0.1:10040, the review page on
+# 127.0.0.1:10041), a private Postfix on 127.0.0.1:2525 wired to policyd on 127.0.0.1:10023 and to the milters
+# (re-injection listener on 127.0.0.1:10026), and policyd in
 # the foreground (Ctrl-C stops it all). Everything it keeps is under run/, config included
 # (run/mailwarden.toml, unless $MAILWARDEN_CONFIG names another). Run again while it runs, it says so and
 # leaves the running one alone.
@@ -81,6 +82,31 @@ id = "a"
 secret = "$(python3 -c 'import secrets; print(secrets.token_urlsafe(48))')"
 TOML
   fi
+  # (a config kept from a quick start before phishhook)
+  if ! grep -qs '^\[phishhook\]' "$MAILWARDEN_CONFIG"; then
+    review_password=$(python3 -c 'import secrets; print(secrets.token_urlsafe(12))')
+    echo "$review_password" > "$RUN/review-password" && chmod 600 "$RUN/review-password"
+    cat >> "$MAILWARDEN_CONFIG" <<TOML
+
+[milters.phish]
+listen = "inet:127.0.0.1:10032"
+
+[phishhook]
+listen = "127.0.0.1:10040"
+[phishhook.geo]
+# the 2018 GeoLite2 City database the tests use (PyPI's maxminddb-geolite2); a site's comes from geoipupdate
+city_database = "$("$VENV/bin/python" -c 'from _maxminddb_geolite2 import geolite2_database; print(geolite2_database())')"
+[phishhook.history]
+# the quick start's accounts are all new: judge them at once (a site's default: 7 days of alerts only)
+learning_period = "0s"
+[phishhook.review]
+listen = "127.0.0.1:10041"
+session_secret = "$(python3 -c 'import secrets; print(secrets.token_urlsafe(48))')"
+[phishhook.review.accounts]
+# password in $RUN/review-password
+admin = "$("$VENV/bin/python" -c 'import sys; from argon2 import PasswordHasher; print(PasswordHasher().hash(sys.argv[1]))' "$review_password")"
+TOML
+  fi
 fi
 # the quarantine's catalogue: the reply pipe's user (nobody, below) writes it too; what root creates in
 # run/db the store gives to the directory's owner
@@ -101,7 +127,7 @@ SPAMD_DIR=$RUN/spamd
 runuser -u debian-spamd -- test -x "$RUN" 2>/dev/null || SPAMD_DIR=/tmp/mailwarden-quickstart-spamd
 "$VENV/bin/python" tests/harness/spamd.py stop "$SPAMD_DIR" 2>/dev/null || true
 [ -f "$RUN/sink.pid" ] && kill "$(cat "$RUN/sink.pid")" 2>/dev/null || true
-for name in milter milter-spamassassin; do
+for name in milter milter-spamassassin milter-phish phishhook; do
   [ -f "$RUN/$name.pid" ] && kill "$(cat "$RUN/$name.pid")" 2>/dev/null || true
 done
 
@@ -124,9 +150,14 @@ mkdir -p "$RUN/clamd"
 echo $! > "$RUN/milter.pid"
 "$VENV/bin/mailwarden" milter spamassassin >>"$RUN/milter-spamassassin.log" 2>&1 &
 echo $! > "$RUN/milter-spamassassin.pid"
-for log in milter.log milter-spamassassin.log; do
+"$VENV/bin/mailwarden" milter phish >>"$RUN/milter-phish.log" 2>&1 &
+echo $! > "$RUN/milter-phish.pid"
+"$VENV/bin/mailwarden" phish serve >>"$RUN/phishhook.log" 2>&1 &
+echo $! > "$RUN/phishhook.pid"
+for log in milter.log milter-spamassassin.log milter-phish.log; do
   for _ in $(seq 100); do grep -qs "msg=ready" "$RUN/$log" && break; sleep 0.1; done
 done
+for _ in $(seq 100); do grep -qs "phishhook serving" "$RUN/phishhook.log" && break; sleep 0.1; done
 
 mkdir -p "$RUN/postfix" && chmod 755 "$RUN" "$RUN/postfix"
 # replies to digests: Postfix pipes quarantine@example.test to `mailwarden digest reply` as user nobody (pipe(8)
@@ -155,12 +186,14 @@ else
   echo "quickstart: replies to digests are not wired; clone it under /srv or /opt to try them"
 fi
 "$VENV/bin/python" tests/harness/postfix.py start "$RUN/postfix" --smtp-port 2525 --sink-port 2500 --policy-port 10023 \
-  --milters "inet:127.0.0.1:10030, inet:127.0.0.1:10031" --reinject-port 10026 "${reply_args[@]}"
+  --milters "inet:127.0.0.1:10030, inet:127.0.0.1:10031, inet:127.0.0.1:10032" --reinject-port 10026 \
+  "${reply_args[@]}"
 
 cleanup() {
   [ -n "${suite:-}" ] && kill -TERM "$suite" 2>/dev/null && wait "$suite" 2>/dev/null
   "$VENV/bin/python" tests/harness/postfix.py stop "$RUN/postfix" || true
-  kill "$(cat "$RUN/milter.pid")" "$(cat "$RUN/milter-spamassassin.pid")" 2>/dev/null || true
+  kill "$(cat "$RUN/milter.pid")" "$(cat "$RUN/milter-spamassassin.pid")" "$(cat "$RUN/milter-phish.pid")" \
+       "$(cat "$RUN/phishhook.pid")" 2>/dev/null || true
   "$VENV/bin/python" tests/harness/clamd.py stop "$RUN/clamd" || true
   "$VENV/bin/python" tests/harness/spamd.py stop "$SPAMD_DIR" || true
   kill "$(cat "$RUN/sink.pid")" 2>/dev/null || true
@@ -173,8 +206,10 @@ trap 'exit 143' TERM
 cat <<MSG
 
   Postfix listens on 127.0.0.1:2525 and asks mailwarden policyd (127.0.0.1:10023) about every recipient,
-  then the ClamAV milter (127.0.0.1:10030, log $RUN/milter.log) and the SpamAssassin milter
-  (127.0.0.1:10031, log $RUN/milter-spamassassin.log) about every message.
+  then the ClamAV milter (127.0.0.1:10030, log $RUN/milter.log), the SpamAssassin milter
+  (127.0.0.1:10031, log $RUN/milter-spamassassin.log) and the phish milter (127.0.0.1:10032, log
+  $RUN/milter-phish.log) about every message. phishhook (Dovecot's auth policy, the login intake and the
+  review page) logs to $RUN/phishhook.log.
   Try:   swaks --server 127.0.0.1:2525 --from a@example.org --to user@example.test --xclient-addr 192.0.2.20
   (the first attempt is greylisted; accepted mail lands in $RUN/sink/, Postfix's log is $RUN/postfix/maillog)
   A virus (the EICAR test file), refused at end of data with 554 5.7.1:
@@ -191,6 +226,14 @@ cat <<MSG
   $RUN/digest-reply.log):
          swaks --server 127.0.0.1:2525 --from user@example.test --xclient-login user \\
                --to 'quarantine+<the token of the link>@example.test' --header 'Subject: RELEASE <shortid>' --body thanks
+
+  A phished account: a login from Boston an hour ago (told as webmail would), then mail from Beijing as the
+  same user. The message is held for the security team and the account snagged: its next message is
+  refused at RCPT (550 5.7.1). Review at http://127.0.0.1:10041/ (admin, password in $RUN/review-password)
+  or with mailwarden phish list / show / release:
+         mailwarden phish login --user eve --address 128.197.26.35 --at 1h
+         swaks --server 127.0.0.1:2525 --from eve@example.test --to user@example.test --xclient-login eve \
+               --xclient-addr 166.111.4.100
 
   The command line, in another terminal, with this run's config:
          export PATH=$VENV/bin:\$PATH MAILWARDEN_CONFIG=$MAILWARDEN_CONFIG
