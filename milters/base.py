@@ -32,7 +32,7 @@ from mailwarden.decision import Action, Decision
 from mailwarden.directory import DirectorySettings
 from mailwarden.logs import DecisionLog, get_logger
 from milters import metrics
-from milters.check import Message, MessageCheck
+from milters.check import HoldListener, Message, MessageCheck
 from milters.mailbox import MailboxResolver
 from milters.spool import Spool
 from milters.verdict import (
@@ -230,6 +230,7 @@ class MessageMilter(Milter.Base):
             resolution = resolve(message.recipients, verdicts)
             kept = self._keep(message, resolution)
             result = self._answer(resolution)
+            self._tell_hold_listeners(message, kept, resolution, verdicts)
         except HoldFailed as exc:
             resolution = Resolution(Fate.TEMPFAIL, TEMPFAIL_STORE)
             self._log_failure(message, "the quarantine store could not keep the message", exc)
@@ -279,6 +280,20 @@ class MessageMilter(Milter.Base):
             if all(v is not None and v.fate is Fate.REJECT for v in merged.values()):
                 break
         return merged
+
+    def _tell_hold_listeners(self, message: Message, kept: dict[str, str], resolution: Resolution,
+                             verdicts: dict[str, Verdict | None]) -> None:
+        held = {rcpt: public_id for rcpt, public_id in kept.items() if rcpt in resolution.held}
+        if not held:
+            return
+        for check in self.app.checks:
+            if isinstance(check, HoldListener):
+                try:
+                    check.after_hold(message, held, verdicts)
+                except Exception as exc:  # the message is held and answered: only the link is lost
+                    log.warning("after-hold hook failed", exc_info=exc,
+                                extra={"kv": {"milter": self.app.name, "check": check.name,
+                                              "queue_id": message.queue_id or "-", "error": str(exc)}})
 
     def _keep(self, message: Message, resolution: Resolution) -> dict[str, str]:
         """Commit the held recipients' copy, and the records of delivered ones, in one store write; the

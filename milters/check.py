@@ -8,11 +8,12 @@ itself, and what it shares (a connection pool, a rules table) is safe to use fro
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from milters.spool import Spool
-from milters.verdict import CheckResult
+from milters.verdict import CheckResult, Verdict
 
 
 @dataclass
@@ -55,3 +56,13 @@ class MessageCheck(Protocol):
 
     def close(self) -> None:
         """Release connections and threads; called once at shutdown."""
+
+
+@runtime_checkable
+class HoldListener(Protocol):
+    """A check that wants to know where the recipients it held went (the phish check links the held copies
+    to its snag): called after the store committed them, best effort (a failure is logged, the message's
+    answer stands)."""
+
+    def after_hold(self, message: Message, held: Mapping[str, str], verdicts: Mapping[str, Verdict | None]) -> None:
+        """``held``: the public id of each recipient's held copy; ``verdicts``: the merged verdict of each."""

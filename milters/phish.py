@@ -15,6 +15,7 @@ lets the message through with a warning and a metric; ``"tempfail"`` answers 451
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
 from mailwarden.logs import Throttled, get_logger
@@ -32,6 +33,8 @@ log = get_logger("milter")
 failures = Throttled(log, logging.WARNING, "phish check failed: the message was judged without it")
 
 KIND = "phish"
+SNAG = "snag"
+"""The verdict's log field naming the snag that held the message (``after_hold`` links them)."""
 
 
 class PhishMilterSettings(MilterSettings):
@@ -66,6 +69,7 @@ class PhishCheck:
     def _judge(self, message: Message) -> Verdict:
         reasons = []
         snagged = False
+        snag_id = ""
         try:
             event = LoginEvent(user=normalise_user(message.auth_user),
                                address=normalise_address(message.client_address), at=self.detector.now(),
@@ -76,6 +80,7 @@ class PhishCheck:
             outcome = self.detector.login(event)
             if outcome.snag is not None:
                 snagged = snagged or outcome.snag.mode == Mode.ENFORCE
+                snag_id = outcome.snag.public_id
                 reasons.append(f"snag {outcome.snag.public_id}: {outcome.snag.kind}")
         found = self.detector.outbound(queue_id=message.queue_id, auth_user=message.auth_user,
                                        client_address=message.client_address, sender=message.sender,
@@ -83,12 +88,24 @@ class PhishCheck:
                                        subject=message.header("Subject") or "")
         if found.snag is not None:
             snagged = snagged or found.snag.mode == Mode.ENFORCE
+            snag_id = found.snag.public_id
             reasons.append(f"snag {found.snag.public_id}: {found.finding.reason}")
         elif found.finding.verdict == "exempt":
             reasons.append(f"outbound exempt: {found.finding.reason}")
         if snagged:
-            return Verdict(Fate.QUARANTINE, self.name, "; ".join(reasons), kind=KIND)
+            return Verdict(Fate.QUARANTINE, self.name, "; ".join(reasons), kind=KIND, log_fields=((SNAG, snag_id),))
         return Verdict(Fate.ACCEPT, self.name, "; ".join(reasons) or "no finding")
+
+    def after_hold(self, message: Message, held: Mapping[str, str], verdicts: Mapping[str, Verdict | None]) -> None:
+        """Link the held copies to the snag that held them (the review page lists them)."""
+        by_snag: dict[str, list[str]] = {}
+        for rcpt, public_id in held.items():
+            verdict = verdicts.get(rcpt)
+            snag_id = dict(verdict.log_fields).get(SNAG, "") if verdict is not None else ""
+            if snag_id:
+                by_snag.setdefault(snag_id, []).append(public_id)
+        for snag_id, ids in by_snag.items():
+            self.detector.parts.snags.add_messages(snag_id, ids)
 
     def close(self) -> None:
         self.detector.close()

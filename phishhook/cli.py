@@ -27,7 +27,7 @@ from phishhook.ratelimit_signal import RateLimitWatcher, user_limits
 from phishhook.resolution import Learn, Resolver, parse_countries
 from phishhook.snags import Snag, SnagState, SnagStateError, UnknownEntry, UnknownSnag
 from quarantine.cli import login_name, parse_moment, shown, when
-from quarantine.store import SchemaBehind, StoreError
+from quarantine.store import QuarantineStore, SchemaBehind, StoreError
 
 
 @contextlib.contextmanager
@@ -84,7 +84,8 @@ def serve_command(ctx: CliContext) -> None:
             fail(str(exc), EX_CONFIG)
         watcher = RateLimitWatcher(detector.parts.client, detector.parts.prefix, detector.settings.ratelimit,
                                    user_limits(config.section("policyd")), detector.rate_limit_hit)
-        serve(detector, watcher)
+        quarantine = QuarantineStore(config.section("quarantine")) if detector.settings.review.listen else None
+        serve(detector, watcher, quarantine)
 
 
 @phish.command("login")

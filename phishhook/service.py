@@ -25,7 +25,7 @@ from phishhook.authpolicy import dovecot_endpoint
 from phishhook.detector import Detector
 from phishhook.intake import intake_endpoint
 from phishhook.ratelimit_signal import RateLimitWatcher
-from quarantine.store import split_host_port
+from quarantine.store import QuarantineStore, split_host_port
 
 log = get_logger("phishhook")
 
@@ -84,7 +84,8 @@ class PortDispatcher:
         await app(scope, receive, send)
 
 
-def build_asgi(detector: Detector, ports: dict[str, int], watcher: RateLimitWatcher | None = None) -> Any:
+def build_asgi(detector: Detector, ports: dict[str, int], watcher: RateLimitWatcher | None = None,
+               quarantine: QuarantineStore | None = None) -> Any:
     from starlette.applications import Starlette
 
     def reload() -> None:  # Apple's full relay list takes a second or two of CPU: off the event loop
@@ -108,11 +109,12 @@ def build_asgi(detector: Detector, ports: dict[str, int], watcher: RateLimitWatc
     if "review" in ports:
         from phishhook.review.web import review_app
 
-        apps[ports["review"]] = review_app(detector)
+        apps[ports["review"]] = review_app(detector, quarantine)
     return PortDispatcher(apps, Starlette(lifespan=lifespan))
 
 
-def serve(detector: Detector, watcher: RateLimitWatcher | None = None) -> None:
+def serve(detector: Detector, watcher: RateLimitWatcher | None = None,
+          quarantine: QuarantineStore | None = None) -> None:
     import uvicorn
 
     settings = detector.settings
@@ -123,10 +125,12 @@ def serve(detector: Detector, watcher: RateLimitWatcher | None = None) -> None:
         ports["review"] = sockets[1].getsockname()[1]
     # proxy_headers off: uvicorn would otherwise take the client address from X-Forwarded-For of any request
     # from 127.0.0.1; the review page believes a proxy's headers only from [phishhook.review] trusted_proxies
-    config = uvicorn.Config(build_asgi(detector, ports, watcher), lifespan="on", log_config=None, access_log=False,
-                            http="httptools", server_header=False, timeout_graceful_shutdown=10,
+    config = uvicorn.Config(build_asgi(detector, ports, watcher, quarantine), lifespan="on", log_config=None,
+                            access_log=False, http="httptools", server_header=False, timeout_graceful_shutdown=10,
                             proxy_headers=False)
     try:
         uvicorn.Server(config).run(sockets=sockets)
     finally:
         detector.close()
+        if quarantine is not None:
+            quarantine.close()

@@ -209,7 +209,10 @@ def test_a_forged_from_to_101_recipients_snags_and_is_held(phish_stack: PhishSta
     assert snag["kind"] == "outbound" and snag["state"] == "open", snag
     assert not stack.delivered("urgent invoice")
     held = json.loads(stack.cli("quarantine", "list", "--kind", "phish", "--json").stdout)
-    assert sum(row["auth_user"] == "erin" for row in held) == 101
+    erins = {row["public_id"] for row in held if row["auth_user"] == "erin"}
+    assert len(erins) == 101
+    shown = json.loads(stack.cli("phish", "show", snag["public_id"], "--json").stdout)
+    assert set(shown["snag"]["message_ids"]) == erins  # the review page lists the held copies
 
 
 def test_a_forged_from_to_100_recipients_is_not_snagged(phish_stack: PhishStack) -> None:
