@@ -18,7 +18,7 @@ from _maxminddb_geolite2 import geolite2_database
 from harness.dovecot import AuthPolicy, DovecotInstance, MailUser, imap_login
 from harness.phishhook_proc import PhishhookProcess
 from harness.redis_server import RedisProcess
-from phish_places import CN_BEIJING, US_BOSTON_A, US_BOSTON_B
+from phish_places import CN_BEIJING, JP_TOKYO, US_BOSTON_A, US_BOSTON_B
 
 from phishhook import keys
 
@@ -166,3 +166,37 @@ def test_odd_login_names_and_ipv6_are_answered(dovecot_stack: DovecotStack, user
     assert status == 200
     [login] = dovecot_stack.logins(user)
     assert login["address"] == "2001:db8::7"
+
+
+def test_the_log_follower_takes_dovecots_login_lines(dovecot_stack: DovecotStack, tmp_path) -> None:
+    """`mailwarden phish follow` on the real Dovecot's log file, for a site that cannot use the auth policy:
+    its logins are judged from the lines Dovecot writes (its own Redis prefix here, so that what the policy
+    endpoint recorded of the same login is not what the test reads)."""
+    from harness.net import wait_for
+    from harness.policyd_proc import render_toml
+
+    settings = json.loads(json.dumps(dovecot_stack.phishhook.settings))
+    settings["redis"]["key_prefix"] = "phfollow:"
+    config = tmp_path / "follow.toml"
+    config.write_text(render_toml(settings))
+    log_path = tmp_path / "follow.log"
+    with log_path.open("wb") as log:
+        follower = subprocess.Popen([sys.executable, "-m", "mailwarden.cli", "--config", str(config), "phish",
+                                     "follow", "--poll", "50ms", str(dovecot_stack.dovecot.workdir / "dovecot.log")],
+                                    stdout=log, stderr=log)
+    try:
+        wait_for(lambda: "following logins in the logs" in log_path.read_text(), 30, what="the follower to start")
+        assert dovecot_stack.login("carol@example.org", "carolpw", JP_TOKYO)[0]
+
+        def logged() -> list[dict]:
+            done = subprocess.run([sys.executable, "-m", "mailwarden.cli", "--config", str(config), "phish",
+                                   "logins", "carol@example.org", "--json"], capture_output=True, text=True, timeout=60)
+            return json.loads(done.stdout) if done.returncode == 0 else []
+
+        wait_for(lambda: any(entry["address"] == JP_TOKYO for entry in logged()), 30,
+                 what="the login from Dovecot's log in the history")
+        [entry] = [entry for entry in logged() if entry["address"] == JP_TOKYO]
+        assert entry["service"] == "imap" and entry["place"]["country"] == "JP"
+    finally:
+        follower.terminate()
+        follower.wait(15)
