@@ -231,3 +231,33 @@ def test_a_pass_carries_the_headers_of_every_check(monkeypatch, decisions):
     clamav = FakeCheck("clamav", Verdict(Fate.ACCEPT, "clamav", "clean", headers=(("X-Virus-Status", "Clean"),)))
     _, ctx = drive(MilterApp("clamav", [banned, clamav], decisions[0]), monkeypatch)
     assert ctx.added == [("X-Virus-Status", "Clean")]
+
+
+@dataclass
+class ListeningCheck(FakeCheck):
+    """A check told where its held recipients went (the phish check links them to its snag)."""
+
+    told: list[dict[str, str]] = field(default_factory=list)
+    fail: bool = False
+
+    def after_hold(self, message: Message, held, verdicts) -> None:
+        if self.fail:
+            raise RuntimeError("snag store down")
+        self.told.append(dict(held))
+
+
+def test_a_hold_listener_hears_the_held_ids_after_the_commit(monkeypatch, decisions):
+    holder = FakeHolder()
+    check = ListeningCheck("phish", {"bob@example.test": Verdict(Fate.QUARANTINE, "phish", "snag", kind="phish")})
+    rc, _ = drive(MilterApp("phish", [check], decisions[0], holder=holder), monkeypatch,
+                  rcpts=("bob@example.test", "carol@example.test"))
+    assert rc == Milter.ACCEPT and len(holder.copies) == 1
+    assert check.told == [{"bob@example.test": "id0"}]  # the held one only, not carol who gets the message
+
+
+def test_a_failing_hold_listener_costs_the_link_not_the_message(monkeypatch, decisions):
+    log, out = decisions
+    check = ListeningCheck("phish", Verdict(Fate.QUARANTINE, "phish", "snag", kind="phish"), fail=True)
+    rc, _ = drive(MilterApp("phish", [check], log, holder=FakeHolder()), monkeypatch)
+    assert rc == Milter.DISCARD  # held and committed: the answer stands
+    assert "action=quarantine" in out.getvalue()
