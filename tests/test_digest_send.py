@@ -155,6 +155,18 @@ def test_daily_digests_over_two_days(store: QuarantineStore, sink: Sink, clock: 
     assert len(digests_to(sink, "bob@example.test")) == 1
 
 
+def test_mail_held_for_the_security_team_is_in_no_digest(store: QuarantineStore, sink: Sink, clock: Clock) -> None:
+    """The message that snagged its sender (phishhook, kind ``phish``) is held for the security team: its
+    recipients are not told of it, nor can they release it."""
+    hold(store, "Urgent invoice", "alice@example.test", "bob@example.test", kind="phish")
+    hold(store, "Cheap pills", "alice@example.test")
+    clock.advance(2 * HOUR)
+    assert run(store).sent == 1  # alice, for the pills; bob has nothing a digest may show
+    [digest] = digests_to(sink, "alice@example.test")
+    assert "pills" in digest and "invoice" not in digest
+    assert digests_to(sink, "bob@example.test") == []
+
+
 def test_owner_option_sends_now_whatever_the_interval(store: QuarantineStore, sink: Sink) -> None:
     hold(store, "Spam", "alice@example.test", "bob@example.test")
     set_interval(store, "bob@example.test", Interval.OFF, "test")

@@ -167,6 +167,12 @@ def test_a_login_from_china_an_hour_after_one_from_the_us_snags_the_account(phis
     body = ticket.message.get_body(("plain",))
     assert body is not None and "alice" in body.get_content() and CN_BEIJING in body.get_content()
 
+    # the security team finds alice was travelling: confirmed safe, she can send again, from Beijing too
+    stack.cli("phish", "release", snag["public_id"], "--note", "at a conference", "--travel-days", "7",
+              "--countries", "CN")
+    assert stack.send(CN_BEIJING, "alice", "alice after the review") == "accepted"
+    assert stack.delivered("alice after the review")
+
 
 def test_an_address_in_the_same_city_an_hour_later_does_not_snag(phish_stack: PhishStack) -> None:
     stack = phish_stack
