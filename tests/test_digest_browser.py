@@ -6,15 +6,14 @@ hostile subjects and senders, the worst case for a narrow screen."""
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import shutil
 import struct
-import sys
 import zlib
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+import support
 
 from quarantine.digest.render import Entry, Renderer, Section
 from quarantine.digest.tokens import Tokens
@@ -25,12 +24,7 @@ RELEASE_GREEN = (0x15, 0x80, 0x3D)
 
 
 def load_tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("digest_screenshot", TOOL)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return support.load_tool(TOOL, "digest_screenshot")
 
 
 @pytest.fixture(scope="module")

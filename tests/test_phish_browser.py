@@ -15,7 +15,6 @@ or a text (WebDriverWait), never a pause.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ from types import ModuleType
 
 import pytest
 import redis
+import support
 from _maxminddb_geolite2 import geolite2_database
 from argon2 import PasswordHasher
 from harness.net import free_port
@@ -49,12 +49,7 @@ NOTE = "Walter is at a conference in Beijing (called him)"
 
 
 def load_tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("phish_review_screenshot", TOOL)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return support.load_tool(TOOL, "phish_review_screenshot")
 
 
 @pytest.fixture(scope="module")

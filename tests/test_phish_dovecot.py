@@ -14,13 +14,12 @@ from dataclasses import dataclass
 
 import pytest
 import redis
+import support
 from _maxminddb_geolite2 import geolite2_database
 from harness.dovecot import AuthPolicy, DovecotInstance, MailUser, imap_login
 from harness.phishhook_proc import PhishhookProcess
 from harness.redis_server import RedisProcess
 from phish_places import CN_BEIJING, JP_TOKYO, US_BOSTON_A, US_BOSTON_B
-
-from phishhook import keys
 
 pytestmark = pytest.mark.e2e
 
@@ -49,14 +48,7 @@ class DovecotStack:
         return json.loads(self.cli("phish", "logins", user, "--json").stdout)
 
     def age_history(self, user: str, seconds: float) -> None:
-        key = keys.user_key(PREFIX, keys.HISTORY, user)
-        entries = [json.loads(raw) for raw in self.redis.lrange(key, 0, -1)]
-        pipe = self.redis.pipeline()
-        pipe.delete(key)
-        for entry in entries:
-            entry["at"] -= seconds
-            pipe.rpush(key, json.dumps(entry))
-        pipe.execute()
+        support.age_history(self.redis, PREFIX, user, seconds)
 
 
 @pytest.fixture(scope="module")

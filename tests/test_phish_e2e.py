@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import support
 from _maxminddb_geolite2 import geolite2_database
 from conftest import need_postfix
 from harness.milter_proc import MilterProcess
@@ -31,8 +32,6 @@ from harness.postfix import PostfixInstance
 from harness.redis_server import RedisProcess
 from harness.sink import Sink
 from phish_places import CN_BEIJING, CN_BEIJING_B, MS_OUTLOOK, US_BOSTON_A, US_BOSTON_B, US_CAMBRIDGE
-
-from phishhook import keys
 
 pytestmark = pytest.mark.e2e
 
@@ -80,16 +79,7 @@ class PhishStack:
         return "accepted"
 
     def age_history(self, user: str, seconds: float) -> None:
-        """Move the user's recorded logins ``seconds`` into the past (as if the next login came that much later)."""
-        key = keys.user_key(PREFIX, keys.HISTORY, user)
-        entries = [json.loads(raw) for raw in self.redis.lrange(key, 0, -1)]
-        assert entries, f"no logins of {user} recorded"
-        pipe = self.redis.pipeline()
-        pipe.delete(key)
-        for entry in entries:
-            entry["at"] -= seconds
-            pipe.rpush(key, json.dumps(entry))
-        pipe.execute()
+        support.age_history(self.redis, PREFIX, user, seconds)
 
     def snags(self, user: str) -> list[dict]:
         return json.loads(self.cli("phish", "list", "--user", user, "--json").stdout)
