@@ -57,7 +57,6 @@ from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import jinja2
 import redis
 from pydantic import Field, field_validator, model_validator
 
@@ -781,6 +780,8 @@ def _one_line(text: str) -> str:
 class _Ticket:
     def __init__(self, settings: TicketAction, now: Callable[[], float]) -> None:
         self.settings, self.now = settings, now
+        import jinja2  # only where a ticket is configured: every mailwarden command loads these settings
+
         loaders: list[jinja2.BaseLoader] = []
         if settings.templates:
             loaders.append(jinja2.FileSystemLoader(settings.templates))
