@@ -279,18 +279,20 @@ def make_stream(pool: AddressPool, events: int, seed: int, plausible_travel: boo
             raise BenchError(f"the address pool has {len(pool.homes)} homes: too few for {events} events")
         home = pool.homes[user]
         times = sorted(rng.uniform(0, WEEK) for _ in range(rng.randint(3, 12)))
+        last_home = None
         for at in times:
             service = "smtp" if rng.random() < 0.2 else "imap"
             if rng.random() < 0.05:
                 logins.append(Login(user, rng.choice(pool.relays), True, at, RELAY, service))
                 continue
+            last_home = at
             address = home.addresses[0] if rng.random() < 0.6 else rng.choice(home.addresses)
             if rng.random() < 0.06:
                 logins.append(Login(user, address, False, at - 5, TYPO, service))
             logins.append(Login(user, address, True, at, HOME, service))
         roll = rng.random()
         travel = TRAVEL_SNAG if roll < 0.03 else TRAVEL_OK if plausible_travel and roll < 0.05 else ""
-        if travel:
+        if travel and last_home is not None:  # judged against the last home login (relays are never compared)
             for destination in destinations:
                 # fewer than 10 homes there and no other traveller: never an organisation's usual place (25)
                 if (homes_at.get(destination.label, 0) < 10 and destination.label not in used_labels
@@ -301,7 +303,7 @@ def make_stream(pool: AddressPool, events: int, seed: int, plausible_travel: boo
             used_labels.add(destination.label)
             km = separation_km(home.where, destination)
             hours = rng.uniform(0.2, 2.0) if travel == TRAVEL_SNAG else km / 500 + 1
-            at = times[-1] + hours * 3600
+            at = last_home + hours * 3600
             logins.append(Login(user, destination.address, True, at, travel))
             if travel == TRAVEL_SNAG and after_snag:
                 logins.append(Login(user, home.addresses[0], True, at + 300, AFTER_SNAG))
@@ -408,6 +410,7 @@ def run_detector_once(detector: Any, stream: Stream, names: list[str], threads: 
     snagged = [False] * len(events)
     errors: list[BaseException] = []
     barrier = threading.Barrier(len(parts) + 1)
+    stop = threading.Event()
 
     def work(indexes: list[int]) -> None:
         try:
@@ -415,6 +418,8 @@ def run_detector_once(detector: Any, stream: Stream, names: list[str], threads: 
             clock = time.perf_counter
             login, failed = detector.login, detector.failed_login
             for i in indexes:
+                if stop.is_set():
+                    return
                 event = events[i]
                 started = clock()
                 if event.success:
@@ -430,13 +435,19 @@ def run_detector_once(detector: Any, stream: Stream, names: list[str], threads: 
         worker.start()
     gc.collect()
     cpu0, redis0 = time.process_time(), cpu_seconds(redis_pid)
-    barrier.wait(timeout)
-    started = time.perf_counter()
-    for worker in workers:
-        worker.join(timeout)
-        if worker.is_alive():
-            raise BenchError(f"detector run not done after {timeout:g}s")
-    wall = time.perf_counter() - started
+    try:
+        barrier.wait(timeout)
+        started = time.perf_counter()
+        for worker in workers:
+            worker.join(timeout)
+            if worker.is_alive():
+                raise BenchError(f"detector run not done after {timeout:g}s")
+        wall = time.perf_counter() - started
+    finally:  # interrupted or failed: no thread may go on using the detector while it is closed
+        stop.set()
+        barrier.abort()
+        for worker in workers:
+            worker.join(30)
     cpu, redis_cpu = time.process_time() - cpu0, cpu_seconds(redis_pid) - redis0
     if errors:
         raise BenchError(f"the detector raised {errors[0]!r}")
@@ -936,6 +947,8 @@ CLAMAV = "clamav"
 SPAMASSASSIN = "spamassassin"
 MILTER_TARGETS = (NO_MILTER, PHISH, CLAMAV, SPAMASSASSIN)
 DEFAULT_MILTER_TARGETS = (NO_MILTER, PHISH, CLAMAV)
+DEFAULT_MILTER_LOADS = ("10K:1:300", "10K:10:1000")
+"""One session: no queue, the latency a milter adds to one message; ten: a loaded server."""
 RECIPIENTS = ("ann@example.test", "ben@example.test", "cat@example.test")
 
 
@@ -1316,7 +1329,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--targets", type=_targets, default=list(DEFAULT_MILTER_TARGETS),
                         help=f"part 3: comma-separated subset of {','.join(MILTER_TARGETS)} (spamassassin: a "
                              "private spamd, about 250 ms of CPU per message: lower the messages)")
-    parser.add_argument("--milter-loads", nargs="+", type=parse_load, default=[parse_load("10K:10:600")],
+    parser.add_argument("--milter-loads", nargs="+", type=parse_load,
+                        default=[parse_load(x) for x in DEFAULT_MILTER_LOADS],
                         help="part 3: SIZE:SESSIONS:MESSAGES per load (the first also warms up)")
     parser.add_argument("--users", type=int, default=200, help="part 3: distinct senders (SASL logins)")
     parser.add_argument("--socket", choices=("inet", "unix"), default="inet",
