@@ -97,7 +97,7 @@ class Detector:
         """Judge one successful login and remember it."""
         started = time.monotonic()
         sighting = self.sighting(event)
-        recall = self.history.recall(event.user, sighting.place)
+        recall = self.history.recall(event.user, sighting.place, event.at, self.settings.velocity.compare_within)
         earlier = [s for s in recall.earlier if recall.cleared is None or s.at > recall.cleared]
         travel = judge(sighting, earlier, self.settings.velocity)
         exempt = self._exemption(event.user, sighting, recall) if travel is not None else ""

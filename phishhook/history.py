@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import redis
@@ -25,6 +26,8 @@ from phishhook.geo import Place
 from phishhook.velocity import Sighting
 
 DAY = 86400
+RECALL_FIRST = 8
+"""Logins read first when judging one (the rest only when all of these are recent enough to compare)."""
 
 
 class HistorySettings(Section):
@@ -68,6 +71,8 @@ class Recall:
     first_seen: float | None
     cleared: float | None
     """When the account was last confirmed safe: earlier logins are not compared with later ones."""
+    place_entry: bytes | None = None
+    """The user's entry for the new login's place as read ("days:last day"), so remembering needs no read."""
 
 
 class LoginHistory:
@@ -77,55 +82,53 @@ class LoginHistory:
         self.prefix = prefix
         self.settings = settings
         self.now = now
+        self._remember = client.register_script((resources.files("phishhook") / "scripts" / "remember.lua").read_text())
 
     def _key(self, kind: str, user: str) -> str:
         return keys.user_key(self.prefix, kind, user)
 
-    def recall(self, user: str, place: Place | None) -> Recall:
+    def recall(self, user: str, place: Place | None, at: float | None = None, within: float | None = None) -> Recall:
+        """What the history says before a login of ``user`` at ``place``. With ``at`` and ``within``, only the
+        logins of the ``within`` seconds before ``at`` are needed: the newest RECALL_FIRST are read, and the
+        rest only when the oldest of those is still that recent (parsing fifty entries a login is most of a
+        login's cost)."""
         label = place_label(place)
+        history = self._key(keys.HISTORY, user)
+        first = RECALL_FIRST if at is not None and within is not None else self.settings.size
         pipe = self.client.pipeline(transaction=False)
-        pipe.lrange(self._key(keys.HISTORY, user), 0, self.settings.size - 1)
+        pipe.lrange(history, 0, first - 1)
         pipe.hget(self._key(keys.PLACES, user), label or "-")
         pipe.pfcount(keys.place_key(self.prefix, label or "-"))
         pipe.get(self._key(keys.FIRST_SEEN, user))
         pipe.get(self._key(keys.CLEARED, user))
-        raw_history, raw_days, org_users, first, cleared = pipe.execute()
-        days = 0
-        if label and raw_days:
-            days = int(raw_days.split(b":")[0] or 0)
-        return Recall(earlier=_sightings(raw_history), place_days=days, org_users=int(org_users) if label else 0,
-                      first_seen=_float(first), cleared=_float(cleared))
+        raw_history, raw_days, org_users, first_seen, cleared = pipe.execute()
+        earlier = _sightings(raw_history)
+        if (len(raw_history) == first < self.settings.size and earlier and at is not None and within is not None
+                and at - earlier[-1].at <= within):
+            earlier += _sightings(list(self.client.lrange(history, first, self.settings.size - 1)))
+        days = _days(raw_days) if label else 0
+        return Recall(earlier=earlier, place_days=days, org_users=int(org_users) if label else 0,
+                      first_seen=_float(first_seen), cleared=_float(cleared),
+                      place_entry=raw_days if label else None)
 
     def remember(self, user: str, sighting: Sighting, recall: Recall) -> None:
-        """Add the login (or refresh the last one, ``merge_within``), count its place, note the first sighting."""
-        ttl = int(self.settings.ttl)
-        history = self._key(keys.HISTORY, user)
-        pipe = self.client.pipeline(transaction=False)
+        """Add the login (or refresh the last one, ``merge_within``), count its place, note the first sighting:
+        one script, one round trip (scripts/remember.lua)."""
         latest = recall.earlier[0] if recall.earlier else None
         body = json.dumps(sighting.as_dict(), separators=(",", ":"))
-        if (latest is not None and latest.address == sighting.address and latest.service == sighting.service
-                and 0 <= sighting.at - latest.at <= self.settings.merge_within):
-            pipe.lset(history, 0, body)
-        else:
-            pipe.lpush(history, body)
-            pipe.ltrim(history, 0, self.settings.size - 1)
-        pipe.expire(history, ttl)
-        label = place_label(sighting.place)
-        if label is not None:
+        merge = (latest is not None and latest.address == sighting.address and latest.service == sighting.service
+                 and 0 <= sighting.at - latest.at <= self.settings.merge_within)
+        label = place_label(sighting.place) or ""
+        entry = ""
+        if label:
             day = int(sighting.at // DAY)
-            places = self._key(keys.PLACES, user)
-            stored = self.client.hget(places, label) if recall.place_days else None
-            last_day = _last_day(stored)
-            days = recall.place_days + (0 if last_day == day else 1)
-            pipe.hset(places, label, f"{days}:{day}")
-            pipe.expire(places, ttl)
-            org = keys.place_key(self.prefix, label)
-            pipe.pfadd(org, user)
-            pipe.expire(org, ttl)
-        first = self._key(keys.FIRST_SEEN, user)
-        pipe.set(first, f"{sighting.at:.0f}", nx=True)
-        pipe.expire(first, ttl)
-        pipe.execute()
+            days = recall.place_days + (0 if _last_day(recall.place_entry) == day else 1)  # recall read this place
+            entry = f"{days}:{day}"
+        self._remember(keys=[self._key(keys.HISTORY, user), self._key(keys.PLACES, user),
+                             keys.place_key(self.prefix, label) if label else self._key(keys.PLACES, user),
+                             self._key(keys.FIRST_SEEN, user)],
+                       args=[body, "1" if merge else "0", self.settings.size, int(self.settings.ttl), label, entry,
+                             user, f"{sighting.at:.0f}"])
 
     def recent(self, user: str, limit: int | None = None) -> list[Sighting]:
         """The user's recent logins, newest first (``phish logins``, the review page)."""
@@ -144,6 +147,16 @@ class LoginHistory:
         if self.settings.learning_period <= 0:
             return False
         return recall.first_seen is None or at - recall.first_seen < self.settings.learning_period
+
+
+def _days(stored: object) -> int:
+    """The day count in a ``days:last day`` entry of the user's places."""
+    if not isinstance(stored, bytes):
+        return 0
+    try:
+        return int(stored.split(b":")[0] or 0)
+    except ValueError:
+        return 0
 
 
 def _last_day(stored: object) -> int | None:

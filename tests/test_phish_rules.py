@@ -239,3 +239,15 @@ def test_a_users_rate_limit_hit_raises_one_snag_per_quiet_period(client: redis.R
     watcher.settings = RateLimitSignalSettings(action="off")
     hit("user-messages-per-hour", "oscar")
     assert watcher.poll(block_ms=10) == 0
+
+
+def test_judging_reads_only_the_recent_logins_but_all_of_them(client: redis.Redis) -> None:
+    from phishhook.history import RECALL_FIRST
+
+    logins = history(client, size=50, merge_within=0)
+    for n in range(30):  # one login an hour
+        remember(logins, "alice", sighting(DAY + n * 3600, address=f"128.197.26.{n}"))
+    now = DAY + 30 * 3600
+    assert len(logins.recall("alice", BOSTON, now, within=3 * 3600).earlier) == RECALL_FIRST
+    assert len(logins.recall("alice", BOSTON, now, within=20 * 3600).earlier) == 30  # more than the first batch
+    assert len(logins.recall("alice", BOSTON).earlier) == 30
