@@ -232,7 +232,7 @@ cat <<MSG
   refused at RCPT (550 5.7.1). Review at http://127.0.0.1:10041/ (admin, password in $RUN/review-password)
   or with mailwarden phish list / show / release:
          mailwarden phish login --user eve --address 128.197.26.35 --at 1h
-         swaks --server 127.0.0.1:2525 --from eve@example.test --to user@example.test --xclient-login eve \
+         swaks --server 127.0.0.1:2525 --from eve@example.test --to user@example.test --xclient-login eve \\
                --xclient-addr 166.111.4.100
 
   The command line, in another terminal, with this run's config:
