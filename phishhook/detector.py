@@ -33,6 +33,8 @@ from phishhook.networks import AddressClass, NetworkClassifier
 from phishhook.outbound import OutboundFinding, OutboundVerdict, judge_outbound
 from phishhook.snags import Snag, SnagStore
 from phishhook.velocity import Sighting, Travel, judge
+from policyd import keys as block_keys
+from policyd.blocklist import BlockList
 
 log = get_logger("phishhook")
 
@@ -121,8 +123,6 @@ class Detector:
         counted = self.failures.count(event.user, classified.address)
         action, reason = Action.ACCEPT, "failed login counted"
         if counted.block_address and classified.kind is AddressClass.PUBLIC:
-            from policyd.blocklist import BlockList
-
             BlockList(self.parts.client, self.parts.prefix).add(
                 "client", classified.address, f"phishhook: {counted.block_address}", "phishhook",
                 expires=self.settings.bruteforce.block_for)
@@ -271,8 +271,6 @@ class Detector:
 
     def blocked(self, user: str, address: str) -> str | None:
         """Why a login must be refused now (the account or the address is blocked), or None. One MGET."""
-        from policyd import keys as block_keys
-
         names = [block_keys.block_user(self.parts.prefix, user)] if user else []
         if address:
             names.append(f"{self.parts.prefix}{block_keys.BLOCK_CLIENT}{address}")
