@@ -91,7 +91,7 @@ class Pipeline:
         for state, method in STAGE_HOOKS.items():
             self.hooks[state] = [(check, getattr(check, method)) for check in checks if hasattr(check, method)]
         self._last_error_log: dict[str, float] = {}
-        self._latency = {check.name: metrics.CHECK_LATENCY.labels(check.name) for check in checks}
+        self._latency = {check.name: metrics.HOT.check_buckets(check.name) for check in checks}
 
     async def decide(self, request: PolicyRequest) -> Outcome:
         outcome = Outcome(Verdict.accept("no check objected"), "none")

@@ -31,7 +31,6 @@ import socket
 import stat
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from mailwarden.decision import Action, Decision, Stage
 from mailwarden.listen import ListenError
@@ -289,7 +288,6 @@ class PolicyServer:
         self.servers: list[asyncio.Server] = []
         self._sweeper: asyncio.TimerHandle | None = None
         self._last_idle_sweep = 0.0
-        self._decision_counters: dict[tuple[str, Action], Any] = {}
         self.draining = False
         self.drained = asyncio.Event()
         """Set when the last connection closes while draining."""
@@ -385,14 +383,9 @@ class PolicyServer:
 
     def record(self, request: PolicyRequest, outcome: Outcome, elapsed: float) -> None:
         verdict = outcome.verdict
-        counter = self._decision_counters.get((outcome.check, verdict.action))
-        if counter is None:
-            counter = metrics.DECISIONS.labels(outcome.check, verdict.action.value)
-            self._decision_counters[(outcome.check, verdict.action)] = counter
-        counter.inc()
+        metrics.HOT.decided(outcome.check, verdict.action.value, elapsed)
         if outcome.fail_mode is not None:
             metrics.FAIL_MODE.labels(*outcome.fail_mode).inc()
-        metrics.LATENCY.observe(elapsed)
         if not self.decisions.enabled:
             return
         extra: dict[str, object] = {}
