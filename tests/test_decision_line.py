@@ -40,6 +40,9 @@ CASES: dict[str, dict[str, object]] = {
  "rounding": dict(B, seconds=0.000005),
  "rounding2": dict(B, seconds=0.000015),
  "negative_seconds": dict(B, seconds=-0.001),
+ "plain_values_quoted_check_reason": dict(B, client="192.0.2.1", sender="a@b", check="my check", reason='say "no"\\', reply="DUNNO"),
+ "reply_with_tab_and_control": dict(B, client="192.0.2.1", reply="REJECT\tbad\x01"),
+ "greylist_new_triplet": dict(B, client="10.0.19.172", helo="mx.example.org", sender="s-hkf@example.org", recipient="u-hkf@example.test", reason="new triplet", seconds=0.00069, reply="DEFER_IF_PERMIT Greylisted, please try again in 5 minutes", extra={"checks": "greylist:0.33"}),
 }
 
 EXPECTED = {
@@ -89,6 +92,12 @@ EXPECTED = {
         'event=decision service=policyd stage=rcpt queue_id=- sender=<> check=greylist action=defer reason=new ms=0.02',
     'negative_seconds':
         'event=decision service=policyd stage=rcpt queue_id=- sender=<> check=greylist action=defer reason=new ms=-1.00',
+    'plain_values_quoted_check_reason':
+        'event=decision service=policyd stage=rcpt queue_id=- client=192.0.2.1 sender=a@b check="my check" action=defer reason="say \\"no\\"\\\\" ms=0.12 reply=DUNNO',
+    'reply_with_tab_and_control':
+        'event=decision service=policyd stage=rcpt queue_id=- client=192.0.2.1 sender=<> check=greylist action=defer reason=new ms=0.12 reply="REJECT\\tbad\\x01"',
+    'greylist_new_triplet':
+        'event=decision service=policyd stage=rcpt queue_id=- client=10.0.19.172 helo=mx.example.org sender=s-hkf@example.org recipient=u-hkf@example.test check=greylist action=defer reason="new triplet" ms=0.69 checks=greylist:0.33 reply="DEFER_IF_PERMIT Greylisted, please try again in 5 minutes"',
 }
 
 
