@@ -127,7 +127,10 @@ def serve(config: Config, names: list[str] | None = None, reread: Callable[[], C
             reloader = ConfigReloader(config, read_startable, restart_keys)
 
         async def main() -> None:
-            await run_until_signalled(services, reloader)
+            try:
+                await run_until_signalled(services, reloader)
+            finally:
+                decisions.flush()  # decision lines still batched (DECISION_BATCH_SECONDS), whatever stopped us
 
         run_event_loop(main())
 

@@ -1,0 +1,100 @@
+"""DecisionLog batching (issue 14): decision lines written every ``batch_seconds`` instead of every
+event-loop tick must keep their order and must all be written when the daemon stops."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+
+from conftest import base_settings
+
+from mailwarden.logs import DecisionLog
+
+
+class CountingStream(io.StringIO):
+    """A stream that counts its writes and says when one happened."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+        self.written = asyncio.Event()
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        self.written.set()
+        return super().write(text)
+
+
+def lines_of(text: str) -> list[str]:
+    return [line.split(" level=info ", 1)[1] for line in text.splitlines()]
+
+
+def test_lines_wait_for_the_batch_then_go_out_in_order_on_flush() -> None:
+    async def main() -> CountingStream:
+        stream = CountingStream()
+        log = DecisionLog(stream=stream, batch_seconds=3600)  # the timer never fires within this test
+        for tick in range(50):
+            for n in range(10):
+                log.emit(f"line={tick * 10 + n}")
+            await asyncio.sleep(0)  # let the loop run other ticks: nothing may be written yet
+        assert stream.writes == 0
+        log.flush()  # what the daemon does when it stops
+        log.emit("line=500")
+        log.flush()
+        log.flush()  # nothing pending: no write, no duplicate
+        return stream
+
+    stream = asyncio.run(main())
+    assert lines_of(stream.getvalue()) == [f"line={n}" for n in range(501)]
+    assert stream.writes == 2
+
+
+def test_the_timer_writes_the_batch_in_one_write() -> None:
+    async def main() -> CountingStream:
+        stream = CountingStream()
+        log = DecisionLog(stream=stream, batch_seconds=0.01)
+        for n in range(100):
+            log.emit(f"line={n}")
+            if n % 7 == 0:
+                await asyncio.sleep(0)
+        await asyncio.wait_for(stream.written.wait(), 10)
+        return stream
+
+    stream = asyncio.run(main())
+    assert lines_of(stream.getvalue()) == [f"line={n}" for n in range(100)]
+    assert stream.writes == 1
+
+
+def test_without_a_batch_interval_each_tick_is_written() -> None:
+    async def main() -> CountingStream:
+        stream = CountingStream()
+        log = DecisionLog(stream=stream)
+        log.emit("line=0")
+        log.emit("line=1")
+        await asyncio.wait_for(stream.written.wait(), 10)
+        return stream
+
+    stream = asyncio.run(main())
+    assert lines_of(stream.getvalue()) == ["line=0", "line=1"]
+    assert stream.writes == 1
+
+
+def test_outside_an_event_loop_lines_are_written_at_once() -> None:
+    stream = CountingStream()
+    log = DecisionLog(stream=stream, batch_seconds=3600)
+    log.emit("line=0")
+    assert lines_of(stream.getvalue()) == ["line=0"]
+
+
+def test_the_daemon_writes_every_line_in_order_when_stopped(policyd_factory, redis_server) -> None:
+    """Requests answered just before SIGTERM: their lines may still be pending (a tick, or a whole batch
+    once the daemon batches by DECISION_BATCH_SECONDS) and must be in the log after the stop, in order."""
+    daemon = policyd_factory(base_settings(redis_server.url))
+    senders = [f"order-{n}@batch.example.org" for n in range(40)]
+    with daemon.connect() as client:
+        for sender in senders:
+            assert client.ask(sender=sender).startswith("DEFER_IF_PERMIT")
+    daemon.stop()
+    logged = re.findall(r"event=decision .*? sender=(order-\d+@batch\.example\.org) ", daemon.log_text())
+    assert logged == senders
