@@ -80,6 +80,7 @@ from quarantine.store import (
 
 log = get_logger("phishhook")
 T = TypeVar("T")
+E = TypeVar("E")
 
 
 class SnagState(StrEnum):
@@ -808,23 +809,9 @@ class SnagStore:
 
     def remove_travel(self, notice_id: int, by: str) -> TravelNotice:
         """Remove a notice (UnknownEntry if there is none); returns it."""
-        by = _short("actor", by, 255)
-
-        def work(conn: sa.Connection) -> TravelNotice:
-            with Session(conn) as session:
-                row = session.get(Travel, notice_id)
-                if row is None:
-                    raise UnknownEntry(f"no travel notice #{notice_id}")
-                notice = _travel(row)
-            conn.execute(sa.delete(Travel).where(Travel.id == notice_id))
-            self._audit(conn, by, AuditAction.TRAVEL_REMOVED,
-                        f"#{notice_id} {', '.join(notice.countries + notice.places)} from "
-                        f"{notice.starts_at.isoformat()} until {notice.ends_at.isoformat()}", notice.user)
-            return notice
-
-        notice = self._write("remove a travel notice", work)
-        log_kv(log, logging.INFO, "travel notice removed", id=notice_id, user=notice.user, by=by)
-        return notice
+        return self._remove(Travel, notice_id, by, "travel notice", _travel, AuditAction.TRAVEL_REMOVED,
+                            lambda n: (f"{', '.join(n.countries + n.places)} from {n.starts_at.isoformat()} until "
+                                       f"{n.ends_at.isoformat()}", n.user))
 
     # -- allow entries -----------------------------------------------------------------------------------
 
@@ -886,19 +873,30 @@ class SnagStore:
 
     def remove_allow(self, entry_id: int, by: str) -> AllowEntry:
         """Remove an entry (UnknownEntry if there is none); returns it."""
+        return self._remove(Allow, entry_id, by, "allow entry", _allow, AuditAction.ALLOW_REMOVED,
+                            lambda e: (f"{' '.join(filter(None, [e.network, e.country]))} for "
+                                       f"{e.user if e.user is not None else 'everyone'}", e.user or ""))
+
+    def _remove(self, model: Any, entry_id: int, by: str, what: str, entry_of: Callable[[Any], E],
+                action: AuditAction, describe: Callable[[E], tuple[str, str]]) -> E:
+        """Delete one travel notice or allow entry by id, with its audit row (``describe``: the detail and the
+        user it names), in one transaction; UnknownEntry if there is none."""
         by = _short("actor", by, 255)
 
-        def work(conn: sa.Connection) -> AllowEntry:
+        def work(conn: sa.Connection) -> E:
             with Session(conn) as session:
-                row = session.get(Allow, entry_id)
+                row = session.get(model, entry_id)
                 if row is None:
-                    raise UnknownEntry(f"no allow entry #{entry_id}")
-                entry = _allow(row)
-            conn.execute(sa.delete(Allow).where(Allow.id == entry_id))
-            self._audit(conn, by, AuditAction.ALLOW_REMOVED,
-                        f"#{entry_id} {' '.join(filter(None, [entry.network, entry.country]))} for "
-                        f"{entry.user if entry.user is not None else 'everyone'}", entry.user or "")
+                    raise UnknownEntry(f"no {what} #{entry_id}")
+                entry = entry_of(row)
+            conn.execute(sa.delete(model).where(model.id == entry_id))
+            detail, user = describe(entry)
+            self._audit(conn, by, action, f"#{entry_id} {detail}", user)
             return entry
+
+        entry = self._write(f"remove a{'n' if what[0] in 'aeiou' else ''} {what}", work)
+        log_kv(log, logging.INFO, f"{what} removed", id=entry_id, user=describe(entry)[1] or "*", by=by)
+        return entry
 
         entry = self._write("remove an allow entry", work)
         log_kv(log, logging.INFO, "allow entry removed", id=entry_id, user=entry.user or "*", by=by)
