@@ -34,6 +34,7 @@ import hiredis
 
 from mailwarden.backend import BackendError
 from mailwarden.logs import Throttled, get_logger, log_kv
+from mailwarden.redis_guard import Guard, guarded_source
 from mailwarden.redis_sentinel import Address, SentinelLookup
 from mailwarden.redis_settings import RedisSettings
 from mailwarden.resp import pack
@@ -111,6 +112,9 @@ class PipelinedRedis:
                  on_state: Callable[[bool], None] | None = None) -> None:
         self.settings = settings
         self.scripts = {script.name: script for script in scripts}
+        self._guarded = {script.name: Script(f"{script.name}+guard", guarded_source(script.source))
+                         for script in scripts}
+        """Each script behind the guard prelude (redis_guard.py), for calls that carry another caller's reads."""
         self._on_state = on_state
         self._endpoint = parse_url(settings.url)
         self._proto: _Resp | None = None
@@ -165,9 +169,15 @@ class PipelinedRedis:
         self._send(pack(args), future)
         return future
 
-    def run_script(self, name: str, keys: Sequence[Arg], args: Sequence[Arg]) -> asyncio.Future[object]:
-        script = self.scripts[name]
-        return self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+    def run_script(self, name: str, keys: Sequence[Arg], args: Sequence[Arg],
+                   guard: Guard | None = None) -> asyncio.Future[object]:
+        """Run a loaded script; with ``guard``, behind the guard prelude: pass the reply through
+        ``redis_guard.unguarded``, which raises GuardTripped when the script did not run."""
+        if guard is None:
+            return self.call("EVALSHA", self.scripts[name].sha, len(keys), *keys, *args)
+        size = len(guard.keys)
+        return self.call("EVALSHA", self._guarded[name].sha, size + len(keys), *guard.keys, *keys, size, *guard.args,
+                         *args)
 
     def _send(self, payload: bytes, future: asyncio.Future[object] | None) -> None:
         now = time.monotonic()
@@ -301,7 +311,7 @@ class PipelinedRedis:
         return self._target[0], self._target[1], None
 
     def _load_scripts(self) -> None:
-        for script in self.scripts.values():
+        for script in (*self.scripts.values(), *self._guarded.values()):
             self._send(pack(("SCRIPT", "LOAD", script.source)), None)
 
     def _arm_watchdog(self) -> None:

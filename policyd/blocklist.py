@@ -3,10 +3,12 @@
 The list lives in Redis so every MX host refuses at once; the phish detector (a later capability)
 writes to it through BlockList, and operators use ``mailwarden block``.
 
-A client network is blocked under its own key (``block:client:203.0.113.0/24``). To stay one round trip
-per request, ``block:nets`` names the prefix lengths in use ("4/24 6/48"); the check asks for it in the
-same MGET as the blocks, together with the client's covering networks of the lengths it last saw, and
-asks again (a second MGET) only on the request where that list changed.
+A client network is blocked under its own key (``block:client:203.0.113.0/24``). To stay one read per
+request, ``block:nets`` names the prefix lengths in use ("4/24 6/48"); the check reads it with the blocks,
+together with the client's covering networks of the lengths it last saw, and reads again only on the
+request where that list changed. When the rate limit or the greylist comes next, the check makes no Redis
+call of its own: its keys ride as a guard on their script (policyd/check.py, mailwarden/redis_guard.py),
+so the default checks cost one round trip.
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ import json
 import socket
 import time
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import redis
 from pydantic import field_validator
 
 from mailwarden.decision import Action
+from mailwarden.redis_guard import Guard
 from mailwarden.redis_pipe import PipelinedRedis
 from mailwarden.section import Section
 from policyd import keys
-from policyd.check import Check
+from policyd.check import DeferringCheck
 from policyd.request import PolicyRequest
 from policyd.settings_types import check_template
 from policyd.verdict import Verdict, reject
@@ -58,7 +62,7 @@ class BlockEntry:
     """Seconds left, or None for a block that stays until removed."""
 
 
-class BlocklistCheck(Check):
+class BlocklistCheck(DeferringCheck):
     name = "blocklist"
 
     def __init__(self, settings: BlocklistSettings, redis_pipe: PipelinedRedis, prefix: str) -> None:
@@ -90,7 +94,9 @@ class BlocklistCheck(Check):
             if version in ("4", "6") and length.isdigit():
                 self._lengths.setdefault(int(version), []).append(int(length))
 
-    async def on_rcpt(self, request: PolicyRequest) -> Verdict | None:
+    def rcpt_read(self, request: PolicyRequest) -> Guard | None:
+        """The block keys of this user and client (expected: none set), with ``block:nets`` (expected: what
+        it said last time), or None when the request has neither."""
         wanted = []
         if request.sasl_username:
             wanted.append(("user", keys.block_user(self.prefix, request.sasl_username)))
@@ -100,12 +106,24 @@ class BlocklistCheck(Check):
             wanted.extend(("client", key) for key in self._network_keys(ip))
         if not wanted:
             return None
-        nets_key = [f"{self.prefix}{keys.BLOCK_NETS}"] if ip is not None else []
-        found = await self.redis.call("MGET", *(key for _kind, key in wanted), *nets_key)
+        read_keys = [key for _kind, key in wanted]
+        expected: list[bytes | None] = [None] * len(wanted)
+        if ip is not None:
+            read_keys.append(f"{self.prefix}{keys.BLOCK_NETS}")
+            expected.append(self._nets_seen)
+        return Guard(read_keys, expected, context=(wanted, ip))
+
+    async def rcpt_check(self, request: PolicyRequest, read: Guard) -> Verdict | None:
+        found = await self.redis.call("MGET", *read.keys)
         assert isinstance(found, list)
+        return await self.rcpt_judge(request, read, found)
+
+    async def rcpt_judge(self, request: PolicyRequest, read: Guard, found: list[bytes | None]) -> Verdict | None:
+        wanted, ip = cast("tuple[list[tuple[str, str]], IPAddress | None]", read.context)
+        found = list(found)
         if ip is not None and (nets := found.pop()) != self._nets_seen:
             self._learn_lengths(nets)  # a network block was added or removed since the last request
-            more = [("client", key) for key in self._network_keys(ip)]
+            more = [("client", key) for key in self._network_keys(ip) if ("client", key) not in wanted]
             if more:
                 again = await self.redis.call("MGET", *(key for _kind, key in more))
                 assert isinstance(again, list)

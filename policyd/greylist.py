@@ -29,6 +29,7 @@ from mailwarden.decision import Action
 from mailwarden.filewatch import FileWatch
 from mailwarden.logs import get_logger, log_kv
 from mailwarden.paths import MANAGED_WHITELIST, system_path
+from mailwarden.redis_guard import unguarded
 from mailwarden.redis_pipe import PipelinedRedis
 from mailwarden.rules_files import shipped_rules_file
 from mailwarden.section import Section
@@ -168,6 +169,7 @@ def human_wait(seconds: float) -> str:
 
 class GreylistCheck(Check):
     name = "greylist"
+    carries_reads = True
 
     def __init__(self, settings: GreylistSettings, trusted: Sequence[IPNetwork], redis_pipe: PipelinedRedis,
                  prefix: str, now: Callable[[], float], hostname: str) -> None:
@@ -317,9 +319,9 @@ class GreylistCheck(Check):
             keys.greylist_expect(self.prefix, domain, recipient),
             keys.greylist_passed_client(self.prefix, network),
         )
-        result = await self.redis.run_script(
-            "greylist", script_keys, (f"{self.now():.3f}", *self._static_args, origin, sender, recipient)
-        )
+        result = unguarded(await self.redis.run_script(
+            "greylist", script_keys, (f"{self.now():.3f}", *self._static_args, origin, sender, recipient),
+            guard=request.take_guard()))
         assert isinstance(result, list)
         status = result[0].decode()
         if status == "expected":

@@ -24,6 +24,7 @@ from mailwarden.decision import Action
 from mailwarden.directory import LdapSource
 from mailwarden.filewatch import FileWatch
 from mailwarden.logs import get_logger, log_kv
+from mailwarden.redis_guard import unguarded
 from mailwarden.redis_pipe import PipelinedRedis
 from mailwarden.section import Section
 from mailwarden.units import Duration, format_duration, parse_duration
@@ -164,6 +165,7 @@ class _Use:
 
 class RateLimitCheck(Check):
     name = "ratelimit"
+    carries_reads = True
 
     def __init__(self, settings: RateLimitSettings, redis_pipe: PipelinedRedis, prefix: str,
                  now: Callable[[], float], notifier: LimitNotifier | None = None,
@@ -236,7 +238,7 @@ class RateLimitCheck(Check):
             assert isinstance(window, float)
             args += [window, self.configured_max(use.limit, use.key_value, extra) or 0, use.amount, int(use.commit),
                      use.limit.name, use.key_value]
-        result = await self.redis.run_script("ratelimit", script_keys, args)
+        result = unguarded(await self.redis.run_script("ratelimit", script_keys, args, guard=request.take_guard()))
         assert isinstance(result, list)
         position = int(result[0])
         if position == 0:

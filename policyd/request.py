@@ -15,6 +15,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 
+from mailwarden.redis_guard import Guard
 from policyd.results import TransactionState
 
 _NAME = re.compile(rb"^[a-z0-9_]{1,64}$")
@@ -74,6 +75,14 @@ class PolicyRequest:
     """The mailbox(es) the recipient delivers to, once recipient verification resolved it (for quota)."""
     rcpt_number: int = 1
     """1 for the first RCPT request of the transaction, 2 for the second... (set by the connection)."""
+    guard: Guard | None = None
+    """Reads an earlier check deferred (policyd/check.py): the next check's script carries them."""
+
+    def take_guard(self) -> Guard | None:
+        """The guard for the script about to run (a check that carries reads passes it to run_script); the
+        pipeline sees it taken and knows the reads were made."""
+        guard, self.guard = self.guard, None
+        return guard
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, str], transaction: TransactionState | None = None) -> PolicyRequest:
