@@ -84,8 +84,13 @@ class PhishStack:
     def snags(self, user: str) -> list[dict]:
         return json.loads(self.cli("phish", "list", "--user", user, "--json").stdout)
 
+    def arrived(self, subject: str) -> bool:
+        """The message arrived (waited for: a message to many recipients may arrive after a later one)."""
+        return bool(self.sink.wait_for_subjects(subject, timeout=60))
+
     def delivered(self, subject: str) -> bool:
-        """Whether the message arrived, after a marker sent later arrived (a positive signal, no pause)."""
+        """Whether the message arrived, after a marker sent later arrived (a positive signal, no pause): for
+        showing that it did not."""
         marker = f"marker after {subject}"
         assert self.send("192.0.2.10", "marker", marker) == "accepted"
         self.sink.wait_for_subjects(marker, timeout=60)
@@ -161,7 +166,7 @@ def test_a_login_from_china_an_hour_after_one_from_the_us_snags_the_account(phis
     stack.cli("phish", "release", snag["public_id"], "--note", "at a conference", "--travel-days", "7",
               "--countries", "CN")
     assert stack.send(CN_BEIJING, "alice", "alice after the review") == "accepted"
-    assert stack.delivered("alice after the review")
+    assert stack.arrived("alice after the review")
 
 
 def test_an_address_in_the_same_city_an_hour_later_does_not_snag(phish_stack: PhishStack) -> None:
@@ -169,7 +174,7 @@ def test_an_address_in_the_same_city_an_hour_later_does_not_snag(phish_stack: Ph
     assert stack.send(US_BOSTON_A, "bob", "bob at the office") == "accepted"
     stack.age_history("bob", 3600)
     assert stack.send(US_BOSTON_B, "bob", "bob at home") == "accepted"
-    assert stack.delivered("bob at home")
+    assert stack.arrived("bob at home")
     assert stack.snags("bob") == []
 
 
@@ -179,7 +184,7 @@ def test_a_registered_travel_notice_prevents_the_snag(phish_stack: PhishStack) -
     assert stack.send(US_BOSTON_A, "carol", "carol before the flight") == "accepted"
     stack.age_history("carol", 3600)
     assert stack.send(CN_BEIJING_B, "carol", "carol in beijing") == "accepted"
-    assert stack.delivered("carol in beijing")
+    assert stack.arrived("carol in beijing")
     assert stack.snags("carol") == []
     assert "exempt: travel notice" in stack.milter.log_text()
 
@@ -189,7 +194,7 @@ def test_an_address_in_a_relay_network_does_not_snag(phish_stack: PhishStack) ->
     assert stack.send(US_BOSTON_A, "dave", "dave at home") == "accepted"
     stack.age_history("dave", 600)
     assert stack.send(MS_OUTLOOK, "dave", "dave through outlook") == "accepted"
-    assert stack.delivered("dave through outlook")
+    assert stack.arrived("dave through outlook")
     assert stack.snags("dave") == []
 
 
@@ -215,7 +220,7 @@ def test_a_forged_from_to_100_recipients_is_not_snagged(phish_stack: PhishStack)
     stack = phish_stack
     assert stack.send(US_BOSTON_A, "frank", "team newsletter", recipients(100),
                       header_from="newsletter@partner.example") == "accepted"
-    assert stack.delivered("team newsletter")
+    assert stack.arrived("team newsletter")
     assert stack.snags("frank") == []
 
 
@@ -223,7 +228,7 @@ def test_a_list_servers_500_recipient_mail_is_not_snagged(phish_stack: PhishStac
     stack = phish_stack
     assert stack.send("192.0.2.25", LIST_ACCOUNT, "[staff] minutes", recipients(500),
                       sender="staff-bounces@lists.example.test", header_from="someone@example.test") == "accepted"
-    assert stack.delivered("[staff] minutes")
+    assert stack.arrived("[staff] minutes")
     assert stack.snags(LIST_ACCOUNT) == []
     wait_for(lambda: "outbound exempt: a list server account" in stack.milter.log_text(), 10,
              what="the exemption in the decision line")
