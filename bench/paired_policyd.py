@@ -86,7 +86,7 @@ def paired_pass(loop: asyncio.AbstractEventLoop, targets: list[Target], numbers:
                                           for t, w in zip(targets, workloads, strict=True)))
 
         results = loop.run_until_complete(both())
-        time.sleep(0.1)  # the last decision lines are written a tick after the answers
+        time.sleep(0.1)  # the last decision lines are written up to [logging] decision_batch (50 ms) after the answers
         after = [cpu_seconds(t.server.pid) for t in targets]
     finally:
         gc.enable()

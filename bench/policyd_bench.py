@@ -773,7 +773,7 @@ def measure(target: Target, scenario: str, run: int, workload: Workload, loop: a
         before = Snapshot.take(target)
         result = run_bounded(loop, drive(target.port, workload.timed, connections, timeout,
                                          keep_replies=workload.expected is not None))
-        time.sleep(0.05)  # the last decision lines are written one event-loop tick after the answers
+        time.sleep(0.1)  # the last decision lines are written up to [logging] decision_batch (50 ms) after the answers
         after = Snapshot.take(target)
     finally:
         gc.enable()

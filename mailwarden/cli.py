@@ -83,8 +83,10 @@ def emit(data: Any, as_json: bool, human: str) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str) if as_json else human)
 
 
-def start_logging(config: Config) -> DecisionLog:
-    return setup_logging(config.section("logging"))
+def start_logging(config: Config, batch_decisions: bool = False) -> DecisionLog:
+    """Logging as ``[logging]`` says; ``batch_decisions`` only for a daemon that flushes the decision log
+    when it stops (see ``setup_logging``)."""
+    return setup_logging(config.section("logging"), batch_decisions=batch_decisions)
 
 
 @contextlib.contextmanager
@@ -112,7 +114,7 @@ def serve(config: Config, names: list[str] | None = None, reread: Callable[[], C
     if not caps:
         fail("no service to run")
     with startup_errors():
-        decisions = start_logging(config)
+        decisions = start_logging(config, batch_decisions=True)  # flushed below, however the loop ends
         require_startable(config, [cap.name for cap in caps])  # what `config check` reports, refused alike
         services = {cap.name: cap.make_service(config, decisions) for cap in caps}  # type: ignore[misc]
         start_metrics_server(config.section("metrics"))
@@ -130,7 +132,7 @@ def serve(config: Config, names: list[str] | None = None, reread: Callable[[], C
             try:
                 await run_until_signalled(services, reloader)
             finally:
-                decisions.flush()  # decision lines still batched (DECISION_BATCH_SECONDS), whatever stopped us
+                decisions.flush()  # decision lines still batched ([logging] decision_batch), whatever stopped us
 
         run_event_loop(main())
 

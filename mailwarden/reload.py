@@ -27,6 +27,7 @@ CORE_RESTART_KEYS = (
     "logging.syslog_socket",
     "logging.syslog_facility",
     "logging.decisions",
+    "logging.decision_batch",
 )
 """Keys of the core sections that a running daemon cannot change (``redis`` stands for all its keys).
 ``logging.level`` applies at once; ``dns`` applies with the checks that use it."""

@@ -69,8 +69,10 @@ def test_every_odd_request_gets_a_valid_answer_and_the_daemon_lives(all_checks):
         for n, attrs in enumerate(ODD_REQUESTS):
             answer = client.ask(**{"recipient": "alice@example.org", "instance": f"odd{n}", **attrs})
             assert answer is not None and VALID.match(answer), (attrs, answer)
-        assert client.ask(client_address="192.0.2.99", instance="last").startswith("550 5.7.1")
-    log = all_checks.log_text()
+        assert client.ask(client_address="192.0.2.99", instance="last", queue_id="LAST").startswith("550 5.7.1")
+    # decision lines are written in order, up to [logging] decision_batch after their answer: the last
+    # request's line says every earlier one is in too
+    log = all_checks.wait_log(" queue_id=LAST ")
     assert "Traceback" not in log and "internal error" not in log
     assert all_checks.proc.poll() is None
     decisions = [line for line in log.splitlines() if "event=decision" in line]

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import re
+from collections.abc import Iterator
 
+import pytest
 from conftest import base_settings
 
-from mailwarden.logs import DecisionLog
+from mailwarden.logs import LOGGER_NAME, DecisionLog, LoggingSettings, setup_logging
 
 
 class CountingStream(io.StringIO):
@@ -89,7 +92,7 @@ def test_outside_an_event_loop_lines_are_written_at_once() -> None:
 
 def test_the_daemon_writes_every_line_in_order_when_stopped(policyd_factory, redis_server) -> None:
     """Requests answered just before SIGTERM: their lines may still be pending (a tick, or a whole batch
-    once the daemon batches by DECISION_BATCH_SECONDS) and must be in the log after the stop, in order."""
+    or a whole [logging] decision_batch) and must be in the log after the stop, in order."""
     daemon = policyd_factory(base_settings(redis_server.url))
     senders = [f"order-{n}@batch.example.org" for n in range(40)]
     with daemon.connect() as client:
@@ -98,3 +101,40 @@ def test_the_daemon_writes_every_line_in_order_when_stopped(policyd_factory, red
     daemon.stop()
     logged = re.findall(r"event=decision .*? sender=(order-\d+@batch\.example\.org) ", daemon.log_text())
     assert logged == senders
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    """setup_logging reconfigures the ``mailwarden`` logger for the whole process: put it back after."""
+    root = logging.getLogger(LOGGER_NAME)
+    handlers, level, propagate = list(root.handlers), root.level, root.propagate
+    yield
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = propagate
+
+
+def test_only_the_daemon_that_asks_batches_by_decision_batch(restored_logging: None) -> None:
+    """policyd's serve asks for batching (and flushes at stop); the milters and phishhook do not ask."""
+    assert LoggingSettings().decision_batch == 0.05
+
+    async def main() -> tuple[CountingStream, CountingStream, CountingStream]:
+        batched, unasked, zero = CountingStream(), CountingStream(), CountingStream()
+        hour = LoggingSettings.model_validate({"decision_batch": "1h"})
+        policyd = setup_logging(hour, batched, batch_decisions=True)
+        other = setup_logging(hour, unasked)
+        per_tick = setup_logging(LoggingSettings.model_validate({"decision_batch": "0"}), zero, batch_decisions=True)
+        for log in (policyd, other, per_tick):
+            log.emit("line=0")
+        await asyncio.wait_for(asyncio.gather(unasked.written.wait(), zero.written.wait()), 10)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert batched.writes == 0  # an hour's batch: still pending
+        policyd.flush()
+        return batched, unasked, zero
+
+    for stream in asyncio.run(main()):
+        assert lines_of(stream.getvalue()) == ["line=0"]
