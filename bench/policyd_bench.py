@@ -526,7 +526,8 @@ def start_redis(workdir: Path, stack: contextlib.ExitStack, name: str) -> tuple[
 
 
 def start_mailwarden(name: str, workdir: Path, stack: contextlib.ExitStack, python: str,
-                     more_config: str = "", checks_run: Sequence[str] | None = None) -> Target:
+                     more_config: str = "", checks_run: Sequence[str] | None = None,
+                     start_within: float = 30.0) -> Target:
     """policyd from a config file as an operator writes one; its own redis-server; decisions logged (as
     in production) to a file. ``more_config``: further tables (the border checks' settings);
     ``checks_run``: the checks, if not MAILWARDEN_CHECKS[name]."""
@@ -545,7 +546,7 @@ def start_mailwarden(name: str, workdir: Path, stack: contextlib.ExitStack, pyth
                    workdir / f"{name}.log")
     stack.callback(server.stop)  # registered after its Redis: stopped before it
     server.start(env)
-    server.wait_port(port, 30)
+    server.wait_port(port, start_within)
     return Target(name, port, server, store, redis_port=redis_port)
 
 
@@ -635,7 +636,7 @@ def start_postgrey(workdir: Path, stack: contextlib.ExitStack, postgrey: str) ->
                    folder / "postgrey.log", user="postgrey")
     stack.callback(server.stop)
     server.start()
-    server.wait_port(port, 30)
+    server.wait_port(port, start_within)
     return Target("postgrey", port, server)
 
 
