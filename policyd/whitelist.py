@@ -103,7 +103,7 @@ class ClientWhitelist:
     name_patterns: list[re.Pattern[str]] = field(default_factory=list)
     _index: dict[int, list[tuple[int, dict[int, str]]]] | None = field(default=None, repr=False)
     _screen: list[re.Pattern[str]] | None = field(default=None, repr=False)
-    """name_patterns joined for a quick miss (_screen_patterns), built at the first lookup as _index is."""
+    """name_patterns joined for a quick miss (_screen_patterns): built by load, else at the first lookup."""
 
     @classmethod
     def load(cls, paths: Iterable[Path]) -> ClientWhitelist:
@@ -111,6 +111,8 @@ class ClientWhitelist:
         for path in paths:
             for number, line in _entries(path):
                 found._add(path, number, line)
+        # joined now: compiling the joined regex takes milliseconds the first named client would wait for
+        found._screen = _screen_patterns(found.name_patterns)
         return found
 
     def log_loaded(self) -> None:
