@@ -52,12 +52,58 @@ def _regex(path: Path | str, number: int, line: str) -> re.Pattern[str]:
 _IPV4ISH = re.compile(r"^\d{1,3}(?:\.\d{1,3}){1,3}(?:/\d{1,2})?$")
 
 
+def listed_suffix(name: str, listed: set[str] | frozenset[str]) -> str | None:
+    """The longest dot-suffix of ``name`` that is listed (``name`` itself first), or None: the suffixes of
+    ``a.b.c`` are ``a.b.c``, ``b.c``, ``c``, as ``".".join(parts[i:])`` gives them (empty labels too), but
+    sliced after each dot instead of re-joined, because this runs for every unlisted client and recipient."""
+    suffix = name
+    while True:
+        if suffix in listed:
+            return suffix
+        dot = suffix.find(".")
+        if dot < 0:
+            return None
+        suffix = suffix[dot + 1 :]
+
+
+_PLAIN_FLAGS = re.compile("", re.IGNORECASE).flags
+"""What a /regex/ entry compiles with (_regex); a pattern whose flags differ set global flags inline."""
+
+
+def _joinable(pattern: re.Pattern[str]) -> bool:
+    """Whether ``pattern`` means the same as one alternative among others: no groups (so no backreference
+    to renumber), no global flag of its own (``(?x)``; a leading ``(?i)`` compiles alone but not wrapped)."""
+    if pattern.groups or pattern.flags != _PLAIN_FLAGS:
+        return False
+    try:
+        re.compile(f"(?:{pattern.pattern})", re.IGNORECASE)
+    except re.error:
+        return False
+    return True
+
+
+def _screen_patterns(patterns: list[re.Pattern[str]]) -> list[re.Pattern[str]]:
+    """Patterns that say, together, whether any of ``patterns`` can match: one alternation of those that
+    can be joined without changing what they match, plus the rest as they are. An alternation matches at a
+    position exactly when one of its alternatives does, so a miss on the screen is a miss on every pattern,
+    found in one regex pass instead of one per pattern (the shipped list has 34: about 4x faster)."""
+    joinable: list[re.Pattern[str]] = []
+    rest: list[re.Pattern[str]] = []
+    for pattern in patterns:
+        (joinable if _joinable(pattern) else rest).append(pattern)
+    if len(joinable) < 2:
+        return patterns
+    return [re.compile("|".join(f"(?:{p.pattern})" for p in joinable), re.IGNORECASE), *rest]
+
+
 @dataclass
 class ClientWhitelist:
     networks: list[IPNetwork] = field(default_factory=list)
     name_suffixes: set[str] = field(default_factory=set)
     name_patterns: list[re.Pattern[str]] = field(default_factory=list)
     _index: dict[int, list[tuple[int, dict[int, str]]]] | None = field(default=None, repr=False)
+    _screen: list[re.Pattern[str]] | None = field(default=None, repr=False)
+    """name_patterns joined for a quick miss (_screen_patterns): built by load, else at the first lookup."""
 
     @classmethod
     def load(cls, paths: Iterable[Path]) -> ClientWhitelist:
@@ -65,6 +111,8 @@ class ClientWhitelist:
         for path in paths:
             for number, line in _entries(path):
                 found._add(path, number, line)
+        # joined now: compiling the joined regex takes milliseconds the first named client would wait for
+        found._screen = _screen_patterns(found.name_patterns)
         return found
 
     def log_loaded(self) -> None:
@@ -103,14 +151,15 @@ class ClientWhitelist:
         """The entry that whitelists this client, or None."""
         if name and name != "unknown":
             lowered = name.lower().rstrip(".")
-            parts = lowered.split(".")
-            for i in range(len(parts)):
-                suffix = ".".join(parts[i:])
-                if suffix in self.name_suffixes:
-                    return suffix
-            for pattern in self.name_patterns:
-                if pattern.search(lowered):
-                    return f"/{pattern.pattern}/"
+            if (suffix := listed_suffix(lowered, self.name_suffixes)) is not None:
+                return suffix
+            if self._screen is None:
+                self._screen = _screen_patterns(self.name_patterns)
+            for screen in self._screen:
+                if screen.search(lowered):
+                    if (entry := self._first_pattern(lowered)) is not None:
+                        return entry
+                    break
         if address is not None and self.networks:
             if self._index is None:
                 self._index = _index_networks(self.networks)
@@ -119,6 +168,10 @@ class ClientWhitelist:
                 if (found := members.get(number & mask)) is not None:
                     return found
         return None
+
+    def _first_pattern(self, name: str) -> str | None:
+        """The first /regex/ entry, in the files' order, that matches ``name``."""
+        return next((f"/{pattern.pattern}/" for pattern in self.name_patterns if pattern.search(name)), None)
 
 
 def _index_networks(networks: list[IPNetwork]) -> dict[int, list[tuple[int, dict[int, str]]]]:
@@ -167,10 +220,8 @@ class RecipientWhitelist:
             return f"{base}@"
         if f"{base}@{domain}" in self.addresses:
             return f"{base}@{domain}"
-        parts = domain.split(".")
-        for i in range(len(parts)):
-            if ".".join(parts[i:]) in self.domains:
-                return ".".join(parts[i:])
+        if (suffix := listed_suffix(domain, self.domains)) is not None:
+            return suffix
         for pattern in self.patterns:
             if pattern.search(lowered):
                 return f"/{pattern.pattern}/"
