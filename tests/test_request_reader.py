@@ -9,7 +9,7 @@ from harness.policyd_proc import BASE_REQUEST, encode_request
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policyd.request import POSTFIX_NAMES, PolicyRequest, ProtocolError, RequestReader
+from policyd.request import _PAIR, POSTFIX_NAMES, PolicyRequest, ProtocolError, RequestReader, _split_short
 from policyd.results import TransactionState
 
 
@@ -205,3 +205,20 @@ def test_every_field_gets_the_attribute_of_its_name():
 def test_recipient_count(count, expected):
     attrs = {"protocol_state": "RCPT"} | ({} if count is None else {"recipient_count": count})
     assert PolicyRequest.from_attrs(attrs).recipient_count == expected
+
+
+NAMES = st.sampled_from([b"sender", b"x_1", b"n" * 64, b"", b"n" * 65, b"Zz", b"a-b", b"a b", b"\xc3\xa9", b"a\r",
+                         b"a\0"])
+VALUES = st.lists(st.sampled_from([b"v", b"=", b"\r", b"\0", b" ", b"\xc3\xa9", b"\xff", b"\xe2\x82"]), max_size=4)
+LINES = st.tuples(NAMES, st.sampled_from([b"=", b"", b"=="]), VALUES.map(b"".join)).map(b"".join)
+"""Lines as requests have them, one part at a time made wrong: the name, the '=', the value."""
+
+
+@settings(max_examples=1000, deadline=None)
+@given(lines=st.lists(LINES, min_size=1, max_size=6))
+def test_the_short_path_accepts_and_splits_exactly_like_the_pattern(lines):
+    """The path for requests under the line limit against the regex one it stands for."""
+    block = b"\n".join(lines)
+    reader = RequestReader()
+    fits = reader._well_formed.fullmatch(block) is not None
+    assert _split_short(block) == (dict(_PAIR.findall(block.decode("utf-8", "replace"))) if fits else None)
