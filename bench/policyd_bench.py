@@ -636,7 +636,7 @@ def start_postgrey(workdir: Path, stack: contextlib.ExitStack, postgrey: str) ->
                    folder / "postgrey.log", user="postgrey")
     stack.callback(server.stop)
     server.start()
-    server.wait_port(port, start_within)
+    server.wait_port(port, 30)
     return Target("postgrey", port, server)
 
 

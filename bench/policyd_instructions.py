@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                 python, out = valgrind_launcher(tree, args.python, work, name)
                 progress(f"{revision}: policyd under callgrind, checks {args.checks} ...")
                 with contextlib.ExitStack() as own:
-                    target = start_mailwarden(name, work, own, python, checks_run=MAILWARDEN_CHECKS[CHECKS[args.checks]],
-                                              start_within=300)
+                    checks = MAILWARDEN_CHECKS[CHECKS[args.checks]]
+                    target = start_mailwarden(name, work, own, python, checks_run=checks, start_within=300)
                     figures.append((revision, measure(loop, target, out, numbers, args.requests,
                                                       args.connections, args.timeout)))
                 progress(f"{revision}: {figures[-1][1]:,.0f} instructions per request")

@@ -27,7 +27,8 @@ class RecordingRedis:
     def __init__(self) -> None:
         self.keys: tuple[str, ...] = ()
 
-    async def run_script(self, name: str, script_keys: tuple[str, ...], args: tuple[object, ...]) -> list[bytes]:
+    async def run_script(self, name: str, script_keys: tuple[str, ...], args: tuple[object, ...],
+                         guard: object = None) -> list[bytes]:
         self.keys = script_keys
         return [b"new", b"300"]
 
