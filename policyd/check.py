@@ -310,7 +310,8 @@ class Pipeline:
         answers of the same transaction (a later RCPT, or DATA when check_policy_service is in
         smtpd_data_restrictions)."""
         pending = request.transaction.pending_headers
-        pending.extend(verdict.reply for verdict in headers)
+        if headers:
+            pending.extend([verdict.reply for verdict in headers])
         if not pending:
             return outcome
         reply = pending.pop(0)

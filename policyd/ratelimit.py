@@ -179,6 +179,10 @@ class RateLimitCheck(Check):
         self.now = now
         self.per_message = [limit for limit in settings.limits if limit.window == "message"]
         self.windowed = [limit for limit in settings.limits if limit.window != "message"]
+        self._limits_for = {authenticated: any(_applies_to(limit, authenticated) for limit in settings.limits)
+                            for authenticated in (False, True)}
+        """Whether any limit applies to authenticated (True) and to other clients (False): with the default
+        limits (per SASL user) inbound mail leaves at once."""
         self.configured = {(o.limit, o.key.lower()): o for o in settings.overrides}
         self.overrides = dict(self.configured)
         self._file_watch = FileWatch([settings.overrides_file] if settings.overrides_file is not None else [])
@@ -186,6 +190,8 @@ class RateLimitCheck(Check):
         self._read_overrides_file()
 
     async def on_rcpt(self, request: PolicyRequest) -> Verdict | None:
+        if not self._limits_for[request.authenticated]:
+            return None
         for limit in self.per_message:
             if not _applies(limit, request) or (key_value := self.key_value(limit, request)) is None:
                 continue
@@ -385,7 +391,9 @@ def _values(raw: object) -> list[str]:
 
 
 def _applies(limit: RateLimit, request: PolicyRequest) -> bool:
+    return _applies_to(limit, request.authenticated)
+
+
+def _applies_to(limit: RateLimit, authenticated: bool) -> bool:
     clients = limit.clients
-    if clients == "all":
-        return True
-    return request.authenticated == (clients == "authenticated")
+    return clients == "all" or authenticated == (clients == "authenticated")

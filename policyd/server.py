@@ -390,7 +390,7 @@ class PolicyServer:
             return
         extra: dict[str, object] = {}
         if outcome.timings:
-            extra["checks"] = ",".join(f"{name}:{seconds * 1000:.2f}" for name, seconds in outcome.timings)
+            extra["checks"] = ",".join([f"{name}:{seconds * 1000:.2f}" for name, seconds in outcome.timings])
         if outcome.degraded:
             extra["degraded"] = ",".join(outcome.degraded)
         if outcome.notes:
