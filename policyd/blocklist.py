@@ -102,7 +102,7 @@ class BlocklistCheck(DeferringCheck):
             wanted.append(("user", keys.block_user(self.prefix, request.sasl_username)))
         ip = request.client_ip if self.settings.check_clients else None
         if ip is not None:
-            wanted.append(("client", f"{self.prefix}{keys.BLOCK_CLIENT}{ip.compressed}"))
+            wanted.append(("client", f"{self.prefix}{keys.BLOCK_CLIENT}{request.client_ip_text}"))
             wanted.extend(("client", key) for key in self._network_keys(ip))
         if not wanted:
             return None

@@ -222,3 +222,12 @@ def test_the_short_path_accepts_and_splits_exactly_like_the_pattern(lines):
     reader = RequestReader()
     fits = reader._well_formed.fullmatch(block) is not None
     assert _split_short(block) == (dict(_PAIR.findall(block.decode("utf-8", "replace"))) if fits else None)
+
+
+@pytest.mark.parametrize("address", ["192.0.2.1", "10.0.0.255", "2001:db8::1", "2001:DB8:0:0:0:0:0:1",
+                                     "::ffff:192.0.2.7", "fe80::1%eth0", "192.0.2.1%eth0", "::1", "", "junk",
+                                     "192.0.2.01", "0.0.0.0"])
+def test_the_client_address_text_is_the_parsed_address_printed(address: str) -> None:
+    """client_ip_text stands for str(client_ip) in the block list's and the greylist's keys."""
+    request = PolicyRequest.from_attrs({"protocol_state": "RCPT", "client_address": address})
+    assert request.client_ip_text == ("" if request.client_ip is None else str(request.client_ip))
