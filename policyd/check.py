@@ -36,6 +36,7 @@ ALL_CHECKS = "*"
 """In ``request.skip``: every remaining check is skipped (an access rule's ``permit``)."""
 
 TEMPFAIL_TEXT = "Temporary local problem, please try again later"
+perf_counter = time.perf_counter  # looked up once: the pipeline reads the clock twice per check
 
 
 class Check:
@@ -115,11 +116,17 @@ def failed_dependency(check: Check, exc: BackendError) -> str:
 
 @dataclass(slots=True, frozen=True)
 class _Step:
+    """A check in the pipeline, with what the hot loop needs of it looked up once."""
+
     check: Check
     hook: Hook
     defers: bool
     """A DeferringCheck whose next check carries reads: its read waits for that check's script."""
     carries: bool
+    name: str
+    waits_on: str
+    """What ``request.waiting_on`` says while it runs (its dependency)."""
+    latency: metrics.Buckets
 
 
 @dataclass(slots=True)
@@ -157,36 +164,36 @@ class Pipeline:
                 _Step(check, getattr(check, method),
                       state == "RCPT" and isinstance(check, DeferringCheck) and index + 1 < len(here)
                       and here[index + 1].carries_reads,
-                      check.carries_reads)
+                      check.carries_reads, check.name, check.dependency or "redis",
+                      metrics.HOT.check_buckets(check.name))
                 for index, check in enumerate(here)
             ]
         self._last_error_log: dict[str, float] = {}
-        self._latency = {check.name: metrics.HOT.check_buckets(check.name) for check in checks}
 
     async def decide(self, request: PolicyRequest) -> Outcome:
         outcome = Outcome(NO_OBJECTION, "none")
         headers: list[Verdict] = []
         deferred: list[_Deferred] = []
         for step in self.hooks.get(request.protocol_state, ()):
-            check = step.check
-            if request.skip and (check.name in request.skip or ALL_CHECKS in request.skip):
+            if request.skip and (step.name in request.skip or ALL_CHECKS in request.skip):
                 continue
             if (deferred and not (step.carries or step.defers)
                     and await self._settle(request, deferred, None, outcome, headers)):
                 return outcome
-            started = time.perf_counter()
-            request.waiting_on = check.dependency or "redis"
+            check = step.check
+            started = perf_counter()
+            request.waiting_on = step.waits_on
             if step.defers:
                 assert isinstance(check, DeferringCheck)
                 read = check.rcpt_read(request)
-                elapsed = time.perf_counter() - started
-                outcome.timings.append((check.name, elapsed))
-                self._latency[check.name].observe(elapsed)
+                elapsed = perf_counter() - started
+                outcome.timings.append((step.name, elapsed))
+                step.latency.observe(elapsed)
                 if read is not None:
                     deferred.append(_Deferred(check, read, outcome.verdict, outcome.check, len(outcome.timings),
                                               len(outcome.degraded), len(outcome.notes), len(headers),
                                               outcome.fail_mode))
-                    request.guard = Guard.combine([item.read for item in deferred])
+                    request.guard = read if len(deferred) == 1 else Guard.combine([item.read for item in deferred])
                 continue
             try:
                 verdict = await step.hook(request)
@@ -203,14 +210,14 @@ class Pipeline:
             else:
                 if deferred and request.guard is None:
                     deferred.clear()  # carried, and every key held what was expected: nothing to object to
-            elapsed = time.perf_counter() - started
-            outcome.timings.append((check.name, elapsed))
-            self._latency[check.name].observe(elapsed)
+            elapsed = perf_counter() - started
+            outcome.timings.append((step.name, elapsed))
+            step.latency.observe(elapsed)
             if verdict is None:
                 continue
             if verdict.decisive and deferred and await self._settle(request, deferred, None, outcome, headers):
                 return outcome  # a check before this one objects first
-            if self._apply(request, outcome, headers, check.name, verdict):
+            if self._apply(request, outcome, headers, step.name, verdict):
                 return outcome
         if deferred and await self._settle(request, deferred, None, outcome, headers):
             return outcome
