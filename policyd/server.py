@@ -45,9 +45,12 @@ from policyd.verdict import TEMPFAIL_STATUS, Verdict, defer_if_permit
 log = get_logger("policyd.server")
 
 _STAGES = {
-    "RCPT": Stage.RCPT, "END-OF-MESSAGE": Stage.EOM, "DATA": Stage.DATA, "MAIL": Stage.MAIL,
-    "CONNECT": Stage.CONNECT, "EHLO": Stage.HELO, "HELO": Stage.HELO,
+    state: stage.value for state, stage in (
+        ("RCPT", Stage.RCPT), ("END-OF-MESSAGE", Stage.EOM), ("DATA", Stage.DATA), ("MAIL", Stage.MAIL),
+        ("CONNECT", Stage.CONNECT), ("EHLO", Stage.HELO), ("HELO", Stage.HELO))
 }
+"""Postfix's protocol_state -> the decision line's stage (its text: looked up once per request)."""
+OTHER_STAGE = Stage.OTHER.value
 DEADLINE_TICK = 0.05
 """How often requests are checked against ``answer_within``: answers in the fail mode come at most this late."""
 INTERNAL_ERROR_TEXT = f"{TEMPFAIL_STATUS} Temporary local problem, please try again later"
@@ -383,7 +386,7 @@ class PolicyServer:
 
     def record(self, request: PolicyRequest, outcome: Outcome, elapsed: float) -> None:
         verdict = outcome.verdict
-        metrics.HOT.decided(outcome.check, verdict.action.value, elapsed)
+        metrics.HOT.decided(outcome.check, verdict.action._value_, elapsed)  # _value_: no enum property call
         if outcome.fail_mode is not None:
             metrics.FAIL_MODE.labels(*outcome.fail_mode).inc()
         if not self.decisions.enabled:
@@ -395,22 +398,12 @@ class PolicyServer:
             extra["degraded"] = ",".join(outcome.degraded)
         if outcome.notes:
             extra["notes"] = "; ".join(outcome.notes)
-        decision = Decision(
-            service="policyd",
-            stage=_STAGES.get(request.protocol_state, Stage.OTHER).value,
-            check=outcome.check,
-            action=verdict.action,
-            reason=verdict.reason,
-            seconds=elapsed,
-            queue_id=request.queue_id,
-            client=request.client_address,
-            helo=request.helo_name,
-            sender=request.sender,
-            recipient=request.recipient,
-            user=request.sasl_username,
-            reply=verdict.reply,
-            extra=extra,
-        )
+        # positional (once per request): service, stage, check, action, reason, seconds, queue_id, client, helo,
+        # sender, recipient, user, reply, extra; the e2e tests read these fields back from the line
+        decision = Decision("policyd", _STAGES.get(request.protocol_state, OTHER_STAGE), outcome.check,
+                            verdict.action, verdict.reason, elapsed, request.queue_id, request.client_address,
+                            request.helo_name, request.sender, request.recipient, request.sasl_username,
+                            verdict.reply, extra)
         self.decisions.emit(decision.logfmt())
 
     async def stop(self, drain_seconds: float) -> None:
