@@ -88,6 +88,9 @@ class PolicyRequest:
     protocol_state: str
     client_address: str
     client_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+    client_ip_text: str
+    """``str(client_ip)`` (the compressed form; "" without an address), made once: the block list and the
+    greylist both key on it, and str() of an address costs about a microsecond."""
     client_name: str
     helo_name: str
     sender: str
@@ -108,9 +111,6 @@ class PolicyRequest:
     rcpt_number: int = 1
     """1 for the first RCPT request of the transaction, 2 for the second... (set by the connection)."""
     guard: Guard | None = None
-    client_ip_text: str = ""
-    """``str(client_ip)`` (the compressed form; "" without an address), made once: the block list and the
-    greylist both key on it, and str() of an address costs about a microsecond."""
     """Reads an earlier check deferred (policyd/check.py): the next check's script carries them."""
 
     def take_guard(self) -> Guard | None:
@@ -139,10 +139,9 @@ class PolicyRequest:
         except ValueError:
             count = 0
         return cls(
-            attrs, get("protocol_state", "").upper(), address, ip, get("client_name", ""), get("helo_name", ""),
-            get("sender", ""), get("recipient", ""), get("sasl_username", ""), get("queue_id", ""),
-            get("instance", ""), count, TransactionState() if transaction is None else transaction,
-            client_ip_text=ip_text,
+            attrs, get("protocol_state", "").upper(), address, ip, ip_text, get("client_name", ""),
+            get("helo_name", ""), get("sender", ""), get("recipient", ""), get("sasl_username", ""),
+            get("queue_id", ""), get("instance", ""), count, TransactionState() if transaction is None else transaction,
         )
 
     @property

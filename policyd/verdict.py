@@ -86,8 +86,8 @@ class Verdict:
 
     @classmethod
     def accept(cls, reason: str, reply: str = DUNNO) -> Verdict:
-        return cls(Action.ACCEPT, reason, reply, decisive=False)
+        return cls(Action.ACCEPT, reason, reply, False)  # positional: made per request, keywords cost more
 
     @classmethod
     def refuse(cls, action: Action, reason: str, reply: str) -> Verdict:
-        return cls(action, reason, reply, decisive=True)
+        return cls(action, reason, reply, True)
