@@ -26,21 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import policyd_bench as bench
 from paired_policyd import CHECKS, export
-from policyd_bench import (
-    EXPECTED_ACTION,
-    MAILWARDEN_CHECKS,
-    VENV_PYTHON,
-    BenchError,
-    Target,
-    TripletNumbers,
-    drive,
-    make_workload,
-    new_event_loop,
-    progress,
-    start_mailwarden,
-    stop_children,
-)
 
 TOTALS = re.compile(rb"^(?:summary|totals): (\d+)", re.MULTILINE)
 
@@ -66,23 +53,24 @@ def dumped_instructions(out: Path, pid: int, timeout: float = 60.0) -> int:
             if match := TOTALS.search(path.read_bytes()):
                 return int(match.group(1))
         time.sleep(0.1)
-    raise BenchError(f"no callgrind dump for pid {pid} in {out.parent}")
+    raise bench.BenchError(f"no callgrind dump for pid {pid} in {out.parent}")
 
 
-def measure(loop: asyncio.AbstractEventLoop, target: Target, out: Path, numbers: TripletNumbers, requests: int,
-            connections: int, timeout: float) -> float:
+def measure(loop: asyncio.AbstractEventLoop, target: bench.Target, out: Path, numbers: bench.TripletNumbers,
+            requests: int, connections: int, timeout: float) -> float:
     """Instructions per request over ``requests`` new triplets (after a warm-up of a quarter as many)."""
-    warm = make_workload("new", numbers, max(requests // 4, connections * 10), 0)
-    loop.run_until_complete(drive(target.port, warm.timed, connections, timeout))
+    warm = bench.make_workload("new", numbers, max(requests // 4, connections * 10), 0)
+    loop.run_until_complete(bench.drive(target.port, warm.timed, connections, timeout))
     time.sleep(0.3)  # the warm-up's decision lines are out; the counters then start from here
     subprocess.run(["callgrind_control", "--zero", str(target.server.pid)], check=True, capture_output=True,
                    timeout=60)
-    work = make_workload("new", numbers, requests, 0)
-    result = loop.run_until_complete(drive(target.port, work.timed, connections, timeout))
+    work = bench.make_workload("new", numbers, requests, 0)
+    result = loop.run_until_complete(bench.drive(target.port, work.timed, connections, timeout))
     time.sleep(0.3)  # the last decision batch is written
-    wrong = sum(n for answer, n in result.answers.items() if not answer.startswith(b"action=" + EXPECTED_ACTION))
+    expected = b"action=" + bench.EXPECTED_ACTION
+    wrong = sum(n for answer, n in result.answers.items() if not answer.startswith(expected))
     if wrong:
-        raise BenchError(f"{target.name}: {wrong} answers other than {EXPECTED_ACTION.decode()}")
+        raise bench.BenchError(f"{target.name}: {wrong} answers other than {bench.EXPECTED_ACTION.decode()}")
     return dumped_instructions(out, target.server.pid) / requests
 
 
@@ -94,10 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=2000, help="timed requests per tree")
     parser.add_argument("--connections", type=int, default=10)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per run (valgrind is slow)")
-    parser.add_argument("--python", default=str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable)
+    parser.add_argument("--python", default=str(bench.VENV_PYTHON) if bench.VENV_PYTHON.exists() else sys.executable)
     args = parser.parse_args(argv)
-    loop = new_event_loop()
-    numbers = TripletNumbers()
+    loop = bench.new_event_loop()
+    numbers = bench.TripletNumbers()
     figures: list[tuple[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="policyd-instructions-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
@@ -106,18 +94,18 @@ def main(argv: list[str] | None = None) -> int:
                 name = f"tree{index}"
                 tree = export(revision, work / f"{name}-src")
                 python, out = valgrind_launcher(tree, args.python, work, name)
-                progress(f"{revision}: policyd under callgrind, checks {args.checks} ...")
+                bench.progress(f"{revision}: policyd under callgrind, checks {args.checks} ...")
                 with contextlib.ExitStack() as own:
-                    checks = MAILWARDEN_CHECKS[CHECKS[args.checks]]
-                    target = start_mailwarden(name, work, own, python, checks_run=checks, start_within=300)
+                    checks = bench.MAILWARDEN_CHECKS[CHECKS[args.checks]]
+                    target = bench.start_mailwarden(name, work, own, python, checks_run=checks, start_within=300)
                     figures.append((revision, measure(loop, target, out, numbers, args.requests,
                                                       args.connections, args.timeout)))
-                progress(f"{revision}: {figures[-1][1]:,.0f} instructions per request")
-        except BenchError as exc:
+                bench.progress(f"{revision}: {figures[-1][1]:,.0f} instructions per request")
+        except bench.BenchError as exc:
             print(f"policyd_instructions: {exc}", file=sys.stderr)
             return 1
         finally:
-            stop_children(stack)
+            bench.stop_children(stack)
     reference = figures[0][1]
     print(f"checks={args.checks} requests={args.requests} connections={args.connections}")
     for revision, per_request in figures:

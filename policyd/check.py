@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
@@ -57,22 +58,24 @@ class Check:
         """SIGHUP: re-read files; keep the old state and log why when they are broken."""
 
 
-class DeferringCheck(Check):
+class DeferringCheck(Check, ABC):
     """A check at RCPT that only reads Redis, and can have its read carried by a later check's script.
 
     ``rcpt_read`` says which keys it needs and what it expects of each (expected: nothing to object to);
     ``rcpt_judge`` decides from what the keys hold. Its ``on_rcpt`` is both with a read of its own (used
     when no later check can carry the read). A judge answers None or a decisive verdict."""
 
+    @abstractmethod
     def rcpt_read(self, request: PolicyRequest) -> Guard | None:
-        raise NotImplementedError
+        """The keys to read and what each is expected to hold, or None when there is nothing to read."""
 
+    @abstractmethod
     async def rcpt_check(self, request: PolicyRequest, read: Guard) -> Verdict | None:
         """Read the keys with a Redis call of its own, then judge."""
-        raise NotImplementedError
 
+    @abstractmethod
     async def rcpt_judge(self, request: PolicyRequest, read: Guard, found: list[bytes | None]) -> Verdict | None:
-        raise NotImplementedError
+        """The verdict from what the keys hold (``found``, in ``read.keys``'s order)."""
 
     async def on_rcpt(self, request: PolicyRequest) -> Verdict | None:
         read = self.rcpt_read(request)
