@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=10)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per run (valgrind is slow)")
     parser.add_argument("--python", default=str(bench.VENV_PYTHON) if bench.VENV_PYTHON.exists() else sys.executable)
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="copy the callgrind dumps here (for callgrind_annotate --inclusive=yes)")
     args = parser.parse_args(argv)
     loop = bench.new_event_loop()
     numbers = bench.TripletNumbers()
@@ -106,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         finally:
             bench.stop_children(stack)
+            if args.keep:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                for dump in work.glob("*.callgrind*"):
+                    shutil.copy(dump, args.keep / dump.name)
     reference = figures[0][1]
     print(f"checks={args.checks} requests={args.requests} connections={args.connections}")
     for revision, per_request in figures:

@@ -122,6 +122,9 @@ class PipelinedRedis:
         self._pending: collections.deque[tuple[asyncio.Future[object] | None, float]] = collections.deque()
         self._wbuf: list[bytes] = []
         self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop of the current or last connection (set before its set-up sends anything): looked up once,
+        because on Python 3.11 each get_running_loop() is a getpid() system call (twice per request before)."""
         self._connector: asyncio.Task[None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._closed = False
@@ -160,9 +163,10 @@ class PipelinedRedis:
 
     def call(self, *args: Arg) -> asyncio.Future[object]:
         """Send one command; the future resolves with the decoded reply or fails with RedisUnavailable."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[object] = loop.create_future()
-        if not self.connected:
+        if self.connected and self._loop is not None:
+            future: asyncio.Future[object] = self._loop.create_future()
+        else:
+            future = asyncio.get_running_loop().create_future()
             future.set_exception(RedisUnavailable(f"not connected to redis {self.address or self.settings.url}"))
             self._ensure_connector()
             return future
@@ -185,7 +189,7 @@ class PipelinedRedis:
         self._wbuf.append(payload)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            (self._loop or asyncio.get_running_loop()).call_soon(self._flush)
         if self._watchdog is None:
             self._arm_watchdog()
 
@@ -255,6 +259,7 @@ class PipelinedRedis:
 
     async def _connect_once(self, loop: asyncio.AbstractEventLoop) -> None:
         host, port, path = await self._locate()
+        self._loop = loop
         timeout = self.settings.connect_timeout
         self.address = path or f"{host}:{port}"
         if path:

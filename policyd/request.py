@@ -62,7 +62,7 @@ def _split_short(block: bytes) -> dict[str, str] | None:
     than half the cost (hot path: one decode, str.split in C, one set comparison; no regex pass over the
     request). Checking the decoded text rejects what the byte pattern rejects: NUL, ``\\n`` and ``=`` decode
     to themselves, and any other byte outside ASCII to a character outside ``[a-z0-9_]``."""
-    if b"\0" in block:
+    if block.find(b"\0") >= 0:  # not `in`: bytes.__contains__ first tries the byte as an int and raises inside
         return None
     lines = block.decode("utf-8", "replace").split("\n")
     count = len(lines)
@@ -195,7 +195,7 @@ class RequestReader:
             raise ProtocolError(self._why_malformed(block))
         else:
             attrs = dict(_PAIR.findall(block.decode("utf-8", "replace")))
-        if b"\r" in block:
+        if block.find(b"\r") >= 0:  # find, as in _split_short
             attrs = {name: value.rstrip("\r") for name, value in attrs.items()}
         if attrs.get("request") != "smtpd_access_policy":
             raise ProtocolError(f"request={attrs.get('request', '(missing)')!r}, expected smtpd_access_policy")

@@ -66,6 +66,8 @@ connection within milliseconds of its last answer while a transaction goes on.""
 ROOM_SCAN_PAUSE = 0.1
 """After a search for a slot to free found none, new clients are refused without searching for this long:
 under a connection flood with every slot busy, refusing stays O(1)."""
+TASK_NAME = "policyd-request"
+"""The name of each request's Task (asyncio.all_tasks() and task dumps show it)."""
 POSTGREY_PORT = 10023
 """Where Debian's postgrey listens by default: the likely owner of our default address."""
 
@@ -82,6 +84,8 @@ class PolicyConnection(asyncio.Protocol):
     def __init__(self, server: PolicyServer, listener: str) -> None:
         self.server = server
         self.listener = listener
+        self.loop = asyncio.get_running_loop()
+        """Looked up once: on Python 3.11 each get_running_loop() is a getpid() system call."""
         self.reader = RequestReader(server.settings.max_line_bytes, server.settings.max_request_bytes)
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
@@ -213,10 +217,10 @@ class PolicyConnection(asyncio.Protocol):
             return
         request = PolicyRequest.from_attrs(self.queue.popleft(), self.transaction)
         self._track_transaction(request)
-        loop = asyncio.get_running_loop()
         flight = _InFlight(request, time.perf_counter())
         self.current = flight
-        task = loop.create_task(self.server.pipeline.decide(request))
+        # named: an unnamed Task formats "Task-N" for itself (about 1,400 instructions, callgrind)
+        task = self.loop.create_task(self.server.pipeline.decide(request), name=TASK_NAME)
         flight.task = task
         task.add_done_callback(lambda done: self._decided(flight, done))
 
