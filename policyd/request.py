@@ -56,21 +56,38 @@ def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+_NOT_SEPARATORS = bytes(byte for byte in range(256) if byte not in b"=\n")
+_ALTERNATION = b"=\n" * 8192 + b"="
+"""What a request's separators read, kept in order, when each line has exactly one ``=``: ``=\n=\n...=``."""
+
+
 def _split_short(block: bytes) -> dict[str, str] | None:
     """The attributes of a request no longer than the line limit, or None when it is not NUL-free name=value
-    lines: exactly what ``_well_formed`` accepts and ``_PAIR`` captures when no line can be too long, at less
-    than half the cost (hot path: one decode, str.split in C, one set comparison; no regex pass over the
-    request). Checking the decoded text rejects what the byte pattern rejects: NUL, ``\\n`` and ``=`` decode
-    to themselves, and any other byte outside ASCII to a character outside ``[a-z0-9_]``."""
+    lines: exactly what ``_well_formed`` accepts and ``_PAIR`` captures when no line can be too long, at a
+    fraction of the cost (hot path; no regex pass over the request). Checking the decoded text rejects what
+    the byte pattern rejects: NUL, ``\\n`` and ``=`` decode to themselves, and any other byte outside ASCII
+    to a character outside ``[a-z0-9_]``.
+
+    Most requests have one ``=`` per line (a value with ``=`` in it, an SRS sender say, is the exception):
+    then its separators, kept in order by one C-level ``translate``, alternate ``=\\n=\\n...=``, and one
+    split on both separators gives names and values in turn, with a third of the objects that splitting each
+    line makes (each line's list and its strings, allocated and freed per request; half the parse's cost)."""
     if block.find(b"\0") >= 0:  # not `in`: bytes.__contains__ first tries the byte as an int and raises inside
         return None
-    lines = block.decode("utf-8", "replace").split("\n")
-    count = len(lines)
-    try:
-        # name=value splits into [name, value] (on the first "="), a line without "=" into [line]: dict() refuses it
-        attrs = dict(map(str.split, lines, repeat("=", count), repeat(1, count)))
-    except ValueError:
-        return None
+    text = block.decode("utf-8", "replace")
+    separators = block.translate(None, _NOT_SEPARATORS)
+    if len(separators) & 1 and separators == _ALTERNATION[:len(separators)]:
+        tokens = iter(text.replace("=", "\n").split("\n"))
+        attrs = dict(zip(tokens, tokens, strict=True))  # name, value, name, value...
+    else:
+        lines = text.split("\n")
+        count = len(lines)
+        try:
+            # name=value splits into [name, value] (on the first "="), a line without "=" into [line]: dict()
+            # refuses it
+            attrs = dict(map(str.split, lines, repeat("=", count), repeat(1, count)))
+        except ValueError:
+            return None
     if attrs.keys() <= POSTFIX_NAMES or all(_NAME_TEXT.fullmatch(name) for name in attrs):
         return attrs
     return None

@@ -224,6 +224,14 @@ def test_the_short_path_accepts_and_splits_exactly_like_the_pattern(lines):
     assert _split_short(block) == (dict(_PAIR.findall(block.decode("utf-8", "replace"))) if fits else None)
 
 
+@pytest.mark.parametrize("block", [b"sender=recipient=x\nqueue_id", b"queue_id\nsender=recipient=x",
+                                   b"sender=a=b\nrecipient=c\nsize", b"sender\nrecipient==x"])
+def test_a_line_without_equals_is_refused_even_when_another_has_two(block: bytes) -> None:
+    """The short path's alternation check: as many '=' as lines is not one per line (read as names and values
+    in turn, these would give well-formed names)."""
+    assert _split_short(block) is None
+
+
 @pytest.mark.parametrize("address", ["192.0.2.1", "10.0.0.255", "2001:db8::1", "2001:DB8:0:0:0:0:0:1",
                                      "::ffff:192.0.2.7", "fe80::1%eth0", "192.0.2.1%eth0", "::1", "", "junk",
                                      "192.0.2.01", "0.0.0.0"])
