@@ -143,9 +143,13 @@ class DecisionLog:
         self._logger = logger
         self._batch_seconds = batch_seconds
         self._pending: list[str] = []
+        """Prefix, line, newline, prefix, line, newline... (joined when written)."""
         self._flush_scheduled: asyncio.Handle | None = None
         self._second = -1
         self._ts = ""
+        self._millisecond = -1
+        self._prefix = ""
+        """``ts=... level=info `` for the current millisecond: several lines a millisecond share it."""
 
     def emit(self, line: str) -> None:
         if not self.enabled:
@@ -153,11 +157,15 @@ class DecisionLog:
         if self._logger is not None:
             self._logger.info(line, extra={"logfmt": True})
             return
-        now = time.time()
-        if int(now) != self._second:
-            self._second = int(now)
-            self._ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
-        self._pending.append(f"ts={self._ts}.{int(now % 1 * 1000):03d}Z level=info {line}\n")
+        millisecond = int(time.time() * 1000)
+        if millisecond != self._millisecond:
+            self._millisecond = millisecond
+            second = millisecond // 1000
+            if second != self._second:
+                self._second = second
+                self._ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._prefix = f"ts={self._ts}.{millisecond % 1000:03d}Z level=info "
+        self._pending += (self._prefix, line, "\n")  # no copy of the line: joined once per write
         if self._flush_scheduled is None:
             try:
                 loop = asyncio.get_running_loop()

@@ -138,3 +138,18 @@ def test_only_the_daemon_that_asks_batches_by_decision_batch(restored_logging: N
 
     for stream in asyncio.run(main()):
         assert lines_of(stream.getvalue()) == ["line=0"]
+
+
+def test_each_line_carries_the_utc_time_it_was_emitted_to_the_millisecond(monkeypatch) -> None:
+    """The ts= prefix is kept per millisecond (several lines share it): each line still gets its own time,
+    in UTC, with the milliseconds of that moment, across a second's and a millisecond's boundary."""
+    moments = iter([1764700000.9994, 1764700000.9996, 1764700000.9999, 1764700001.0002, 1764700001.0123])
+    monkeypatch.setattr("mailwarden.logs.time.time", lambda: next(moments))
+    stream = io.StringIO()
+    log = DecisionLog(stream=stream)
+    for n in range(5):
+        log.emit(f"line={n}")  # outside an event loop: written at once
+    assert stream.getvalue().splitlines() == [
+        "ts=2025-12-02T18:26:40.999Z level=info line=0", "ts=2025-12-02T18:26:40.999Z level=info line=1",
+        "ts=2025-12-02T18:26:40.999Z level=info line=2", "ts=2025-12-02T18:26:41.000Z level=info line=3",
+        "ts=2025-12-02T18:26:41.012Z level=info line=4"]
