@@ -5,6 +5,7 @@ when clamd is away, hung or restarted, and messages larger than the scanner's li
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import logging
 import socket
@@ -468,7 +469,13 @@ class FakeClamd:
                 conn.sendall(self.reply)
 
     def close(self) -> None:
+        """Wake the accept (shutdown) before closing: a thread left blocked in accept on a closed socket
+        outlives the test, and its descriptor's number goes to the next socket opened."""
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)
         self.server.close()
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "the fake clamd's thread did not end"
 
 
 @pytest.mark.parametrize("reply", [b"stream: Can't allocate memory ERROR\n", b"", b"what is this\n",

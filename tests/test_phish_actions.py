@@ -414,6 +414,9 @@ class WebhookServer:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        # serve_forever accepts after its poll said a connection waits; should the connection be gone by then
+        # (a client that gave up), a blocking accept would wait for the next one and stop() with it, forever
+        self.server.socket.settimeout(1.0)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
