@@ -129,7 +129,8 @@ class _Step:
     name: str
     waits_on: str
     """What ``request.waiting_on`` says while it runs (its dependency)."""
-    latency: metrics.Buckets
+    latency: metrics.Buckets | None
+    """Its histogram in ``mailwarden_policyd_check_seconds``, with ``check_histograms`` on."""
 
 
 @dataclass(slots=True)
@@ -168,7 +169,7 @@ class Pipeline:
                       state == "RCPT" and isinstance(check, DeferringCheck) and index + 1 < len(here)
                       and here[index + 1].carries_reads,
                       check.carries_reads, check.name, check.dependency or "redis",
-                      metrics.HOT.check_buckets(check.name))
+                      metrics.HOT.check_buckets(check.name) if settings.check_histograms else None)
                 for index, check in enumerate(here)
             ]
         self._last_error_log: dict[str, float] = {}
@@ -191,7 +192,8 @@ class Pipeline:
                 read = check.rcpt_read(request)
                 elapsed = perf_counter() - started
                 outcome.timings.append((step.name, elapsed))
-                step.latency.observe(elapsed)
+                if step.latency is not None:
+                    step.latency.observe(elapsed)
                 if read is not None:
                     deferred.append(_Deferred(check, read, outcome.verdict, outcome.check, len(outcome.timings),
                                               len(outcome.degraded), len(outcome.notes), len(headers),
@@ -215,7 +217,8 @@ class Pipeline:
                     deferred.clear()  # carried, and every key held what was expected: nothing to object to
             elapsed = perf_counter() - started
             outcome.timings.append((step.name, elapsed))
-            step.latency.observe(elapsed)
+            if step.latency is not None:
+                step.latency.observe(elapsed)
             if verdict is None:
                 continue
             if verdict.decisive and deferred and await self._settle(request, deferred, None, outcome, headers):

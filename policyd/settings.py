@@ -64,6 +64,11 @@ class PolicydSettings(Section):
     """Defaults: redis and dns fail open (dunno); the recipient directories (ldap, sql, file) defer, so an
     outage never turns into "user unknown" and never lets mail for unknown users in."""
     """Fail mode per dependency and per class of client; logged and counted when used."""
+    check_histograms: bool = False
+    """Observe each check's time in ``mailwarden_policyd_check_seconds`` (a histogram per check). Off by
+    default: every request is timed in ``mailwarden_policyd_decision_seconds`` and every decision line has
+    each check's time (``checks=``); the per-check histograms cost a little on every check of every
+    request, worth it while looking for the slow check."""
     hostname: str | None = None
     """Name used in the X-Greylist header; the machine's name by default."""
     access: AccessSettings = Field(default_factory=AccessSettings)

@@ -53,7 +53,7 @@ def test_block_cli_errors_are_clear(tmp_path, redis_server):
 
 def test_metrics_count_decisions_and_fail_modes(policyd_factory, own_redis):
     port = free_port()
-    settings = base_settings(own_redis.url)
+    settings = base_settings(own_redis.url, check_histograms=True)
     settings["metrics"] = {"listen": f"127.0.0.1:{port}"}
     daemon = policyd_factory(settings)
     with daemon.connect() as client:

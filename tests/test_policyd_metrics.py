@@ -56,7 +56,7 @@ def test_expected_table_is_the_readme_list():
 
 def test_every_readme_metric_served_with_type_labels_and_counts(policyd_factory, redis_server):
     port = free_port()
-    settings = base_settings(redis_server.url, ratelimit={"limits": [LIMIT]})
+    settings = base_settings(redis_server.url, ratelimit={"limits": [LIMIT]}, check_histograms=True)
     settings["metrics"] = {"listen": f"127.0.0.1:{port}"}
     daemon = policyd_factory(settings)
     answers = []
@@ -124,3 +124,23 @@ def test_every_readme_metric_served_with_type_labels_and_counts(policyd_factory,
     for empty in ("backend_errors", "fail_mode", "connections_refused", "connections_evicted"):
         assert not [s for s in found[f"mailwarden_policyd_{empty}"][1] if s.name.endswith("_total")], empty
     assert value(found, "mailwarden_policyd_answer_timeouts_total") == 0
+
+
+def test_check_histograms_are_off_by_default_and_the_family_still_served(policyd_factory, redis_server):
+    """Issue 14: one histogram observation per request on the hot path unless ``check_histograms`` is set;
+    the per-check family is still served (empty), every request still in decision_seconds."""
+    port = free_port()
+    settings = base_settings(redis_server.url)
+    settings["metrics"] = {"listen": f"127.0.0.1:{port}"}
+    daemon = policyd_factory(settings)
+    with daemon.connect() as client:
+        assert client.ask(sender="s@example.org").startswith("DEFER_IF_PERMIT")
+
+    def settled() -> dict | None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            found = samples(response.read().decode())
+        return found if value(found, "mailwarden_policyd_decision_seconds_count") == 1 else None
+
+    found = wait_for(settled, 10, what="metrics after 1 request")
+    kind, served = found["mailwarden_policyd_check_seconds"]
+    assert (kind, served) == ("histogram", [])
