@@ -449,7 +449,9 @@ def _b64_pattern(pattern: bytes) -> re.Pattern[bytes]:
 
 
 _B64_AROUND_PAD = _b64_pattern(
-    rb"(?:(?:=+D=*D|D=+D)(?:=(?=D))?DD|DD=DD)*+"  # whole groups with an = that is skipped in them
+    # whole groups with an = that is skipped in them, taken atomically (not `*+`: Python 3.11 before 3.11.5,
+    # Debian 12's 3.11.2 among them, matches possessive repeats wrongly and can loop on them, gh-106052)
+    rb"(?>(?:(?:=+D=*D|D=+D)(?:=(?=D))?DD|DD=DD)*)"
     rb"(=*D=*D(?:==|(?:=(?=D))?D=))?"  # a padded group, = skipped in it too
 )
 """From the start of a group with an ``=`` in it: the groups whose ``=`` are skipped (before the first
