@@ -74,6 +74,8 @@ class BlocklistCheck(DeferringCheck):
         """Prefix lengths of blocked networks by IP version, as ``block:nets`` last said."""
 
     def _network_keys(self, ip: IPAddress) -> list[str]:
+        if not self._lengths:
+            return []  # no network is blocked (the usual case): nothing to mask
         ip = ip.ipv4_mapped or ip if ip.version == 6 else ip
         number, bits = int(ip), ip.max_prefixlen
         found = []
@@ -103,7 +105,8 @@ class BlocklistCheck(DeferringCheck):
         ip = request.client_ip if self.settings.check_clients else None
         if ip is not None:
             wanted.append(("client", f"{self.prefix}{keys.BLOCK_CLIENT}{request.client_ip_text}"))
-            wanted.extend(("client", key) for key in self._network_keys(ip))
+            if networks := self._network_keys(ip):
+                wanted.extend(("client", key) for key in networks)
         if not wanted:
             return None
         read_keys = [key for _kind, key in wanted]
