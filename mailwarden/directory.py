@@ -30,6 +30,7 @@ from pydantic import AfterValidator, Field, field_validator
 
 from mailwarden.backend import BackendError
 from mailwarden.filewatch import FileWatch
+from mailwarden.inline import bounded
 from mailwarden.logs import get_logger, log_kv
 from mailwarden.section import Section
 from mailwarden.units import Duration
@@ -452,6 +453,6 @@ async def _bounded(pool: concurrent.futures.Executor, func: Callable[[str], T], 
                    backend: str) -> T:
     loop = asyncio.get_running_loop()
     try:
-        return await asyncio.wait_for(loop.run_in_executor(pool, func, address), timeout)
+        return await bounded(loop.run_in_executor(pool, func, address), timeout)
     except TimeoutError:
         raise BackendError(f"{backend} lookup took longer than {timeout:g}s", backend=backend) from None

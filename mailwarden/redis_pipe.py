@@ -3,8 +3,9 @@
 Why not redis-py's asyncio client on the hot path: measured on this machine kind, its per-command path
 costs about 80 µs of CPU per request more than writing RESP straight to one shared connection, where the
 commands of every client connection are written once per event-loop tick and answered in order
-(../shared/PERF-NOTES.md). Redis answers in order on one connection, so a FIFO of futures is all the
-bookkeeping needed. redis-py is still used where it is the right tool: the CLI.
+(../shared/PERF-NOTES.md). Redis answers in order on one connection, so a FIFO of waiters is all the
+bookkeeping needed: Futures, or the in-line coroutines of policyd's requests, resumed from the data callback
+(``ask``, mailwarden/inline.py). redis-py is still used where it is the right tool: the CLI.
 
 Failure handling is the point of this module as much as speed. It works as a circuit breaker:
 - the connection counts as up (``connected``, the gauge, the "redis connected" line) only once Redis has
@@ -26,13 +27,15 @@ import collections
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 
+from mailwarden import inline
 from mailwarden.backend import BackendError
+from mailwarden.inline import ReplyWait
 from mailwarden.logs import Throttled, get_logger, log_kv
 from mailwarden.redis_guard import Guard, guarded_source
 from mailwarden.redis_sentinel import Address, SentinelLookup
@@ -45,6 +48,8 @@ PROBE_MAX_INTERVAL = 0.5
 """While Redis is down, a probe (connect + PING) starts at most this long after the previous one failed."""
 
 Arg = str | bytes | int | float
+Waiter = asyncio.Future[object] | ReplyWait | None
+"""Who gets a reply: a Future, an in-line coroutine, or nobody (the connection's set-up commands)."""
 
 
 class RedisUnavailable(BackendError):
@@ -119,7 +124,7 @@ class PipelinedRedis:
         self._endpoint = parse_url(settings.url)
         self._proto: _Resp | None = None
         self._reader = hiredis.Reader()
-        self._pending: collections.deque[tuple[asyncio.Future[object] | None, float]] = collections.deque()
+        self._pending: collections.deque[tuple[Waiter, float]] = collections.deque()
         self._wbuf: list[bytes] = []
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -166,24 +171,42 @@ class PipelinedRedis:
         if self.connected and self._loop is not None:
             future: asyncio.Future[object] = self._loop.create_future()
         else:
-            future = asyncio.get_running_loop().create_future()
-            future.set_exception(RedisUnavailable(f"not connected to redis {self.address or self.settings.url}"))
-            self._ensure_connector()
-            return future
+            return self._unavailable()
         self._send(pack(args), future)
         return future
 
-    def run_script(self, name: str, keys: Sequence[Arg], args: Sequence[Arg],
-                   guard: Guard | None = None) -> asyncio.Future[object]:
-        """Run a loaded script; with ``guard``, behind the guard prelude: pass the reply through
-        ``redis_guard.unguarded``, which raises GuardTripped when the script did not run."""
-        if guard is None:
-            return self.call("EVALSHA", self.scripts[name].sha, len(keys), *keys, *args)
-        size = len(guard.keys)
-        return self.call("EVALSHA", self._guarded[name].sha, size + len(keys), *guard.keys, *keys, size, *guard.args,
-                         *args)
+    def ask(self, *args: Arg) -> Awaitable[object]:
+        """Send one command whose reply the caller awaits at once: in an in-line coroutine (policyd's
+        requests, mailwarden/inline.py) the reply resumes it from the data callback, without a Future and a
+        trip through the event loop; elsewhere it is ``call``'s Future."""
+        if (task := inline.running()) is None or not self.connected:
+            return self.call(*args)
+        waiter = ReplyWait(task)
+        self._send(pack(args), waiter)
+        return waiter
 
-    def _send(self, payload: bytes, future: asyncio.Future[object] | None) -> None:
+    def _unavailable(self) -> asyncio.Future[object]:
+        future = asyncio.get_running_loop().create_future()
+        future.set_exception(RedisUnavailable(f"not connected to redis {self.address or self.settings.url}"))
+        self._ensure_connector()
+        return future
+
+    def post(self, *args: Arg) -> None:
+        """Send one command whose reply nobody waits for (a cache write): a failure only costs a later miss."""
+        command = str(args[0])
+        self.call(*args).add_done_callback(lambda done: _log_failure(done, command))
+
+    def run_script(self, name: str, keys: Sequence[Arg], args: Sequence[Arg],
+                   guard: Guard | None = None) -> Awaitable[object]:
+        """Run a loaded script (await it at once: see ``ask``); with ``guard``, behind the guard prelude: pass
+        the reply through ``redis_guard.unguarded``, which raises GuardTripped when the script did not run."""
+        if guard is None:
+            return self.ask("EVALSHA", self.scripts[name].sha, len(keys), *keys, *args)
+        size = len(guard.keys)
+        return self.ask("EVALSHA", self._guarded[name].sha, size + len(keys), *guard.keys, *keys, size, *guard.args,
+                        *args)
+
+    def _send(self, payload: bytes, future: Waiter) -> None:
         now = time.monotonic()
         self._pending.append((future, now))
         self._wbuf.append(payload)
@@ -210,19 +233,21 @@ class PipelinedRedis:
                 log_kv(log, logging.ERROR, "redis sent a reply nobody asked for; reconnecting")
                 self._drop("unexpected reply")
                 return
-            future, _sent = self._pending.popleft()
+            waiter, _sent = self._pending.popleft()
             if isinstance(reply, hiredis.ReplyError):
-                self._on_error_reply(future, str(reply))
+                self._on_error_reply(waiter, str(reply))
                 if proto is not self._proto:
                     return  # the error made us drop this connection; the rest of its data is void
-            elif future is not None and not future.done():
-                future.set_result(reply)
+            elif isinstance(waiter, ReplyWait):
+                waiter.resume(reply)  # runs the request on, to its next call or its answer
+                if proto is not self._proto:
+                    return  # it dropped this connection (and failed what was pending)
+            elif waiter is not None and not waiter.done():
+                waiter.set_result(reply)
 
-    def _on_error_reply(self, future: asyncio.Future[object] | None, message: str) -> None:
+    def _on_error_reply(self, future: Waiter, message: str) -> None:
         if message.startswith(("READONLY", "MASTERDOWN", "LOADING")):
-            exc: Exception = RedisUnavailable(f"redis at {self.address} cannot take writes: {message}")
-            if future is not None and not future.done():
-                future.set_exception(exc)
+            self._fail(future, RedisUnavailable(f"redis at {self.address} cannot take writes: {message}"))
             self._drop(message.split(" ", 1)[0])
             return
         if message.startswith("NOSCRIPT"):
@@ -230,8 +255,15 @@ class PipelinedRedis:
         if future is None:
             log_kv(log, logging.ERROR, "redis refused a connection set-up command", error=message)
             return
-        if not future.done():
-            future.set_exception(RedisCommandError(message))
+        self._fail(future, RedisCommandError(message))
+
+    def _fail(self, waiter: Waiter, exc: Exception) -> None:
+        """Fail one call. An in-line coroutine is resumed from the next loop iteration, not from inside the
+        pipe's own handling of the failure (which may be tearing the connection down)."""
+        if isinstance(waiter, ReplyWait):
+            (self._loop or asyncio.get_running_loop()).call_soon(waiter.fail, exc)
+        elif waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
 
     # -- connection management -------------------------------------------------------------------
 
@@ -361,6 +393,11 @@ class PipelinedRedis:
 
     def _fail_pending(self, exc: Exception) -> None:
         pending, self._pending = self._pending, collections.deque()
-        for future, _sent in pending:
-            if future is not None and not future.done():
-                future.set_exception(exc)
+        for waiter, _sent in pending:
+            self._fail(waiter, exc)
+
+
+def _log_failure(future: asyncio.Future[object], command: str) -> None:
+    """Retrieve a posted command's failure (asyncio would log it as never retrieved) and say it at debug level."""
+    if (exc := future.exception()) is not None:
+        log_kv(log, logging.DEBUG, "redis command nobody waited for failed", command=command, error=str(exc))

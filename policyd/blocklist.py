@@ -117,7 +117,7 @@ class BlocklistCheck(DeferringCheck):
         return Guard(read_keys, expected, context=(wanted, ip))
 
     async def rcpt_check(self, request: PolicyRequest, read: Guard) -> Verdict | None:
-        found = await self.redis.call("MGET", *read.keys)
+        found = await self.redis.ask("MGET", *read.keys)
         assert isinstance(found, list)
         return await self.rcpt_judge(request, read, found)
 
@@ -128,7 +128,7 @@ class BlocklistCheck(DeferringCheck):
             self._learn_lengths(nets)  # a network block was added or removed since the last request
             more = [("client", key) for key in self._network_keys(ip) if ("client", key) not in wanted]
             if more:
-                again = await self.redis.call("MGET", *(key for _kind, key in more))
+                again = await self.redis.ask("MGET", *(key for _kind, key in more))
                 assert isinstance(again, list)
                 wanted, found = wanted + more, found + again
         for (kind, key), raw in zip(wanted, found, strict=True):

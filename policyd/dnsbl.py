@@ -186,7 +186,7 @@ class DnsblCheck(Check):
         address = ip.compressed
         cache_keys = [f"{self.prefix}{keys.DNSBL}{p.host}:{address}" for p in self.providers]
         try:
-            cached = cast("list[bytes | None]", await self.redis.call("MGET", *cache_keys))
+            cached = cast("list[bytes | None]", await self.redis.ask("MGET", *cache_keys))
         except BackendError as exc:  # a cache that fails is a miss, never a failed lookup
             log_kv(log, logging.WARNING, "dnsbl cache unavailable; asking DNS", error=str(exc))
             cached = [None] * len(cache_keys)
@@ -247,8 +247,7 @@ class DnsblCheck(Check):
     def _store(self, key: str, codes: tuple[str, ...], ttl: int) -> None:
         if ttl <= 0:
             return
-        future = self.redis.call("SET", key, ",".join(codes), "EX", ttl)
-        future.add_done_callback(lambda f: f.exception())  # a failed cache write only costs a later query
+        self.redis.post("SET", key, ",".join(codes), "EX", ttl)  # a failed cache write only costs a later query
 
 
 def _dns_error(exc: BaseException) -> str:

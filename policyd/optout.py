@@ -13,6 +13,7 @@ import logging
 import time
 
 from mailwarden.directory import SqlQuery
+from mailwarden.inline import bounded
 from mailwarden.logs import get_logger, log_kv
 from mailwarden.section import Section
 from mailwarden.units import Duration
@@ -54,7 +55,7 @@ class SqlOptOut:
             return kept[1]
         loop = asyncio.get_running_loop()
         try:
-            answer = await asyncio.wait_for(loop.run_in_executor(self.pool, self._ask, address),
+            answer = await bounded(loop.run_in_executor(self.pool, self._ask, address),
                                             self.settings.timeout)
         except Exception as exc:  # any database trouble: greylist as usual, say so now and then
             if now - self._last_error_log > 60:

@@ -26,6 +26,7 @@ from pydantic import Field, field_validator
 from mailwarden.backend import BackendError
 from mailwarden.decision import Action
 from mailwarden.filewatch import FileWatch
+from mailwarden.inline import bounded
 from mailwarden.logs import get_logger, log_kv
 from mailwarden.redis_pipe import PipelinedRedis
 from mailwarden.section import Section
@@ -179,7 +180,7 @@ class QuotaStatusClient:
         for attempt in range(2):  # a reused connection may have been closed by Dovecot meanwhile
             reused = bool(self.idle)
             try:
-                answer = await asyncio.wait_for(self._exchange(request), self.timeout)
+                answer = await bounded(self._exchange(request), self.timeout)
             except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
                 if reused and attempt == 0 and not isinstance(exc, TimeoutError):
                     continue
@@ -273,7 +274,7 @@ class QuotaCheck(Check):
             return
         mark = f"{self.prefix}{keys.QUOTA_NOTIFIED}{keys.digest(mailbox)}"
         try:
-            first = await self.redis.call("SET", mark, str(int(time.time())), "NX", "EX", int(notify.interval))
+            first = await self.redis.ask("SET", mark, str(int(time.time())), "NX", "EX", int(notify.interval))
         except BackendError:
             return  # no notice rather than one per message
         if first:

@@ -10,14 +10,11 @@ addresses for ``cache_ttl`` and unknown ones for the shorter ``negative_cache_tt
 
 from __future__ import annotations
 
-import logging
-
 from pydantic import field_validator
 
 from mailwarden.backend import BackendError
 from mailwarden.decision import Action
 from mailwarden.directory import Directory, DirectorySettings, Lookup, Status, lookup_key
-from mailwarden.logs import get_logger, log_kv
 from mailwarden.redis_pipe import PipelinedRedis
 from mailwarden.units import Duration
 from policyd import keys
@@ -43,7 +40,6 @@ class RecipientSettings(DirectorySettings):
         return [domain.lower().strip(".") for domain in domains]
 
 
-log = get_logger("policyd.recipients")
 
 MAX_ADDRESS = 254
 MAX_LOCAL_PART = 64
@@ -89,7 +85,7 @@ class RecipientCheck(Check):
 
     async def _cached(self, address: str) -> Lookup | None:
         try:
-            raw = await self.redis.call("GET", self._key(address))
+            raw = await self.redis.ask("GET", self._key(address))
         except BackendError:
             return None  # a cache that fails is a miss
         if not isinstance(raw, bytes):
@@ -105,14 +101,7 @@ class RecipientCheck(Check):
         if ttl <= 0:
             return
         value = f"{found.status.value[0]}:{','.join(found.mailboxes)}"
-        future = self.redis.call("SET", self._key(address), value, "EX", int(ttl))
-        future.add_done_callback(_ignore_failure)
+        self.redis.post("SET", self._key(address), value, "EX", int(ttl))
 
     def _key(self, address: str) -> str:
         return f"{self.prefix}{keys.RECIPIENT}{keys.digest(address)}"
-
-
-def _ignore_failure(future: object) -> None:
-    exc = future.exception()  # type: ignore[attr-defined]
-    if exc is not None:
-        log_kv(log, logging.DEBUG, "recipient cache write failed", error=str(exc))

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 
 from mailwarden.decision import Action, Decision, Stage
+from mailwarden.inline import InlineTask
 from mailwarden.listen import ListenError
 from mailwarden.logs import DecisionLog, Throttled, get_logger, log_kv
 from policyd import metrics
@@ -66,8 +67,6 @@ connection within milliseconds of its last answer while a transaction goes on.""
 ROOM_SCAN_PAUSE = 0.1
 """After a search for a slot to free found none, new clients are refused without searching for this long:
 under a connection flood with every slot busy, refusing stays O(1)."""
-TASK_NAME = "policyd-request"
-"""The name of each request's Task (asyncio.all_tasks() and task dumps show it)."""
 POSTGREY_PORT = 10023
 """Where Debian's postgrey listens by default: the likely owner of our default address."""
 
@@ -76,7 +75,6 @@ POSTGREY_PORT = 10023
 class _InFlight:
     request: PolicyRequest
     started: float
-    task: asyncio.Task[Outcome] | None = None
     answered: bool = False
 
 
@@ -99,6 +97,9 @@ class PolicyConnection(asyncio.Protocol):
         self.instance = ""
         self.transaction = TransactionState()
         self.rcpt_number = 0
+        self.starting = False
+        """True while ``_next`` starts requests: an answer given at once does not start the next one itself
+        (``_next`` goes on in its loop instead of recursing once per request a client pipelined)."""
 
     # -- transport callbacks ------------------------------------------------------------------
 
@@ -212,17 +213,22 @@ class PolicyConnection(asyncio.Protocol):
             self.transport.close()
 
     def _next(self) -> None:
-        if not self.queue or self.transport is None or self.transport.is_closing():
-            self.current = None
-            return
-        request = PolicyRequest.from_attrs(self.queue.popleft(), self.transaction)
-        self._track_transaction(request)
-        flight = _InFlight(request, time.perf_counter())
-        self.current = flight
-        # named: an unnamed Task formats "Task-N" for itself (about 1,400 instructions, callgrind)
-        task = self.loop.create_task(self.server.pipeline.decide(request), name=TASK_NAME)
-        flight.task = task
-        task.add_done_callback(lambda done: self._decided(flight, done))
+        """Start the queued requests, one at a time: each runs in line (mailwarden/inline.py) until it waits on
+        Redis or is answered; the next starts once the answer is written."""
+        self.starting = True
+        try:
+            while self.current is None:
+                if not self.queue or self.transport is None or self.transport.is_closing():
+                    return
+                request = PolicyRequest.from_attrs(self.queue.popleft(), self.transaction)
+                self._track_transaction(request)
+                flight = _InFlight(request, time.perf_counter())
+                self.current = flight
+                InlineTask(self.server.pipeline.decide(request),
+                           lambda outcome, exc, flight=flight: self._decided(flight, outcome, exc),  # type: ignore[misc]
+                           self.loop).start()
+        finally:
+            self.starting = False
 
     def _track_transaction(self, request: PolicyRequest) -> None:
         """Give the request its transaction's scratch space, keyed by Postfix's ``instance`` (it was made
@@ -235,18 +241,14 @@ class PolicyConnection(asyncio.Protocol):
             self.rcpt_number += 1
         request.rcpt_number = max(self.rcpt_number, 1)
 
-    def _decided(self, flight: _InFlight, task: asyncio.Task[Outcome]) -> None:
+    def _decided(self, flight: _InFlight, outcome: Outcome | None, exc: BaseException | None) -> None:
         if flight.answered:
             return  # answered at the time bound already
-        if task.cancelled():
-            return
-        if (exc := task.exception()) is not None:
+        if exc is not None or outcome is None:
             log.error("internal error deciding a request; answering with a temporary failure",
                       exc_info=exc, extra={"kv": {"peer": self.peer, "queue_id": flight.request.queue_id}})
             outcome = Outcome(Verdict.refuse(Action.DEFER, f"internal error: {type(exc).__name__}",
                                               defer_if_permit(INTERNAL_ERROR_TEXT)), "internal")
-        else:
-            outcome = task.result()
         self._answer(flight, outcome)
 
     def check_deadline(self, now: float) -> None:
@@ -279,7 +281,8 @@ class PolicyConnection(asyncio.Protocol):
         self.server.record(flight.request, outcome, elapsed)
         self.current = None
         if self.queue:
-            self._next()
+            if not self.starting:
+                self._next()
         elif self.draining:
             self.close()
         else:

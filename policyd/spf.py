@@ -24,6 +24,7 @@ from pydantic import Field, field_validator
 from mailwarden.backend import BackendError
 from mailwarden.decision import Action
 from mailwarden.dns import DnsSettings, dnspython_resolver
+from mailwarden.inline import bounded
 from mailwarden.logs import get_logger, log_kv
 from mailwarden.redis_pipe import PipelinedRedis
 from mailwarden.section import Section
@@ -154,7 +155,7 @@ class SpfCheck(Check):
         if self.settings.cache_ttl <= 0:
             return None
         try:
-            raw = await self.redis.call("GET", self._cache_key(request, _helo(request)))
+            raw = await self.redis.ask("GET", self._cache_key(request, _helo(request)))
         except BackendError:
             return None  # a cache that fails is a miss
         if not isinstance(raw, bytes):
@@ -167,8 +168,7 @@ class SpfCheck(Check):
         if self.settings.cache_ttl <= 0 or result.result == "temperror":
             return
         value = f"{result.result}|{result.identity}|{result.domain}"
-        future = self.redis.call("SET", self._cache_key(request, helo), value, "EX", int(self.settings.cache_ttl))
-        future.add_done_callback(lambda done: done.exception())
+        self.redis.post("SET", self._cache_key(request, helo), value, "EX", int(self.settings.cache_ttl))
 
     async def _evaluate(self, request: PolicyRequest) -> SpfResult:
         loop = asyncio.get_running_loop()
@@ -179,7 +179,7 @@ class SpfCheck(Check):
                              request.sender)
         work = loop.run_in_executor(self.pool, evaluate, client, request.sender, helo, self.settings.timeout)
         try:
-            result, identity, domain, explanation = await asyncio.wait_for(work, self.settings.timeout + 0.2)
+            result, identity, domain, explanation = await bounded(work, self.settings.timeout + 0.2)
         except TimeoutError:
             log_kv(log, logging.WARNING, "SPF evaluation timed out; result temperror", client=client,
                    sender=request.sender or "<>", timeout=f"{self.settings.timeout:g}s")

@@ -45,6 +45,20 @@ def test_requests_written_one_byte_at_a_time_and_back_to_back(policyd_factory, r
         assert [client.read_answer() for _ in range(3)] == ["DUNNO", "DUNNO", client_defer()]
 
 
+def test_thousands_of_requests_pipelined_in_one_write_are_all_answered_in_order(policyd_factory, redis_server):
+    """Requests decided at once (no Redis call: an authenticated client is not greylisted) are answered one
+    after the other from the same data callback: this catches starting each next request from the previous
+    one's answer (a recursion per request, which overflows the stack inside one read)."""
+    daemon = policyd_factory(base_settings(redis_server.url, **GREYLIST_ONLY))  # no block list read to settle
+    with daemon.connect() as client:
+        burst = b"".join(encode_request(sasl_username=f"user{number}") for number in range(3000))
+        client.send_raw(burst + encode_request(sender="after-the-burst@example.org"))
+        answers = [client.read_answer() for _ in range(3001)]
+    assert answers[:3000] == ["DUNNO"] * 3000
+    assert answers[3000] == client_defer()
+    assert "internal error" not in daemon.log_text()
+
+
 def client_defer() -> str:
     return "DEFER_IF_PERMIT Greylisted, please try again in 5 minutes"
 
