@@ -14,6 +14,12 @@ def _stat_fields(pid: int) -> list[bytes]:
     return data[data.rfind(b")") + 2:].split()
 
 
+def user_system_seconds(pid: int) -> tuple[float, float]:
+    """utime and stime of a process (all its threads), apart."""
+    fields = _stat_fields(pid)
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
 def cpu_seconds(pid: int, children: bool = False) -> float:
     """utime + stime of a process (all its threads) from /proc/PID/stat; with ``children``, plus what its
     exited children it waited for used (cutime + cstime: e.g. the spamc each spamass-milter scan runs)."""
