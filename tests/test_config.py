@@ -403,7 +403,7 @@ def test_quota_notice_subject_is_a_template_too(monkeypatch):
     monkeypatch.setattr(quota, "send_later", lambda relay, messages, what, **context: sent.extend(messages))
 
     class FirstNotice:
-        async def call(self, *args: object) -> bool:
+        async def ask(self, *args: object) -> bool:
             return True
 
     settings = QuotaSettings(notify={"relay": "127.0.0.1:25", "subject": "{mailbox} is full"})
