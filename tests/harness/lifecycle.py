@@ -90,8 +90,14 @@ class ServerLifecycle:
         return self.start()
 
     def pause(self) -> None:
+        """SIGSTOP, returning once the kernel shows the process stopped: a request sent right after must not
+        be answered by a process the signal has not reached yet."""
         assert self.proc
         self.proc.send_signal(signal.SIGSTOP)
+        stat = Path(f"/proc/{self.proc.pid}/stat")
+        deadline = time.monotonic() + 5
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "T" and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     def resume(self) -> None:
         if self.proc and self.proc.poll() is None:
