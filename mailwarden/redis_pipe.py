@@ -171,7 +171,10 @@ class PipelinedRedis:
         if self.connected and self._loop is not None:
             future: asyncio.Future[object] = self._loop.create_future()
         else:
-            return self._unavailable()
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(RedisUnavailable(f"not connected to redis {self.address or self.settings.url}"))
+            self._ensure_connector()
+            return future
         self._send(pack(args), future)
         return future
 
@@ -184,12 +187,6 @@ class PipelinedRedis:
         waiter = ReplyWait(task)
         self._send(pack(args), waiter)
         return waiter
-
-    def _unavailable(self) -> asyncio.Future[object]:
-        future = asyncio.get_running_loop().create_future()
-        future.set_exception(RedisUnavailable(f"not connected to redis {self.address or self.settings.url}"))
-        self._ensure_connector()
-        return future
 
     def post(self, *args: Arg) -> None:
         """Send one command whose reply nobody waits for (a cache write): a failure only costs a later miss."""
