@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--reference", default="main", help="git revision of the reference")
-    parser.add_argument("--variant", default=".", help="git revision of the variant ('.': this working tree)")
+    parser.add_argument("--variant", default=".",
+                        help="git revision of the variant ('.': this working tree; an absolute path: a prepared tree)")
     parser.add_argument("--checks", choices=sorted(CHECKS), default="all")
     parser.add_argument("--rounds", type=int, default=8, help="runs of each tree, alternating")
     parser.add_argument("--requests", type=int, default=30000, help="timed requests per run")

@@ -49,11 +49,12 @@ CHECKS = {"greylist": "mailwarden-greylist", "all": "mailwarden-all"}
 
 
 def export(revision: str, into: Path) -> Path:
-    """``revision`` of this repository as a plain tree (``.``: the working tree as it is)."""
+    """``revision`` of this repository as a plain tree (``.``: the working tree as it is; an absolute path: a
+    tree prepared elsewhere, such as a copy with compiled modules beside its sources, used as it is)."""
     if revision == ".":
         return REPO
     if revision.startswith("/") and Path(revision).is_dir():
-        return Path(revision)  # a tree prepared elsewhere (e.g. with compiled modules beside the sources)
+        return Path(revision)
     into.mkdir()
     archive = subprocess.run(["git", "-C", str(REPO), "archive", revision], check=True, capture_output=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--reference", default="main", help="git revision of the reference")
-    parser.add_argument("--variant", default=".", help="git revision of the variant ('.': this working tree)")
+    parser.add_argument("--variant", default=".",
+                        help="git revision of the variant ('.': this working tree; an absolute path: a prepared tree)")
     parser.add_argument("--checks", choices=sorted(CHECKS), default="all",
                         help="greylist: greylisting only; all: the default pipeline")
     parser.add_argument("--requests", type=int, default=10000, help="requests per server per pass")

@@ -78,7 +78,8 @@ def measure(loop: asyncio.AbstractEventLoop, target: bench.Target, out: Path, nu
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("trees", nargs="+", help="git revisions ('.': this working tree)")
+    parser.add_argument("trees", nargs="+",
+                        help="git revisions ('.': this working tree; an absolute path: a prepared tree)")
     parser.add_argument("--checks", choices=sorted(CHECKS), default="all")
     parser.add_argument("--requests", type=int, default=2000, help="timed requests per tree")
     parser.add_argument("--connections", type=int, default=10)
