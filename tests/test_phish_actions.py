@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness.lifecycle import process_state
 from harness.net import free_port, wait_for
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
@@ -356,11 +357,7 @@ def test_a_hanging_command_is_killed_with_its_child_within_the_timeout(redis_ser
 
 def gone(pid: int) -> bool:
     """Dead, or a zombie waiting for a reaper (killed all the same)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return state in ("Z", "X")
+    return process_state(pid) in (None, "Z", "X")
 
 
 def test_a_chatty_command_is_drained_with_its_output_bounded(tmp_path) -> None:

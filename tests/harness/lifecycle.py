@@ -12,8 +12,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from harness.net import wait_for
+
 SOCKET_PATH_MAX = 100
 """sun_path holds 108 bytes; a longer path makes the server fail at bind."""
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat (R, S, T stopped, Z zombie...), None once the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
 
 
 def terminate(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
@@ -94,10 +104,8 @@ class ServerLifecycle:
         be answered by a process the signal has not reached yet."""
         assert self.proc
         self.proc.send_signal(signal.SIGSTOP)
-        stat = Path(f"/proc/{self.proc.pid}/stat")
-        deadline = time.monotonic() + 5
-        while stat.read_text().rsplit(")", 1)[1].split()[0] != "T" and time.monotonic() < deadline:
-            time.sleep(0.001)
+        pid = self.proc.pid
+        wait_for(lambda: process_state(pid) == "T", timeout=5, interval=0.001, what=f"process {pid} to stop")
 
     def resume(self) -> None:
         if self.proc and self.proc.poll() is None:
